@@ -1,0 +1,195 @@
+"""HF-format checkpoints: config.json + safetensors (sharded with an index) written by us; the published
+`pytorch_model.bin[.index.json]` layout read as well. Single-device; the trainer gathers expert-parallel shards into
+full tensors before calling `save_pretrained` and slices after `read_tensors`.
+
+Every directory is written atomically: files go to a temporary sibling, are fsynced, and the directory is renamed
+into place, so a save killed halfway never leaves a half-written checkpoint under the final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from typing import Callable, Iterator
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from openmoe.config import OpenMoeConfig
+
+SAFE_WEIGHTS = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+BIN_WEIGHTS = "pytorch_model.bin"
+BIN_INDEX = "pytorch_model.bin.index.json"
+
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+           "fp16": torch.float16, "float16": torch.float16}
+
+
+def parse_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype '{dtype}' is not supported; accepted: {sorted(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str) -> Iterator[str]:
+    """Yield a temporary directory; on success replace `path` by it (the old one is removed only afterwards)."""
+    path = os.path.abspath(path)
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    try:
+        yield tmp
+        for name in os.listdir(tmp):
+            full = os.path.join(tmp, name)
+            if os.path.isfile(full):
+                with open(full, "rb") as f:
+                    os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        old = None
+        if os.path.exists(path):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
+            os.replace(path, os.path.join(old, "x"))
+        os.replace(tmp, path)
+        _fsync_dir(parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _shard(state_dict: dict[str, torch.Tensor], max_shard_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards, current, size = [], {}, 0
+    for name, t in state_dict.items():
+        n = t.numel() * t.element_size()
+        if current and size + n > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = t
+        size += n
+    if current or not shards:
+        shards.append(current)
+    return shards
+
+
+def write_checkpoint(directory: str, config: OpenMoeConfig, state_dict: dict[str, torch.Tensor],
+                     max_shard_bytes: int = 2 * 1024**3) -> None:
+    """Write config.json + safetensors (sharded with an index when larger than max_shard_bytes) atomically."""
+    state_dict = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    with atomic_directory(directory) as tmp:
+        config.save(tmp)
+        shards = _shard(state_dict, max_shard_bytes)
+        if len(shards) == 1:
+            save_file(shards[0], os.path.join(tmp, SAFE_WEIGHTS), metadata={"format": "pt"})
+            return
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, os.path.join(tmp, fname), metadata={"format": "pt"})
+            weight_map.update({k: fname for k in shard})
+        total = sum(t.numel() * t.element_size() for t in state_dict.values())
+        with open(os.path.join(tmp, SAFE_INDEX), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+
+def save_pretrained(model, directory: str, max_shard_bytes: int = 2 * 1024**3) -> None:
+    write_checkpoint(directory, model.config, model.state_dict(), max_shard_bytes)
+
+
+def _weight_files(directory: str) -> tuple[list[str], bool]:
+    """(files, is_safetensors) in the order HF looks for them."""
+    for index, safe in ((SAFE_INDEX, True), (BIN_INDEX, False)):
+        p = os.path.join(directory, index)
+        if os.path.isfile(p):
+            with open(p) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+            missing = [x for x in files if not os.path.isfile(os.path.join(directory, x))]
+            if missing:
+                raise FileNotFoundError(f"{p} names shard(s) that do not exist: {missing}")
+            return [os.path.join(directory, x) for x in files], safe
+    for single, safe in ((SAFE_WEIGHTS, True), (BIN_WEIGHTS, False)):
+        p = os.path.join(directory, single)
+        if os.path.isfile(p):
+            return [p], safe
+    raise FileNotFoundError(
+        f"no weights in {directory}: expected one of {SAFE_INDEX}, {SAFE_WEIGHTS}, {BIN_INDEX}, {BIN_WEIGHTS}")
+
+
+def read_tensors(directory: str, select: Callable[[str], slice | None | bool] = lambda name: None
+                 ) -> dict[str, torch.Tensor]:
+    """Read every tensor of a checkpoint directory.
+
+    select(name) -> False to skip the tensor, None for all of it, or a slice of its first dimension (safetensors
+    reads only that slice from disk: an EP rank loads only its experts).
+    """
+    files, safe = _weight_files(directory)
+    out = {}
+    for path in files:
+        if safe:
+            with safe_open(path, framework="pt") as f:
+                for name in f.keys():
+                    sel = select(name)
+                    if sel is False:
+                        continue
+                    out[name] = f.get_tensor(name) if sel is None else f.get_slice(name)[sel]
+        else:
+            shard = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            for name, t in shard.items():
+                sel = select(name)
+                if sel is not False:
+                    out[name] = t if sel is None else t[sel].clone()
+    return out
+
+
+def check_state_dict(expected: dict[str, torch.Size], got: dict[str, torch.Tensor], source: str) -> None:
+    """Raise one clear error listing missing, unexpected and wrongly-shaped keys."""
+    missing = sorted(set(expected) - set(got))
+    extra = sorted(set(got) - set(expected))
+    wrong = sorted(f"{k}: checkpoint {tuple(got[k].shape)} vs model {tuple(expected[k])}"
+                   for k in set(expected) & set(got) if tuple(got[k].shape) != tuple(expected[k]))
+    problems = []
+    if missing:
+        problems.append(f"missing keys {missing}")
+    if extra:
+        problems.append(f"unexpected keys {extra}")
+    if wrong:
+        problems.append(f"wrong shapes [{'; '.join(wrong)}]")
+    if problems:
+        raise ValueError(f"checkpoint {source} does not match the model: " + "; ".join(problems))
+
+
+def load_pretrained(directory: str, dtype=None, device="cpu", **config_overrides):
+    """Build OpenMoeForCausalLM from an HF-format directory (ours or the published layout)."""
+    from openmoe.model import OpenMoeForCausalLM
+
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
+    config = OpenMoeConfig.load(directory)
+    if config_overrides:
+        config = config.replace(**config_overrides)
+    with torch.device("meta"):
+        model = OpenMoeForCausalLM(config, init=False)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    tensors = read_tensors(directory)
+    check_state_dict(expected, tensors, directory)
+    dtype = parse_dtype(dtype)
+    if dtype is not None:
+        tensors = {k: v.to(dtype) for k, v in tensors.items()}
+    model.load_state_dict(tensors, assign=True)
+    return model.to(device)

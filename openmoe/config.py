@@ -1,0 +1,162 @@
+"""OpenMoE architecture configuration: named presets and the HF ``config.json`` of the published checkpoints.
+
+Only what a checkpoint needs lives here (shapes, routing rule, loss factors the model was trained with). Parallel
+sizes, kernels and other run-time switches belong to the trainer's run config, never to this class.
+
+Two spellings of ``config.json`` exist and both are read:
+  * hub (``OrionZheng/openmoe-{base,8b,8b-chat,34b-200B}``): ``router_topk``, ``router_capacity_factor_train``, ...
+  * older example configs (``hpcai-tech/openmoe-{base,8b}``): ``topk``, ``capacity_factor_train``, ``min_capacity``,
+    ``layer_norm_epsilon``, ``gated``.
+The hub spelling is what we write.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+
+CONFIG_NAME = "config.json"
+
+
+@dataclass
+class OpenMoeConfig:
+    # --- shapes ---
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int  # I: width of the up projection; the gated projection is 2*I wide ("double-gated" SwiGLU)
+    num_hidden_layers: int
+    num_attention_heads: int
+    head_dim: int  # heads*head_dim need not equal hidden_size (8B: 24*128=3072 vs 2048)
+    num_experts: int
+    moe_layer_interval: int  # layer i (0-based) is MoE when (i + 1) % moe_layer_interval == 0
+    max_position_embeddings: int = 2048
+    rope_theta: float = 1e4
+    rms_norm_eps: float = 1e-6
+    # --- routing (ST-MoE / Switch conventions as in the T5X training runs) ---
+    router_topk: int = 2
+    router_capacity_factor_train: float = 1.25  # <= 0 means dropless (every token reaches its experts)
+    router_capacity_factor_eval: float = 2.0  # larger at eval: dropping hurts quality more than it saves there
+    router_min_capacity: int = 4
+    router_drop_tks: bool = True  # False: never drop (dropless), whatever the capacity factor
+    # --- losses ---
+    router_aux_loss_factor: float = 0.01
+    router_z_loss_factor: float = 0.0001
+    z_loss_factor: float = 0.01  # output (logits) z-loss
+    label_smoothing: float = 0.001
+    # --- tokens and init ---
+    bos_token_id: int = 0  # OpenMoE uses <pad> (id 0) as BOS
+    eos_token_id: int = 1
+    pad_token_id: int = 0
+    initializer_range: float = 0.02
+    # Fields of the published config that we carry but that have a single supported value; validated in __post_init__.
+    hidden_act: str = "swiglu"
+    mlp_gated: bool = True
+    tie_word_embeddings: bool = False
+    num_key_value_heads: int | None = None  # None -> num_attention_heads (OpenMoE has no GQA)
+
+    extra: dict = field(default_factory=dict, repr=False)  # unrecognised config.json keys, written back unchanged
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        checks = [
+            (self.num_key_value_heads == self.num_attention_heads,
+             f"num_key_value_heads ({self.num_key_value_heads}) must equal num_attention_heads "
+             f"({self.num_attention_heads}): OpenMoE has no grouped KV heads"),
+            (self.hidden_act == "swiglu", f"hidden_act '{self.hidden_act}' is not supported; accepted: 'swiglu'"),
+            (self.mlp_gated is True, f"mlp_gated={self.mlp_gated} is not supported; OpenMoE's MLPs are gated"),
+            (self.tie_word_embeddings is False,
+             f"tie_word_embeddings={self.tie_word_embeddings} is not supported; OpenMoE's lm_head is untied"),
+            (1 <= self.router_topk <= self.num_experts,
+             f"router_topk ({self.router_topk}) must be in [1, num_experts={self.num_experts}]"),
+            (self.moe_layer_interval >= 1, f"moe_layer_interval ({self.moe_layer_interval}) must be >= 1"),
+            (self.head_dim % 2 == 0, f"head_dim ({self.head_dim}) must be even for rotary embeddings"),
+            (0.0 <= self.label_smoothing < 1.0, f"label_smoothing ({self.label_smoothing}) must be in [0, 1)"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    # --- derived ---
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        return (layer_idx + 1) % self.moe_layer_interval == 0
+
+    @property
+    def num_moe_layers(self) -> int:
+        return sum(self.is_moe_layer(i) for i in range(self.num_hidden_layers))
+
+    def replace(self, **changes) -> "OpenMoeConfig":
+        return dataclasses.replace(self, **changes)
+
+    # --- config.json ---
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        d.update(model_type="llama", architectures=["OpenMoeForCausalLM"], rope_scaling=None, pretraining_tp=1)
+        return {**self.extra, **d}
+
+    @classmethod
+    def from_dict(cls, raw: dict, source: str = "config") -> "OpenMoeConfig":
+        d = dict(raw)
+        for old, new in _OLD_SPELLINGS.items():
+            if old in d:
+                value = d.pop(old)
+                d.setdefault(new, value)
+        missing = [k for k in _REQUIRED if k not in d]
+        if missing:
+            raise ValueError(f"{source} is missing required field(s) {missing}; found {sorted(raw)}")
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        known = {k: v for k, v in d.items() if k in names}
+        extra = {k: v for k, v in d.items() if k not in names and k not in _WRITTEN_BY_US}
+        return cls(**known, extra=extra)
+
+    def save(self, directory: str) -> str:
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, CONFIG_NAME)
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+        return path
+
+    @classmethod
+    def load(cls, path: str) -> "OpenMoeConfig":
+        """`path` is a checkpoint directory or a config.json file."""
+        if os.path.isdir(path):
+            path = os.path.join(path, CONFIG_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no OpenMoE config at {path}")
+        with open(path) as f:
+            return cls.from_dict(json.load(f), source=path)
+
+
+_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "head_dim", "num_experts", "moe_layer_interval")
+_OLD_SPELLINGS = {  # hpcai-tech/openmoe-* example configs -> hub spelling
+    "topk": "router_topk",
+    "capacity_factor_train": "router_capacity_factor_train",
+    "capacity_factor_eval": "router_capacity_factor_eval",
+    "min_capacity": "router_min_capacity",
+    "drop_tks": "router_drop_tks",
+    "layer_norm_epsilon": "rms_norm_eps",
+    "gated": "mlp_gated",
+}
+_WRITTEN_BY_US = {"model_type", "architectures", "rope_scaling", "pretraining_tp"}
+
+_VOCAB = 256384  # umT5 sentencepiece vocabulary of the published models
+PRESETS: dict[str, dict] = {
+    # A few MB: unit tests and the CPU default run. Vocabulary sized for the tokenizer shipped in tests/assets.
+    "tiny": dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                 head_dim=16, num_experts=4, moe_layer_interval=2, max_position_embeddings=512),
+    "base": dict(vocab_size=_VOCAB, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+                 num_attention_heads=12, head_dim=64, num_experts=16, moe_layer_interval=4),
+    "8b": dict(vocab_size=_VOCAB, hidden_size=2048, intermediate_size=8192, num_hidden_layers=24,
+               num_attention_heads=24, head_dim=128, num_experts=32, moe_layer_interval=6),
+    "34b": dict(vocab_size=_VOCAB, hidden_size=3072, intermediate_size=12288, num_hidden_layers=32,
+                num_attention_heads=24, head_dim=128, num_experts=32, moe_layer_interval=4),
+}
+
+
+def preset(name: str, **overrides) -> OpenMoeConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown OpenMoE preset '{name}'; accepted: {sorted(PRESETS)}")
+    return OpenMoeConfig(**{**PRESETS[name], **overrides})

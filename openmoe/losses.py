@@ -1,0 +1,102 @@
+"""Losses as pure functions. Shapes: T tokens, E experts, K top-k, V vocabulary, H hidden.
+
+Sources:
+  * router aux (load-balancing) loss: Switch Transformer (Fedus et al. 2021, eq. 4), top-k form as in ST-MoE and
+    HF Mixtral's load_balancing_loss_func.
+  * router z-loss and output z-loss: ST-MoE (Zoph et al. 2022, eq. 5) and T5X/PaLM's `cross_entropy_with_logits`.
+  * label smoothing: T5X `cross_entropy_with_logits` soft targets (confidence 1-ls on the label, ls/(V-1) elsewhere).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -100
+
+
+def router_aux_loss(probs: torch.Tensor, expert_idx: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+    """E * sum_e f_e * P_e over real tokens.
+
+    probs [T, E] fp32; expert_idx [T, K]; token_mask [T] bool.
+    f_e: fraction of tokens whose top-k contains e (before capacity dropping); P_e: mean router probability of e.
+    Uniform routing gives K (upstream ColossalAI divided by K; Switch with K=1 gives 1).
+    """
+    num_experts = probs.shape[-1]
+    m = token_mask.float()
+    n = m.sum().clamp(min=1)
+    chosen = F.one_hot(expert_idx, num_experts).sum(dim=1).float()  # [T, E]
+    f = (chosen * m[:, None]).sum(0) / n
+    p = (probs * m[:, None]).sum(0) / n
+    return num_experts * (f * p).sum()
+
+
+def router_z_loss(logits: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+    """mean over real tokens of logsumexp(router logits)^2. logits [T, E] fp32."""
+    m = token_mask.float()
+    return (logits.logsumexp(dim=-1).square() * m).sum() / m.sum().clamp(min=1)
+
+
+def cross_entropy_sums(
+    logits: torch.Tensor,  # [T, V]
+    labels: torch.Tensor,  # [T]
+    label_smoothing: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum over valid tokens of (label-smoothed CE, logsumexp^2). Soft targets are FLOAT (1-ls on the label,
+    ls/(V-1) elsewhere); the old ColossalAI example built them as booleans, which gave every entry weight 1.
+
+    The T5X normalising constant (entropy of the soft targets) is not subtracted: it shifts the reported value only,
+    and without it a uniform prediction reads log(V), comparable with unsmoothed CE.
+    """
+    if logits.element_size() < 4:  # bf16/fp16 logits: the softmax runs in fp32
+        logits = logits.float()
+    valid = labels != IGNORE_INDEX
+    safe = labels.clamp(min=0)
+    log_z = logits.logsumexp(dim=-1)  # [T]
+    log_p = logits - log_z[:, None]
+    nll = -log_p.gather(1, safe[:, None]).squeeze(1)
+    if label_smoothing > 0:
+        v = logits.shape[-1]
+        low = label_smoothing / (v - 1)
+        # sum_j q_j * -log p_j with q = low everywhere + (1 - ls - low) on the label
+        ce = (1.0 - label_smoothing - low) * nll - low * log_p.sum(dim=-1)
+    else:
+        ce = nll
+    zero = torch.zeros((), dtype=ce.dtype, device=ce.device)
+    return torch.where(valid, ce, zero).sum(), torch.where(valid, log_z.square(), zero).sum()
+
+
+def lm_loss(
+    hidden: torch.Tensor,  # [B, S, H], final-normed
+    lm_head_weight: torch.Tensor,  # [V, H]
+    labels: torch.Tensor,  # [B, S]; position s predicts labels[s + 1] (HF convention: labels = input ids)
+    label_smoothing: float,
+    z_loss_factor: float,
+    chunk_size: int | None = 1024,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean CE, weighted mean output z-loss, number of valid tokens).
+
+    With chunk_size, the head and loss run over chunk_size tokens at a time under activation checkpointing, so the
+    [T, V] fp32 logits (T=8192, V=256384: 8.4 GB) never exist; each chunk's logits are recomputed in backward.
+    """
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # [T, H], T = B*(S-1)
+    y = labels[:, 1:].reshape(-1)  # [T]
+    count = (y != IGNORE_INDEX).sum()
+
+    def chunk_sums(h_chunk, y_chunk):
+        return cross_entropy_sums(F.linear(h_chunk, lm_head_weight), y_chunk, label_smoothing)
+
+    if chunk_size is None or h.shape[0] <= chunk_size:
+        ce_sum, z_sum = chunk_sums(h, y)
+    else:
+        ce_sum = z_sum = 0.0
+        for start in range(0, h.shape[0], chunk_size):
+            sl = slice(start, start + chunk_size)
+            if torch.is_grad_enabled():
+                c, z = checkpoint(chunk_sums, h[sl], y[sl], use_reentrant=False)
+            else:
+                c, z = chunk_sums(h[sl], y[sl])
+            ce_sum, z_sum = ce_sum + c, z_sum + z
+    denom = count.clamp(min=1)
+    return ce_sum / denom, z_loss_factor * z_sum / denom, count

@@ -1,0 +1,285 @@
+"""OpenMoE decoder for one device. Shapes: B batch, S new tokens, P past (cached) tokens, L = P + S keys,
+H hidden, N heads, D head_dim, V vocabulary.
+
+Faithful to the T5X/flaxformer model that OpenMoE was trained with:
+  * RMSNorm everywhere; no biases; untied lm_head; no GQA.
+  * attention logits are NOT scaled by 1/sqrt(D) (T5 convention: the scale is folded into the query init).
+  * T5X rotary embedding over the full head_dim (rotate-half form, timescales 1..rope_theta).
+  * dense MLP: down(swiglu(gate(x)) * up(x)) with a 2I-wide gate projection ("double-gated").
+  * MoE layers (every moe_layer_interval-th) run the sparse MLP and then an extra dense MLP with its own pre-norm,
+    each with its own residual: h += attn(n(h)); h += moe(n(h)); h += extra_mlp(n(h)).
+  * BOS is <pad> (id 0) and is always attendable (see `_attention_allowed`).
+Parallelism is applied from outside (openmoe/parallel): nothing here imports colossalai or torch.distributed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from openmoe.config import OpenMoeConfig
+from openmoe.losses import lm_loss
+from openmoe.moe import MoeAux, OpenMoeSparseMLP, swiglu
+
+KVCache = list  # per layer: (k [B, N, L, D], v [B, N, L, D])
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # variance in fp32 (T5 layer norm does the same); the product is returned in the input dtype
+        var = x.float().square().mean(-1, keepdim=True)
+        return self.weight * (x.float() * torch.rsqrt(var + self.eps)).to(x.dtype)
+
+
+def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """T5X `generate_fixed_pos_embedding`: timescale_i = theta^(2i/D); returns cos, sin [B, S, D] for given positions."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim)
+    angles = position_ids.float()[..., None] * inv_freq  # [B, S, D/2]
+    angles = torch.cat([angles, angles], dim=-1)  # [B, S, D]
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, N, S, D]; cos/sin [B, S, D]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+class OpenMoeAttention(nn.Module):
+    def __init__(self, config: OpenMoeConfig):
+        super().__init__()
+        self.num_heads, self.head_dim = config.num_attention_heads, config.head_dim
+        inner = self.num_heads * self.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, inner, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, inner, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, inner, bias=False)
+        self.o_proj = nn.Linear(inner, config.hidden_size, bias=False)
+        self.attn_impl = "sdpa"  # "sdpa" (flash/efficient kernels where available) or "eager" (reference)
+
+    def forward(self, x, cos, sin, allowed, past_kv=None):
+        """x [B, S, H]; allowed: [B, 1, S, L] bool or None (= plain causal, no cache, no padding)."""
+        b, s, _ = x.shape
+        q, k, v = (proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)  # [B, N, S, D]
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if past_kv is not None:
+            k = torch.cat([past_kv[0], k], dim=2)  # [B, N, L, D]
+            v = torch.cat([past_kv[1], v], dim=2)
+        if self.attn_impl == "eager":
+            scores = torch.matmul(q.float(), k.float().transpose(2, 3))  # no 1/sqrt(D): T5 convention
+            if allowed is None:
+                allowed = torch.ones(s, s, dtype=torch.bool, device=x.device).tril()[None, None]
+            probs = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
+            out = torch.matmul(probs.to(v.dtype), v)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, is_causal=allowed is None, scale=1.0)
+        out = out.transpose(1, 2).reshape(b, s, -1)  # [B, S, N*D]
+        return self.o_proj(out), (k, v)
+
+
+class OpenMoeMLP(nn.Module):
+    def __init__(self, config: OpenMoeConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(swiglu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class OpenMoeDecoderLayer(nn.Module):
+    def __init__(self, config: OpenMoeConfig, layer_idx: int):
+        super().__init__()
+        self.is_moe = config.is_moe_layer(layer_idx)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = OpenMoeAttention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        if self.is_moe:
+            self.mlp = OpenMoeSparseMLP(config)
+            self.pre_extra_mlp_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+            self.extra_mlp = OpenMoeMLP(config)
+        else:
+            self.mlp = OpenMoeMLP(config)
+
+    def forward(self, h, cos, sin, allowed, token_mask, past_kv=None):
+        """Returns (h [B, S, H], (k, v), MoeAux or None)."""
+        a, kv = self.self_attn(self.input_layernorm(h), cos, sin, allowed, past_kv)
+        h = h + a
+        aux = None
+        if self.is_moe:
+            m, aux = self.mlp(self.post_attention_layernorm(h), token_mask)
+            h = h + m
+            h = h + self.extra_mlp(self.pre_extra_mlp_layernorm(h))
+        else:
+            h = h + self.mlp(self.post_attention_layernorm(h))
+        return h, kv, aux
+
+
+@dataclass
+class OpenMoeOutput:
+    """Loss parts are the weighted terms that add up to `loss` (each is 0 when its factor is 0)."""
+
+    loss: torch.Tensor | None = None
+    ce_loss: torch.Tensor | None = None  # label-smoothed cross-entropy, mean over valid tokens
+    z_loss: torch.Tensor | None = None  # z_loss_factor * mean logsumexp(logits)^2
+    aux_loss: torch.Tensor | None = None  # router_aux_loss_factor * mean over MoE layers
+    router_z_loss: torch.Tensor | None = None  # router_z_loss_factor * mean over MoE layers
+    num_tokens: torch.Tensor | None = None  # valid (label != -100) tokens
+    logits: torch.Tensor | None = None  # [B, S, V] fp32 (only when asked for or without labels)
+    past_key_values: KVCache | None = None
+    moe: list[MoeAux] = field(default_factory=list)  # per MoE layer, in layer order
+
+
+class OpenMoeModel(nn.Module):
+    def __init__(self, config: OpenMoeConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(OpenMoeDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.gradient_checkpointing = False  # recompute each decoder layer in backward
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False):
+        b, s = input_ids.shape
+        past = 0 if past_key_values is None else past_key_values[0][0].shape[2]
+        if position_ids is None:
+            position_ids = default_positions(attention_mask, b, s, past, input_ids.device)
+        allowed = _attention_allowed(attention_mask, s, past, input_ids.device)
+        token_mask = None if attention_mask is None else attention_mask[:, past:].bool()
+        h = self.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, h.dtype)
+        cache, moe = [], []
+        for i, layer in enumerate(self.layers):
+            layer_past = None if past_key_values is None else past_key_values[i]
+            if self.gradient_checkpointing and self.training:
+                h, kv, aux = checkpoint(layer, h, cos, sin, allowed, token_mask, use_reentrant=False)
+            else:
+                h, kv, aux = layer(h, cos, sin, allowed, token_mask, layer_past)
+            if use_cache:
+                cache.append(kv)
+            if aux is not None:
+                moe.append(aux)
+        return self.norm(h), (cache if use_cache else None), moe
+
+
+def default_positions(attention_mask, b, s, past, device):
+    """Positions count real tokens only, so a left-padded row gets the same positions as it would unpadded."""
+    if attention_mask is None:
+        return torch.arange(past, past + s, device=device).expand(b, s)
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.clamp(min=0)[:, past:]
+
+
+def _attention_allowed(attention_mask, s, past, device):
+    """[B, 1, S, L] bool (True = may attend) or None for plain causal attention.
+
+    attention_mask [B, L] marks real tokens (1) and padding (0). OpenMoE's BOS is <pad>, so a mask computed as
+    `input_ids != pad_id` would hide it; as in the original model, a row that starts at column 0 with content from
+    column 1 on keeps column 0 (its BOS) attendable. Each query may always attend to itself so that padding rows
+    never become all -inf (their outputs are ignored).
+    """
+    if attention_mask is None and past == 0:
+        return None
+    length = past + s
+    q_pos = torch.arange(past, length, device=device)[:, None]
+    k_pos = torch.arange(length, device=device)[None, :]
+    allowed = (k_pos <= q_pos)[None, None]  # [1, 1, S, L]
+    if attention_mask is not None:
+        keys = attention_mask.bool().clone()
+        bos_hidden = ~keys[:, 0] & keys[:, 1] if keys.shape[1] > 1 else torch.zeros_like(keys[:, 0])
+        keys[:, 0] |= bos_hidden
+        allowed = allowed & keys[:, None, None, :]
+        allowed = allowed | (k_pos == q_pos)[None, None]
+    return allowed  # broadcastable to [B, 1, S, L]
+
+
+class OpenMoeForCausalLM(nn.Module):
+    def __init__(self, config: OpenMoeConfig, init: bool = True):
+        super().__init__()
+        self.config = config
+        self.model = OpenMoeModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head_chunk_size: int | None = 1024  # tokens per LM-head/loss chunk in training; None = one pass
+        if init:
+            self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """Initialise every parameter (no checkpoint needed to get finite outputs).
+
+        Our choice, stated: N(0, initializer_range) everywhere; queries additionally scaled by D^-0.5 because the
+        attention logits are unscaled (T5's convention folds 1/sqrt(D) into the query init); output projections
+        (o_proj, down_proj, experts.wo) scaled by (2 * num_layers)^-0.5 as in GPT-2; norms start at 1.
+        """
+        std = self.config.initializer_range
+        out_std = std / math.sqrt(2 * self.config.num_hidden_layers)
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+                p.fill_(1.0)
+            elif name.endswith("q_proj.weight"):
+                p.normal_(0.0, std / math.sqrt(self.config.head_dim))
+            elif name.endswith(("o_proj.weight", "down_proj.weight", "experts.wo")):
+                p.normal_(0.0, out_std)
+            else:
+                p.normal_(0.0, std)
+
+    def set_attn_impl(self, impl: str):
+        if impl not in ("sdpa", "eager"):
+            raise ValueError(f"attention implementation '{impl}' is not supported; accepted: 'sdpa', 'eager'")
+        for layer in self.model.layers:
+            layer.self_attn.attn_impl = impl
+
+    def forward(self, input_ids, attention_mask=None, labels=None, position_ids=None, past_key_values=None,
+                use_cache=False, return_logits=None) -> OpenMoeOutput:
+        h, cache, moe = self.model(input_ids, attention_mask, position_ids, past_key_values, use_cache)
+        out = OpenMoeOutput(past_key_values=cache, moe=moe)
+        if return_logits or (return_logits is None and labels is None):
+            out.logits = self.lm_head(h).float()
+        if labels is not None:
+            cfg = self.config
+            ce, z, n = lm_loss(h, self.lm_head.weight, labels, cfg.label_smoothing, cfg.z_loss_factor,
+                               self.lm_head_chunk_size)
+            aux, rz = router_losses(moe, cfg.router_aux_loss_factor, cfg.router_z_loss_factor, h)
+            out.loss, out.ce_loss, out.z_loss, out.aux_loss, out.router_z_loss, out.num_tokens = (
+                ce + z + aux + rz, ce, z, aux, rz, n)
+        return out
+
+    # --- HF-format checkpoints and generation live in their own modules ---
+    @classmethod
+    def from_pretrained(cls, path: str, **kwargs) -> "OpenMoeForCausalLM":
+        from openmoe.checkpoint import load_pretrained
+
+        return load_pretrained(path, **kwargs)
+
+    def save_pretrained(self, path: str, **kwargs) -> None:
+        from openmoe.checkpoint import save_pretrained
+
+        save_pretrained(self, path, **kwargs)
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask=None, **kwargs) -> torch.Tensor:
+        from openmoe.generation import generate
+
+        return generate(self, input_ids, attention_mask, **kwargs)
+
+
+def router_losses(moe: list[MoeAux], aux_factor: float, z_factor: float, like: torch.Tensor):
+    """Weighted means over MoE layers of the router aux loss and router z-loss."""
+    if not moe:
+        zero = like.new_zeros((), dtype=torch.float32)
+        return zero, zero
+    aux = torch.stack([m.aux_loss for m in moe]).mean()
+    z = torch.stack([m.z_loss for m in moe]).mean()
+    return aux_factor * aux, z_factor * z

@@ -1,0 +1,129 @@
+"""Experts and the single-device MoE layer. Shapes: B batch, S seq, T tokens, H hidden, I intermediate,
+E experts, E_l local experts, K top-k, C capacity.
+
+Dispatch and combine are index-based (scatter into / gather from an [E, C, H] buffer), never the dense [T, E, C]
+one-hot einsum of the old ColossalAI code. The expert-parallel layer (openmoe/parallel/expert_parallel.py) reuses
+`dispatch`, `combine`, the router and `OpenMoeExperts` and adds only the all-to-all between them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from openmoe.config import OpenMoeConfig
+from openmoe.losses import router_aux_loss, router_z_loss
+from openmoe.router import RouterOutput, route
+
+
+def swiglu(x: torch.Tensor) -> torch.Tensor:
+    """OpenMoE's "double-gated" activation: split the 2I-wide gate projection in halves, x1 * silu(x2)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x1 * F.silu(x2)
+
+
+class OpenMoeExperts(nn.Module):
+    """Stacked expert weights, published layout: wi_gate [E, H, 2I], wi_up [E, H, I], wo [E, I, H] (x @ W)."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.wi_gate = nn.Parameter(torch.empty(num_experts, hidden_size, 2 * intermediate_size))
+        self.wi_up = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        self.wo = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
+
+    @property
+    def num_local_experts(self) -> int:
+        return self.wi_gate.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [E_l, C, H] -> [E_l, C, H]: expert e processes row e of the buffer (one batched matmul per weight)."""
+        h = swiglu(torch.bmm(x, self.wi_gate)) * torch.bmm(x, self.wi_up)  # [E_l, C, I]
+        return torch.bmm(h, self.wo)
+
+    def forward_one(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert e on tokens x [N, H] (reference path)."""
+        return (swiglu(x @ self.wi_gate[e]) * (x @ self.wi_up[e])) @ self.wo[e]
+
+
+def dispatch(x: torch.Tensor, r: RouterOutput, num_experts: int) -> torch.Tensor:
+    """Scatter kept choices into an [E, C, H] buffer; empty slots stay zero. x [T, H]."""
+    t_idx, k_idx = r.keep.nonzero(as_tuple=True)  # [N] kept (token, choice) pairs
+    flat = r.expert_idx[t_idx, k_idx] * r.capacity + r.slot[t_idx, k_idx]  # [N] row in the flattened buffer
+    buf = x.new_zeros(num_experts * r.capacity, x.shape[-1])
+    buf = buf.index_copy(0, flat, x[t_idx])
+    return buf.view(num_experts, r.capacity, -1)
+
+
+def combine(y: torch.Tensor, r: RouterOutput, num_tokens: int) -> torch.Tensor:
+    """Gather each kept choice's expert output, weight it, sum over choices. y [E, C, H] -> [T, H]."""
+    t_idx, k_idx = r.keep.nonzero(as_tuple=True)
+    flat = r.expert_idx[t_idx, k_idx] * r.capacity + r.slot[t_idx, k_idx]
+    picked = y.reshape(-1, y.shape[-1])[flat] * r.combine_weight[t_idx, k_idx, None].to(y.dtype)  # [N, H]
+    return y.new_zeros(num_tokens, y.shape[-1]).index_add(0, t_idx, picked)
+
+
+@dataclass
+class MoeAux:
+    """What an MoE layer returns beside its output: its router losses (unweighted) and load statistics."""
+
+    aux_loss: torch.Tensor
+    z_loss: torch.Tensor
+    tokens_per_expert: torch.Tensor  # [E]
+    dropped_fraction: torch.Tensor
+
+
+class OpenMoeSparseMLP(nn.Module):
+    """Router + stacked experts on one device. State-dict keys: `gate_weight`, `experts.{wi_gate,wi_up,wo}`."""
+
+    def __init__(self, config: OpenMoeConfig):
+        super().__init__()
+        self.num_experts = config.num_experts
+        self.top_k = config.router_topk
+        self.capacity_factor_train = config.router_capacity_factor_train
+        self.capacity_factor_eval = config.router_capacity_factor_eval
+        self.min_capacity = config.router_min_capacity
+        self.drop_tokens = config.router_drop_tks
+        self.gate_weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
+        self.experts = OpenMoeExperts(config.num_experts, config.hidden_size, config.intermediate_size)
+        # Aux-loss-free balancing bias (selection only); None unless the trainer enables it.
+        self.selection_bias: torch.Tensor | None = None
+
+    def route(self, x: torch.Tensor, token_mask: torch.Tensor | None) -> RouterOutput:
+        # Training uses the tighter factor (speed); eval the looser one (dropping hurts quality more than it saves).
+        cf = self.capacity_factor_train if self.training else self.capacity_factor_eval
+        return route(x, self.gate_weight, self.top_k, cf, self.min_capacity, self.drop_tokens, token_mask,
+                     self.selection_bias)
+
+    def forward(self, hidden: torch.Tensor, token_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, MoeAux]:
+        shape = hidden.shape
+        x = hidden.reshape(-1, shape[-1])  # [T, H]
+        mask = None if token_mask is None else token_mask.reshape(-1)
+        r = self.route(x, mask)
+        y = self.experts(dispatch(x, r, self.num_experts))  # [E, C, H]
+        out = combine(y, r, x.shape[0])
+        return out.view(shape), moe_aux(r)
+
+
+def moe_aux(r: RouterOutput) -> MoeAux:
+    return MoeAux(
+        aux_loss=router_aux_loss(r.probs, r.expert_idx, r.token_mask),
+        z_loss=router_z_loss(r.logits, r.token_mask),
+        tokens_per_expert=r.tokens_per_expert.detach(),
+        dropped_fraction=r.dropped_fraction.detach(),
+    )
+
+
+def reference_moe_forward(layer: OpenMoeSparseMLP, hidden: torch.Tensor, token_mask: torch.Tensor | None = None):
+    """Obviously-correct MoE: for every token and every kept choice, run that expert on that token alone."""
+    x = hidden.reshape(-1, hidden.shape[-1])
+    r = layer.route(x, None if token_mask is None else token_mask.reshape(-1))
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for k in range(layer.top_k):
+            if r.keep[t, k]:
+                e = int(r.expert_idx[t, k])
+                out[t] = out[t] + r.combine_weight[t, k].to(x.dtype) * layer.experts.forward_one(e, x[t : t + 1])[0]
+    return out.view(hidden.shape), r

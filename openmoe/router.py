@@ -1,0 +1,100 @@
+"""Top-k token-choice router with expert capacity, as OpenMoE was trained (ST-MoE / Switch conventions).
+
+Shapes: T tokens, H hidden, E experts, K top-k, C capacity (token slots per expert).
+
+The router runs in fp32: softmax over E logits in bf16 loses the small probability differences that decide top-k
+and the z-loss squares logsumexp, which overflows bf16's precision quickly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class RouterOutput:
+    expert_idx: torch.Tensor  # [T, K] long: chosen experts, best first
+    combine_weight: torch.Tensor  # [T, K] fp32: raw softmax probability of each choice (0 where dropped/masked)
+    slot: torch.Tensor  # [T, K] long: position of the token in its expert's buffer (valid where keep)
+    keep: torch.Tensor  # [T, K] bool: choice survives capacity (and token is real)
+    capacity: int  # C; in dropless mode the largest per-expert load
+    logits: torch.Tensor  # [T, E] fp32
+    probs: torch.Tensor  # [T, E] fp32
+    token_mask: torch.Tensor  # [T] bool: real tokens (padding is never routed)
+    tokens_per_expert: torch.Tensor  # [E] long: router choices before dropping (for logging and load balancing)
+
+    @property
+    def dropped_fraction(self) -> torch.Tensor:
+        chosen = self.token_mask.sum() * self.expert_idx.shape[1]
+        return 1.0 - self.keep.sum() / chosen.clamp(min=1)
+
+
+def capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float, min_capacity: int) -> int:
+    """OpenMoE/T5X rule: floor(k * cf * T / E), rounded up to even, at least min_capacity.
+
+    T counts token slots (padding included), so every EP rank with the same batch shape computes the same C and the
+    all-to-all splits are equal without a collective.
+    """
+    c = math.floor(top_k * capacity_factor * num_tokens / num_experts)
+    c += c % 2
+    return max(c, min_capacity)
+
+
+def route(
+    x: torch.Tensor,  # [T, H]
+    gate_weight: torch.Tensor,  # [E, H]
+    top_k: int,
+    capacity_factor: float,
+    min_capacity: int,
+    drop_tokens: bool = True,
+    token_mask: torch.Tensor | None = None,  # [T] bool
+    selection_bias: torch.Tensor | None = None,  # [E]: added to scores for *selection* only (bias balancing)
+) -> RouterOutput:
+    """Choose top-k experts per token and assign buffer slots.
+
+    Priority: every token's first choice is placed before any second choice, and within one choice rank tokens are
+    placed in token order (T5X's "tokens choose" with batch-prioritised ranks). A choice whose slot is >= C is dropped:
+    that expert contributes nothing for the token and the residual connection carries it.
+    Dropless (capacity_factor <= 0 or drop_tokens False): C becomes the largest per-expert load, which costs a
+    device->host sync to read it.
+    """
+    num_tokens, num_experts = x.shape[0], gate_weight.shape[0]
+    if token_mask is None:
+        token_mask = torch.ones(num_tokens, dtype=torch.bool, device=x.device)
+    logits = F.linear(x.float(), gate_weight.float())  # [T, E]
+    probs = logits.softmax(dim=-1)
+    scores = probs if selection_bias is None else probs + selection_bias.float()
+    _, expert_idx = scores.topk(top_k, dim=-1)  # [T, K]
+    # Combine weights are the raw softmax probabilities of the chosen experts, NOT renormalised over the top-k: this
+    # is what OpenMoE was trained with (T5X/ST-MoE top-2 routing); renormalising changes the function.
+    weight = probs.gather(1, expert_idx)  # [T, K]
+
+    choice = F.one_hot(expert_idx, num_experts) * token_mask[:, None, None]  # [T, K, E]
+    tokens_per_expert = choice.sum(dim=(0, 1))  # [E]
+    # slot of (t, k) in expert e = choices of e at earlier ranks (all tokens) + choices of e at rank k by earlier tokens
+    by_rank = choice.transpose(0, 1)  # [K, T, E]
+    earlier_ranks = by_rank.sum(dim=1).cumsum(dim=0) - by_rank.sum(dim=1)  # [K, E]
+    slot_all = by_rank.cumsum(dim=1) - 1 + earlier_ranks[:, None, :]  # [K, T, E]
+    slot = (slot_all * by_rank).sum(dim=-1).transpose(0, 1)  # [T, K]
+
+    keep = token_mask[:, None].expand(-1, top_k)
+    if drop_tokens and capacity_factor > 0:
+        cap = capacity(num_tokens, num_experts, top_k, capacity_factor, min_capacity)
+        keep = keep & (slot < cap)
+    else:
+        cap = max(int(tokens_per_expert.max().item()), 1)  # host sync: dropless buffers are sized by the max load
+    return RouterOutput(
+        expert_idx=expert_idx,
+        combine_weight=weight * keep,
+        slot=slot,
+        keep=keep,
+        capacity=cap,
+        logits=logits,
+        probs=probs,
+        token_mask=token_mask,
+        tokens_per_expert=tokens_per_expert,
+    )

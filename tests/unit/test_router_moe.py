@@ -1,0 +1,94 @@
+import pytest
+import torch
+
+from openmoe.config import preset
+from openmoe.moe import OpenMoeSparseMLP, reference_moe_forward
+from openmoe.router import capacity, route
+
+
+def route_logits(logits, k=2, cf=1.0, min_cap=1, drop=True, mask=None):
+    """Router on hand-built logits: identity gate weight makes logits == x."""
+    e = logits.shape[1]
+    return route(logits, torch.eye(e), k, cf, min_cap, drop, mask)
+
+
+def test_capacity_rule():
+    assert capacity(num_tokens=10, num_experts=4, top_k=2, capacity_factor=1.25, min_capacity=4) == 6  # floor(6.25)
+    assert capacity(10, 4, 2, 1.0, 4) == 6  # 5 -> rounded up to even
+    assert capacity(8, 4, 2, 0.5, 4) == 4  # 2 -> min_capacity
+    assert capacity(4096, 32, 2, 1.25, 4) == 320
+
+
+def test_top2_choices_and_priority_first_choices_before_second():
+    # t0: e1 > e0; t1: e0 > e1; t2: e1 > e2. Capacity 2.
+    logits = torch.tensor([[2.0, 3.0, 0.0], [3.0, 2.0, 0.0], [0.0, 3.0, 2.0]])
+    r = route_logits(logits, cf=1.0, min_cap=2)  # floor(2*1*3/3)=2
+    assert r.capacity == 2
+    assert r.expert_idx.tolist() == [[1, 0], [0, 1], [1, 2]]
+    # expert 1 receives first choices of t0 and t2 (slots 0, 1) before t1's second choice (slot 2 -> dropped),
+    # although t1 comes before t2 in token order.
+    assert r.slot.tolist() == [[0, 1], [0, 2], [1, 0]]
+    assert r.keep.tolist() == [[True, True], [True, False], [True, True]]
+    assert r.tokens_per_expert.tolist() == [2, 3, 1]
+    assert r.dropped_fraction.item() == pytest.approx(1 / 6)
+    probs = logits.softmax(-1)
+    assert torch.allclose(r.combine_weight[0], probs[0, [1, 0]])  # raw softmax probabilities, not renormalised
+    assert r.combine_weight[1, 1] == 0
+
+
+def test_token_order_within_a_choice_rank():
+    logits = torch.tensor([[5.0, 1.0, 0.0]] * 5)  # everyone: e0 first, e1 second
+    r = route_logits(logits, cf=0.6, min_cap=2)  # floor(2*0.6*5/3)=2
+    assert r.slot[:, 0].tolist() == [0, 1, 2, 3, 4]
+    assert r.keep[:, 0].tolist() == [True, True, False, False, False]
+    assert r.keep[:, 1].tolist() == [True, True, False, False, False]
+
+
+def test_train_vs_eval_capacity():
+    layer = OpenMoeSparseMLP(preset("tiny"))
+    torch.nn.init.normal_(layer.gate_weight)
+    x = torch.randn(64, 64)
+    layer.train()
+    assert layer.route(x, None).capacity == capacity(64, 4, 2, 1.25, 4) == 40
+    layer.eval()
+    assert layer.route(x, None).capacity == capacity(64, 4, 2, 2.0, 4) == 64
+
+
+def test_dropless_and_padding_never_routed():
+    logits = torch.tensor([[5.0, 1.0, 0.0]] * 5)
+    r = route_logits(logits, cf=0.0)
+    assert r.keep.all() and r.capacity == 5
+    mask = torch.tensor([True, False, True, True, False])
+    r = route_logits(logits, cf=0.6, min_cap=2, mask=mask)
+    assert r.keep[:, 0].tolist() == [True, False, True, False, False]  # padded t1 does not take a slot
+    assert r.tokens_per_expert.tolist() == [3, 3, 0]
+
+
+def moe_layer(seed=0, **overrides):
+    torch.manual_seed(seed)
+    layer = OpenMoeSparseMLP(preset("tiny", **overrides)).double()
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    return layer
+
+
+@pytest.mark.parametrize("cf", [0.5, 1.25, 0.0])  # heavy dropping, mild dropping, dropless
+def test_vectorised_moe_equals_reference_loop(cf):
+    layer = moe_layer()
+    layer.capacity_factor_train = cf
+    x = torch.randn(3, 7, 64, dtype=torch.float64, requires_grad=True)
+    mask = torch.ones(3, 7, dtype=torch.bool)
+    mask[2, 5:] = False
+    out, aux = layer(x, mask)
+    ref, r = reference_moe_forward(layer, x, mask)
+    if cf == 0.5:
+        assert aux.dropped_fraction > 0.2
+    else:
+        assert aux.dropped_fraction < 0.2
+    assert torch.allclose(out, ref, atol=1e-12)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [x, *layer.parameters()], g)
+    ref_grads = torch.autograd.grad(ref, [x, *layer.parameters()], g)
+    for a, b in zip(grads, ref_grads):
+        assert torch.allclose(a, b, atol=1e-10)
+    assert out[2, 5:].abs().max() == 0  # padding tokens get no expert output
