@@ -1,0 +1,145 @@
+"""Expert-parallel MoE layer. Shapes: T local tokens, H hidden, E experts, E_l = E / ep local experts,
+C capacity, P = ep_size ranks in the EP group.
+
+Built from the single-device `OpenMoeSparseMLP`: the router weight is shared (replicated on every rank), the local
+experts are a slice [E_l, ...] of the stacked expert tensors, and routing, dispatch and combine are the single-device
+functions. This module owns only what crosses ranks:
+
+  capacity mode (equal splits): dispatch into [E, C, H] -> all-to-all (rank j receives rows of its E_l experts from
+    every rank: [P, E_l, C, H]) -> experts on [E_l, P*C, H] -> all-to-all back -> combine. C is computed from the local
+    token count, identical on all ranks for equal batch shapes, so no count exchange is needed.
+  dropless mode (uneven splits): tokens sorted by expert; one small all-to-all exchanges the per-expert counts
+    ([P, E_l] per rank, a device->host sync to read split sizes), then the tokens themselves with uneven splits.
+
+Gradients: an expert's weights see the tokens of all P ranks of its EP group, and the plugin then averages expert
+gradients over the MoE data-parallel group only, while dense gradients are averaged over all data-parallel ranks.
+To give experts the same global mean, expert gradients are scaled by 1/P (forward values untouched).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from openmoe.moe import MoeAux, OpenMoeExperts, OpenMoeSparseMLP, combine, dispatch, moe_aux
+
+
+class _AllToAll(torch.autograd.Function):
+    """all_to_all_single with autograd: backward sends gradients back along the reversed splits."""
+
+    @staticmethod
+    def forward(ctx, x, out_splits, in_splits, group):
+        ctx.splits, ctx.group = (out_splits, in_splits), group
+        out_rows = sum(out_splits) if out_splits is not None else x.shape[0]
+        out = x.new_empty((out_rows, *x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        out_splits, in_splits = ctx.splits
+        return _AllToAll.apply(grad.contiguous(), in_splits, out_splits, ctx.group), None, None, None
+
+
+def all_to_all(x, group, out_splits=None, in_splits=None):
+    return _AllToAll.apply(x, out_splits, in_splits, group)
+
+
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
+class ExpertParallelMoE(nn.Module):
+    """Drop-in replacement for `OpenMoeSparseMLP` (same forward signature and returns), experts sharded over
+    `ep_group`. State-dict keys stay `gate_weight` and `experts.*`; `experts.*` hold this rank's slice."""
+
+    def __init__(self, layer: OpenMoeSparseMLP, ep_group, grad_scale: float | None = None):
+        super().__init__()
+        self.ep_group = ep_group
+        self.ep_size = dist.get_world_size(ep_group)
+        self.ep_rank = dist.get_rank(ep_group)
+        if layer.num_experts % self.ep_size:
+            raise ValueError(f"num_experts ({layer.num_experts}) must be divisible by ep_size ({self.ep_size})")
+        self.num_experts = layer.num_experts
+        self.num_local_experts = layer.num_experts // self.ep_size
+        self.top_k = layer.top_k
+        self.capacity_factor_train, self.capacity_factor_eval = layer.capacity_factor_train, layer.capacity_factor_eval
+        self.min_capacity, self.drop_tokens = layer.min_capacity, layer.drop_tokens
+        self.selection_bias = layer.selection_bias
+        self.gate_weight = layer.gate_weight  # the same Parameter: replicated, a dense (non-MoE) parameter
+        src = layer.experts
+        self.experts = OpenMoeExperts(self.num_local_experts, src.wi_gate.shape[1], src.wo.shape[1])
+        lo = self.ep_rank * self.num_local_experts
+        with torch.no_grad():
+            for name in ("wi_gate", "wi_up", "wo"):
+                local = getattr(src, name)[lo : lo + self.num_local_experts]
+                # meta tensors (model built without weights) stay meta until a checkpoint is loaded
+                setattr(self.experts, name, nn.Parameter(local.clone(), requires_grad=getattr(src, name).requires_grad))
+        self.grad_scale = 1.0 / self.ep_size if grad_scale is None else grad_scale
+
+    @property
+    def expert_slice(self) -> slice:
+        lo = self.ep_rank * self.num_local_experts
+        return slice(lo, lo + self.num_local_experts)
+
+    route = OpenMoeSparseMLP.route
+
+    def _run_experts(self, x):  # x [E_l, N, H]
+        x = _ScaleGrad.apply(x, 1.0 / self.grad_scale)
+        return _ScaleGrad.apply(self.experts(x), self.grad_scale)
+
+    def forward(self, hidden: torch.Tensor, token_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, MoeAux]:
+        shape = hidden.shape
+        x = hidden.reshape(-1, shape[-1])  # [T, H]
+        mask = None if token_mask is None else token_mask.reshape(-1)
+        r = self.route(x, mask)
+        dropless = not (self.drop_tokens and (self.capacity_factor_train if self.training
+                                               else self.capacity_factor_eval) > 0)
+        out = self._dropless(x, r) if dropless else self._capacity(x, r)
+        return out.view(shape), moe_aux(r)
+
+    def _capacity(self, x, r):
+        p, el, c, h = self.ep_size, self.num_local_experts, r.capacity, x.shape[-1]
+        buf = dispatch(x, r, self.num_experts)  # [E, C, H], rows ordered by destination rank
+        recv = all_to_all(buf.view(p * el * c, h), self.ep_group)  # [P * E_l * C, H]: from each source rank
+        recv = recv.view(p, el, c, h).transpose(0, 1).reshape(el, p * c, h)  # [E_l, P*C, H]
+        y = self._run_experts(recv)
+        y = y.view(el, p, c, h).transpose(0, 1).reshape(p * el * c, h)
+        back = all_to_all(y, self.ep_group).view(self.num_experts, c, h)  # [E, C, H]
+        return combine(back, r, x.shape[0])
+
+    def _dropless(self, x, r):
+        p, el, h = self.ep_size, self.num_local_experts, x.shape[-1]
+        t_idx, k_idx = r.keep.nonzero(as_tuple=True)
+        expert = r.expert_idx[t_idx, k_idx]
+        order = expert.argsort(stable=True)  # kept choices grouped by expert (so by destination rank)
+        t_sorted, e_sorted = t_idx[order], expert[order]
+        send_counts = torch.bincount(e_sorted, minlength=self.num_experts)  # [E]
+        recv_counts = torch.empty_like(send_counts)
+        dist.all_to_all_single(recv_counts, send_counts, group=self.ep_group)  # [P * E_l]: per source, per expert
+        send_splits = send_counts.view(p, el).sum(1).tolist()  # host sync: split sizes must be Python ints
+        recv_matrix = recv_counts.view(p, el)
+        recv_splits = recv_matrix.sum(1).tolist()
+        recv = all_to_all(x[t_sorted], self.ep_group, recv_splits, send_splits)  # [N_recv, H], by source then expert
+        # regroup by local expert: rows from (source s, expert e) -> expert-major order, padded to the max load
+        src_expert = torch.arange(p * el, device=x.device).remainder(el).repeat_interleave(recv_counts)
+        by_expert = src_expert.argsort(stable=True)
+        counts = recv_matrix.sum(0)  # [E_l]
+        cap = max(int(counts.max().item()), 1)
+        slot = torch.arange(by_expert.numel(), device=x.device) - torch.repeat_interleave(
+            counts.cumsum(0) - counts, counts)
+        flat = src_expert[by_expert] * cap + slot
+        buf = x.new_zeros(el * cap, h).index_copy(0, flat, recv[by_expert])
+        y = self._run_experts(buf.view(el, cap, h)).view(el * cap, h)
+        y_recv = torch.empty_like(recv).index_copy(0, by_expert, y[flat])  # back to (source, expert) order
+        y_sent = all_to_all(y_recv, self.ep_group, send_splits, recv_splits)  # [N_sent, H] in our sorted order
+        w = r.combine_weight[t_idx, k_idx][order].to(y_sent.dtype)
+        return x.new_zeros(x.shape[0], h).index_add(0, t_sorted, y_sent * w[:, None])
