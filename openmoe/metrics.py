@@ -1,0 +1,99 @@
+"""Per-step training metrics: JSONL (always) and TensorBoard (when installed), plus a PNG report.
+
+    python -m openmoe.metrics OUTPUT_PATH/metrics.jsonl [--out report.png]
+
+renders loss parts over steps and a per-layer x per-expert token-load heatmap (routing collapse shows up as one
+bright column per row).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+
+class MetricsWriter:
+    """Writes one JSON object per logged step. Create it on the rank that logs (rank 0) only."""
+
+    def __init__(self, directory: str, tensorboard: bool = True):
+        os.makedirs(directory, exist_ok=True)
+        self.path = os.path.join(directory, "metrics.jsonl")
+        self._file = open(self.path, "a", buffering=1)
+        self._tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is optional; JSONL is always written
+                SummaryWriter = None
+            if SummaryWriter is not None:
+                self._tb = SummaryWriter(os.path.join(directory, "tensorboard"))
+
+    def log(self, step: int, record: dict) -> None:
+        record = {"step": step, **record}
+        self._file.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self._tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(path: str) -> list[dict]:
+    if os.path.isdir(path):
+        path = os.path.join(path, "metrics.jsonl")
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def render(records: list[dict], out_png: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    if not records:
+        raise ValueError("no metrics records to plot")
+    steps = [r["step"] for r in records]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
+    for key in ("loss", "ce_loss", "z_loss", "aux_loss", "router_z_loss"):
+        if key in records[0]:
+            ax1.plot(steps, [r[key] for r in records], label=key)
+    ax1.set_yscale("log")
+    ax1.set_xlabel("step")
+    ax1.set_title("loss parts")
+    ax1.legend()
+    loads = [r["tokens_per_expert"] for r in records if "tokens_per_expert" in r]
+    if loads:
+        total = np.array(loads, dtype=float).sum(axis=0)  # [layers, E] summed over logged steps
+        share = total / total.sum(axis=1, keepdims=True).clip(min=1)
+        im = ax2.imshow(share, aspect="auto", cmap="viridis")
+        ax2.set_xlabel("expert")
+        ax2.set_ylabel("MoE layer")
+        ax2.set_title("token share per expert (uniform = 1/E)")
+        fig.colorbar(im, ax=ax2)
+    else:
+        ax2.axis("off")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return out_png
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Render a run's metrics.jsonl as a PNG")
+    parser.add_argument("metrics", help="metrics.jsonl or the run's output directory")
+    parser.add_argument("--out", default=None, help="PNG path (default: next to metrics.jsonl)")
+    args = parser.parse_args(argv)
+    records = read_metrics(args.metrics)
+    base = args.metrics if os.path.isdir(args.metrics) else os.path.dirname(args.metrics)
+    print(render(records, args.out or os.path.join(base, "metrics.png")))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""The only place MoeHybridParallelPlugin is built. Plugins as a small table:
+
+  plugin   | ep_size                   | MoE data parallel (replicas of each expert) | pipeline
+  ---------+---------------------------+---------------------------------------------+----------
+  ep       | world                     | 1                                           | no
+  ep_zero  | world / extra_dp_size     | extra_dp_size (ZeRO shards across them)     | no
+  hybrid   | --ep_size                 | world / (pp_size * ep_size)                 | pp_size
+
+Dense parameters are data-parallel over world / pp_size ranks in all three. ColossalAI lays the mesh out as
+(moe_dp, pp, ep, tp): ranks of one EP group are adjacent, so on one node the all-to-all stays intra-node.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from openmoe.config import OpenMoeConfig
+from openmoe.run_config import TrainConfig
+
+
+@dataclass(frozen=True)
+class ParallelSizes:
+    world: int
+    ep: int
+    pp: int
+    moe_dp: int  # replicas of each expert
+    dp: int  # replicas of each dense parameter (= world / pp)
+
+
+def resolve_sizes(run: TrainConfig, model: OpenMoeConfig, world: int) -> ParallelSizes:
+    """Validate every size up front; each error names the numbers involved and what would be accepted."""
+    if run.tp_size != 1 or run.sp_size != 1:
+        raise ValueError(f"tensor/sequence parallelism is not supported for OpenMoE (tp_size={run.tp_size}, "
+                         f"sp_size={run.sp_size}); accepted: 1. Use ep/ep_zero/hybrid to scale")
+    if run.plugin != "hybrid" and run.pp_size != 1:
+        raise ValueError(f"pp_size ({run.pp_size}) > 1 needs --plugin hybrid (got '{run.plugin}')")
+    if run.plugin != "ep_zero" and run.extra_dp_size != 1:
+        raise ValueError(f"extra_dp_size ({run.extra_dp_size}) is for --plugin ep_zero only (got '{run.plugin}')")
+    if run.plugin == "ep":
+        ep, pp = world, 1
+    elif run.plugin == "ep_zero":
+        if run.extra_dp_size < 1 or world % run.extra_dp_size:
+            raise ValueError(f"world size ({world}) must be divisible by extra_dp_size ({run.extra_dp_size})")
+        ep, pp = world // run.extra_dp_size, 1
+    else:
+        if run.ep_size is None:
+            raise ValueError("--plugin hybrid needs --ep_size")
+        ep, pp = run.ep_size, run.pp_size
+        if pp < 1 or world % (pp * ep):
+            raise ValueError(f"world size ({world}) must be divisible by pp_size ({pp}) * ep_size ({ep})")
+        if pp > model.num_hidden_layers:
+            raise ValueError(f"pp_size ({pp}) exceeds the number of layers ({model.num_hidden_layers})")
+        if run.zero_stage > 1:
+            raise ValueError(f"zero_stage ({run.zero_stage}) must be <= 1 with pipeline parallelism")
+    if run.ep_size is not None and run.ep_size != ep:
+        raise ValueError(f"--ep_size {run.ep_size} contradicts --plugin {run.plugin} on {world} ranks, "
+                         f"which implies ep_size {ep}")
+    if model.num_experts % ep:
+        raise ValueError(f"num_experts ({model.num_experts}) must be divisible by ep_size ({ep})")
+    if ep > 1 and run.zero_stage < 1:
+        raise ValueError(f"expert parallelism (ep_size {ep}) needs zero_stage >= 1 in ColossalAI's MoE plugin "
+                         f"(got {run.zero_stage})")
+    if run.zero_stage >= 1 and run.precision == "fp32":
+        raise ValueError(f"zero_stage {run.zero_stage} needs --precision bf16 or fp16 (ColossalAI's ZeRO keeps "
+                         f"fp32 master weights itself); got fp32")
+    if run.zero_stage == 2:
+        raise ValueError("zero_stage 2 with expert parallelism hangs in ColossalAI 0.5.0 when an expert receives no "
+                         "tokens (its MoE plugin silently falls back to 1); use --zero_stage 1")
+    for flag in ("load_balance", "comm_overlap", "hierarchical_alltoall"):
+        if getattr(run, flag):
+            raise NotImplementedError(f"--{flag} is not yet implemented (tracked in the balancing/overlap issue)")
+    if run.use_layernorm_kernel:
+        try:
+            import apex.normalization  # noqa: F401
+        except ImportError:
+            raise ValueError("--use_layernorm_kernel needs NVIDIA apex, which is not installed") from None
+        raise NotImplementedError("--use_layernorm_kernel: apex fused RMSNorm is not wired yet")
+    return ParallelSizes(world=world, ep=ep, pp=pp, moe_dp=world // (pp * ep), dp=world // pp)
+
+
+def build_plugin(run: TrainConfig, sizes: ParallelSizes):
+    from colossalai.booster.plugin import MoeHybridParallelPlugin
+
+    from openmoe.parallel.policy import OpenMoePolicy
+
+    kwargs = dict(tp_size=1, pp_size=sizes.pp, ep_size=sizes.ep, zero_stage=run.zero_stage,
+                  precision=run.precision, custom_policy=OpenMoePolicy(), max_norm=run.grad_clip,
+                  enable_flash_attention=False, enable_fused_normalization=False)
+    if sizes.pp > 1:
+        kwargs["microbatch_size"] = run.microbatch_size
+    return MoeHybridParallelPlugin(**kwargs)

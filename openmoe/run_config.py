@@ -1,0 +1,135 @@
+"""The trainer's run configuration: everything that is not the architecture (parallel sizes, kernels, data,
+optimiser, checkpointing). One dataclass; the command line and an optional --config file (JSON or YAML, same keys)
+fill it, the command line winning. Every field documents its meaning and its "off" value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+
+PLUGINS = ("ep", "ep_zero", "hybrid")
+PRECISIONS = ("bf16", "fp16", "fp32")
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+def _f(default, help, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    # --- model ---
+    model_name: str = _f("tiny", "architecture preset (tiny, base, 8b, 34b) or an HF-format checkpoint directory")
+    pretrained: str | None = _f(None, "HF-format checkpoint directory to load weights (and config) from; off: None "
+                                      "(random init of every parameter)")
+    tokenizer: str = _f("tests/assets/tokenizer", "sentencepiece tokenizer (directory or .model file); published "
+                                                  "models use the umT5 tokenizer")
+    # --- parallelism ---
+    plugin: str = _f("ep", "ep: experts over all ranks; ep_zero: ep over world/extra_dp_size ranks, each expert "
+                           "replicated extra_dp_size times and ZeRO-sharded; hybrid: pipeline x expert x data",
+                     choices=PLUGINS)
+    ep_size: int | None = _f(None, "expert-parallel size (ep: world size; ep_zero: world/extra_dp_size; "
+                                   "hybrid: required)")
+    extra_dp_size: int = _f(1, "ep_zero only: MoE data-parallel replicas of each expert")
+    pp_size: int = _f(1, "hybrid only: pipeline stages")
+    tp_size: int = _f(1, "tensor parallel: not supported for OpenMoE, must be 1")
+    sp_size: int = _f(1, "sequence parallel: not supported for OpenMoE, must be 1")
+    zero_stage: int = _f(1, "ZeRO stage for the optimizer (EP needs >= 1; hybrid with pp > 1 needs <= 1)")
+    microbatch_size: int = _f(1, "hybrid only: pipeline micro-batch size")
+    precision: str = _f("bf16", "parameter/compute precision (EP requires bf16 or fp16: ColossalAI's ZeRO rejects "
+                                "fp32)", choices=PRECISIONS)
+    # --- kernels and memory ---
+    use_kernel: bool = _f(False, "fast paths (SDPA flash attention); off: eager reference attention")
+    use_layernorm_kernel: bool = _f(False, "apex fused RMSNorm (error if apex is absent)")
+    activation_checkpointing: bool = _f(False, "recompute each decoder layer in backward")
+    dropless: bool = _f(False, "route every token (no capacity, uneven all-to-all); off: capacity factor drops")
+    # --- MoE balancing / overlap (issue #5) ---
+    load_balance: bool = _f(False, "expert placement rebalancing (not yet implemented)")
+    load_balance_interval: int = _f(1000, "steps between rebalances")
+    comm_overlap: bool = _f(False, "overlap all-to-all with expert compute (not yet implemented)")
+    hierarchical_alltoall: bool = _f(False, "two-level all-to-all across nodes (not yet implemented)")
+    # --- loss factors (default: the checkpoint's config) ---
+    router_aux_loss_factor: float | None = _f(None, "router load-balancing loss weight")
+    router_z_loss_factor: float | None = _f(None, "router z-loss weight")
+    label_smoothing: float | None = _f(None, "label smoothing of the LM cross-entropy")
+    z_loss_factor: float | None = _f(None, "output z-loss weight")
+    # --- data ---
+    dataset: str = _f("data/sample/train.jsonl", "local .json/.jsonl/.parquet file or directory, or a hub id "
+                                                 "(e.g. yizhongw/self_instruct)")
+    task_name: str | None = _f(None, "dataset config name for hub datasets (e.g. super_natural_instructions)")
+    split: str = _f("train", "dataset split")
+    prompt_field: str = _f("prompt", "field holding the prompt")
+    completion_field: str = _f("completion", "field holding the completion")
+    mask_prompt: bool = _f(False, "no loss on prompt tokens")
+    pack: bool = _f(False, "pack examples into max_length blocks")
+    max_length: int = _f(128, "tokens per example (truncate); at most the model's max_position_embeddings")
+    # --- optimisation ---
+    batch_size: int = _f(4, "examples per GPU (per data-parallel rank) per micro-step")
+    grad_accum: int = _f(1, "micro-steps per optimizer step")
+    num_epochs: int = _f(1, "passes over the data")
+    max_steps: int | None = _f(None, "stop after this many optimizer steps; off: None (num_epochs decides)")
+    lr: float = _f(1e-3, "peak learning rate (AdamW)")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    warmup_steps: int = _f(10, "linear warmup steps")
+    lr_schedule: str = _f("cosine", "decay after warmup", choices=SCHEDULES)
+    min_lr_ratio: float = _f(0.1, "final lr as a fraction of lr (cosine/linear)")
+    grad_clip: float = _f(1.0, "max global grad norm; off: 0")
+    seed: int = _f(42, "seed for init, data order and dropout-free sampling")
+    # --- output, checkpoints, logging ---
+    output_path: str = _f("outputs/tiny-ep", "run directory: checkpoints, metrics, final HF-format model")
+    save_interval: int = _f(0, "save a resumable checkpoint every N steps; off: 0 (only at the end)")
+    keep_last: int = _f(2, "resumable checkpoints kept (older ones are deleted)")
+    resume: bool = _f(False, "continue from the newest complete checkpoint in output_path")
+    log_interval: int = _f(1, "steps between metric records")
+    tensorboard: bool = _f(True, "also write TensorBoard events")
+    config: str | None = _f(None, "JSON or YAML file with any of these keys (command line wins)")
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ValueError(f"--{f.name} '{getattr(self, f.name)}' is not supported; accepted: {list(choices)}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Train OpenMoE with expert parallelism on ColossalAI. Launch: "
+                                     "colossalai run --nproc_per_node N train.py [options]")
+    for f in dataclasses.fields(TrainConfig):
+        name, meta = f"--{f.name}", f.metadata
+        if f.type in ("bool", bool):
+            parser.add_argument(name, action=argparse.BooleanOptionalAction, default=None, help=meta["help"])
+        else:
+            kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0].replace("|", "").strip(), str)
+            parser.add_argument(name, type=kind, default=None, choices=meta.get("choices"), help=meta["help"])
+    return parser
+
+
+def _load_file(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--config file {path} does not exist")
+    with open(path) as f:
+        if path.endswith((".yaml", ".yml")):
+            import yaml
+
+            data = yaml.safe_load(f) or {}
+        else:
+            data = json.load(f)
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"--config {path} has unknown key(s) {unknown}; accepted: {sorted(names)}")
+    return data
+
+
+def parse_args(argv=None) -> TrainConfig:
+    args = vars(build_parser().parse_args(argv))
+    values = _load_file(args["config"]) if args.get("config") else {}
+    values.update({k: v for k, v in args.items() if v is not None})
+    return TrainConfig(**values)
