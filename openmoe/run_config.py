@@ -66,11 +66,11 @@ class TrainConfig:
     completion_field: str = _f("completion", "field holding the completion")
     mask_prompt: bool = _f(False, "no loss on prompt tokens")
     pack: bool = _f(False, "pack examples into max_length blocks")
-    max_length: int = _f(128, "tokens per example (truncate); at most the model's max_position_embeddings")
+    max_length: int = _f(64, "tokens per example (truncate); at most the model's max_position_embeddings")
     # --- optimisation ---
     batch_size: int = _f(4, "examples per GPU (per data-parallel rank) per micro-step")
     grad_accum: int = _f(1, "micro-steps per optimizer step")
-    num_epochs: int = _f(1, "passes over the data")
+    num_epochs: int = _f(3, "passes over the data")
     max_steps: int | None = _f(None, "stop after this many optimizer steps; off: None (num_epochs decides)")
     lr: float = _f(1e-3, "peak learning rate (AdamW)")
     weight_decay: float = _f(0.0, "AdamW weight decay")

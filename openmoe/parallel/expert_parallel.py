@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from openmoe.moe import MoeAux, OpenMoeExperts, OpenMoeSparseMLP, combine, dispatch, moe_aux
+from openmoe.moe import MoeAux, OpenMoeSparseMLP, combine, dispatch, moe_aux
 
 
 class _AllToAll(torch.autograd.Function):
@@ -75,14 +75,13 @@ class ExpertParallelMoE(nn.Module):
         self.min_capacity, self.drop_tokens = layer.min_capacity, layer.drop_tokens
         self.selection_bias = layer.selection_bias
         self.gate_weight = layer.gate_weight  # the same Parameter: replicated, a dense (non-MoE) parameter
-        src = layer.experts
-        self.experts = OpenMoeExperts(self.num_local_experts, src.wi_gate.shape[1], src.wo.shape[1])
+        # Keep the very Parameter objects and slice their data in place: the optimizer is built before ColossalAI's
+        # booster applies the policy, and a new Parameter would silently drop out of it (never updated).
+        self.experts = layer.experts
         lo = self.ep_rank * self.num_local_experts
         with torch.no_grad():
-            for name in ("wi_gate", "wi_up", "wo"):
-                local = getattr(src, name)[lo : lo + self.num_local_experts]
-                # meta tensors (model built without weights) stay meta until a checkpoint is loaded
-                setattr(self.experts, name, nn.Parameter(local.clone(), requires_grad=getattr(src, name).requires_grad))
+            for p in self.experts.parameters():
+                p.data = p.data[lo : lo + self.num_local_experts].clone()
         self.grad_scale = 1.0 / self.ep_size if grad_scale is None else grad_scale
 
     @property

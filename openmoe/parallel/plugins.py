@@ -89,3 +89,33 @@ def build_plugin(run: TrainConfig, sizes: ParallelSizes):
     if sizes.pp > 1:
         kwargs["microbatch_size"] = run.microbatch_size
     return MoeHybridParallelPlugin(**kwargs)
+
+
+def fix_grad_clipping(optimizer) -> None:
+    """Make ColossalAI's ZeRO gradient clipping use the true global gradient norm under expert parallelism.
+
+    colossalai 0.5.0 (zero/low_level/low_level_optim.py step) adds the norms of its gradient stores linearly instead of
+    in quadrature, and reduces the expert store's norm over the MoE data-parallel group only, so each EP rank sees a
+    different, too large norm (measured 1.49 / 1.42 for a true 1.19) and clips by a different factor. Every rank's
+    ZeRO partitions (dense over dp, experts over moe_dp, distinct experts across ep, distinct layers across pp) are
+    disjoint pieces of the full gradient, so one scalar all-reduce over the world of their squared norms gives the
+    exact global norm, which we hand to the original clipping.
+    """
+    import torch
+    import torch.distributed as dist
+
+    if not hasattr(optimizer, "_unscale_and_clip_grads"):
+        return
+    original = optimizer._unscale_and_clip_grads
+
+    def unscale_and_clip(grad_groups_flat, total_norm):
+        sq = torch.zeros((), dtype=torch.float64, device=grad_groups_flat[0].device if grad_groups_flat else "cpu")
+        for g in grad_groups_flat:
+            sq += g.detach().double().square().sum()
+        dist.all_reduce(sq)
+        norm = float(sq.sqrt())  # still multiplied by the fp16 loss scale, as the original expects
+        scaler = getattr(optimizer.mixed_precision_mixin, "grad_scaler", None)  # fp16 only: the loss scale
+        optimizer._current_grad_norm = norm / (scaler.scale.item() if scaler is not None else 1.0)
+        original(grad_groups_flat, norm)
+
+    optimizer._unscale_and_clip_grads = unscale_and_clip

@@ -1,4 +1,4 @@
-"""Workers for tests/dist/test_expert_parallel.py (module-level so spawn can pickle them)."""
+"""Workers for tests/parallel/test_expert_parallel.py (module-level so spawn can pickle them)."""
 
 import torch
 import torch.distributed as dist

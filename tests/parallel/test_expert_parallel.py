@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from tests.dist.dist_utils import launch
-from tests.dist.ep_workers import ep_layer_worker, make_inputs, make_layer
+from tests.parallel.dist_utils import launch
+from tests.parallel.ep_workers import ep_layer_worker, make_inputs, make_layer
 
 WORLD = 2
 

@@ -1,0 +1,330 @@
+"""Training building blocks used by train.py: distributed setup, model/data/optimizer construction, the step,
+metrics reduction, resumable checkpoints and the HF-format export. Colossalai is imported here, never in the model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from openmoe.checkpoint import check_state_dict, read_tensors, write_checkpoint
+from openmoe.config import OpenMoeConfig, preset
+from openmoe.model import OpenMoeForCausalLM
+from openmoe.moe import OpenMoeSparseMLP
+from openmoe.parallel.expert_parallel import ExpertParallelMoE
+from openmoe.run_config import TrainConfig
+
+MANIFEST = "manifest.json"  # written last: a checkpoint directory without it is incomplete
+
+
+# ---------------------------------------------------------------- setup
+def init_distributed(seed: int) -> tuple[int, int, torch.device]:
+    import colossalai
+    from colossalai.accelerator import get_accelerator
+
+    from openmoe.parallel.cpu_compat import apply_cpu_patches
+
+    apply_cpu_patches()  # no-op with CUDA
+    colossalai.launch_from_torch(seed=seed, verbose=False)
+    # Collectives on CPU (gloo) and GPU (NCCL) give up after this long instead of hanging forever.
+    return dist.get_rank(), dist.get_world_size(), get_accelerator().get_current_device()
+
+
+def model_config(run: TrainConfig) -> OpenMoeConfig:
+    source = run.pretrained or run.model_name
+    cfg = OpenMoeConfig.load(source) if os.path.isdir(source) else preset(source)
+    overrides = {k: getattr(run, k) for k in ("router_aux_loss_factor", "router_z_loss_factor", "label_smoothing",
+                                              "z_loss_factor") if getattr(run, k) is not None}
+    cfg = cfg.replace(**overrides) if overrides else cfg
+    if run.max_length > cfg.max_position_embeddings:
+        raise ValueError(f"--max_length ({run.max_length}) exceeds the model's max_position_embeddings "
+                         f"({cfg.max_position_embeddings})")
+    return cfg
+
+
+def check_output_path(path: str) -> None:
+    """Fail before training, not at the first save."""
+    os.makedirs(path, exist_ok=True)
+    probe = os.path.join(path, f".write-test-{os.getpid()}")
+    try:
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"--output_path {path} is not writable: {e.strerror}") from None
+
+
+def build_model(run: TrainConfig, cfg: OpenMoeConfig) -> OpenMoeForCausalLM:
+    """Full model on every rank, same seed everywhere (dense replicas agree; the EP policy slices experts)."""
+    torch.manual_seed(run.seed)
+    if run.pretrained:
+        model = OpenMoeForCausalLM.from_pretrained(run.pretrained)
+        model.config = cfg  # run overrides of the loss factors
+    else:
+        model = OpenMoeForCausalLM(cfg)
+    if run.use_kernel:
+        raise NotImplementedError("--use_kernel (grouped-GEMM experts) is not implemented yet; attention already "
+                                  "uses PyTorch SDPA (flash on GPU)")
+    model.model.gradient_checkpointing = run.activation_checkpointing
+    if run.dropless:
+        for m in model.modules():
+            if isinstance(m, OpenMoeSparseMLP):
+                m.capacity_factor_train = m.capacity_factor_eval = 0.0
+    return model
+
+
+def build_data(run: TrainConfig, cfg: OpenMoeConfig, dp_rank: int, dp_size: int):
+    from openmoe import data
+
+    tokenizer = data.load_tokenizer(run.tokenizer)
+    data.check_vocab(tokenizer, cfg.vocab_size)
+    records = data.load_records(run.dataset, run.task_name, run.split)
+    data.check_fields(records, [run.prompt_field, run.completion_field])
+    examples = data.tokenize_examples(records, tokenizer, run.max_length, prompt_field=run.prompt_field,
+                                      completion_field=run.completion_field, mask_prompt=run.mask_prompt)
+    if run.pack:
+        examples = data.pack_examples(examples, run.max_length)
+    # Fixed [B, max_length] shapes: every EP rank then computes the same capacity, so all-to-all splits are equal.
+    batches = data.ShardedBatches(examples, run.batch_size, dp_rank, dp_size, seed=run.seed,
+                                  pad_id=cfg.pad_token_id, max_length=run.max_length)
+    return tokenizer, batches
+
+
+def lr_lambda(run: TrainConfig, total_steps: int):
+    def f(step: int) -> float:
+        if step < run.warmup_steps:
+            return (step + 1) / run.warmup_steps
+        if run.lr_schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - run.warmup_steps) / max(1, total_steps - run.warmup_steps))
+        shape = 0.5 * (1 + math.cos(math.pi * progress)) if run.lr_schedule == "cosine" else 1 - progress
+        return run.min_lr_ratio + (1 - run.min_lr_ratio) * shape
+
+    return f
+
+
+def build_optimizer(run: TrainConfig, model: torch.nn.Module, total_steps: int):
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]  # norms
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": run.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=run.lr, betas=(0.9, 0.95))
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(run, total_steps))
+
+
+# ---------------------------------------------------------------- step and metrics
+@dataclass
+class StepStats:
+    loss: float
+    ce_loss: float
+    z_loss: float
+    aux_loss: float
+    router_z_loss: float
+    tokens: int
+    tokens_per_expert: list  # [moe layers][E], summed over ranks
+    dropped_fraction: float
+
+
+def reduce_stats(outs, device) -> StepStats:
+    """Average loss parts over ranks, sum token counts. One all-reduce per logged step."""
+    parts = ("loss", "ce_loss", "z_loss", "aux_loss", "router_z_loss")
+    vec = torch.tensor([[getattr(o, p).item() for p in parts] for o in outs], dtype=torch.float64).mean(0)
+    tokens = torch.tensor([float(sum(int(o.num_tokens) for o in outs))], dtype=torch.float64)
+    moe = torch.stack([torch.stack([m.tokens_per_expert.double().cpu() for m in o.moe]) for o in outs]).sum(0)
+    dropped = torch.tensor([float(np.mean([float(m.dropped_fraction) for o in outs for m in o.moe]))],
+                           dtype=torch.float64)
+    flat = torch.cat([vec, tokens, moe.flatten(), dropped]).to(device)
+    dist.all_reduce(flat)
+    world = dist.get_world_size()
+    n = len(parts)
+    vals = (flat[:n] / world).tolist()
+    return StepStats(*vals, tokens=int(flat[n].item()), tokens_per_expert=flat[n + 1: -1].view(moe.shape).long().tolist(),
+                     dropped_fraction=float(flat[-1].item() / world))
+
+
+def train_step(model, booster, optimizer, batches_iter, grad_accum: int, device):
+    outs = []
+    for _ in range(grad_accum):
+        batch = {k: v.to(device) for k, v in next(batches_iter).items()}
+        out = model(**batch)
+        booster.backward(out.loss / grad_accum, optimizer)
+        outs.append(out)
+    optimizer.step()
+    optimizer.zero_grad()
+    return outs
+
+
+# ---------------------------------------------------------------- checkpoints
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def checkpoint_root(run: TrainConfig) -> str:
+    return os.path.join(run.output_path, "checkpoints")
+
+
+def _master_params(optimizer) -> list[torch.Tensor]:
+    """The fp32 master tensors this rank's optimizer updates (ZeRO: this rank's shard of every parameter)."""
+    return [p for group in optimizer.optim.param_groups for p in group["params"]]
+
+
+def save_resumable(model, optimizer, scheduler, cfg: OpenMoeConfig, run: TrainConfig, step: int,
+                   data_state: dict) -> str:
+    """Resumable checkpoint: the model in HF format (experts gathered; what from_pretrained loads), each rank's
+    fp32 master shard and optimizer moments, the LR schedule, every rank's RNG, step and data position.
+
+    All ranks write into `step-N.tmp`; rank 0 writes the manifest last and renames the directory into place, so a
+    save killed halfway leaves only a `.tmp` directory that resume ignores.
+    """
+    rank = dist.get_rank()
+    root = checkpoint_root(run)
+    final = os.path.join(root, f"step-{step:08d}")
+    tmp = final + ".tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    dist.barrier()
+    sd = full_state_dict(model.unwrap())
+    if rank == 0:
+        write_checkpoint(os.path.join(tmp, "model"), cfg, sd)
+        torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
+    scaler = getattr(getattr(optimizer, "mixed_precision_mixin", None), "grad_scaler", None)  # fp16 only
+    torch.save({"optim": optimizer.optim.state_dict(), "masters": [p.detach().cpu() for p in _master_params(optimizer)],
+                "grad_scaler": scaler.state_dict() if scaler is not None else None},
+               os.path.join(tmp, f"optimizer-rank{rank:05d}.pt"))
+    torch.save(rng_state(), os.path.join(tmp, f"rng-rank{rank:05d}.pt"))
+    dist.barrier()
+    if rank == 0:
+        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+            json.dump({"step": step, "data": data_state, "world_size": dist.get_world_size(),
+                       "run": run.to_dict()}, f, indent=2)
+        files = {}
+        for dirpath, _, names in os.walk(tmp):
+            for name in names:
+                full = os.path.join(dirpath, name)
+                with open(full, "rb") as fh:
+                    os.fsync(fh.fileno())
+                files[os.path.relpath(full, tmp)] = os.path.getsize(full)
+        with open(os.path.join(tmp, MANIFEST), "w") as f:
+            json.dump({"step": step, "files": files}, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        rotate(root, run.keep_last)
+    dist.barrier()
+    return final
+
+
+def load_model_weights(module: torch.nn.Module, directory: str) -> None:
+    """Copy an HF-format checkpoint into a (possibly expert-parallel) model: each EP rank reads only its experts."""
+    ep_layers = {name + ".experts.": m for name, m in module.named_modules() if isinstance(m, ExpertParallelMoE)}
+
+    def select(key):
+        layer = next((m for p, m in ep_layers.items() if key.startswith(p)), None)
+        return layer.expert_slice if layer is not None else None
+
+    tensors = read_tensors(directory, select)
+    params = module.state_dict(keep_vars=True)
+    check_state_dict({k: v.shape for k, v in params.items()}, tensors, directory)
+    with torch.no_grad():
+        for key, p in params.items():
+            p.data.copy_(tensors[key])
+
+
+def complete_checkpoints(root: str) -> list[str]:
+    if not os.path.isdir(root):
+        return []
+    dirs = [os.path.join(root, d) for d in sorted(os.listdir(root)) if d.startswith("step-") and not d.endswith(".tmp")]
+    return [d for d in dirs if os.path.isfile(os.path.join(d, MANIFEST))]
+
+
+def rotate(root: str, keep_last: int) -> None:
+    done = complete_checkpoints(root)
+    for old in done[: max(0, len(done) - keep_last)]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_resumable(model, optimizer, scheduler, run: TrainConfig) -> tuple[int, dict, str] | None:
+    done = complete_checkpoints(checkpoint_root(run))
+    if not done:
+        return None
+    path, rank = done[-1], dist.get_rank()
+    with open(os.path.join(path, "trainer_state.json")) as f:
+        state = json.load(f)
+    if state["world_size"] != dist.get_world_size():
+        raise ValueError(f"checkpoint {path} was written by {state['world_size']} ranks; this run has "
+                         f"{dist.get_world_size()} (resume needs the same parallel layout)")
+    load_model_weights(model.unwrap(), os.path.join(path, "model"))
+    saved = torch.load(os.path.join(path, f"optimizer-rank{rank:05d}.pt"), weights_only=False)
+    with torch.no_grad():
+        for p, m in zip(_master_params(optimizer), saved["masters"], strict=True):
+            p.copy_(m)
+    optimizer.optim.load_state_dict(saved["optim"])
+    if saved["grad_scaler"] is not None:
+        optimizer.mixed_precision_mixin.grad_scaler.load_state_dict(saved["grad_scaler"])
+    scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=False))
+    set_rng_state(torch.load(os.path.join(path, f"rng-rank{rank:05d}.pt"), weights_only=False))
+    return state["step"], state["data"], path
+
+
+def gather_experts(module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """Concatenate EP-sharded expert tensors (keyed like module.state_dict()) into full [E, ...] tensors.
+
+    Collective over every EP group: all ranks must call it with the same keys. Returns the dict on global rank 0.
+    """
+    ep_prefixes = {name + ".experts.": m for name, m in module.named_modules() if isinstance(m, ExpertParallelMoE)}
+    out = {}
+    for key, t in tensors.items():
+        layer = next((m for p, m in ep_prefixes.items() if key.startswith(p)), None)
+        if layer is not None and layer.ep_size > 1:
+            parts = [torch.empty_like(t) for _ in range(layer.ep_size)]
+            dist.all_gather(parts, t.contiguous(), group=layer.ep_group)
+            t = torch.cat(parts, dim=0)
+        out[key] = t.detach().cpu()
+    return out if dist.get_rank() == 0 else None
+
+
+def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """The single-device (published-layout) state dict, on global rank 0."""
+    return gather_experts(module, module.state_dict())
+
+
+def export_hf(model, cfg: OpenMoeConfig, tokenizer, directory: str) -> None:
+    """Write an HF-format checkpoint that `OpenMoeForCausalLM.from_pretrained` loads on one device."""
+    sd = full_state_dict(model.unwrap())
+    if sd is not None:
+        write_checkpoint(directory, cfg, sd)
+        tokenizer.save_pretrained(directory)
+    dist.barrier()
+
+
+class Throughput:
+    def __init__(self):
+        self.t0, self.tokens = time.perf_counter(), 0
+
+    def update(self, tokens: int) -> float:
+        t = time.perf_counter()
+        rate = tokens / max(t - self.t0, 1e-9)
+        self.t0 = t
+        return rate

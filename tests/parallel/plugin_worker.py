@@ -1,0 +1,85 @@
+"""One training-step gradient check of a ColossalAI plugin, launched by tests/parallel/test_plugins.py via torchrun:
+
+    torchrun --nproc_per_node 2 tests/parallel/plugin_worker.py OUT_FILE --plugin ep [--dropless] [train.py options]
+
+Builds the model, plugin and booster exactly as train.py does, runs forward/backward on a fixed global batch
+(each data-parallel rank its slice), and on rank 0 saves the loss and every parameter's reduced gradient in the
+published single-device layout (experts gathered over their EP group).
+"""
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from openmoe import trainer  # noqa: E402
+from openmoe.parallel.plugins import build_plugin, fix_grad_clipping, resolve_sizes  # noqa: E402
+from openmoe.run_config import parse_args  # noqa: E402
+
+B, S = 2, 12  # per data-parallel rank
+ROUTER_SCALE = 10.0
+
+
+def build_test_model(run, cfg):
+    """The trainer's model with router weights scaled up: at init the router is nearly uniform, so bf16 rounding
+    flips near-tie top-k choices against an fp32 reference; well-separated logits make the comparison test the
+    arithmetic rather than tie-breaking."""
+    from openmoe.moe import OpenMoeSparseMLP
+
+    model = trainer.build_model(run, cfg)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, OpenMoeSparseMLP):
+                m.gate_weight.mul_(ROUTER_SCALE)
+    return model
+
+
+def global_batch(dp_size: int, vocab: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(123)
+    ids = torch.randint(2, vocab, (dp_size * B, S), generator=g)
+    ids[:, 0] = 0
+    return ids
+
+
+def main():
+    out_file, argv = sys.argv[1], sys.argv[2:]
+    run = parse_args(argv + ["--grad_clip", "1e9", "--output_path", os.path.dirname(out_file)])
+    from colossalai.booster import Booster
+
+    rank, world, device = trainer.init_distributed(run.seed)
+    cfg = trainer.model_config(run)
+    sizes = resolve_sizes(run, cfg, world)
+    plugin = build_plugin(run, sizes)
+    model = build_test_model(run, cfg)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    model, optimizer, *_ = Booster(plugin=plugin).boost(model, optimizer)
+    fix_grad_clipping(optimizer)
+    dp_rank = dist.get_rank(plugin.dp_group)
+    ids = global_batch(sizes.dp, cfg.vocab_size)[dp_rank * B:(dp_rank + 1) * B].to(device)
+    out = model(input_ids=ids, labels=ids)
+    optimizer.backward(out.loss)  # what booster.backward does
+    module = model.unwrap()
+    # ZeRO keeps reduced grads in its own store; with a MoE data-parallel group of one rank (plugin ep), expert
+    # grads need no reduction and stay in p.grad.
+    scaler = getattr(optimizer.mixed_precision_mixin, "grad_scaler", None)  # fp16 gradients carry the loss scale
+    scale = scaler.scale.item() if scaler is not None else 1.0
+    grads = {}
+    for name, p in module.named_parameters():
+        g = optimizer.get_param_grad(p)
+        grads[name] = (p.grad if g is None else g).float() / scale
+    grads = trainer.gather_experts(module, grads)
+    optimizer.step()  # lr 0: computes the clipping norm, leaves the weights
+    grad_norm = optimizer.get_grad_norm()
+    loss = out.loss.detach().float().clone()
+    dist.all_reduce(loss)
+    if rank == 0:
+        torch.save({"loss": loss.item() / world, "grads": grads, "grad_norm": grad_norm, "sizes": sizes},
+                   out_file)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""Train OpenMoE with expert parallelism on ColossalAI.
+
+    colossalai run --nproc_per_node 2 train.py                                    # tiny model, sample data, ep
+    colossalai run --nproc_per_node 8 train.py --model_name 8b --plugin ep_zero --extra_dp_size 2 \
+        --dataset yizhongw/self_instruct --task_name super_natural_instructions --tokenizer PATH_TO_UMT5
+    colossalai run --nproc_per_node 8 --hostfile hostfile train.py ...            # several nodes (ssh, see README)
+    colossalai run --nproc_per_node 2 train.py --resume                           # continue the newest checkpoint
+
+See `python train.py --help` for every option; `--config FILE` takes the same keys as JSON/YAML.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch.distributed as dist
+
+from openmoe import trainer
+from openmoe.metrics import MetricsWriter
+from openmoe.parallel.plugins import build_plugin, fix_grad_clipping, resolve_sizes
+from openmoe.run_config import TrainConfig, parse_args
+
+
+def log_step(writer, bar, step, stats, lr, grad_norm, tok_per_s):
+    record = {"loss": stats.loss, "ce_loss": stats.ce_loss, "z_loss": stats.z_loss, "aux_loss": stats.aux_loss,
+              "router_z_loss": stats.router_z_loss, "lr": lr, "tokens": stats.tokens, "tokens_per_s": tok_per_s,
+              "dropped_fraction": stats.dropped_fraction, "tokens_per_expert": stats.tokens_per_expert}
+    if grad_norm is not None:
+        record["grad_norm"] = float(grad_norm)
+    writer.log(step, record)
+    bar.set_postfix(loss=f"{stats.loss:.3f}", aux=f"{stats.aux_loss:.4f}", z=f"{stats.z_loss:.3f}",
+                    lr=f"{lr:.2e}", tok_s=f"{tok_per_s:.0f}", refresh=False)
+
+
+def run_training(run: TrainConfig) -> None:
+    from colossalai.booster import Booster
+    from tqdm import tqdm
+
+    rank, world, device = trainer.init_distributed(run.seed)
+    cfg = trainer.model_config(run)
+    sizes = resolve_sizes(run, cfg, world)
+    trainer.check_output_path(run.output_path)
+    plugin = build_plugin(run, sizes)
+    tokenizer, batches = trainer.build_data(run, cfg, dist.get_rank(plugin.dp_group), sizes.dp)
+    steps_per_epoch = len(batches) // run.grad_accum
+    total_steps = run.max_steps or run.num_epochs * steps_per_epoch
+    model = trainer.build_model(run, cfg)
+    optimizer, scheduler = trainer.build_optimizer(run, model, total_steps)
+    booster = Booster(plugin=plugin)
+    model, optimizer, _, _, scheduler = booster.boost(model, optimizer, lr_scheduler=scheduler)
+    fix_grad_clipping(optimizer)
+
+    start = 0
+    if run.resume:
+        resumed = trainer.load_resumable(model, optimizer, scheduler, run)
+        if resumed is not None:
+            start, data_state, path = resumed
+            batches.load_state_dict(data_state)
+            if rank == 0:
+                print(f"resumed from {path} at step {start}", flush=True)
+        elif rank == 0:
+            print(f"--resume: no complete checkpoint under {trainer.checkpoint_root(run)}; starting fresh", flush=True)
+    writer = MetricsWriter(run.output_path, run.tensorboard) if rank == 0 else None
+    bar = tqdm(total=total_steps, initial=start, disable=rank != 0, desc="train", dynamic_ncols=True)
+    if rank == 0:
+        print(f"plugin {run.plugin}: world {world}, ep {sizes.ep}, pp {sizes.pp}, moe_dp {sizes.moe_dp}, "
+              f"dp {sizes.dp}; {total_steps} steps of {run.batch_size}x{run.grad_accum}x{sizes.dp} examples",
+              flush=True)
+    model.train()
+    it, clock = iter(batches), trainer.Throughput()
+    for step in range(start + 1, total_steps + 1):
+        outs = trainer.train_step(model, booster, optimizer, it, run.grad_accum, device)
+        scheduler.step()
+        if step % run.log_interval == 0 or step == total_steps:
+            stats = trainer.reduce_stats(outs, device)
+            if rank == 0:
+                log_step(writer, bar, step, stats, scheduler.get_last_lr()[0], optimizer.get_grad_norm(),
+                         clock.update(stats.tokens * run.log_interval))
+        bar.update(1)
+        if run.save_interval and step % run.save_interval == 0 and step != total_steps:
+            trainer.save_resumable(model, optimizer, scheduler, cfg, run, step, batches.state_dict())
+    bar.close()
+    trainer.save_resumable(model, optimizer, scheduler, cfg, run, total_steps, batches.state_dict())
+    trainer.export_hf(model, cfg, tokenizer, f"{run.output_path}/hf")
+    if rank == 0:
+        writer.close()
+        print(f"done: {total_steps} steps; resumable checkpoint under {trainer.checkpoint_root(run)}, "
+              f"HF-format model in {run.output_path}/hf, metrics in {writer.path}", flush=True)
+
+
+def main(argv=None) -> int:
+    run = parse_args(argv)
+    try:
+        run_training(run)
+    except (ValueError, FileNotFoundError, NotImplementedError) as e:
+        # One clear line per bad input; every rank hits the same check, rank 0 reports.
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

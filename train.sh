@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Train OpenMoE with `colossalai run`. One configuration, chosen by variables; installs first (idempotent).
+#   bash train.sh                                   # tiny model, shipped sample data, plugin ep, 2 processes
+#                                                   # (CPU over gloo; on a GPU machine the same command uses 2 GPUs)
+#   MODEL=8b PLUGIN=ep_zero EXTRA_DP_SIZE=2 NPROC=8 TOKENIZER=/path/to/umt5 \
+#     DATASET=yizhongw/self_instruct TASK_NAME=super_natural_instructions BATCH_SIZE=4 MAX_LENGTH=2048 bash train.sh
+#   HOSTFILE=hostfile NPROC=8 ... bash train.sh     # several nodes (passwordless ssh, same path on every host)
+# Anything else: EXTRA_ARGS="--lr 1e-4 --resume" (see `python train.py --help`).
+set -euo pipefail
+cd "$(dirname "$0")"
+bash scripts/install.sh >/dev/null
+export PATH="$PWD/.venv/bin:$PATH"
+MODEL=${MODEL:-tiny}
+PLUGIN=${PLUGIN:-ep}
+NPROC=${NPROC:-2}
+EXTRA_DP_SIZE=${EXTRA_DP_SIZE:-1}
+ZERO_STAGE=${ZERO_STAGE:-1}
+PRECISION=${PRECISION:-bf16}
+BATCH_SIZE=${BATCH_SIZE:-4}
+MAX_LENGTH=${MAX_LENGTH:-64}
+DATASET=${DATASET:-data/sample/train.jsonl}
+TOKENIZER=${TOKENIZER:-tests/assets/tokenizer}
+OUTPUT_PATH=${OUTPUT_PATH:-outputs/${MODEL}-${PLUGIN}}
+MASTER_PORT=${MASTER_PORT:-29500}
+args=(--model_name "$MODEL" --plugin "$PLUGIN" --zero_stage "$ZERO_STAGE" --precision "$PRECISION"
+      --batch_size "$BATCH_SIZE" --max_length "$MAX_LENGTH" --dataset "$DATASET" --tokenizer "$TOKENIZER"
+      --output_path "$OUTPUT_PATH")
+[ "$PLUGIN" = ep_zero ] && args+=(--extra_dp_size "$EXTRA_DP_SIZE")
+[ -n "${TASK_NAME:-}" ] && args+=(--task_name "$TASK_NAME")
+[ -n "${PP_SIZE:-}" ] && args+=(--pp_size "$PP_SIZE")
+[ -n "${EP_SIZE:-}" ] && args+=(--ep_size "$EP_SIZE")
+hosts=()
+[ -n "${HOSTFILE:-}" ] && hosts=(--hostfile "$HOSTFILE")
+# shellcheck disable=SC2086
+exec colossalai run --nproc_per_node "$NPROC" --master_port "$MASTER_PORT" "${hosts[@]}" train.py "${args[@]}" ${EXTRA_ARGS:-}
