@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import sys
 
+import torch
 import torch.distributed as dist
 
 from openmoe import trainer
@@ -27,6 +28,8 @@ def log_step(writer, bar, step, stats, lr, grad_norm, tok_per_s):
               "dropped_fraction": stats.dropped_fraction, "tokens_per_expert": stats.tokens_per_expert}
     if grad_norm is not None:
         record["grad_norm"] = float(grad_norm)
+    if torch.cuda.is_available():
+        record["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30  # rank 0
     writer.log(step, record)
     bar.set_postfix(loss=f"{stats.loss:.3f}", aux=f"{stats.aux_loss:.4f}", z=f"{stats.z_loss:.3f}",
                     lr=f"{lr:.2e}", tok_s=f"{tok_per_s:.0f}", refresh=False)
