@@ -96,9 +96,10 @@ def main(argv=None) -> int:
     try:
         run_training(run)
     except (ValueError, FileNotFoundError, NotImplementedError) as e:
-        # One clear line per bad input; every rank hits the same check, rank 0 reports.
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            print(f"error: {e}", file=sys.stderr, flush=True)
+        # One clear line per bad input, from every rank that hit it: the launcher may kill the other ranks as soon as
+        # the first one exits, so rank 0 cannot be relied on to report a check that failed elsewhere first.
+        where = f"[rank {dist.get_rank()}] " if dist.is_initialized() else ""
+        print(f"{where}error: {e}", file=sys.stderr, flush=True)
         return 2
     finally:
         if dist.is_initialized():

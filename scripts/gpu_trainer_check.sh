@@ -16,7 +16,7 @@ for cfg in ${CONFIGS[@]}; do
   args=(--model_name "$model" --plugin "$plugin" --output_path "/tmp/gpu-$cfg" --no-tensorboard --log_interval 1)
   [ "$plugin" = ep_zero ] && args+=(--extra_dp_size "$NPROC")
   [ "$plugin" = hybrid ] && args+=(--pp_size 2 --ep_size $((NPROC / 2)) --microbatch_size 2)
-  if [ "$model" = tiny ]; then args+=(--max_steps 60); else args+=(--max_steps 30 --pack --max_length 1024 --batch_size 8 --lr 3e-4); fi
+  if [ "$model" = tiny ]; then args+=(--max_steps 60); else args+=(--max_steps 30 --pack --max_length 256 --batch_size 2 --lr 3e-4); fi
   start=$(date +%s)
   colossalai run --nproc_per_node "$NPROC" --master_port "$port" train.py "${args[@]}" > "$LOGS/$cfg.log" 2>&1
   echo "$cfg exit=$? wall=$(( $(date +%s) - start ))s" | tee -a "$LOGS/summary.txt"
