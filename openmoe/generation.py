@@ -57,12 +57,14 @@ def generate(
     generator: torch.Generator | None = None,
     on_tokens: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
     all_done: Callable[[bool], bool] | None = None,
+    vocab_limit: int | None = None,
 ) -> torch.Tensor:
     """Returns [B, S + n] ids (n <= max_new_tokens); finished rows are filled with pad after their stop.
 
     on_tokens(tokens [B], finished [B]) is called after every step (streaming).
     all_done(local_done) lets expert-parallel ranks agree to stop together: every rank must run the same number of
     steps because each step's MoE all-to-all involves all of them. Without it, generation stops when all rows end.
+    vocab_limit: ids >= this are never produced (the embedding is padded past the tokenizer: 256384 vs umT5's 256300).
     """
     cfg = model.config
     eos = cfg.eos_token_id if eos_token_id is None else eos_token_id
@@ -74,6 +76,8 @@ def generate(
     for _ in range(max_new_tokens):
         h, past, _ = model.model(step_ids, mask, None, past, use_cache=True)
         logits = model.lm_head(h[:, -1]).float()  # [B, V]: only the last position is needed
+        if vocab_limit is not None:
+            logits[:, vocab_limit:] = float("-inf")
         if do_sample:
             probs = process_logits(logits, seqs, temperature, top_k, top_p, repetition_penalty).softmax(-1)
             nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)

@@ -140,6 +140,13 @@ def test_eos_and_stop_sequence_end_rows(model):
     assert out[1, 5:7].tolist() == two and (out[1, 7:] == 0).all()
 
 
+def test_vocab_limit_is_never_exceeded(model):
+    ids = batch(b=2, s=5)
+    out = model.generate(ids, max_new_tokens=8, eos_token_id=-1, vocab_limit=300)
+    free = model.generate(ids, max_new_tokens=8, eos_token_id=-1)
+    assert (out[:, 5:] < 300).all() and (free[:, 5:] >= 300).any()
+
+
 def test_eager_and_sdpa_attention_agree(model):
     ids = batch()
     mask = torch.ones_like(ids)

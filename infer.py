@@ -1,0 +1,228 @@
+"""OpenMoE inference: one device, several GPUs with CPU/disk offload, or experts sharded over ranks.
+
+    python infer.py --model outputs/tiny-ep/hf --prompt "Reverse the word: apple. Output:"
+    python infer.py --model outputs/tiny-ep/hf --prompt_file prompts.txt --do_sample --top_p 0.9 --temperature 0.7
+    python infer.py --model /ckpt/openmoe-8b-chat --tokenizer /ckpt/umt5 --chat --interactive --dtype bf16
+    python infer.py --model /ckpt/openmoe-34b --device_map auto --max_memory 0=70GiB,1=70GiB,cpu=200GiB
+    colossalai run --nproc_per_node 2 infer.py --model /ckpt/openmoe-8b --ep_size 2 --prompt_file prompts.txt
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Generate text with an OpenMoE checkpoint")
+    p.add_argument("--model", required=True, help="HF-format checkpoint directory, or a preset (tiny/base/8b/34b) "
+                                                  "with random weights for benchmarking")
+    p.add_argument("--tokenizer", default=None, help="sentencepiece tokenizer (default: the checkpoint directory if "
+                                                     "it holds one, else tests/assets/tokenizer)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    src.add_argument("--prompt_file", help="one prompt per line (write \\n for a newline inside a prompt); prompts "
+                                           "run as one left-padded batch")
+    p.add_argument("--max_new_tokens", type=int, default=64)
+    p.add_argument("--do_sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top_k", type=int, default=0, help="keep the k most likely tokens (0: off)")
+    p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass (1.0: off)")
+    p.add_argument("--repetition_penalty", type=float, default=1.0, help="> 1 discourages repeats (1.0: off)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default=None, help="bf16 or fp32 (default: bf16 on GPU, fp32 on CPU); fp16 is refused "
+                                                 "because OpenMoE degrades in fp16")
+    p.add_argument("--dropless", action="store_true",
+                   help="route every token to its experts (no capacity drops): outputs no longer depend on the rest of "
+                        "the batch, at the cost of a host sync per MoE layer; default uses the checkpoint's eval "
+                        "capacity factor (2.0 for the published models), which can drop tokens in large batches")
+    p.add_argument("--device_map", default=None, help="'auto': spread decoder layers over all visible GPUs, then CPU, "
+                                                      "then disk (HF accelerate)")
+    p.add_argument("--max_memory", default=None, help="per-device budget for --device_map, e.g. 0=20GiB,cpu=64GiB")
+    p.add_argument("--offload_dir", default=None, help="folder for weights offloaded to disk")
+    p.add_argument("--ep_size", type=int, default=1, help="expert-parallel ranks (launch with colossalai run)")
+    p.add_argument("--chat", action="store_true", help="apply the OpenMoE-8B-Chat template and its stop rules")
+    p.add_argument("--system", default=None, help="system prompt for --chat")
+    p.add_argument("--interactive", action="store_true", help="chat on stdin, keeping the conversation")
+    p.add_argument("--no_stream", action="store_true", help="print whole answers instead of streaming tokens")
+    return p
+
+
+def pick_tokenizer(args) -> str:
+    if args.tokenizer:
+        return args.tokenizer
+    if os.path.isdir(args.model) and any(os.path.exists(os.path.join(args.model, f))
+                                         for f in ("spiece.model", "tokenizer.model", "tokenizer_config.json")):
+        return args.model
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests", "assets", "tokenizer")
+
+
+class Session:
+    """Everything one generation needs; `generate(prompts)` returns completions in order (on every rank)."""
+
+    def __init__(self, args):
+        from openmoe import data, inference
+
+        self.args = args
+        self.rank, self.world = 0, 1
+        cuda = torch.cuda.is_available()
+        dtype = inference.check_dtype(args.dtype or ("bf16" if cuda else "fp32"))
+        if args.ep_size > 1:
+            self._init_distributed(cuda)
+        self.tokenizer = data.load_tokenizer(pick_tokenizer(args))
+        model = inference.load_model(args.model, dtype, args.seed)
+        data.check_vocab(self.tokenizer, model.config.vocab_size)
+        if args.dropless:
+            inference.set_dropless(model)
+        if args.ep_size > 1:
+            import torch.distributed as dist
+
+            inference.shard_experts(model, dist.group.WORLD)
+            self.device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+            model = model.to(self.device)
+        elif args.device_map:
+            model, self.device = inference.dispatch(model, args.device_map, inference.parse_max_memory(args.max_memory),
+                                                    args.offload_dir)
+        else:
+            self.device = torch.device("cuda" if cuda else "cpu")
+            model = model.to(self.device)
+        self.model = model
+        self.stops = inference.chat_stop_sequences(self.tokenizer) if args.chat else []
+
+    def _init_distributed(self, cuda: bool):
+        import torch.distributed as dist
+
+        if "WORLD_SIZE" not in os.environ:
+            raise ValueError(f"--ep_size {self.args.ep_size} needs a distributed launch: "
+                             f"colossalai run --nproc_per_node {self.args.ep_size} infer.py ...")
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl" if cuda else "gloo")
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        if self.world != self.args.ep_size:
+            raise ValueError(f"--ep_size ({self.args.ep_size}) must equal the number of launched processes "
+                             f"({self.world})")
+
+    def _all_done(self, local_done: bool) -> bool:
+        """EP ranks stop together: each decode step's all-to-all needs every rank."""
+        import torch.distributed as dist
+
+        flag = torch.tensor([1 if local_done else 0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def generate(self, prompts: list[str], stream=None) -> list[str]:
+        from openmoe import data, inference
+
+        mine = list(range(self.rank, len(prompts), self.world)) or [0]  # a rank without prompts still steps
+        ids, mask = inference.encode_batch(self.tokenizer, [prompts[i] for i in mine])
+        a = self.args
+        gen = torch.Generator(device=self.device).manual_seed(a.seed + self.rank)
+        out = self.model.generate(
+            ids.to(self.device), mask.to(self.device), max_new_tokens=a.max_new_tokens, do_sample=a.do_sample,
+            temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, repetition_penalty=a.repetition_penalty,
+            stop_sequences=self.stops, generator=gen, on_tokens=stream,
+            all_done=self._all_done if self.world > 1 else None, vocab_limit=len(self.tokenizer))
+        texts = [self._completion(row[ids.shape[1]:].tolist()) for row in out.cpu()]
+        if self.world == 1:
+            return texts
+        import torch.distributed as dist
+
+        gathered = [None] * self.world
+        dist.all_gather_object(gathered, list(zip(mine, texts)) if self.rank < len(prompts) else [])
+        by_index = dict(pair for part in gathered for pair in part)
+        return [by_index[i] for i in range(len(prompts))]
+
+    def _completion(self, new_ids: list[int]) -> str:
+        from openmoe import data
+
+        eos, pad = self.model.config.eos_token_id, self.model.config.pad_token_id
+        if eos in new_ids:
+            new_ids = new_ids[: new_ids.index(eos)]
+        for stop in self.stops:  # drop a spelled-out "</s>" and what follows it
+            for i in range(len(new_ids) - len(stop) + 1):
+                if new_ids[i:i + len(stop)] == stop:
+                    new_ids = new_ids[:i]
+                    break
+        return data.decode(self.tokenizer, [t for t in new_ids if t != pad]).strip()
+
+
+class Streamer:
+    """Prints the growing decoded text of row 0 (sentencepiece needs whole-sequence decoding to place spaces)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.printed = tokenizer, [], ""
+
+    def __call__(self, tokens, finished):
+        from openmoe import data
+
+        if finished[0] and tokens[0].item() in (0, 1):
+            return
+        self.ids.append(int(tokens[0]))
+        text = data.decode(self.tokenizer, self.ids)
+        print(text[len(self.printed):], end="", flush=True)
+        self.printed = text
+
+
+def run(args) -> int:
+    from openmoe import inference
+
+    session = Session(args)
+    stream_ok = not args.no_stream and session.rank == 0
+    if args.interactive:
+        turns = []
+        system = args.system or inference.CHAT_SYSTEM
+        for line in sys.stdin:
+            user = line.strip()
+            if not user:
+                continue
+            turns.append(("user", user))
+            prompt = inference.chat_prompt(turns, system) if args.chat else user
+            streamer = Streamer(session.tokenizer) if stream_ok and session.world == 1 else None
+            if session.rank == 0:
+                print("assistant> ", end="", flush=True)
+            answer = session.generate([prompt], stream=streamer)[0]
+            if session.rank == 0:
+                print("" if streamer else answer, flush=True)
+            turns.append(("assistant", answer))
+        return 0
+    if args.prompt_file:
+        with open(args.prompt_file) as f:
+            # one prompt per line; a literal "\n" inside a line stands for a newline in the prompt
+            prompts = [line.rstrip("\n").replace("\\n", "\n") for line in f if line.strip()]
+    elif args.prompt:
+        prompts = args.prompt
+    else:
+        raise ValueError("give --prompt, --prompt_file or --interactive")
+    if args.chat:
+        prompts = [inference.chat_prompt([("user", p)], args.system or inference.CHAT_SYSTEM) for p in prompts]
+    streamer = Streamer(session.tokenizer) if stream_ok and len(prompts) == 1 and session.world == 1 else None
+    answers = session.generate(prompts, stream=streamer)
+    if session.rank == 0:
+        if streamer is not None:
+            print(flush=True)
+        else:
+            for i, answer in enumerate(answers):
+                print(f"=== {i}: {answer}", flush=True)
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from openmoe import OpenMoeForCausalLM, preset
+from openmoe.data import decode, load_tokenizer
+from openmoe.inference import chat_prompt, chat_stop_sequences, dispatch, encode_batch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TOKENIZER = os.path.join(ROOT, "tests", "assets", "tokenizer")
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("ckpt") / "tiny"
+    OpenMoeForCausalLM(preset("tiny")).save_pretrained(str(d))
+    return str(d)
+
+
+def test_chat_template_two_turns():
+    text = chat_prompt([("user", "Hi!"), ("assistant", "Hello."), ("user", "Name a colour.")], system="Be brief.")
+    assert text == ("<<SYS>>\nBe brief.\n<</SYS>>\n\n"
+                    "<s>[INST] Hi! [/INST] Hello. </s><s>[INST] Name a colour. [/INST]")
+    with pytest.raises(ValueError, match="must end with a user turn"):
+        chat_prompt([("user", "a"), ("assistant", "b")])
+
+
+def test_chat_stop_sequences_spell_eos():
+    tok = load_tokenizer(TOKENIZER)
+    stops = chat_stop_sequences(tok)
+    assert stops and all(decode(tok, s).strip().endswith("</s>") for s in stops)
+    assert tok.eos_token_id not in sum(stops, [])  # pieces, not the EOS token
+
+
+def test_device_map_with_disk_offload_equals_single_device(ckpt, tmp_path):
+    ids, mask = encode_batch(load_tokenizer(TOKENIZER), ["Reverse the word: apple.", "Hi"])
+    plain = OpenMoeForCausalLM.from_pretrained(ckpt).eval()
+    want = plain.generate(ids, mask, max_new_tokens=6, eos_token_id=-1)
+    split = OpenMoeForCausalLM.from_pretrained(ckpt).eval()
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
+                  "model.layers.2": "cpu", "model.layers.3": "disk", "model.norm": "cpu", "lm_head": "cpu"}
+    split, device = dispatch(split, device_map, None, str(tmp_path / "offload"))
+    assert os.listdir(tmp_path / "offload")  # layers 1 and 3 really live on disk
+    got = split.generate(ids.to(device), mask.to(device), max_new_tokens=6, eos_token_id=-1)
+    assert torch.equal(got, want)
+
+
+def run_infer(*args, stdin=None):
+    return subprocess.run([sys.executable, "infer.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          input=stdin, timeout=120)
+
+
+def test_cli_batch_greedy_matches_library(ckpt, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Reverse the word: apple.\\nOutput:\nHi\n")
+    res = run_infer("--model", ckpt, "--prompt_file", str(prompts), "--max_new_tokens", "5")
+    assert res.returncode == 0, res.stderr
+    tok = load_tokenizer(TOKENIZER)
+    model = OpenMoeForCausalLM.from_pretrained(ckpt).eval()
+    ids, mask = encode_batch(tok, ["Reverse the word: apple.\nOutput:", "Hi"])
+    out = model.generate(ids, mask, max_new_tokens=5, vocab_limit=len(tok))
+    want = [decode(tok, [t for t in row[ids.shape[1]:].tolist() if t not in (0, 1)]).strip() for row in out]
+    assert res.stdout.splitlines() == [f"=== 0: {want[0]}", f"=== 1: {want[1]}"]
+
+
+def test_cli_interactive_chat_keeps_conversation(ckpt):
+    res = run_infer("--model", ckpt, "--chat", "--interactive", "--max_new_tokens", "3", "--no_stream",
+                    stdin="hello\nand again\n")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.count("assistant> ") == 2
+
+
+def test_cli_bad_inputs(ckpt, tmp_path):
+    res = run_infer("--model", str(tmp_path / "missing"), "--prompt", "x")
+    assert res.returncode == 2 and "error: checkpoint directory" in res.stderr and "does not exist" in res.stderr
+    res = run_infer("--model", ckpt, "--prompt", "x", "--dtype", "fp16")
+    assert res.returncode == 2 and "fp16 is refused" in res.stderr
+    small = tmp_path / "small"
+    OpenMoeForCausalLM(preset("tiny", vocab_size=512)).save_pretrained(str(small))
+    res = run_infer("--model", str(small), "--tokenizer", TOKENIZER, "--prompt", "x")
+    assert res.returncode == 2 and "768" in res.stderr and "512" in res.stderr, res.stderr
