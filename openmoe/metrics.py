@@ -72,9 +72,12 @@ def render(records: list[dict], out_png: str) -> str:
     if loads:
         total = np.array(loads, dtype=float).sum(axis=0)  # [layers, E] summed over logged steps
         share = total / total.sum(axis=1, keepdims=True).clip(min=1)
-        im = ax2.imshow(share, aspect="auto", cmap="viridis")
+        # fixed scale 0 .. >= 2/E: a uniform router reads mid-scale, a collapsed one saturates
+        im = ax2.imshow(share, aspect="auto", cmap="viridis", vmin=0.0, vmax=max(2.0 / share.shape[1], share.max()))
+        ax2.set_xticks(range(share.shape[1]))
+        ax2.set_yticks(range(share.shape[0]))
         ax2.set_xlabel("expert")
-        ax2.set_ylabel("MoE layer")
+        ax2.set_ylabel("MoE layer (in model order)")
         ax2.set_title("token share per expert (uniform = 1/E)")
         fig.colorbar(im, ax=ax2)
     else:

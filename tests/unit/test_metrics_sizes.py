@@ -1,0 +1,70 @@
+import json
+
+import pytest
+
+from openmoe.config import preset
+from openmoe.metrics import MetricsWriter, main, read_metrics
+from openmoe.parallel.plugins import resolve_sizes
+from openmoe.run_config import TrainConfig, parse_args
+
+
+def test_metrics_jsonl_and_png(tmp_path):
+    w = MetricsWriter(str(tmp_path), tensorboard=False)
+    for step in range(1, 4):
+        w.log(step, {"loss": 3.0 / step, "ce_loss": 2.5 / step, "z_loss": 0.4, "aux_loss": 0.02, "router_z_loss": 1e-4,
+                     "tokens_per_expert": [[10, 0, 5, 5], [1, 2, 3, 14]]})
+    w.close()
+    rows = read_metrics(str(tmp_path))
+    assert [r["step"] for r in rows] == [1, 2, 3] and rows[1]["loss"] == 1.5
+    main([str(tmp_path), "--out", str(tmp_path / "m.png")])
+    assert (tmp_path / "m.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="no metrics records"):
+        (tmp_path / "empty").mkdir()
+        (tmp_path / "empty" / "metrics.jsonl").write_text("")
+        main([str(tmp_path / "empty")])
+
+
+def sizes(world, **kw):
+    return resolve_sizes(TrainConfig(**kw), preset("tiny"), world)
+
+
+def test_plugin_table():
+    assert (sizes(2, plugin="ep").ep, sizes(2, plugin="ep").moe_dp) == (2, 1)
+    s = sizes(4, plugin="ep_zero", extra_dp_size=2)
+    assert (s.ep, s.moe_dp, s.dp, s.pp) == (2, 2, 4, 1)
+    s = sizes(4, plugin="hybrid", pp_size=2, ep_size=2)
+    assert (s.ep, s.moe_dp, s.dp, s.pp) == (2, 1, 2, 2)
+
+
+@pytest.mark.parametrize("world,kw,message", [
+    (8, dict(plugin="ep"), r"num_experts \(4\) must be divisible by ep_size \(8\)"),
+    (2, dict(plugin="ep_zero", extra_dp_size=3), r"world size \(2\) must be divisible by extra_dp_size \(3\)"),
+    (4, dict(plugin="hybrid", pp_size=3, ep_size=2), r"world size \(4\) must be divisible by pp_size \(3\) \* ep_size"),
+    (2, dict(plugin="hybrid"), r"--plugin hybrid needs --ep_size"),
+    (2, dict(plugin="ep", pp_size=2), r"pp_size \(2\) > 1 needs --plugin hybrid"),
+    (2, dict(plugin="ep", ep_size=4), r"--ep_size 4 contradicts --plugin ep on 2 ranks, which implies ep_size 2"),
+    (2, dict(plugin="ep", tp_size=2), r"tensor/sequence parallelism is not supported"),
+    (2, dict(plugin="ep", precision="fp32"), r"zero_stage 1 needs --precision bf16 or fp16"),
+    (2, dict(plugin="ep", zero_stage=0), r"needs zero_stage >= 1"),
+])
+def test_bad_sizes_name_the_numbers(world, kw, message):
+    with pytest.raises(ValueError, match=message):
+        sizes(world, **kw)
+
+
+def test_unimplemented_flags_are_never_silently_ignored():
+    for flag in ("load_balance", "comm_overlap", "hierarchical_alltoall"):
+        with pytest.raises(NotImplementedError, match=f"--{flag} is not yet implemented"):
+            sizes(2, plugin="ep", **{flag: True})
+
+
+def test_config_file_and_cli_precedence(tmp_path):
+    f = tmp_path / "run.json"
+    f.write_text(json.dumps({"lr": 0.5, "plugin": "ep_zero", "extra_dp_size": 2}))
+    run = parse_args(["--config", str(f), "--lr", "0.1"])
+    assert (run.lr, run.plugin, run.extra_dp_size) == (0.1, "ep_zero", 2)
+    f.write_text(json.dumps({"learning_rate": 0.5}))
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['learning_rate'\]"):
+        parse_args(["--config", str(f)])
+    with pytest.raises(ValueError, match=r"--plugin 'tp' is not supported; accepted: \['ep', 'ep_zero', 'hybrid'\]"):
+        TrainConfig(plugin="tp")
