@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=None, help="sentencepiece tokenizer (default: the checkpoint directory if "
                                                      "it holds one, else tests/assets/tokenizer)")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    src.add_argument("--prompt", action="append", help="a prompt (repeatable; \\n stands for a newline)")
     src.add_argument("--prompt_file", help="one prompt per line (write \\n for a newline inside a prompt); prompts "
                                            "run as one left-padded batch")
     p.add_argument("--max_new_tokens", type=int, default=64)
@@ -194,7 +194,7 @@ def run(args) -> int:
             # one prompt per line; a literal "\n" inside a line stands for a newline in the prompt
             prompts = [line.rstrip("\n").replace("\\n", "\n") for line in f if line.strip()]
     elif args.prompt:
-        prompts = args.prompt
+        prompts = [p.replace("\\n", "\n") for p in args.prompt]  # "\n" typed in a shell means a newline
     else:
         raise ValueError("give --prompt, --prompt_file or --interactive")
     if args.chat:
