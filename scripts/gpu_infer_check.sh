@@ -17,7 +17,9 @@ printf 'Write the word in capital letters.\\n\\nInput: ocean\\n\\nOutput:\nRever
 common=(--model /tmp/base-random --prompt_file /tmp/prompts.txt --max_new_tokens 24 --dtype bf16 --dropless)
 CUDA_VISIBLE_DEVICES=0 python3 infer.py "${common[@]}" > "$LOGS/single.txt" 2> "$LOGS/single.err"
 python3 infer.py "${common[@]}" --device_map auto --max_memory 0=1GiB,1=10GiB,cpu=50GiB > "$LOGS/device_map.txt" 2> "$LOGS/device_map.err"
-colossalai run --nproc_per_node 2 --master_port 29650 infer.py "${common[@]}" --ep_size 2 > "$LOGS/ep.txt" 2> "$LOGS/ep.err"
+colossalai run --nproc_per_node 2 --master_port 29650 infer.py "${common[@]}" --ep_size 2 > "$LOGS/ep.raw" 2> "$LOGS/ep.err"
+# keep the script's own output: colossalai run appends its "====== ... Nodes" report
+awk '/^====== /{exit} {print}' "$LOGS/ep.raw" | sed -e :a -e '/^\n*$/{$d;N;ba' -e '}' > "$LOGS/ep.txt"
 for f in device_map ep; do
   if cmp -s "$LOGS/single.txt" "$LOGS/$f.txt"; then echo "$f == single-GPU output: yes"; else echo "$f == single-GPU output: NO"; diff "$LOGS/single.txt" "$LOGS/$f.txt" | head -8; fi
 done | tee "$LOGS/compare.txt"
