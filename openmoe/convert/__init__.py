@@ -1,0 +1,1 @@
+"""Checkpoint converters: `python -m openmoe.convert SUBCOMMAND ...` (see __main__.py for the list)."""
