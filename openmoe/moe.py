@@ -43,9 +43,35 @@ class OpenMoeExperts(nn.Module):
         h = swiglu(torch.bmm(x, self.wi_gate)) * torch.bmm(x, self.wi_up)  # [E_l, C, I]
         return torch.bmm(h, self.wo)
 
+    def forward_grouped(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x [N, H] rows sorted by expert, counts [E_l] rows per expert -> [N, H].
+
+        One grouped GEMM per weight (torch._grouped_mm): no capacity padding, so no FLOPs on empty slots.
+        """
+        offs = counts.cumsum(0).to(torch.int32)
+        x = _ContiguousGrad.apply(x)
+        h = swiglu(torch._grouped_mm(x, self.wi_gate, offs=offs)) * torch._grouped_mm(x, self.wi_up, offs=offs)
+        return torch._grouped_mm(h, self.wo, offs=offs)
+
     def forward_one(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e on tokens x [N, H] (reference path)."""
         return (swiglu(x @ self.wi_gate[e]) * (x @ self.wi_up[e])) @ self.wo[e]
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient dense: _grouped_mm's backward rejects expanded
+    (zero-stride) gradients such as the one `.sum()` produces."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
 
 
 def dispatch(x: torch.Tensor, r: RouterOutput, num_experts: int) -> torch.Tensor:
@@ -90,6 +116,9 @@ class OpenMoeSparseMLP(nn.Module):
         self.experts = OpenMoeExperts(config.num_experts, config.hidden_size, config.intermediate_size)
         # Aux-loss-free balancing bias (selection only); None unless the trainer enables it.
         self.selection_bias: torch.Tensor | None = None
+        # "bmm": capacity buffer [E, C, H] and batched matmuls (the reference); "grouped": kept tokens sorted by
+        # expert and one grouped GEMM per weight, no padding (needs torch._grouped_mm). A kernel switch, not config.
+        self.expert_impl = "bmm"
 
     def route(self, x: torch.Tensor, token_mask: torch.Tensor | None) -> RouterOutput:
         # Training uses the tighter factor (speed); eval the looser one (dropping hurts quality more than it saves).
@@ -102,9 +131,23 @@ class OpenMoeSparseMLP(nn.Module):
         x = hidden.reshape(-1, shape[-1])  # [T, H]
         mask = None if token_mask is None else token_mask.reshape(-1)
         r = self.route(x, mask)
-        y = self.experts(dispatch(x, r, self.num_experts))  # [E, C, H]
-        out = combine(y, r, x.shape[0])
+        if self.expert_impl == "grouped":
+            out = grouped_experts(self.experts, x, r)
+        else:
+            out = combine(self.experts(dispatch(x, r, self.num_experts)), r, x.shape[0])  # via [E, C, H]
         return out.view(shape), moe_aux(r)
+
+
+def grouped_experts(experts: OpenMoeExperts, x: torch.Tensor, r: RouterOutput) -> torch.Tensor:
+    """Kept (token, choice) pairs sorted by expert -> grouped GEMMs -> weighted scatter-add back. x [T, H]."""
+    t_idx, k_idx = r.keep.nonzero(as_tuple=True)
+    expert = r.expert_idx[t_idx, k_idx]
+    order = expert.argsort(stable=True)
+    t_sorted = t_idx[order]
+    counts = torch.bincount(expert, minlength=experts.num_local_experts)
+    y = experts.forward_grouped(x[t_sorted], counts)  # [N, H]
+    w = r.combine_weight[t_idx, k_idx][order].to(y.dtype)
+    return x.new_zeros(x.shape).index_add(0, t_sorted, y * w[:, None])
 
 
 def moe_aux(r: RouterOutput) -> MoeAux:
