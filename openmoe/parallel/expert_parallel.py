@@ -14,6 +14,15 @@ functions. This module owns only what crosses ranks:
 Gradients: an expert's weights see the tokens of all P ranks of its EP group, and the plugin then averages expert
 gradients over the MoE data-parallel group only, while dense gradients are averaged over all data-parallel ranks.
 To give experts the same global mean, expert gradients are scaled by 1/P (forward values untouched).
+
+Options (capacity mode only; both off by default):
+  comm_overlap=N   pipeline dispatch all-to-all, experts and combine all-to-all over N capacity chunks, forward and
+                   backward (openmoe/parallel/overlap.py).
+  hierarchical     each all-to-all as intra-node gather, inter-node all-to-all among node leaders, intra-node
+                   scatter (openmoe/parallel/hierarchical.py).
+A layer built dropless (capacity_factor_train <= 0 or drop_tokens False) rejects them. When only the eval forward
+is dropless (capacity_factor_eval <= 0) that forward runs the plain flat path: its splits are uneven, which neither
+the equal-chunk pipeline nor the gather/scatter scheme handles, and an eval forward has no backward to overlap.
 """
 
 from __future__ import annotations
@@ -22,7 +31,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from openmoe.moe import MoeAux, OpenMoeSparseMLP, combine, dispatch, moe_aux
+from openmoe.moe import MoeAux, OpenMoeExperts, OpenMoeSparseMLP, combine, dispatch, moe_aux
+from openmoe.parallel.hierarchical import hierarchical_all_to_all, hierarchical_comm, local_world_size_from_env
+from openmoe.parallel.overlap import overlapped_experts
 
 
 class _AllToAll(torch.autograd.Function):
@@ -59,10 +70,21 @@ class _ScaleGrad(torch.autograd.Function):
 
 class ExpertParallelMoE(nn.Module):
     """Drop-in replacement for `OpenMoeSparseMLP` (same forward signature and returns), experts sharded over
-    `ep_group`. State-dict keys stay `gate_weight` and `experts.*`; `experts.*` hold this rank's slice."""
+    `ep_group`. State-dict keys stay `gate_weight` and `experts.*`; `experts.*` hold this rank's slice.
 
-    def __init__(self, layer: OpenMoeSparseMLP, ep_group, grad_scale: float | None = None):
+    comm_overlap: number of capacity chunks to pipeline all-to-all with expert compute; 0 = off (one all-to-all each
+        way). 1 runs the chunked code with a single chunk (nothing to overlap). Capacity mode only.
+    hierarchical: two-level all-to-all (gather to node leaders, all-to-all among leaders, scatter); False = flat.
+        Capacity mode only; not combined with comm_overlap. An EP group inside one node, or with one rank per node,
+        uses the flat all-to-all (the two-level one would be the same exchange with extra hops).
+    local_world_size: ranks per node for `hierarchical` (global ranks [k*L, (k+1)*L) are node k); None reads
+        LOCAL_WORLD_SIZE. Unused unless hierarchical.
+    """
+
+    def __init__(self, layer: OpenMoeSparseMLP, ep_group, grad_scale: float | None = None, comm_overlap: int = 0,
+                 hierarchical: bool = False, local_world_size: int | None = None):
         super().__init__()
+        _check_options(layer, comm_overlap, hierarchical)
         self.ep_group = ep_group
         self.ep_size = dist.get_world_size(ep_group)
         self.ep_rank = dist.get_rank(ep_group)
@@ -83,6 +105,11 @@ class ExpertParallelMoE(nn.Module):
             for p in self.experts.parameters():
                 p.data = p.data[lo : lo + self.num_local_experts].clone()
         self.grad_scale = 1.0 / self.ep_size if grad_scale is None else grad_scale
+        self.comm_overlap = comm_overlap
+        self.hier_comm = None
+        if hierarchical:  # collective over the EP group: every EP rank builds its layers in the same order
+            lws = local_world_size_from_env() if local_world_size is None else local_world_size
+            self.hier_comm = hierarchical_comm(ep_group, lws)
 
     @property
     def expert_slice(self) -> slice:
@@ -105,14 +132,22 @@ class ExpertParallelMoE(nn.Module):
         out = self._dropless(x, r) if dropless else self._capacity(x, r)
         return out.view(shape), moe_aux(r)
 
+    def _exchange(self, x):
+        """Equal-split all-to-all over the EP group (flat or hierarchical), with autograd."""
+        return all_to_all(x, self.ep_group) if self.hier_comm is None else hierarchical_all_to_all(x, self.hier_comm)
+
     def _capacity(self, x, r):
         p, el, c, h = self.ep_size, self.num_local_experts, r.capacity, x.shape[-1]
         buf = dispatch(x, r, self.num_experts)  # [E, C, H], rows ordered by destination rank
-        recv = all_to_all(buf.view(p * el * c, h), self.ep_group)  # [P * E_l * C, H]: from each source rank
+        if self.comm_overlap:
+            back = overlapped_experts(buf.view(p, el, c, h), self.experts, self.ep_group, self.comm_overlap,
+                                      self.grad_scale).view(self.num_experts, c, h)  # [E, C, H]
+            return combine(back, r, x.shape[0])
+        recv = self._exchange(buf.view(p * el * c, h))  # [P * E_l * C, H]: from each source rank
         recv = recv.view(p, el, c, h).transpose(0, 1).reshape(el, p * c, h)  # [E_l, P*C, H]
         y = self._run_experts(recv)
         y = y.view(el, p, c, h).transpose(0, 1).reshape(p * el * c, h)
-        back = all_to_all(y, self.ep_group).view(self.num_experts, c, h)  # [E, C, H]
+        back = self._exchange(y).view(self.num_experts, c, h)  # [E, C, H]
         return combine(back, r, x.shape[0])
 
     def _dropless(self, x, r):
@@ -142,3 +177,20 @@ class ExpertParallelMoE(nn.Module):
         y_sent = all_to_all(y_recv, self.ep_group, send_splits, recv_splits)  # [N_sent, H] in our sorted order
         w = r.combine_weight[t_idx, k_idx][order].to(y_sent.dtype)
         return x.new_zeros(x.shape[0], h).index_add(0, t_sorted, y_sent * w[:, None])
+
+
+def _check_options(layer: OpenMoeSparseMLP, comm_overlap: int, hierarchical: bool) -> None:
+    if comm_overlap < 0:
+        raise ValueError(f"comm_overlap is a number of capacity chunks (0 = off), got {comm_overlap}")
+    if comm_overlap and hierarchical:
+        raise ValueError("comm_overlap and hierarchical all-to-all cannot be combined yet (the chunked pipeline "
+                         "uses one flat async all-to-all per chunk); choose one")
+    if not (comm_overlap or hierarchical):
+        return
+    name = "comm_overlap" if comm_overlap else "hierarchical"
+    if not layer.drop_tokens or layer.capacity_factor_train <= 0:
+        raise ValueError(f"{name} needs capacity mode (equal all-to-all splits), but the layer is dropless "
+                         f"(capacity_factor_train={layer.capacity_factor_train}, drop_tokens={layer.drop_tokens})")
+    if comm_overlap and type(layer.experts) is not OpenMoeExperts:
+        raise ValueError(f"comm_overlap computes the expert backward by hand for OpenMoeExperts (SwiGLU), got "
+                         f"{type(layer.experts).__name__}")
