@@ -30,6 +30,12 @@ args=(--model_name "$MODEL" --plugin "$PLUGIN" --zero_stage "$ZERO_STAGE" --prec
 [ -n "${PP_SIZE:-}" ] && args+=(--pp_size "$PP_SIZE")
 [ -n "${EP_SIZE:-}" ] && args+=(--ep_size "$EP_SIZE")
 hosts=()
-[ -n "${HOSTFILE:-}" ] && hosts=(--hostfile "$HOSTFILE")
+if [ -n "${HOSTFILE:-}" ]; then
+  # colossalai's own parser takes comments for host names: check the file and pass the clean form
+  clean=$(mktemp)
+  python -m openmoe.hostfile "$HOSTFILE" > "$clean"
+  first=$(head -n 1 "$clean")
+  hosts=(--hostfile "$clean" --master_addr "${MASTER_ADDR:-$first}")
+fi
 # shellcheck disable=SC2086
 exec colossalai run --nproc_per_node "$NPROC" --master_port "$MASTER_PORT" "${hosts[@]}" train.py "${args[@]}" ${EXTRA_ARGS:-}
