@@ -3,6 +3,21 @@
 Only what a checkpoint needs lives here (shapes, routing rule, loss factors the model was trained with). Parallel
 sizes, kernels and other run-time switches belong to the trainer's run config, never to this class.
 
+Two model families share one implementation (router, experts, losses, expert-parallel layer); `model_family` picks
+the conventions that differ, every other new field is an independent switch whose default is OpenMoE's behaviour:
+
+  =====================  ===========================================  ==========================================
+  model_family           "openmoe" (default: the published models)     "llama_moe" (MoE built from HF LLaMA)
+  attention logits       unscaled (T5: folded into the query init)     scaled by 1/sqrt(head_dim)
+  MLP / expert           double-gated SwiGLU, gate 2I wide             3-matrix SwiGLU silu(x Wg) * (x Wu) Wd, gate
+                         (hidden_act "swiglu")                         I wide (hidden_act "silu")
+  MoE layers             + extra dense MLP with its own pre-norm       no extra MLP
+  KV heads               num_key_value_heads == num_attention_heads    grouped KV heads allowed (repeat_kv)
+  <pad> BOS attendable   yes (see model._attention_allowed)            no: padding is padding
+  =====================  ===========================================  ==========================================
+RoPE (rotate-half, inv_freq = rope_theta^(-2i/D), no rope_scaling) is the same in both and equals HF's
+LlamaRotaryEmbedding with rope_scaling None.
+
 Two spellings of ``config.json`` exist and both are read:
   * hub (``OrionZheng/openmoe-{base,8b,8b-chat,34b-200B}``): ``router_topk``, ``router_capacity_factor_train``, ...
   * older example configs (``hpcai-tech/openmoe-{base,8b}``): ``topk``, ``capacity_factor_train``, ``min_capacity``,
@@ -51,27 +66,54 @@ class OpenMoeConfig:
     pad_token_id: int = 0
     initializer_range: float = 0.02
     # Fields of the published config that we carry but that have a single supported value; validated in __post_init__.
-    hidden_act: str = "swiglu"
+    hidden_act: str | None = None  # None -> the family's: "swiglu" (openmoe, double-gated) or "silu" (llama_moe)
     mlp_gated: bool = True
     tie_word_embeddings: bool = False
-    num_key_value_heads: int | None = None  # None -> num_attention_heads (OpenMoE has no GQA)
+    num_key_value_heads: int | None = None  # None -> num_attention_heads (OpenMoE has no GQA; llama_moe may)
+    # --- family and MoE generalisation; each default ("off" value) is OpenMoE's behaviour ---
+    model_family: str = "openmoe"  # "openmoe" | "llama_moe": conventions that differ, see the module docstring
+    moe_start_layer: int | None = None  # first MoE layer; None -> moe_layer_interval - 1 (OpenMoE's rule)
+    moe_intermediate_size: int | None = None  # width of one expert; None -> intermediate_size (MoEfied: I / E)
+    num_shared_experts: int = 0  # always-on dense MLP of width num_shared_experts * expert width on MoE layers; 0 off
+    router_combine: str = "prob"  # "prob" raw softmax prob | "normalized" top-k renormalised | "ones" weight 1
+    router_aux_loss_type: str = "switch"  # "switch": E*sum f_e P_e over the batch | "seq": DeepSeek per sequence
 
     extra: dict = field(default_factory=dict, repr=False)  # unrecognised config.json keys, written back unchanged
 
     def __post_init__(self):
+        if self.model_family not in _FAMILY_ACT:
+            raise ValueError(f"model_family '{self.model_family}' is not supported; accepted: {sorted(_FAMILY_ACT)}")
+        act = _FAMILY_ACT[self.model_family]
+        if self.hidden_act is None:
+            self.hidden_act = act
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
+        llama = self.model_family == "llama_moe"
+        n_layers, kv, heads = self.num_hidden_layers, self.num_key_value_heads, self.num_attention_heads
         checks = [
-            (self.num_key_value_heads == self.num_attention_heads,
-             f"num_key_value_heads ({self.num_key_value_heads}) must equal num_attention_heads "
-             f"({self.num_attention_heads}): OpenMoE has no grouped KV heads"),
-            (self.hidden_act == "swiglu", f"hidden_act '{self.hidden_act}' is not supported; accepted: 'swiglu'"),
+            (kv == heads or (llama and kv >= 1 and heads % kv == 0),
+             f"num_key_value_heads ({kv}) must equal num_attention_heads ({heads}): OpenMoE has no grouped KV heads"
+             if not llama else f"num_key_value_heads ({kv}) must divide num_attention_heads ({heads})"),
+            (self.hidden_act == act, f"hidden_act '{self.hidden_act}' is not supported by model_family "
+                                     f"'{self.model_family}'; accepted: '{act}'"),
             (self.mlp_gated is True, f"mlp_gated={self.mlp_gated} is not supported; OpenMoE's MLPs are gated"),
             (self.tie_word_embeddings is False,
-             f"tie_word_embeddings={self.tie_word_embeddings} is not supported; OpenMoE's lm_head is untied"),
+             f"tie_word_embeddings={self.tie_word_embeddings} is not supported; the lm_head is untied (a converter "
+             "unties a tied checkpoint by copying embed_tokens into lm_head)"),
             (1 <= self.router_topk <= self.num_experts,
              f"router_topk ({self.router_topk}) must be in [1, num_experts={self.num_experts}]"),
             (self.moe_layer_interval >= 1, f"moe_layer_interval ({self.moe_layer_interval}) must be >= 1"),
+            (self.moe_start_layer is None or 0 <= self.moe_start_layer < n_layers,
+             f"moe_start_layer ({self.moe_start_layer}) must be in [0, num_hidden_layers={n_layers}) "
+             "(None: moe_layer_interval - 1, OpenMoE's rule)"),
+            (self.moe_intermediate_size is None or self.moe_intermediate_size >= 1,
+             f"moe_intermediate_size ({self.moe_intermediate_size}) must be >= 1 (None: intermediate_size)"),
+            (self.num_shared_experts >= 0, f"num_shared_experts ({self.num_shared_experts}) must be >= 0 (0: off)"),
+            (self.router_combine in ROUTER_COMBINE,
+             f"router_combine '{self.router_combine}' is not supported; accepted: {list(ROUTER_COMBINE)}"),
+            (self.router_aux_loss_type in ROUTER_AUX_LOSS_TYPES,
+             f"router_aux_loss_type '{self.router_aux_loss_type}' is not supported; "
+             f"accepted: {list(ROUTER_AUX_LOSS_TYPES)}"),
             (self.head_dim % 2 == 0, f"head_dim ({self.head_dim}) must be even for rotary embeddings"),
             (0.0 <= self.label_smoothing < 1.0, f"label_smoothing ({self.label_smoothing}) must be in [0, 1)"),
         ]
@@ -80,8 +122,36 @@ class OpenMoeConfig:
                 raise ValueError(message)
 
     # --- derived ---
+    @property
+    def first_moe_layer(self) -> int:
+        return self.moe_layer_interval - 1 if self.moe_start_layer is None else self.moe_start_layer
+
     def is_moe_layer(self, layer_idx: int) -> bool:
-        return (layer_idx + 1) % self.moe_layer_interval == 0
+        """i >= start and (i - start) % interval == 0. With moe_start_layer None (start = interval - 1) this is
+        OpenMoE's (i + 1) % interval == 0 exactly."""
+        start = self.first_moe_layer
+        return layer_idx >= start and (layer_idx - start) % self.moe_layer_interval == 0
+
+    @property
+    def expert_intermediate_size(self) -> int:
+        return self.intermediate_size if self.moe_intermediate_size is None else self.moe_intermediate_size
+
+    # Conventions fixed by the family (module docstring).
+    @property
+    def double_gated_mlp(self) -> bool:
+        return self.model_family == "openmoe"
+
+    @property
+    def attention_scale(self) -> float:
+        return 1.0 if self.model_family == "openmoe" else self.head_dim**-0.5
+
+    @property
+    def extra_mlp(self) -> bool:
+        return self.model_family == "openmoe"
+
+    @property
+    def pad_is_bos(self) -> bool:
+        return self.model_family == "openmoe"
 
     @property
     def num_moe_layers(self) -> int:
@@ -129,6 +199,13 @@ class OpenMoeConfig:
             return cls.from_dict(json.load(f), source=path)
 
 
+_FAMILY_ACT = {"openmoe": "swiglu", "llama_moe": "silu"}  # family -> its only hidden_act
+# Combine weight of a kept choice: "prob" its softmax probability (OpenMoE/T5X), "normalized" the top-k probabilities
+# renormalised to sum to 1 (Mixtral, Qwen's norm_topk_prob: identical experts then reproduce the dense FFN), "ones"
+# weight 1 (MoEfication: with top_k = num_experts the experts' sum is the dense FFN; the router then learns only from
+# its aux/z losses or a separate gate-training objective).
+ROUTER_COMBINE = ("prob", "normalized", "ones")
+ROUTER_AUX_LOSS_TYPES = ("switch", "seq")  # see losses.router_aux_loss / router_aux_loss_seq
 _REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
              "head_dim", "num_experts", "moe_layer_interval")
 _OLD_SPELLINGS = {  # hpcai-tech/openmoe-* example configs -> hub spelling

@@ -75,7 +75,8 @@ def generate(
     past, step_ids = None, input_ids
     for _ in range(max_new_tokens):
         h, past, _ = model.model(step_ids, mask, None, past, use_cache=True)
-        logits = model.lm_head(h[:, -1]).float()  # [B, V]: only the last position is needed
+        # [B, V]: only the last position is needed; with a device map the head may sit on another device
+        logits = model.lm_head(h[:, -1]).float().to(seqs.device)
         if vocab_limit is not None:
             logits[:, vocab_limit:] = float("-inf")
         if do_sample:

@@ -3,6 +3,7 @@
 Sources:
   * router aux (load-balancing) loss: Switch Transformer (Fedus et al. 2021, eq. 4), top-k form as in ST-MoE and
     HF Mixtral's load_balancing_loss_func.
+  * sequence-wise aux loss: DeepSeek-V3 (2024, eqs. 17-20; DeepSeek-V2's expert-level loss applied per sequence).
   * router z-loss and output z-loss: ST-MoE (Zoph et al. 2022, eq. 5) and T5X/PaLM's `cross_entropy_with_logits`.
   * label smoothing: T5X `cross_entropy_with_logits` soft targets (confidence 1-ls on the label, ls/(V-1) elsewhere).
 """
@@ -30,6 +31,25 @@ def router_aux_loss(probs: torch.Tensor, expert_idx: torch.Tensor, token_mask: t
     f = (chosen * m[:, None]).sum(0) / n
     p = (probs * m[:, None]).sum(0) / n
     return num_experts * (f * p).sum()
+
+
+def router_aux_loss_seq(probs: torch.Tensor, expert_idx: torch.Tensor, token_mask: torch.Tensor,
+                        seq_len: int) -> torch.Tensor:
+    """DeepSeek-style sequence-wise balance loss: mean over sequences of sum_e f_e * P_e, computed per sequence.
+
+    probs [T, E] fp32, expert_idx [T, K], token_mask [T] bool, with T = B * seq_len tokens in row-major [B, S] order.
+    Per sequence b with T_b real tokens: f_e = E / (K * T_b) * #{t: e in top-k(t)}, P_e = (1 / T_b) * sum_t p_e(t).
+    Uniform routing gives 1 (the batch-level Switch form above gives K). Sequences without real tokens are skipped.
+    Balancing each sequence is stricter than balancing the batch: a sequence about one topic may not load one expert.
+    """
+    num_experts, k = probs.shape[-1], expert_idx.shape[-1]
+    m = token_mask.float().view(-1, seq_len)  # [B, S]
+    n = m.sum(1)  # [B] real tokens per sequence
+    chosen = F.one_hot(expert_idx, num_experts).sum(dim=1).float().view(-1, seq_len, num_experts)  # [B, S, E]
+    f = (chosen * m[..., None]).sum(1) * num_experts / (k * n.clamp(min=1)[:, None])  # [B, E]
+    p = (probs.view(-1, seq_len, num_experts) * m[..., None]).sum(1) / n.clamp(min=1)[:, None]  # [B, E]
+    has_tokens = (n > 0).float()
+    return ((f * p).sum(-1) * has_tokens).sum() / has_tokens.sum().clamp(min=1)
 
 
 def router_z_loss(logits: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """OpenMoE decoder for one device. Shapes: B batch, S new tokens, P past (cached) tokens, L = P + S keys,
-H hidden, N heads, D head_dim, V vocabulary.
+H hidden, N heads, N_kv key/value heads, D head_dim, V vocabulary.
 
-Faithful to the T5X/flaxformer model that OpenMoE was trained with:
+model_family "openmoe" (the default) is faithful to the T5X/flaxformer model that OpenMoE was trained with:
   * RMSNorm everywhere; no biases; untied lm_head; no GQA.
   * attention logits are NOT scaled by 1/sqrt(D) (T5 convention: the scale is folded into the query init).
   * T5X rotary embedding over the full head_dim (rotate-half form, timescales 1..rope_theta).
@@ -9,6 +9,9 @@ Faithful to the T5X/flaxformer model that OpenMoE was trained with:
   * MoE layers (every moe_layer_interval-th) run the sparse MLP and then an extra dense MLP with its own pre-norm,
     each with its own residual: h += attn(n(h)); h += moe(n(h)); h += extra_mlp(n(h)).
   * BOS is <pad> (id 0) and is always attendable (see `_attention_allowed`).
+model_family "llama_moe" runs the same modules with HF LLaMA's conventions (config.py's table): logits scaled by
+1/sqrt(D), grouped KV heads, 3-matrix SwiGLU, no extra MLP, no <pad>-BOS exception. Either family may add shared
+experts on MoE layers (`num_shared_experts`): h += moe(n(h)) + shared_experts(n(h)), one pre-norm for both.
 Parallelism is applied from outside (openmoe/parallel): nothing here imports colossalai or torch.distributed.
 """
 
@@ -42,11 +45,22 @@ class RMSNorm(nn.Module):
 
 
 def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """T5X `generate_fixed_pos_embedding`: timescale_i = theta^(2i/D); returns cos, sin [B, S, D] for given positions."""
+    """T5X `generate_fixed_pos_embedding`: timescale_i = theta^(2i/D); returns cos, sin [B, S, D] for given positions.
+
+    The same numbers as HF's LlamaRotaryEmbedding with rope_scaling None (inv_freq = 1 / theta^(2i/D) over
+    i < D/2, angles concatenated twice, fp32, then cast), and `apply_rope` is its rotate-half convention."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim)
     angles = position_ids.float()[..., None] * inv_freq  # [B, S, D/2]
     angles = torch.cat([angles, angles], dim=-1)  # [B, S, D]
     return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """[B, N_kv, L, D] -> [B, N_kv * n_rep, L, D]: query head h uses KV head h // n_rep (HF LLaMA's repeat_kv)."""
+    if n_rep == 1:
+        return x
+    b, n_kv, length, d = x.shape
+    return x[:, :, None].expand(b, n_kv, n_rep, length, d).reshape(b, n_kv * n_rep, length, d)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -60,43 +74,57 @@ class OpenMoeAttention(nn.Module):
     def __init__(self, config: OpenMoeConfig):
         super().__init__()
         self.num_heads, self.head_dim = config.num_attention_heads, config.head_dim
-        inner = self.num_heads * self.head_dim
+        self.num_kv_heads = config.num_key_value_heads
+        self.scale = config.attention_scale  # 1.0 for OpenMoE (T5 convention), 1/sqrt(D) for llama_moe
+        inner, kv_inner = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.q_proj = nn.Linear(config.hidden_size, inner, bias=False)
-        self.k_proj = nn.Linear(config.hidden_size, inner, bias=False)
-        self.v_proj = nn.Linear(config.hidden_size, inner, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, kv_inner, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, kv_inner, bias=False)
         self.o_proj = nn.Linear(inner, config.hidden_size, bias=False)
         self.attn_impl = "sdpa"  # "sdpa" (flash/efficient kernels where available) or "eager" (reference)
 
     def forward(self, x, cos, sin, allowed, past_kv=None):
-        """x [B, S, H]; allowed: [B, 1, S, L] bool or None (= plain causal, no cache, no padding)."""
+        """x [B, S, H]; allowed: [B, 1, S, L] bool or None (= plain causal, no cache, no padding).
+        Returns (out [B, S, H], (k, v) [B, N_kv, L, D]): the cache holds the N_kv heads, not their repeats."""
         b, s, _ = x.shape
-        q, k, v = (proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)  # [B, N, S, D]
-                   for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)  # [B, N, S, D]
+        k, v = (proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, N_kv, S, D]
+                for proj in (self.k_proj, self.v_proj))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if past_kv is not None:
-            k = torch.cat([past_kv[0], k], dim=2)  # [B, N, L, D]
+            k = torch.cat([past_kv[0], k], dim=2)  # [B, N_kv, L, D]
             v = torch.cat([past_kv[1], v], dim=2)
+        n_rep = self.num_heads // self.num_kv_heads
+        k_all, v_all = repeat_kv(k, n_rep), repeat_kv(v, n_rep)  # [B, N, L, D]
         if self.attn_impl == "eager":
-            scores = torch.matmul(q.float(), k.float().transpose(2, 3))  # no 1/sqrt(D): T5 convention
+            scores = torch.matmul(q.float(), k_all.float().transpose(2, 3))
+            if self.scale != 1.0:  # OpenMoE: no 1/sqrt(D) (T5 convention); llama_moe: HF's scaling
+                scores = scores * self.scale
             if allowed is None:
                 allowed = torch.ones(s, s, dtype=torch.bool, device=x.device).tril()[None, None]
             probs = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
-            out = torch.matmul(probs.to(v.dtype), v)
+            out = torch.matmul(probs.to(v_all.dtype), v_all)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, is_causal=allowed is None, scale=1.0)
+            out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=allowed, is_causal=allowed is None,
+                                                 scale=self.scale)
         out = out.transpose(1, 2).reshape(b, s, -1)  # [B, S, N*D]
         return self.o_proj(out), (k, v)
 
 
 class OpenMoeMLP(nn.Module):
-    def __init__(self, config: OpenMoeConfig):
+    """Dense gated MLP down(act(gate(x)) * up(x)) of width I (default config.intermediate_size).
+    OpenMoE: gate [2I, H] and act = swiglu (double-gated); llama_moe: gate [I, H] and act = silu (HF LlamaMLP)."""
+
+    def __init__(self, config: OpenMoeConfig, intermediate_size: int | None = None):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        i = config.intermediate_size if intermediate_size is None else intermediate_size
+        self.act = swiglu if config.double_gated_mlp else F.silu
+        self.gate_proj = nn.Linear(config.hidden_size, (2 if config.double_gated_mlp else 1) * i, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, i, bias=False)
+        self.down_proj = nn.Linear(i, config.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(swiglu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
 class OpenMoeDecoderLayer(nn.Module):
@@ -106,12 +134,18 @@ class OpenMoeDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = OpenMoeAttention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.has_shared = self.is_moe and config.num_shared_experts > 0
+        self.has_extra = self.is_moe and config.extra_mlp
         if self.is_moe:
             self.mlp = OpenMoeSparseMLP(config)
-            self.pre_extra_mlp_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-            self.extra_mlp = OpenMoeMLP(config)
         else:
             self.mlp = OpenMoeMLP(config)
+        if self.has_shared:  # a sibling of `mlp`, so the expert-parallel swap of `mlp` leaves it dense
+            width = config.num_shared_experts * config.expert_intermediate_size
+            self.shared_experts = OpenMoeMLP(config, width)
+        if self.has_extra:
+            self.pre_extra_mlp_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+            self.extra_mlp = OpenMoeMLP(config)
 
     def forward(self, h, cos, sin, allowed, token_mask, past_kv=None):
         """Returns (h [B, S, H], (k, v), MoeAux or None)."""
@@ -119,9 +153,13 @@ class OpenMoeDecoderLayer(nn.Module):
         h = h + a
         aux = None
         if self.is_moe:
-            m, aux = self.mlp(self.post_attention_layernorm(h), token_mask)
+            n = self.post_attention_layernorm(h)
+            m, aux = self.mlp(n, token_mask)
+            if self.has_shared:
+                m = m + self.shared_experts(n)
             h = h + m
-            h = h + self.extra_mlp(self.pre_extra_mlp_layernorm(h))
+            if self.has_extra:
+                h = h + self.extra_mlp(self.pre_extra_mlp_layernorm(h))
         else:
             h = h + self.mlp(self.post_attention_layernorm(h))
         return h, kv, aux
@@ -156,7 +194,7 @@ class OpenMoeModel(nn.Module):
         past = 0 if past_key_values is None else past_key_values[0][0].shape[2]
         if position_ids is None:
             position_ids = default_positions(attention_mask, b, s, past, input_ids.device)
-        allowed = _attention_allowed(attention_mask, s, past, input_ids.device)
+        allowed = _attention_allowed(attention_mask, s, past, input_ids.device, self.config.pad_is_bos)
         token_mask = None if attention_mask is None else attention_mask[:, past:].bool()
         h = self.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, h.dtype)
@@ -182,13 +220,13 @@ def default_positions(attention_mask, b, s, past, device):
     return pos.clamp(min=0)[:, past:]
 
 
-def _attention_allowed(attention_mask, s, past, device):
+def _attention_allowed(attention_mask, s, past, device, pad_is_bos: bool = True):
     """[B, 1, S, L] bool (True = may attend) or None for plain causal attention.
 
     attention_mask [B, L] marks real tokens (1) and padding (0). OpenMoE's BOS is <pad>, so a mask computed as
-    `input_ids != pad_id` would hide it; as in the original model, a row that starts at column 0 with content from
-    column 1 on keeps column 0 (its BOS) attendable. Each query may always attend to itself so that padding rows
-    never become all -inf (their outputs are ignored).
+    `input_ids != pad_id` would hide it; as in the original model (pad_is_bos, the openmoe family), a row that starts
+    at column 0 with content from column 1 on keeps column 0 (its BOS) attendable. Each query may always attend to
+    itself so that padding rows never become all -inf (their outputs are ignored).
     """
     if attention_mask is None and past == 0:
         return None
@@ -198,8 +236,9 @@ def _attention_allowed(attention_mask, s, past, device):
     allowed = (k_pos <= q_pos)[None, None]  # [1, 1, S, L]
     if attention_mask is not None:
         keys = attention_mask.bool().clone()
-        bos_hidden = ~keys[:, 0] & keys[:, 1] if keys.shape[1] > 1 else torch.zeros_like(keys[:, 0])
-        keys[:, 0] |= bos_hidden
+        if pad_is_bos:
+            bos_hidden = ~keys[:, 0] & keys[:, 1] if keys.shape[1] > 1 else torch.zeros_like(keys[:, 0])
+            keys[:, 0] |= bos_hidden
         allowed = allowed & keys[:, None, None, :]
         allowed = allowed | (k_pos == q_pos)[None, None]
     return allowed  # broadcastable to [B, 1, S, L]
@@ -219,16 +258,17 @@ class OpenMoeForCausalLM(nn.Module):
     def reset_parameters(self):
         """Initialise every parameter (no checkpoint needed to get finite outputs).
 
-        Our choice, stated: N(0, initializer_range) everywhere; queries additionally scaled by D^-0.5 because the
-        attention logits are unscaled (T5's convention folds 1/sqrt(D) into the query init); output projections
-        (o_proj, down_proj, experts.wo) scaled by (2 * num_layers)^-0.5 as in GPT-2; norms start at 1.
+        Our choice, stated: N(0, initializer_range) everywhere; queries additionally scaled by D^-0.5 when the
+        attention logits are unscaled (OpenMoE: T5's convention folds 1/sqrt(D) into the query init); output
+        projections (o_proj, down_proj, experts.wo) scaled by (2 * num_layers)^-0.5 as in GPT-2; norms start at 1.
         """
         std = self.config.initializer_range
         out_std = std / math.sqrt(2 * self.config.num_hidden_layers)
+        q_scaled = self.config.attention_scale == 1.0
         for name, p in self.named_parameters():
             if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
                 p.fill_(1.0)
-            elif name.endswith("q_proj.weight"):
+            elif name.endswith("q_proj.weight") and q_scaled:
                 p.normal_(0.0, std / math.sqrt(self.config.head_dim))
             elif name.endswith(("o_proj.weight", "down_proj.weight", "experts.wo")):
                 p.normal_(0.0, out_std)

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from openmoe.config import OpenMoeConfig
-from openmoe.losses import router_aux_loss, router_z_loss
+from openmoe.losses import router_aux_loss, router_aux_loss_seq, router_z_loss
 from openmoe.router import RouterOutput, route
 
 
@@ -25,12 +25,17 @@ def swiglu(x: torch.Tensor) -> torch.Tensor:
     return x1 * F.silu(x2)
 
 
-class OpenMoeExperts(nn.Module):
-    """Stacked expert weights, published layout: wi_gate [E, H, 2I], wi_up [E, H, I], wo [E, I, H] (x @ W)."""
+class StackedExperts(nn.Module):
+    """Stacked gated-MLP experts (x @ W): wi_gate [E, H, gate_multiple * I], wi_up [E, H, I], wo [E, I, H];
+    expert e computes act(x @ wi_gate[e]) * (x @ wi_up[e]) @ wo[e]. Subclasses fix `act` and `gate_multiple`; the
+    expert-parallel layer slices all three along E and calls forward / forward_grouped."""
+
+    gate_multiple: int
+    act = None  # staticmethod: gate activations [..., gate_multiple * I] -> [..., I]
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
         super().__init__()
-        self.wi_gate = nn.Parameter(torch.empty(num_experts, hidden_size, 2 * intermediate_size))
+        self.wi_gate = nn.Parameter(torch.empty(num_experts, hidden_size, self.gate_multiple * intermediate_size))
         self.wi_up = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
         self.wo = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
 
@@ -40,7 +45,7 @@ class OpenMoeExperts(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [E_l, C, H] -> [E_l, C, H]: expert e processes row e of the buffer (one batched matmul per weight)."""
-        h = swiglu(torch.bmm(x, self.wi_gate)) * torch.bmm(x, self.wi_up)  # [E_l, C, I]
+        h = self.act(torch.bmm(x, self.wi_gate)) * torch.bmm(x, self.wi_up)  # [E_l, C, I]
         return torch.bmm(h, self.wo)
 
     def forward_grouped(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -50,12 +55,29 @@ class OpenMoeExperts(nn.Module):
         """
         offs = counts.cumsum(0).to(torch.int32)
         x = _ContiguousGrad.apply(x)
-        h = swiglu(torch._grouped_mm(x, self.wi_gate, offs=offs)) * torch._grouped_mm(x, self.wi_up, offs=offs)
+        h = self.act(torch._grouped_mm(x, self.wi_gate, offs=offs)) * torch._grouped_mm(x, self.wi_up, offs=offs)
         return torch._grouped_mm(h, self.wo, offs=offs)
 
     def forward_one(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e on tokens x [N, H] (reference path)."""
-        return (swiglu(x @ self.wi_gate[e]) * (x @ self.wi_up[e])) @ self.wo[e]
+        return (self.act(x @ self.wi_gate[e]) * (x @ self.wi_up[e])) @ self.wo[e]
+
+
+class OpenMoeExperts(StackedExperts):
+    """Published OpenMoE layout: wi_gate [E, H, 2I] (double-gated), wi_up [E, H, I], wo [E, I, H].
+    openmoe/parallel/overlap.py has a hand-written backward for exactly this class."""
+
+    gate_multiple = 2
+    act = staticmethod(swiglu)
+
+
+class LlamaExperts(StackedExperts):
+    """Standard 3-matrix SwiGLU per expert (LLaMA MLP, Mixtral expert): silu(x @ wi_gate) * (x @ wi_up) @ wo with
+    wi_gate [E, H, I], wi_up [E, H, I], wo [E, I, H]. Mixtral's w1 / w3 / w2 weights are wi_gate[e].T / wi_up[e].T /
+    wo[e].T; a LLaMA MLP's gate_proj / up_proj / down_proj weights are the same transposes."""
+
+    gate_multiple = 1
+    act = staticmethod(F.silu)
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -102,7 +124,9 @@ class MoeAux:
 
 
 class OpenMoeSparseMLP(nn.Module):
-    """Router + stacked experts on one device. State-dict keys: `gate_weight`, `experts.{wi_gate,wi_up,wo}`."""
+    """Router + stacked experts on one device. State-dict keys: `gate_weight`, `experts.{wi_gate,wi_up,wo}`.
+    Experts are OpenMoeExperts (model_family "openmoe") or LlamaExperts ("llama_moe"), config.expert_intermediate_size
+    wide. The expert-parallel layer copies the routing attributes set here (top_k ... router_aux_loss_type)."""
 
     def __init__(self, config: OpenMoeConfig):
         super().__init__()
@@ -112,8 +136,11 @@ class OpenMoeSparseMLP(nn.Module):
         self.capacity_factor_eval = config.router_capacity_factor_eval
         self.min_capacity = config.router_min_capacity
         self.drop_tokens = config.router_drop_tks
+        self.router_combine = config.router_combine
+        self.router_aux_loss_type = config.router_aux_loss_type
         self.gate_weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
-        self.experts = OpenMoeExperts(config.num_experts, config.hidden_size, config.intermediate_size)
+        experts_cls = OpenMoeExperts if config.double_gated_mlp else LlamaExperts
+        self.experts = experts_cls(config.num_experts, config.hidden_size, config.expert_intermediate_size)
         # Aux-loss-free balancing bias (selection only); None unless the trainer enables it.
         self.selection_bias: torch.Tensor | None = None
         # "bmm": capacity buffer [E, C, H] and batched matmuls (the reference); "grouped": kept tokens sorted by
@@ -124,7 +151,7 @@ class OpenMoeSparseMLP(nn.Module):
         # Training uses the tighter factor (speed); eval the looser one (dropping hurts quality more than it saves).
         cf = self.capacity_factor_train if self.training else self.capacity_factor_eval
         return route(x, self.gate_weight, self.top_k, cf, self.min_capacity, self.drop_tokens, token_mask,
-                     self.selection_bias)
+                     self.selection_bias, self.router_combine)
 
     def forward(self, hidden: torch.Tensor, token_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, MoeAux]:
         shape = hidden.shape
@@ -135,10 +162,10 @@ class OpenMoeSparseMLP(nn.Module):
             out = grouped_experts(self.experts, x, r)
         else:
             out = combine(self.experts(dispatch(x, r, self.num_experts)), r, x.shape[0])  # via [E, C, H]
-        return out.view(shape), moe_aux(r)
+        return out.view(shape), moe_aux(r, self.router_aux_loss_type, shape[:-1])
 
 
-def grouped_experts(experts: OpenMoeExperts, x: torch.Tensor, r: RouterOutput) -> torch.Tensor:
+def grouped_experts(experts: StackedExperts, x: torch.Tensor, r: RouterOutput) -> torch.Tensor:
     """Kept (token, choice) pairs sorted by expert -> grouped GEMMs -> weighted scatter-add back. x [T, H]."""
     t_idx, k_idx = r.keep.nonzero(as_tuple=True)
     expert = r.expert_idx[t_idx, k_idx]
@@ -150,9 +177,17 @@ def grouped_experts(experts: OpenMoeExperts, x: torch.Tensor, r: RouterOutput) -
     return x.new_zeros(x.shape).index_add(0, t_sorted, y * w[:, None])
 
 
-def moe_aux(r: RouterOutput) -> MoeAux:
+def moe_aux(r: RouterOutput, aux_loss_type: str = "switch", batch_shape: tuple | None = None) -> MoeAux:
+    """batch_shape (B, S) of the routed tokens: needed by the per-sequence ("seq") aux loss."""
+    if aux_loss_type == "seq":
+        if batch_shape is None or len(batch_shape) != 2:
+            raise ValueError(f"router_aux_loss_type 'seq' needs the (batch, seq) shape of the tokens, "
+                             f"got {batch_shape}")
+        aux = router_aux_loss_seq(r.probs, r.expert_idx, r.token_mask, batch_shape[1])
+    else:
+        aux = router_aux_loss(r.probs, r.expert_idx, r.token_mask)
     return MoeAux(
-        aux_loss=router_aux_loss(r.probs, r.expert_idx, r.token_mask),
+        aux_loss=aux,
         z_loss=router_z_loss(r.logits, r.token_mask),
         tokens_per_expert=r.tokens_per_expert.detach(),
         dropped_fraction=r.dropped_fraction.detach(),

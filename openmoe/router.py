@@ -18,7 +18,7 @@ import torch.nn.functional as F
 @dataclass
 class RouterOutput:
     expert_idx: torch.Tensor  # [T, K] long: chosen experts, best first
-    combine_weight: torch.Tensor  # [T, K] fp32: raw softmax probability of each choice (0 where dropped/masked)
+    combine_weight: torch.Tensor  # [T, K] fp32: weight of each choice per `combine` (0 where dropped/masked)
     slot: torch.Tensor  # [T, K] long: position of the token in its expert's buffer (valid where keep)
     keep: torch.Tensor  # [T, K] bool: choice survives capacity (and token is real)
     capacity: int  # C; in dropless mode the largest per-expert load
@@ -53,6 +53,7 @@ def route(
     drop_tokens: bool = True,
     token_mask: torch.Tensor | None = None,  # [T] bool
     selection_bias: torch.Tensor | None = None,  # [E]: added to scores for *selection* only (bias balancing)
+    combine: str = "prob",  # "prob" | "normalized" | "ones" (config.ROUTER_COMBINE)
 ) -> RouterOutput:
     """Choose top-k experts per token and assign buffer slots.
 
@@ -61,6 +62,10 @@ def route(
     that expert contributes nothing for the token and the residual connection carries it.
     Dropless (capacity_factor <= 0 or drop_tokens False): C becomes the largest per-expert load, which costs a
     device->host sync to read it.
+    Combine weights: "prob" the raw softmax probability of each choice (OpenMoE); "normalized" the top-k
+    probabilities divided by their sum *before* capacity dropping (Mixtral; a dropped choice then loses its share,
+    as in Switch); "ones" 1 for every kept choice (MoEfication). With "ones", or "normalized" at top_k 1, no gradient
+    reaches the router through the output: it learns from its aux/z losses (or is trained apart, as moefy does).
     """
     num_tokens, num_experts = x.shape[0], gate_weight.shape[0]
     if token_mask is None:
@@ -69,9 +74,15 @@ def route(
     probs = logits.softmax(dim=-1)
     scores = probs if selection_bias is None else probs + selection_bias.float()
     _, expert_idx = scores.topk(top_k, dim=-1)  # [T, K]
-    # Combine weights are the raw softmax probabilities of the chosen experts, NOT renormalised over the top-k: this
-    # is what OpenMoE was trained with (T5X/ST-MoE top-2 routing); renormalising changes the function.
+    # OpenMoE ("prob"): combine weights are the raw softmax probabilities of the chosen experts, NOT renormalised over
+    # the top-k: this is what OpenMoE was trained with (T5X/ST-MoE top-2 routing); renormalising changes the function.
     weight = probs.gather(1, expert_idx)  # [T, K]
+    if combine == "normalized":
+        weight = weight / weight.sum(dim=-1, keepdim=True)
+    elif combine == "ones":
+        weight = torch.ones_like(weight)
+    elif combine != "prob":
+        raise ValueError(f"router combine '{combine}' is not supported; accepted: 'prob', 'normalized', 'ones'")
 
     choice = F.one_hot(expert_idx, num_experts) * token_mask[:, None, None]  # [T, K, E]
     tokens_per_expert = choice.sum(dim=(0, 1))  # [E]

@@ -1,4 +1,4 @@
-"""python -m openmoe.convert {t5x,...} --help
+"""python -m openmoe.convert {t5x,upcycle,moefy,mixtral} --help
 
 Each converter module exposes `add_parser(subparsers)` that registers its subcommand with a `func(args)` default.
 """
@@ -7,7 +7,7 @@ import argparse
 import importlib
 import sys
 
-CONVERTERS = ["t5x"]  # module names under openmoe.convert
+CONVERTERS = ["t5x", "upcycle", "moefy", "mixtral"]  # module names under openmoe.convert
 
 
 def main(argv=None) -> int:

@@ -95,6 +95,7 @@ class ExpertParallelMoE(nn.Module):
         self.top_k = layer.top_k
         self.capacity_factor_train, self.capacity_factor_eval = layer.capacity_factor_train, layer.capacity_factor_eval
         self.min_capacity, self.drop_tokens = layer.min_capacity, layer.drop_tokens
+        self.router_combine, self.router_aux_loss_type = layer.router_combine, layer.router_aux_loss_type
         self.selection_bias = layer.selection_bias
         self.gate_weight = layer.gate_weight  # the same Parameter: replicated, a dense (non-MoE) parameter
         # Keep the very Parameter objects and slice their data in place: the optimizer is built before ColossalAI's
@@ -130,7 +131,7 @@ class ExpertParallelMoE(nn.Module):
         dropless = not (self.drop_tokens and (self.capacity_factor_train if self.training
                                                else self.capacity_factor_eval) > 0)
         out = self._dropless(x, r) if dropless else self._capacity(x, r)
-        return out.view(shape), moe_aux(r)
+        return out.view(shape), moe_aux(r, self.router_aux_loss_type, shape[:-1])
 
     def _exchange(self, x):
         """Equal-split all-to-all over the EP group (flat or hierarchical), with autograd."""
