@@ -3,6 +3,7 @@
     colossalai run --nproc_per_node 2 train.py                                    # tiny model, sample data, ep
     colossalai run --nproc_per_node 8 train.py --model_name 8b --plugin ep_zero --extra_dp_size 2 \
         --dataset yizhongw/self_instruct --task_name super_natural_instructions --tokenizer PATH_TO_UMT5
+    colossalai run --nproc_per_node 4 train.py --plugin hybrid --pp_size 2 --ep_size 2 --microbatch_size 2
     colossalai run --nproc_per_node 8 --hostfile hostfile train.py ...            # several nodes (ssh, see README)
     colossalai run --nproc_per_node 2 train.py --resume                           # continue the newest checkpoint
 
@@ -66,16 +67,17 @@ def run_training(run: TrainConfig) -> None:
     writer = MetricsWriter(run.output_path, run.tensorboard) if rank == 0 else None
     bar = tqdm(total=total_steps, initial=start, disable=rank != 0, desc="train", dynamic_ncols=True)
     if rank == 0:
+        pipeline = f" in {sizes.num_microbatches} micro-batches" if sizes.pp > 1 else ""
         print(f"plugin {run.plugin}: world {world}, ep {sizes.ep}, pp {sizes.pp}, moe_dp {sizes.moe_dp}, "
-              f"dp {sizes.dp}; {total_steps} steps of {run.batch_size}x{run.grad_accum}x{sizes.dp} examples",
-              flush=True)
+              f"dp {sizes.dp}; {total_steps} steps of {run.batch_size}x{run.grad_accum}x{sizes.dp} examples"
+              f"{pipeline}", flush=True)
     model.train()
     it, clock = iter(batches), trainer.Throughput()
     for step in range(start + 1, total_steps + 1):
         outs = trainer.train_step(model, booster, optimizer, it, run.grad_accum, device)
         scheduler.step()
         if step % run.log_interval == 0 or step == total_steps:
-            stats = trainer.reduce_stats(outs, device)
+            stats = trainer.reduce_stats(outs, cfg, device)
             if rank == 0:
                 log_step(writer, bar, step, stats, scheduler.get_last_lr()[0], optimizer.get_grad_norm(),
                          clock.update(stats.tokens * run.log_interval))

@@ -133,30 +133,62 @@ class StepStats:
     dropped_fraction: float
 
 
-def reduce_stats(outs, device) -> StepStats:
-    """Average loss parts over ranks, sum token counts. One all-reduce per logged step."""
+def reduce_stats(outs, cfg: OpenMoeConfig, device) -> StepStats:
+    """Average loss parts over the ranks that hold outputs, sum token counts over them. One all-reduce per logged step.
+
+    Without a pipeline every rank holds outputs; with one only the last stage does (its outputs carry every MoE
+    layer's statistics, see openmoe/parallel/pipeline.py), and the other ranks contribute zeros and are not counted.
+    """
     parts = ("loss", "ce_loss", "z_loss", "aux_loss", "router_z_loss")
-    vec = torch.tensor([[getattr(o, p).item() for p in parts] for o in outs], dtype=torch.float64).mean(0)
-    tokens = torch.tensor([float(sum(int(o.num_tokens) for o in outs))], dtype=torch.float64)
-    moe = torch.stack([torch.stack([m.tokens_per_expert.double().cpu() for m in o.moe]) for o in outs]).sum(0)
-    dropped = torch.tensor([float(np.mean([float(m.dropped_fraction) for o in outs for m in o.moe]))],
-                           dtype=torch.float64)
-    flat = torch.cat([vec, tokens, moe.flatten(), dropped]).to(device)
+    n, moe_shape = len(parts), (cfg.num_moe_layers, cfg.num_experts)
+    flat = torch.zeros(n + 2 + moe_shape[0] * moe_shape[1] + 1, dtype=torch.float64)
+    if outs:
+        flat[:n] = torch.tensor([[getattr(o, p).item() for p in parts] for o in outs], dtype=torch.float64).mean(0)
+        flat[n] = float(sum(int(o.num_tokens) for o in outs))
+        flat[n + 1] = 1.0  # this rank counts
+        moe = torch.stack([torch.stack([m.tokens_per_expert.double().cpu() for m in o.moe]) for o in outs]).sum(0)
+        flat[n + 2:-1] = moe.flatten()  # [num_moe_layers * E]
+        flat[-1] = float(np.mean([float(m.dropped_fraction) for o in outs for m in o.moe]))
+    flat = flat.to(device)
     dist.all_reduce(flat)
-    world = dist.get_world_size()
-    n = len(parts)
-    vals = (flat[:n] / world).tolist()
-    return StepStats(*vals, tokens=int(flat[n].item()), tokens_per_expert=flat[n + 1: -1].view(moe.shape).long().tolist(),
-                     dropped_fraction=float(flat[-1].item() / world))
+    ranks = flat[n + 1].item()
+    return StepStats(*(flat[:n] / ranks).tolist(), tokens=int(flat[n].item()),
+                     tokens_per_expert=flat[n + 2:-1].view(moe_shape).long().tolist(),
+                     dropped_fraction=float(flat[-1].item() / ranks))
+
+
+def forward_backward(model, booster, optimizer, batches: list[dict]) -> list:
+    """Loss and gradients of the mean loss over `batches` (gradient accumulation); returns the outputs this rank
+    holds (all of them, or with a pipeline the last stage's per-micro-batch outputs)."""
+    if booster.plugin.stage_manager is not None:
+        return _pipeline_forward_backward(model, booster, optimizer, batches)
+    outs = []
+    for batch in batches:
+        out = model(**batch)
+        booster.backward(out.loss / len(batches), optimizer)
+        outs.append(out)
+    return outs
+
+
+def _pipeline_forward_backward(model, booster, optimizer, batches: list[dict]) -> list:
+    """One 1F1B pass over the batches concatenated: its micro-batches replace gradient accumulation (the schedule
+    averages the micro-batch losses; the plugin was built for exactly this many, see plugins.resolve_sizes)."""
+    from openmoe.parallel.pipeline import detached
+
+    batch = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+    outs = []
+
+    def criterion(out, micro_batch):  # last stage only, once per micro-batch
+        outs.append(detached(out))
+        return out.loss
+
+    booster.execute_pipeline(iter([batch]), model, criterion, optimizer, return_loss=False)
+    return outs
 
 
 def train_step(model, booster, optimizer, batches_iter, grad_accum: int, device):
-    outs = []
-    for _ in range(grad_accum):
-        batch = {k: v.to(device) for k, v in next(batches_iter).items()}
-        out = model(**batch)
-        booster.backward(out.loss / grad_accum, optimizer)
-        outs.append(out)
+    batches = [{k: v.to(device) for k, v in next(batches_iter).items()} for _ in range(grad_accum)]
+    outs = forward_backward(model, booster, optimizer, batches)
     optimizer.step()
     optimizer.zero_grad()
     return outs
@@ -203,7 +235,7 @@ def save_resumable(model, optimizer, scheduler, cfg: OpenMoeConfig, run: TrainCo
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     dist.barrier()
-    sd = full_state_dict(model.unwrap())
+    sd = full_state_dict(model)
     if rank == 0:
         write_checkpoint(os.path.join(tmp, "model"), cfg, sd)
         torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
@@ -237,10 +269,14 @@ def save_resumable(model, optimizer, scheduler, cfg: OpenMoeConfig, run: TrainCo
 
 
 def load_model_weights(module: torch.nn.Module, directory: str) -> None:
-    """Copy an HF-format checkpoint into a (possibly expert-parallel) model: each EP rank reads only its experts."""
+    """Copy an HF-format checkpoint into a (possibly expert-parallel, pipelined) model: each EP rank reads only its
+    experts, each pipeline stage only the parameters it holds."""
     ep_layers = {name + ".experts.": m for name, m in module.named_modules() if isinstance(m, ExpertParallelMoE)}
+    unheld = unheld_parameters(module)
 
     def select(key):
+        if key in unheld:
+            return False
         layer = next((m for p, m in ep_layers.items() if key.startswith(p)), None)
         return layer.expert_slice if layer is not None else None
 
@@ -250,6 +286,12 @@ def load_model_weights(module: torch.nn.Module, directory: str) -> None:
     with torch.no_grad():
         for key, p in params.items():
             p.data.copy_(tensors[key])
+
+
+def unheld_parameters(module: torch.nn.Module) -> set[str]:
+    """Names of the parameters another pipeline stage holds (ColossalAI sets them to None on this one)."""
+    return {f"{name}.{p}" if name else p for name, m in module.named_modules()
+            for p, v in m._parameters.items() if v is None}
 
 
 def complete_checkpoints(root: str) -> list[str]:
@@ -288,10 +330,10 @@ def load_resumable(model, optimizer, scheduler, run: TrainConfig) -> tuple[int, 
     return state["step"], state["data"], path
 
 
-def gather_experts(module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
-    """Concatenate EP-sharded expert tensors (keyed like module.state_dict()) into full [E, ...] tensors.
+def gather_experts(module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Concatenate EP-sharded expert tensors (keyed like module.state_dict()) into full [E, ...] tensors, on CPU.
 
-    Collective over every EP group: all ranks must call it with the same keys. Returns the dict on global rank 0.
+    Collective over every EP group: the ranks of one group must call it with the same keys (they hold the same stage).
     """
     ep_prefixes = {name + ".experts.": m for name, m in module.named_modules() if isinstance(m, ExpertParallelMoE)}
     out = {}
@@ -302,17 +344,32 @@ def gather_experts(module: torch.nn.Module, tensors: dict[str, torch.Tensor]) ->
             dist.all_gather(parts, t.contiguous(), group=layer.ep_group)
             t = torch.cat(parts, dim=0)
         out[key] = t.detach().cpu()
-    return out if dist.get_rank() == 0 else None
+    return out
 
 
-def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor] | None:
-    """The single-device (published-layout) state dict, on global rank 0."""
-    return gather_experts(module, module.state_dict())
+def gather_full(model, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """Tensors keyed like the unwrapped model's state dict (e.g. its parameters or their gradients), in the published
+    single-device layout on global rank 0 (None elsewhere): experts gathered over EP, then the pipeline stages' dicts
+    merged. Collective over the whole world."""
+    local = gather_experts(model.unwrap(), tensors)
+    stages = model.stage_manager
+    if stages is None:
+        return local if dist.get_rank() == 0 else None
+    if 0 not in dist.get_process_group_ranks(stages.p2p_group):
+        return None  # another data-parallel replica of the same stages
+    parts = [None] * stages.num_stages if dist.get_rank() == 0 else None
+    dist.gather_object(local, parts, dst=0, group=stages.p2p_group)
+    return {k: v for part in parts for k, v in part.items()} if parts is not None else None
+
+
+def full_state_dict(model) -> dict[str, torch.Tensor] | None:
+    """The single-device (published-layout) state dict of a boosted model, on global rank 0."""
+    return gather_full(model, model.unwrap().state_dict())
 
 
 def export_hf(model, cfg: OpenMoeConfig, tokenizer, directory: str) -> None:
     """Write an HF-format checkpoint that `OpenMoeForCausalLM.from_pretrained` loads on one device."""
-    sd = full_state_dict(model.unwrap())
+    sd = full_state_dict(model)
     if sd is not None:
         write_checkpoint(directory, cfg, sd)
         tokenizer.save_pretrained(directory)

@@ -8,11 +8,13 @@
 
 Dense parameters are data-parallel over world / pp_size ranks in all three. ColossalAI lays the mesh out as
 (moe_dp, pp, ep, tp): ranks of one EP group are adjacent, so on one node the all-to-all stays intra-node.
+With pp_size > 1 each optimizer step is one 1F1B pipeline pass over batch_size * grad_accum examples per
+data-parallel rank, cut into micro-batches of microbatch_size (the micro-batches replace gradient accumulation).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from openmoe.config import OpenMoeConfig
 from openmoe.run_config import TrainConfig
@@ -25,6 +27,8 @@ class ParallelSizes:
     pp: int
     moe_dp: int  # replicas of each expert
     dp: int  # replicas of each dense parameter (= world / pp)
+    num_microbatches: int = 1  # pipeline micro-batches per step (1 without pipeline)
+    layers_per_stage: tuple[int, ...] = ()  # decoder layers held by each pipeline stage (empty without pipeline)
 
 
 def resolve_sizes(run: TrainConfig, model: OpenMoeConfig, world: int) -> ParallelSizes:
@@ -50,7 +54,7 @@ def resolve_sizes(run: TrainConfig, model: OpenMoeConfig, world: int) -> Paralle
             raise ValueError(f"world size ({world}) must be divisible by pp_size ({pp}) * ep_size ({ep})")
         if pp > model.num_hidden_layers:
             raise ValueError(f"pp_size ({pp}) exceeds the number of layers ({model.num_hidden_layers})")
-        if run.zero_stage > 1:
+        if pp > 1 and run.zero_stage > 1:
             raise ValueError(f"zero_stage ({run.zero_stage}) must be <= 1 with pipeline parallelism")
     if run.ep_size is not None and run.ep_size != ep:
         raise ValueError(f"--ep_size {run.ep_size} contradicts --plugin {run.plugin} on {world} ranks, "
@@ -75,7 +79,29 @@ def resolve_sizes(run: TrainConfig, model: OpenMoeConfig, world: int) -> Paralle
         except ImportError:
             raise ValueError("--use_layernorm_kernel needs NVIDIA apex, which is not installed") from None
         raise NotImplementedError("--use_layernorm_kernel: apex fused RMSNorm is not wired yet")
-    return ParallelSizes(world=world, ep=ep, pp=pp, moe_dp=world // (pp * ep), dp=world // pp)
+    sizes = ParallelSizes(world=world, ep=ep, pp=pp, moe_dp=world // (pp * ep), dp=world // pp)
+    return _pipeline_sizes(run, model, sizes) if pp > 1 else sizes
+
+
+def _pipeline_sizes(run: TrainConfig, model: OpenMoeConfig, sizes: ParallelSizes) -> ParallelSizes:
+    from openmoe.parallel.pipeline import stage_ranges
+
+    if run.microbatch_size < 1 or run.batch_size % run.microbatch_size:
+        raise ValueError(f"batch_size ({run.batch_size}) must be divisible by microbatch_size "
+                         f"({run.microbatch_size})")
+    num_microbatches = run.batch_size * run.grad_accum // run.microbatch_size
+    if num_microbatches < sizes.pp:
+        raise ValueError(f"batch_size ({run.batch_size}) * grad_accum ({run.grad_accum}) / microbatch_size "
+                         f"({run.microbatch_size}) = {num_microbatches} micro-batches per step, fewer than the "
+                         f"{sizes.pp} pipeline stages; the 1F1B schedule needs at least one per stage")
+    ranges = stage_ranges(model.num_hidden_layers, sizes.pp)
+    for i, layers in enumerate(ranges):
+        # ColossalAI's MoE ZeRO optimizer refuses a rank without expert parameters
+        if not any(model.is_moe_layer(j) for j in layers):
+            raise ValueError(f"pipeline stage {i} of {sizes.pp} would hold layers {layers.start}..{layers.stop - 1}, "
+                             f"none of them MoE (every {model.moe_layer_interval}th layer is); each stage needs "
+                             f"at least one: use a smaller pp_size")
+    return replace(sizes, num_microbatches=num_microbatches, layers_per_stage=tuple(len(r) for r in ranges))
 
 
 def build_plugin(run: TrainConfig, sizes: ParallelSizes):
@@ -84,10 +110,11 @@ def build_plugin(run: TrainConfig, sizes: ParallelSizes):
     from openmoe.parallel.policy import OpenMoePolicy
 
     kwargs = dict(tp_size=1, pp_size=sizes.pp, ep_size=sizes.ep, zero_stage=run.zero_stage,
-                  precision=run.precision, custom_policy=OpenMoePolicy(), max_norm=run.grad_clip,
-                  enable_flash_attention=False, enable_fused_normalization=False)
+                  precision=run.precision, custom_policy=OpenMoePolicy(sizes.num_microbatches),
+                  max_norm=run.grad_clip, enable_flash_attention=False, enable_fused_normalization=False)
     if sizes.pp > 1:
-        kwargs["microbatch_size"] = run.microbatch_size
+        # the schedule and the policy's last stage must agree on M (see openmoe/parallel/pipeline.py)
+        kwargs.update(num_microbatches=sizes.num_microbatches, num_layers_per_stage=list(sizes.layers_per_stage))
     return MoeHybridParallelPlugin(**kwargs)
 
 
@@ -97,9 +124,10 @@ def fix_grad_clipping(optimizer) -> None:
     colossalai 0.5.0 (zero/low_level/low_level_optim.py step) adds the norms of its gradient stores linearly instead of
     in quadrature, and reduces the expert store's norm over the MoE data-parallel group only, so each EP rank sees a
     different, too large norm (measured 1.49 / 1.42 for a true 1.19) and clips by a different factor. Every rank's
-    ZeRO partitions (dense over dp, experts over moe_dp, distinct experts across ep, distinct layers across pp) are
-    disjoint pieces of the full gradient, so one scalar all-reduce over the world of their squared norms gives the
-    exact global norm, which we hand to the original clipping.
+    ZeRO partitions (dense over dp, experts over moe_dp, distinct experts across ep, distinct layers across pp: the
+    stages share no parameter, lm_head being untied) are disjoint pieces of the full gradient, so one scalar
+    all-reduce over the world of their squared norms gives the exact global norm, which we hand to the original
+    clipping. tests/parallel/test_plugins.py checks it against a single process for ep, ep_zero and pp x ep.
     """
     import torch
     import torch.distributed as dist

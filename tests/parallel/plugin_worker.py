@@ -1,10 +1,13 @@
 """One training-step gradient check of a ColossalAI plugin, launched by tests/parallel/test_plugins.py via torchrun:
 
     torchrun --nproc_per_node 2 tests/parallel/plugin_worker.py OUT_FILE --plugin ep [--dropless] [train.py options]
+    torchrun --nproc_per_node 4 tests/parallel/plugin_worker.py OUT_FILE --plugin hybrid --pp_size 2 --ep_size 2 \
+        --batch_size 3 --microbatch_size 1 --precision fp16
 
 Builds the model, plugin and booster exactly as train.py does, runs forward/backward on a fixed global batch
-(each data-parallel rank its slice), and on rank 0 saves the loss and every parameter's reduced gradient in the
-published single-device layout (experts gathered over their EP group).
+(each data-parallel rank its slice of B rows; with a pipeline, in micro-batches) through the trainer's step, and on
+rank 0 saves the logged statistics and every parameter's reduced gradient in the published single-device layout
+(experts gathered over their EP group, pipeline stages merged).
 """
 
 import os
@@ -19,7 +22,7 @@ from openmoe import trainer  # noqa: E402
 from openmoe.parallel.plugins import build_plugin, fix_grad_clipping, resolve_sizes  # noqa: E402
 from openmoe.run_config import parse_args  # noqa: E402
 
-B, S = 2, 12  # per data-parallel rank
+B, S = 2, 12  # rows per data-parallel rank unless the case sets --batch_size; tokens per row
 ROUTER_SCALE = 10.0
 
 
@@ -37,16 +40,20 @@ def build_test_model(run, cfg):
     return model
 
 
-def global_batch(dp_size: int, vocab: int) -> torch.Tensor:
+def global_batch(rows: int, vocab: int) -> dict[str, torch.Tensor]:
+    """`rows` BOS-first rows of S tokens; every other row ends in padding (masked out of attention, routing, loss)."""
     g = torch.Generator().manual_seed(123)
-    ids = torch.randint(2, vocab, (dp_size * B, S), generator=g)
+    ids = torch.randint(2, vocab, (rows, S), generator=g)  # [rows, S]
     ids[:, 0] = 0
-    return ids
+    mask = torch.ones_like(ids)
+    mask[1::2, S - 3:] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
 
 
 def main():
     out_file, argv = sys.argv[1], sys.argv[2:]
-    run = parse_args(argv + ["--grad_clip", "1e9", "--output_path", os.path.dirname(out_file)])
+    run = parse_args(["--batch_size", str(B), *argv, "--grad_clip", "1e9", "--output_path", os.path.dirname(out_file)])
     from colossalai.booster import Booster
 
     rank, world, device = trainer.init_distributed(run.seed)
@@ -55,28 +62,27 @@ def main():
     plugin = build_plugin(run, sizes)
     model = build_test_model(run, cfg)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    model, optimizer, *_ = Booster(plugin=plugin).boost(model, optimizer)
+    booster = Booster(plugin=plugin)
+    model, optimizer, *_ = booster.boost(model, optimizer)
     fix_grad_clipping(optimizer)
     dp_rank = dist.get_rank(plugin.dp_group)
-    ids = global_batch(sizes.dp, cfg.vocab_size)[dp_rank * B:(dp_rank + 1) * B].to(device)
-    out = model(input_ids=ids, labels=ids)
-    optimizer.backward(out.loss)  # what booster.backward does
-    module = model.unwrap()
+    rows = slice(dp_rank * run.batch_size, (dp_rank + 1) * run.batch_size)
+    batch = {k: v[rows].to(device) for k, v in global_batch(sizes.dp * run.batch_size, cfg.vocab_size).items()}
+    outs = trainer.forward_backward(model, booster, optimizer, [batch])
     # ZeRO keeps reduced grads in its own store; with a MoE data-parallel group of one rank (plugin ep), expert
     # grads need no reduction and stay in p.grad.
     scaler = getattr(optimizer.mixed_precision_mixin, "grad_scaler", None)  # fp16 gradients carry the loss scale
     scale = scaler.scale.item() if scaler is not None else 1.0
     grads = {}
-    for name, p in module.named_parameters():
+    for name, p in model.unwrap().named_parameters():  # with a pipeline: this stage's parameters only
         g = optimizer.get_param_grad(p)
         grads[name] = (p.grad if g is None else g).float() / scale
-    grads = trainer.gather_experts(module, grads)
+    grads = trainer.gather_full(model, grads)
     optimizer.step()  # lr 0: computes the clipping norm, leaves the weights
     grad_norm = optimizer.get_grad_norm()
-    loss = out.loss.detach().float().clone()
-    dist.all_reduce(loss)
+    stats = trainer.reduce_stats(outs, cfg, device)
     if rank == 0:
-        torch.save({"loss": loss.item() / world, "grads": grads, "grad_norm": grad_norm, "sizes": sizes},
+        torch.save({"loss": stats.loss, "stats": stats, "grads": grads, "grad_norm": grad_norm, "sizes": sizes},
                    out_file)
     dist.destroy_process_group()
 

@@ -1,7 +1,8 @@
 """Train a few steps with a plugin, then export the HF-format checkpoint and save the parallel model's eval logits
-on a fixed batch (rank 0), for tests/parallel/test_train_cli.py:
+on a fixed batch (data-parallel rank 0; with a pipeline, its last stage), for tests/parallel/test_train_cli.py:
 
     torchrun --nproc_per_node 2 tests/parallel/roundtrip_worker.py OUT_DIR --plugin ep [train.py options]
+    torchrun --nproc_per_node 4 tests/parallel/roundtrip_worker.py OUT_DIR --plugin hybrid --pp_size 2 --ep_size 2
 """
 
 import os
@@ -45,11 +46,26 @@ def main():
         scheduler.step()
     model.eval()
     with torch.no_grad():
-        logits = model(input_ids=probe_batch(cfg.vocab_size).to(device)).logits.float().cpu()
+        logits = probe_logits(model, booster, probe_batch(cfg.vocab_size).to(device))
     trainer.export_hf(model, cfg, tokenizer, os.path.join(out_dir, "hf"))
-    if rank == 0:
+    if logits is not None and dist.get_rank(plugin.dp_group) == 0:
         torch.save(logits, os.path.join(out_dir, "logits.pt"))
     dist.destroy_process_group()
+
+
+def probe_logits(model, booster, ids):
+    """Eval logits [B, S, V] of the parallel model; with a pipeline, a forward-only pass whose logits only the last
+    stage holds (None on the other stages)."""
+    if booster.plugin.stage_manager is None:
+        return model(input_ids=ids).logits.float().cpu()
+    logits = []
+
+    def criterion(out, micro_batch):
+        logits.append(out.logits.float().cpu())
+        return out.logits.new_zeros(())
+
+    booster.execute_pipeline(iter([{"input_ids": ids}]), model, criterion, optimizer=None, return_loss=False)
+    return torch.cat(logits) if logits else None
 
 
 if __name__ == "__main__":

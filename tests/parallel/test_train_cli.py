@@ -31,25 +31,81 @@ def metrics(path) -> list[dict]:
 COMMON = ["--no-tensorboard", "--batch_size", "4", "--max_length", "48", "--warmup_steps", "2", "--lr", "3e-3"]
 
 
-@pytest.mark.parametrize("plugin,nproc,extra", [("ep", 2, []), ("ep_zero", 4, ["--extra_dp_size", "2"])])
-def test_train_via_colossalai_run_loss_decreases(plugin, nproc, extra, tmp_path):
-    out = tmp_path / "run"
-    res = colossalai_run(nproc, "--plugin", plugin, *extra, "--max_steps", "24", "--output_path", str(out), *COMMON)
+HYBRID = ["--pp_size", "2", "--ep_size", "2", "--microbatch_size", "2"]  # 2 stages x ep 2 on 4 ranks, 2 micro-batches
+
+
+def train(nproc: int, out, *args: str) -> str:
+    res = colossalai_run(nproc, *args, "--output_path", str(out), *COMMON)
     log = res.stdout + res.stderr
     # `colossalai run` exits 0 on its own usage errors: check what the script printed, not only the exit code
     assert res.returncode == 0 and "127.0.0.1: success" in log, log[-4000:]
-    assert f"plugin {plugin}: world {nproc}" in log and "done: 24 steps" in log
+    return log
+
+
+def check_trained(out, log: str, plugin: str, nproc: int, steps: int = 24) -> None:
+    assert f"plugin {plugin}: world {nproc}" in log and f"done: {steps} steps" in log
     m = metrics(out)
-    assert [r["step"] for r in m] == list(range(1, 25))
+    assert [r["step"] for r in m] == list(range(1, steps + 1))
     first, last = sum(r["loss"] for r in m[:3]) / 3, sum(r["loss"] for r in m[-3:]) / 3
     assert last < first - 1.0, (first, last)
     assert len(m[0]["tokens_per_expert"]) == 2 and len(m[0]["tokens_per_expert"][0]) == 4
-    assert os.path.isfile(out / "checkpoints" / "step-00000024" / "manifest.json")
+    assert os.path.isfile(out / "checkpoints" / f"step-{steps:08d}" / "manifest.json")
     OpenMoeForCausalLM.from_pretrained(str(out / "hf"))
 
 
-def test_ep_export_loads_on_one_device_with_same_logits(tmp_path):
-    torchrun(2, "tests/parallel/roundtrip_worker.py", str(tmp_path), "--plugin", "ep", "--max_steps", "3", *COMMON)
+def interrupted_copy(full, part, step: int) -> None:
+    """`part` = the run `full` as if killed right after its step-`step` checkpoint: later checkpoints, the final
+    export and later metrics removed."""
+    shutil.copytree(full, part)
+    for name in os.listdir(part / "checkpoints"):
+        if int(name.split("-")[1]) > step:
+            shutil.rmtree(part / "checkpoints" / name)
+    shutil.rmtree(part / "hf")
+    lines = open(part / "metrics.jsonl").read().splitlines()[:step]
+    (part / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def check_resumed(full, part, log: str, step: int, steps: int) -> None:
+    assert "resumed from" in log and f"step-{step:08d} at step {step}" in log, log[-3000:]
+    a, b = metrics(full), metrics(part)
+    assert [r["step"] for r in b] == list(range(1, steps + 1))
+    for ra, rb in zip(a[step:], b[step:]):
+        assert ra["loss"] == rb["loss"], (ra["step"], ra["loss"], rb["loss"])  # bitwise on CPU
+
+
+@pytest.mark.parametrize("plugin,nproc,extra", [("ep", 2, []), ("ep_zero", 4, ["--extra_dp_size", "2"])])
+def test_train_via_colossalai_run_loss_decreases(plugin, nproc, extra, tmp_path):
+    log = train(nproc, tmp_path / "run", "--plugin", plugin, *extra, "--max_steps", "24")
+    check_trained(tmp_path / "run", log, plugin, nproc)
+
+
+HYBRID_RUN = ["--plugin", "hybrid", *HYBRID, "--max_steps", "12", "--save_interval", "6", "--keep_last", "5"]
+
+
+@pytest.fixture(scope="module")
+def hybrid_run(tmp_path_factory):
+    """One pp 2 x ep 2 run of train.py (12 steps, checkpoints at 6 and 12), shared by the two tests below."""
+    out = tmp_path_factory.mktemp("hybrid") / "full"
+    return out, train(4, out, *HYBRID_RUN)
+
+
+def test_hybrid_pipeline_trains(hybrid_run):
+    out, log = hybrid_run
+    check_trained(out, log, "hybrid", 4, steps=12)
+    assert "in 2 micro-batches" in log
+
+
+def test_hybrid_resume_continues_like_an_uninterrupted_run(hybrid_run, tmp_path):
+    """Every stage's weights, optimizer shards and RNG come back: steps 7-12 repeat bitwise."""
+    full, part = hybrid_run[0], tmp_path / "part"
+    interrupted_copy(full, part, 6)
+    check_resumed(full, part, train(4, part, *HYBRID_RUN, "--resume"), 6, 12)
+
+
+@pytest.mark.parametrize("plugin,nproc,extra", [("ep", 2, []), ("hybrid", 4, HYBRID)])
+def test_export_loads_on_one_device_with_same_logits(plugin, nproc, extra, tmp_path):
+    torchrun(nproc, "tests/parallel/roundtrip_worker.py", str(tmp_path), "--plugin", plugin, *extra, "--max_steps", "3",
+             *COMMON)
     parallel_logits = torch.load(tmp_path / "logits.pt")
     model = OpenMoeForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()  # bf16 weights, as trained
     assert next(model.parameters()).dtype == torch.bfloat16
@@ -57,33 +113,21 @@ def test_ep_export_loads_on_one_device_with_same_logits(tmp_path):
         single = model(probe_batch(model.config.vocab_size)).logits
     # same bf16 weights and ops; only the expert batching differs (all-to-all buffers vs one buffer)
     assert (single - parallel_logits).abs().max() < 2e-2
-    # experts really trained (the EP layer once dropped them from the optimizer)
+    # every stage's experts really trained (the EP layer once dropped them from the optimizer)
     torch.manual_seed(42)
     init = OpenMoeForCausalLM(preset("tiny"))
-    moved = (model.model.layers[1].mlp.experts.wi_up.float()
-             - init.model.layers[1].mlp.experts.wi_up.bfloat16().float()).abs().max()
-    assert moved > 1e-3
+    for layer in (1, 3):  # the MoE layers; with the pipeline, one on each stage
+        moved = (model.model.layers[layer].mlp.experts.wi_up.float()
+                 - init.model.layers[layer].mlp.experts.wi_up.bfloat16().float()).abs().max()
+        assert moved > 1e-3, layer
 
 
 def test_resume_continues_like_an_uninterrupted_run(tmp_path):
-    args = ["--plugin", "ep", "--max_steps", "8", "--save_interval", "4", "--keep_last", "5", *COMMON]
-    full = tmp_path / "full"
-    res = colossalai_run(2, *args, "--output_path", str(full))
-    assert "done: 8 steps" in res.stdout + res.stderr, (res.stdout + res.stderr)[-3000:]
-    # the same run, "killed" after its step-4 checkpoint: drop everything written later, then --resume
-    part = tmp_path / "part"
-    shutil.copytree(full, part)
-    shutil.rmtree(part / "checkpoints" / "step-00000008")
-    shutil.rmtree(part / "hf")
-    lines = open(part / "metrics.jsonl").read().splitlines()[:4]
-    (part / "metrics.jsonl").write_text("\n".join(lines) + "\n")
-    res = colossalai_run(2, *args, "--output_path", str(part), "--resume")
-    log = res.stdout + res.stderr
-    assert "resumed from" in log and "step-00000004 at step 4" in log, log[-3000:]
-    a, b = metrics(full), metrics(part)
-    assert [r["step"] for r in b] == list(range(1, 9))
-    for ra, rb in zip(a[4:], b[4:]):
-        assert ra["loss"] == rb["loss"], (ra["step"], ra["loss"], rb["loss"])  # bitwise on CPU
+    args = ["--plugin", "ep", "--max_steps", "8", "--save_interval", "4", "--keep_last", "5"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert "done: 8 steps" in train(2, full, *args)
+    interrupted_copy(full, part, 4)
+    check_resumed(full, part, train(2, part, *args, "--resume"), 4, 8)
 
 
 def test_bad_inputs_give_one_line_errors(tmp_path):
