@@ -53,10 +53,11 @@ def run_training(run: TrainConfig) -> None:
     booster = Booster(plugin=plugin)
     model, optimizer, _, _, scheduler = booster.boost(model, optimizer, lr_scheduler=scheduler)
     fix_grad_clipping(optimizer)
+    balancer = trainer.attach_bias_balancer(model, cfg, run, device) if run.balance_mode == "bias" else None
 
     start = 0
     if run.resume:
-        resumed = trainer.load_resumable(model, optimizer, scheduler, run)
+        resumed = trainer.load_resumable(model, optimizer, scheduler, run, balancer)
         if resumed is not None:
             start, data_state, path = resumed
             batches.load_state_dict(data_state)
@@ -76,6 +77,8 @@ def run_training(run: TrainConfig) -> None:
     for step in range(start + 1, total_steps + 1):
         outs = trainer.train_step(model, booster, optimizer, it, run.grad_accum, device)
         scheduler.step()
+        if balancer is not None:
+            balancer.update(trainer.step_expert_counts(outs, device))
         if step % run.log_interval == 0 or step == total_steps:
             stats = trainer.reduce_stats(outs, cfg, device)
             if rank == 0:
@@ -83,9 +86,9 @@ def run_training(run: TrainConfig) -> None:
                          clock.update(stats.tokens * run.log_interval))
         bar.update(1)
         if run.save_interval and step % run.save_interval == 0 and step != total_steps:
-            trainer.save_resumable(model, optimizer, scheduler, cfg, run, step, batches.state_dict())
+            trainer.save_resumable(model, optimizer, scheduler, cfg, run, step, batches.state_dict(), balancer)
     bar.close()
-    trainer.save_resumable(model, optimizer, scheduler, cfg, run, total_steps, batches.state_dict())
+    trainer.save_resumable(model, optimizer, scheduler, cfg, run, total_steps, batches.state_dict(), balancer)
     trainer.export_hf(model, cfg, tokenizer, f"{run.output_path}/hf")
     if rank == 0:
         writer.close()

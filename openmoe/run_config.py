@@ -43,15 +43,31 @@ class TrainConfig:
     precision: str = _f("bf16", "parameter/compute precision (EP requires bf16 or fp16: ColossalAI's ZeRO rejects "
                                 "fp32)", choices=PRECISIONS)
     # --- kernels and memory ---
-    use_kernel: bool = _f(False, "fast paths (SDPA flash attention); off: eager reference attention")
+    use_kernel: bool = _f(False, "grouped-GEMM experts (torch._grouped_mm, no capacity padding) in MoE layers that "
+                                 "are not expert-parallel (ep_size 1); off: batched matmuls over capacity buffers. "
+                                 "Attention always uses PyTorch SDPA (flash kernels on GPU)")
     use_layernorm_kernel: bool = _f(False, "apex fused RMSNorm (error if apex is absent)")
     activation_checkpointing: bool = _f(False, "recompute each decoder layer in backward")
     dropless: bool = _f(False, "route every token (no capacity, uneven all-to-all); off: capacity factor drops")
     # --- MoE balancing / overlap (issue #5) ---
     load_balance: bool = _f(False, "expert placement rebalancing (not yet implemented)")
     load_balance_interval: int = _f(1000, "steps between rebalances")
-    comm_overlap: bool = _f(False, "overlap all-to-all with expert compute (not yet implemented)")
-    hierarchical_alltoall: bool = _f(False, "two-level all-to-all across nodes (not yet implemented)")
+    balance_mode: str = _f("none", "bias: auxiliary-loss-free balancing (DeepSeek-V3): a per-expert bias on the "
+                                   "routing scores for expert selection only, nudged every step toward uniform load and "
+                                   "saved in checkpoints; off: none", choices=("none", "bias"))
+    bias_update_rate: float = _f(1e-3, "step of the bias balancing update")
+    comm_overlap: int = _f(0, "overlap the expert all-to-all with expert compute in N chunks, forward and backward "
+                              "(capacity routing); off: 0")
+    hierarchical_alltoall: bool = _f(False, "two-level all-to-all: intra-node gather, inter-node exchange among node "
+                                            "leaders, intra-node scatter (node size from LOCAL_WORLD_SIZE)")
+    # --- dense-to-MoE fine-tuning ---
+    trainable: str = _f("all", "which parameters train: all, router, experts (experts + routers), non_expert "
+                               "(everything but experts); the rest is frozen and gets no optimizer state",
+                        choices=("all", "router", "experts", "non_expert"))
+    freeze_router: bool = _f(False, "freeze the routers (with any --trainable)")
+    router_aux_loss_type: str | None = _f(None, "switch (per batch) or seq (per sequence, DeepSeek); default: the "
+                                                "checkpoint's")
+    num_shared_experts: int | None = _f(None, "always-on shared experts (architecture: must match --pretrained)")
     # --- loss factors (default: the checkpoint's config) ---
     router_aux_loss_factor: float | None = _f(None, "router load-balancing loss weight")
     router_z_loss_factor: float | None = _f(None, "router z-loss weight")

@@ -18,9 +18,11 @@ import torch.distributed as dist
 
 from openmoe.checkpoint import check_state_dict, read_tensors, write_checkpoint
 from openmoe.config import OpenMoeConfig, preset
+from openmoe.finetune import trainable_parameters
 from openmoe.model import OpenMoeForCausalLM
-from openmoe.moe import OpenMoeSparseMLP
+from openmoe.moe import HAS_GROUPED_MM, OpenMoeSparseMLP
 from openmoe.parallel.expert_parallel import ExpertParallelMoE
+from openmoe.parallel.load_balance import BiasBalancer
 from openmoe.run_config import TrainConfig
 
 MANIFEST = "manifest.json"  # written last: a checkpoint directory without it is incomplete
@@ -43,7 +45,8 @@ def model_config(run: TrainConfig) -> OpenMoeConfig:
     source = run.pretrained or run.model_name
     cfg = OpenMoeConfig.load(source) if os.path.isdir(source) else preset(source)
     overrides = {k: getattr(run, k) for k in ("router_aux_loss_factor", "router_z_loss_factor", "label_smoothing",
-                                              "z_loss_factor") if getattr(run, k) is not None}
+                                              "z_loss_factor", "router_aux_loss_type", "num_shared_experts")
+                 if getattr(run, k) is not None}
     cfg = cfg.replace(**overrides) if overrides else cfg
     if run.max_length > cfg.max_position_embeddings:
         raise ValueError(f"--max_length ({run.max_length}) exceeds the model's max_position_embeddings "
@@ -72,9 +75,14 @@ def build_model(run: TrainConfig, cfg: OpenMoeConfig) -> OpenMoeForCausalLM:
     else:
         model = OpenMoeForCausalLM(cfg)
     if run.use_kernel:
-        raise NotImplementedError("--use_kernel (grouped-GEMM experts) is not implemented yet; attention already "
-                                  "uses PyTorch SDPA (flash on GPU)")
+        if not HAS_GROUPED_MM:
+            raise ValueError(f"--use_kernel needs torch._grouped_mm, which torch {torch.__version__} lacks")
+        for m in model.modules():
+            if isinstance(m, OpenMoeSparseMLP):
+                m.expert_impl = "grouped"
     model.model.gradient_checkpointing = run.activation_checkpointing
+    # frozen parameters get requires_grad False before the optimizer exists, so they never get optimizer state
+    trainable_parameters(model, run.trainable, run.freeze_router)
     if run.dropless:
         for m in model.modules():
             if isinstance(m, OpenMoeSparseMLP):
@@ -220,9 +228,10 @@ def _master_params(optimizer) -> list[torch.Tensor]:
 
 
 def save_resumable(model, optimizer, scheduler, cfg: OpenMoeConfig, run: TrainConfig, step: int,
-                   data_state: dict) -> str:
+                   data_state: dict, balancer: BiasBalancer | None = None) -> str:
     """Resumable checkpoint: the model in HF format (experts gathered; what from_pretrained loads), each rank's
-    fp32 master shard and optimizer moments, the LR schedule, every rank's RNG, step and data position.
+    fp32 master shard and optimizer moments, the LR schedule, every rank's RNG, step and data position, and the
+    router balancing biases when --balance_mode bias.
 
     All ranks write into `step-N.tmp`; rank 0 writes the manifest last and renames the directory into place, so a
     save killed halfway leaves only a `.tmp` directory that resume ignores.
@@ -244,6 +253,8 @@ def save_resumable(model, optimizer, scheduler, cfg: OpenMoeConfig, run: TrainCo
                 "grad_scaler": scaler.state_dict() if scaler is not None else None},
                os.path.join(tmp, f"optimizer-rank{rank:05d}.pt"))
     torch.save(rng_state(), os.path.join(tmp, f"rng-rank{rank:05d}.pt"))
+    if balancer is not None and rank == 0:  # identical on every rank: updated from all-reduced counts
+        torch.save(balancer.state_dict(), os.path.join(tmp, "router_bias.pt"))
     dist.barrier()
     if rank == 0:
         with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
@@ -307,7 +318,8 @@ def rotate(root: str, keep_last: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def load_resumable(model, optimizer, scheduler, run: TrainConfig) -> tuple[int, dict, str] | None:
+def load_resumable(model, optimizer, scheduler, run: TrainConfig, balancer: BiasBalancer | None = None
+                   ) -> tuple[int, dict, str] | None:
     done = complete_checkpoints(checkpoint_root(run))
     if not done:
         return None
@@ -327,6 +339,12 @@ def load_resumable(model, optimizer, scheduler, run: TrainConfig) -> tuple[int, 
         optimizer.mixed_precision_mixin.grad_scaler.load_state_dict(saved["grad_scaler"])
     scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=False))
     set_rng_state(torch.load(os.path.join(path, f"rng-rank{rank:05d}.pt"), weights_only=False))
+    if balancer is not None:
+        bias_file = os.path.join(path, "router_bias.pt")
+        if not os.path.isfile(bias_file):
+            raise ValueError(f"--balance_mode bias: checkpoint {path} holds no router biases (it was trained without "
+                             "bias balancing)")
+        balancer.load_state_dict(torch.load(bias_file, map_location="cpu"))
     return state["step"], state["data"], path
 
 
@@ -374,6 +392,21 @@ def export_hf(model, cfg: OpenMoeConfig, tokenizer, directory: str) -> None:
         write_checkpoint(directory, cfg, sd)
         tokenizer.save_pretrained(directory)
     dist.barrier()
+
+
+def attach_bias_balancer(model, cfg: OpenMoeConfig, run: TrainConfig, device) -> BiasBalancer:
+    """Aux-loss-free balancing: one selection bias per MoE layer, held identically on every rank."""
+    layers = [m for m in model.unwrap().modules() if isinstance(m, (OpenMoeSparseMLP, ExpertParallelMoE))]
+    balancer = BiasBalancer(len(layers), cfg.num_experts, run.bias_update_rate)
+    balancer.attach(layers, device)
+    return balancer
+
+
+def step_expert_counts(outs, device) -> torch.Tensor:
+    """[moe layers, E] router choices of this step summed over micro-steps and all ranks (one all-reduce)."""
+    counts = sum(torch.stack([m.tokens_per_expert.float() for m in o.moe]) for o in outs).to(device)
+    dist.all_reduce(counts)
+    return counts
 
 
 class Throughput:

@@ -70,9 +70,19 @@ def resolve_sizes(run: TrainConfig, model: OpenMoeConfig, world: int) -> Paralle
     if run.zero_stage == 2:
         raise ValueError("zero_stage 2 with expert parallelism hangs in ColossalAI 0.5.0 when an expert receives no "
                          "tokens (its MoE plugin silently falls back to 1); use --zero_stage 1")
-    for flag in ("load_balance", "comm_overlap", "hierarchical_alltoall"):
-        if getattr(run, flag):
-            raise NotImplementedError(f"--{flag} is not yet implemented (tracked in the balancing/overlap issue)")
+    if run.load_balance:
+        raise NotImplementedError("--load_balance is not yet implemented (tracked in the balancing/overlap issue); "
+                                  "--balance_mode bias balances without moving experts")
+    if run.comm_overlap < 0:
+        raise ValueError(f"--comm_overlap ({run.comm_overlap}) must be >= 0 (number of chunks; 0 is off)")
+    if run.comm_overlap and (run.dropless or run.hierarchical_alltoall):
+        raise ValueError("--comm_overlap works with capacity routing and the flat all-to-all: drop --dropless and "
+                         "--hierarchical_alltoall, or --comm_overlap")
+    if run.balance_mode == "bias" and pp > 1:
+        raise ValueError("--balance_mode bias is not supported with pipeline parallelism yet (pp_size "
+                         f"{pp}); use --plugin ep or ep_zero")
+    if run.hierarchical_alltoall and run.dropless:
+        raise ValueError("--hierarchical_alltoall needs equal splits (capacity routing): drop --dropless")
     if run.use_layernorm_kernel:
         try:
             import apex.normalization  # noqa: F401
@@ -110,7 +120,8 @@ def build_plugin(run: TrainConfig, sizes: ParallelSizes):
     from openmoe.parallel.policy import OpenMoePolicy
 
     kwargs = dict(tp_size=1, pp_size=sizes.pp, ep_size=sizes.ep, zero_stage=run.zero_stage,
-                  precision=run.precision, custom_policy=OpenMoePolicy(sizes.num_microbatches),
+                  precision=run.precision, custom_policy=OpenMoePolicy(sizes.num_microbatches, ep_options=dict(
+                      comm_overlap=run.comm_overlap, hierarchical=run.hierarchical_alltoall)),
                   max_norm=run.grad_clip, enable_flash_attention=False, enable_fused_normalization=False)
     if sizes.pp > 1:
         # the schedule and the policy's last stage must agree on M (see openmoe/parallel/pipeline.py)

@@ -27,18 +27,25 @@ class _EPSwap:
     """Shardformer replacement target: `from_native_module` is what the sharder calls for each layer's `mlp`."""
 
     @staticmethod
-    def from_native_module(module: nn.Module, process_group=None, ep_group=None, moe_dp_group=None, **kwargs):
+    def from_native_module(module: nn.Module, process_group=None, ep_group=None, moe_dp_group=None,
+                           comm_overlap: int = 0, hierarchical: bool = False, **kwargs):
         if not isinstance(module, OpenMoeSparseMLP):  # dense layers also have an `mlp`: leave them alone
             return module
-        ep = ExpertParallelMoE(module, ep_group)
-        for p in ep.experts.parameters():
+        if ep_group.size() == 1:
+            # nothing to exchange: keep the single-device layer (its grouped-GEMM path stays usable); the experts
+            # are still tagged so the MoE ZeRO optimizer reduces them over the MoE data-parallel group
+            layer = module
+        else:
+            layer = ExpertParallelMoE(module, ep_group, comm_overlap=comm_overlap, hierarchical=hierarchical)
+        for p in layer.experts.parameters():
             set_moe_tensor_ep_group(p, ep_group)
-        return ep
+        return layer
 
 
 class OpenMoePolicy(Policy):
-    def __init__(self, num_microbatches: int = 1):
+    def __init__(self, num_microbatches: int = 1, ep_options: dict | None = None):
         super().__init__()
+        self.ep_options = ep_options or {}  # ExpertParallelMoE options: comm_overlap, hierarchical
         self.num_microbatches = num_microbatches  # what the 1F1B schedule divides the loss by (pp > 1)
 
     def config_sanity_check(self):
@@ -53,7 +60,8 @@ class OpenMoePolicy(Policy):
         return self.model
 
     def module_policy(self):
-        kwargs = dict(ep_group=self.shard_config.ep_group, moe_dp_group=self.shard_config.moe_dp_group)
+        kwargs = dict(ep_group=self.shard_config.ep_group, moe_dp_group=self.shard_config.moe_dp_group,
+                      **self.ep_options)
         swap = SubModuleReplacementDescription(suffix="mlp", target_module=_EPSwap, kwargs=kwargs)
         policy = {OpenMoeDecoderLayer: ModulePolicyDescription(sub_module_replacement=[swap])}
         if self.pipeline_stage_manager is not None:

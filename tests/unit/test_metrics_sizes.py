@@ -52,10 +52,18 @@ def test_bad_sizes_name_the_numbers(world, kw, message):
         sizes(world, **kw)
 
 
-def test_unimplemented_flags_are_never_silently_ignored():
-    for flag in ("load_balance", "comm_overlap", "hierarchical_alltoall"):
-        with pytest.raises(NotImplementedError, match=f"--{flag} is not yet implemented"):
-            sizes(2, plugin="ep", **{flag: True})
+def test_unimplemented_and_incompatible_flags_are_never_silently_ignored():
+    with pytest.raises(NotImplementedError, match="--load_balance is not yet implemented"):
+        sizes(2, plugin="ep", load_balance=True)
+    with pytest.raises(ValueError, match=r"--comm_overlap \(-1\) must be >= 0"):
+        sizes(2, plugin="ep", comm_overlap=-1)
+    with pytest.raises(ValueError, match="--comm_overlap works with capacity routing and the flat all-to-all"):
+        sizes(2, plugin="ep", comm_overlap=2, dropless=True)
+    with pytest.raises(ValueError, match="--hierarchical_alltoall needs equal splits"):
+        sizes(2, plugin="ep", hierarchical_alltoall=True, dropless=True)
+    with pytest.raises(ValueError, match=r"--balance_mode bias is not supported with pipeline parallelism yet"):
+        sizes(4, plugin="hybrid", pp_size=2, ep_size=2, balance_mode="bias")
+    assert sizes(2, plugin="ep", comm_overlap=2).ep == 2 and sizes(2, plugin="ep", balance_mode="bias").ep == 2
 
 
 def test_config_file_and_cli_precedence(tmp_path):
