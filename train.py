@@ -12,6 +12,7 @@ See `python train.py --help` for every option; `--config FILE` takes the same ke
 
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
@@ -73,9 +74,21 @@ def run_training(run: TrainConfig) -> None:
               f"dp {sizes.dp}; {total_steps} steps of {run.batch_size}x{run.grad_accum}x{sizes.dp} examples"
               f"{pipeline}", flush=True)
     model.train()
-    it, clock = iter(batches), trainer.Throughput()
+    it, clock, bad = iter(batches), trainer.Throughput(), 0
+    poison_steps = fault_nan_steps()
     for step in range(start + 1, total_steps + 1):
-        outs = trainer.train_step(model, booster, optimizer, it, run.grad_accum, device)
+        outs, applied = trainer.train_step(model, booster, optimizer, it, run.grad_accum, device,
+                                           poison=step in poison_steps)
+        bad = 0 if applied else bad + 1
+        if not applied:
+            if rank == 0:
+                print(f"\nwarning: step {step}: non-finite loss; step skipped ({bad} in a row)", flush=True)
+            if bad >= run.max_bad_steps:
+                raise trainer.TrainingStopped(f"stopping: {bad} consecutive steps with a non-finite loss (--max_bad_steps "
+                                   f"{run.max_bad_steps}); the last checkpoint under {trainer.checkpoint_root(run)} "
+                                   "is untouched")
+            bar.update(1)
+            continue
         scheduler.step()
         if balancer is not None:
             balancer.update(trainer.step_expert_counts(outs, device))
@@ -96,11 +109,17 @@ def run_training(run: TrainConfig) -> None:
               f"HF-format model in {run.output_path}/hf, metrics in {writer.path}", flush=True)
 
 
+def fault_nan_steps() -> set[int]:
+    """Fault injection for tests: OPENMOE_FAULT_NAN_STEPS="3,4" makes those steps' loss NaN."""
+    spec = os.environ.get("OPENMOE_FAULT_NAN_STEPS", "")
+    return {int(s) for s in spec.split(",") if s.strip()}
+
+
 def main(argv=None) -> int:
     run = parse_args(argv)
     try:
         run_training(run)
-    except (ValueError, FileNotFoundError, NotImplementedError) as e:
+    except (ValueError, FileNotFoundError, NotImplementedError, trainer.TrainingStopped) as e:
         # One clear line per bad input, from every rank that hit it: the launcher may kill the other ranks as soon as
         # the first one exits, so rank 0 cannot be relied on to report a check that failed elsewhere first.
         where = f"[rank {dist.get_rank()}] " if dist.is_initialized() else ""

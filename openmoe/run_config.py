@@ -94,6 +94,8 @@ class TrainConfig:
     lr_schedule: str = _f("cosine", "decay after warmup", choices=SCHEDULES)
     min_lr_ratio: float = _f(0.1, "final lr as a fraction of lr (cosine/linear)")
     grad_clip: float = _f(1.0, "max global grad norm; off: 0")
+    max_bad_steps: int = _f(3, "stop after this many consecutive steps with a non-finite loss (each is skipped: "
+                               "no update); the last good checkpoint is left untouched")
     seed: int = _f(42, "seed for init, data order and dropout-free sampling")
     # --- output, checkpoints, logging ---
     output_path: str = _f("outputs/tiny-ep", "run directory: checkpoints, metrics, final HF-format model")

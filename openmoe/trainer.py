@@ -9,7 +9,9 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,7 +27,11 @@ from openmoe.parallel.expert_parallel import ExpertParallelMoE
 from openmoe.parallel.load_balance import BiasBalancer
 from openmoe.run_config import TrainConfig
 
-MANIFEST = "manifest.json"  # written last: a checkpoint directory without it is incomplete
+MANIFEST = "manifest.json"
+
+
+class TrainingStopped(RuntimeError):
+    """A run ended on purpose (e.g. too many non-finite steps): reported as one line, no traceback."""  # written last: a checkpoint directory without it is incomplete
 
 
 # ---------------------------------------------------------------- setup
@@ -165,20 +171,23 @@ def reduce_stats(outs, cfg: OpenMoeConfig, device) -> StepStats:
                      dropped_fraction=float(flat[-1].item() / ranks))
 
 
-def forward_backward(model, booster, optimizer, batches: list[dict]) -> list:
+def forward_backward(model, booster, optimizer, batches: list[dict], poison: bool = False) -> list:
     """Loss and gradients of the mean loss over `batches` (gradient accumulation); returns the outputs this rank
-    holds (all of them, or with a pipeline the last stage's per-micro-batch outputs)."""
+    holds (all of them, or with a pipeline the last stage's per-micro-batch outputs). poison: fault injection for
+    tests (OPENMOE_FAULT_NAN_STEPS), makes the loss NaN."""
     if booster.plugin.stage_manager is not None:
-        return _pipeline_forward_backward(model, booster, optimizer, batches)
+        return _pipeline_forward_backward(model, booster, optimizer, batches, poison)
     outs = []
     for batch in batches:
         out = model(**batch)
+        if poison:
+            out.loss = out.loss * float("nan")
         booster.backward(out.loss / len(batches), optimizer)
         outs.append(out)
     return outs
 
 
-def _pipeline_forward_backward(model, booster, optimizer, batches: list[dict]) -> list:
+def _pipeline_forward_backward(model, booster, optimizer, batches: list[dict], poison: bool = False) -> list:
     """One 1F1B pass over the batches concatenated: its micro-batches replace gradient accumulation (the schedule
     averages the micro-batch losses; the plugin was built for exactly this many, see plugins.resolve_sizes)."""
     from openmoe.parallel.pipeline import detached
@@ -187,6 +196,8 @@ def _pipeline_forward_backward(model, booster, optimizer, batches: list[dict]) -
     outs = []
 
     def criterion(out, micro_batch):  # last stage only, once per micro-batch
+        if poison:
+            out.loss = out.loss * float("nan")
         outs.append(detached(out))
         return out.loss
 
@@ -194,12 +205,18 @@ def _pipeline_forward_backward(model, booster, optimizer, batches: list[dict]) -
     return outs
 
 
-def train_step(model, booster, optimizer, batches_iter, grad_accum: int, device):
+def train_step(model, booster, optimizer, batches_iter, grad_accum: int, device, poison: bool = False):
+    """One optimizer step; returns (outputs, applied). A step whose loss is not finite on some rank is skipped on
+    every rank (the gradients are dropped, weights and optimizer state stay as they were)."""
     batches = [{k: v.to(device) for k, v in next(batches_iter).items()} for _ in range(grad_accum)]
-    outs = forward_backward(model, booster, optimizer, batches)
-    optimizer.step()
+    outs = forward_backward(model, booster, optimizer, batches, poison)
+    finite = torch.tensor([float(all(torch.isfinite(o.loss).all() for o in outs))], device=device)
+    dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # one flag: ranks without outputs (pipeline) vote 1
+    applied = bool(finite.item())
+    if applied:
+        optimizer.step()
     optimizer.zero_grad()
-    return outs
+    return outs, applied
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -266,7 +283,7 @@ def save_resumable(model, optimizer, scheduler, cfg: OpenMoeConfig, run: TrainCo
                 full = os.path.join(dirpath, name)
                 with open(full, "rb") as fh:
                     os.fsync(fh.fileno())
-                files[os.path.relpath(full, tmp)] = os.path.getsize(full)
+                files[os.path.relpath(full, tmp)] = {"size": os.path.getsize(full), "crc32": file_crc32(full)}
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump({"step": step, "files": files}, f, indent=2)
             f.flush()
@@ -305,6 +322,49 @@ def unheld_parameters(module: torch.nn.Module) -> set[str]:
             for p, v in m._parameters.items() if v is None}
 
 
+def file_crc32(path: str) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def verify_checkpoint(path: str) -> str | None:
+    """None when every file the manifest lists is present with its size and CRC-32; else what is wrong."""
+    with open(os.path.join(path, MANIFEST)) as f:
+        files = json.load(f)["files"]
+    for rel, meta in files.items():
+        full = os.path.join(path, rel)
+        if not os.path.isfile(full):
+            return f"{full} is missing"
+        size = os.path.getsize(full)
+        if size != meta["size"]:
+            return f"{full} has {size} bytes, its manifest says {meta['size']} (truncated or overwritten)"
+        if file_crc32(full) != meta["crc32"]:
+            return f"{full} fails its CRC-32 check (corrupted)"
+    return None
+
+
+def newest_usable_checkpoint(root: str) -> str | None:
+    """Rank 0 checks the complete checkpoints newest first and falls back past corrupt ones with a warning; the
+    choice is broadcast so that every rank loads the same one."""
+    candidates = complete_checkpoints(root)[::-1]
+    choice = [None]
+    if dist.get_rank() == 0:
+        for path in candidates:
+            problem = verify_checkpoint(path)
+            if problem is None:
+                choice[0] = path
+                break
+            print(f"warning: checkpoint {path} is unusable: {problem}; trying the previous one", file=sys.stderr,
+                  flush=True)
+    dist.broadcast_object_list(choice, src=0)
+    if choice[0] is None and candidates:
+        raise ValueError(f"none of the {len(candidates)} checkpoints under {root} is usable (see the warnings)")
+    return choice[0]
+
+
 def complete_checkpoints(root: str) -> list[str]:
     if not os.path.isdir(root):
         return []
@@ -320,10 +380,10 @@ def rotate(root: str, keep_last: int) -> None:
 
 def load_resumable(model, optimizer, scheduler, run: TrainConfig, balancer: BiasBalancer | None = None
                    ) -> tuple[int, dict, str] | None:
-    done = complete_checkpoints(checkpoint_root(run))
-    if not done:
+    path = newest_usable_checkpoint(checkpoint_root(run))
+    if path is None:
         return None
-    path, rank = done[-1], dist.get_rank()
+    rank = dist.get_rank()
     with open(os.path.join(path, "trainer_state.json")) as f:
         state = json.load(f)
     if state["world_size"] != dist.get_world_size():

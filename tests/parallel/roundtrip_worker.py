@@ -42,7 +42,7 @@ def main():
     it = iter(batches)
     model.train()
     for _ in range(run.max_steps):
-        trainer.train_step(model, booster, optimizer, it, 1, device)
+        trainer.train_step(model, booster, optimizer, it, 1, device)  # (outputs, applied)
         scheduler.step()
     model.eval()
     with torch.no_grad():

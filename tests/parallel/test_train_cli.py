@@ -17,8 +17,9 @@ from tests.parallel.test_plugins import ROOT, torchrun
 BIN = os.path.dirname(sys.executable)
 
 
-def colossalai_run(nproc: int, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PATH=BIN + os.pathsep + os.environ["PATH"], OMP_NUM_THREADS="1")
+def colossalai_run(nproc: int, *args: str, timeout: int = 300, env: dict | None = None
+                   ) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PATH=BIN + os.pathsep + os.environ["PATH"], OMP_NUM_THREADS="1", **(env or {}))
     cmd = [os.path.join(BIN, "colossalai"), "run", "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
            "train.py", *args]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
