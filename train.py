@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -75,14 +76,18 @@ def run_training(run: TrainConfig) -> None:
               f"{pipeline}", flush=True)
     model.train()
     it, clock, bad = iter(batches), trainer.Throughput(), 0
-    poison_steps = fault_nan_steps()
+    poison_steps, poison_grad_steps = fault_nan_steps("OPENMOE_FAULT_NAN_STEPS"), fault_nan_steps(
+        "OPENMOE_FAULT_NAN_GRAD_STEPS")
     for step in range(start + 1, total_steps + 1):
+        fault_hooks(rank, step)
         outs, applied = trainer.train_step(model, booster, optimizer, it, run.grad_accum, device,
-                                           poison=step in poison_steps)
+                                           poison=step in poison_steps, check_grads=run.precision == "bf16",
+                                           poison_grad=step in poison_grad_steps)
         bad = 0 if applied else bad + 1
         if not applied:
             if rank == 0:
-                print(f"\nwarning: step {step}: non-finite loss; step skipped ({bad} in a row)", flush=True)
+                print(f"\nwarning: step {step}: non-finite loss or gradient; step skipped ({bad} in a row)",
+                      flush=True)
             if bad >= run.max_bad_steps:
                 raise trainer.TrainingStopped(f"stopping: {bad} consecutive steps with a non-finite loss (--max_bad_steps "
                                    f"{run.max_bad_steps}); the last checkpoint under {trainer.checkpoint_root(run)} "
@@ -109,10 +114,21 @@ def run_training(run: TrainConfig) -> None:
               f"HF-format model in {run.output_path}/hf, metrics in {writer.path}", flush=True)
 
 
-def fault_nan_steps() -> set[int]:
-    """Fault injection for tests: OPENMOE_FAULT_NAN_STEPS="3,4" makes those steps' loss NaN."""
-    spec = os.environ.get("OPENMOE_FAULT_NAN_STEPS", "")
+def fault_nan_steps(variable: str) -> set[int]:
+    """Fault injection for tests: OPENMOE_FAULT_NAN_STEPS="3,4" makes those steps' loss NaN,
+    OPENMOE_FAULT_NAN_GRAD_STEPS one gradient element (the loss stays finite)."""
+    spec = os.environ.get(variable, "")
     return {int(s) for s in spec.split(",") if s.strip()}
+
+
+def fault_hooks(rank: int, step: int) -> None:
+    """Fault injection for tests: OPENMOE_FAULT_RAISE_AT="RANK:STEP" raises there; OPENMOE_FAULT_SLOW_STEP_S sleeps
+    each step (so a test can kill the job mid-run)."""
+    spec = os.environ.get("OPENMOE_FAULT_RAISE_AT")
+    if spec and tuple(map(int, spec.split(":"))) == (rank, step):
+        raise RuntimeError(f"injected failure on rank {rank} at step {step}")
+    if os.environ.get("OPENMOE_FAULT_SLOW_STEP_S"):
+        time.sleep(float(os.environ["OPENMOE_FAULT_SLOW_STEP_S"]))
 
 
 def main(argv=None) -> int:

@@ -35,6 +35,13 @@ class TrainingStopped(RuntimeError):
 
 
 # ---------------------------------------------------------------- setup
+def check_gpus_per_node(local_world_size: int, gpus: int) -> None:
+    """More processes per node than GPUs would share devices (and NCCL refuses); say so before launching."""
+    if gpus and local_world_size > gpus:
+        raise ValueError(f"--nproc_per_node {local_world_size} exceeds the {gpus} GPU(s) on this node; accepted: at "
+                         f"most {gpus}")
+
+
 def init_distributed(seed: int) -> tuple[int, int, torch.device]:
     import colossalai
     from colossalai.accelerator import get_accelerator
@@ -42,6 +49,8 @@ def init_distributed(seed: int) -> tuple[int, int, torch.device]:
     from openmoe.parallel.cpu_compat import apply_cpu_patches
 
     apply_cpu_patches()  # no-op with CUDA
+    if torch.cuda.is_available():
+        check_gpus_per_node(int(os.environ.get("LOCAL_WORLD_SIZE", 1)), torch.cuda.device_count())
     colossalai.launch_from_torch(seed=seed, verbose=False)
     # Collectives on CPU (gloo) and GPU (NCCL) give up after this long instead of hanging forever.
     return dist.get_rank(), dist.get_world_size(), get_accelerator().get_current_device()
@@ -205,12 +214,31 @@ def _pipeline_forward_backward(model, booster, optimizer, batches: list[dict], p
     return outs
 
 
-def train_step(model, booster, optimizer, batches_iter, grad_accum: int, device, poison: bool = False):
-    """One optimizer step; returns (outputs, applied). A step whose loss is not finite on some rank is skipped on
-    every rank (the gradients are dropped, weights and optimizer state stay as they were)."""
+def local_gradients(model, optimizer) -> list[torch.Tensor]:
+    """This rank's gradients after backward: ZeRO keeps the reduced ones in its stores (p.grad is cleared)."""
+    if hasattr(optimizer, "get_working_grads_by_group_id"):
+        return [g for gid in range(optimizer.num_param_groups) for g in optimizer.get_working_grads_by_group_id(gid)]
+    return [p.grad for p in model.parameters() if p.grad is not None]
+
+
+def train_step(model, booster, optimizer, batches_iter, grad_accum: int, device, poison: bool = False,
+               check_grads: bool = False, poison_grad: bool = False):
+    """One optimizer step; returns (outputs, applied). A step whose loss (or, with check_grads, any local gradient)
+    is not finite on some rank is skipped on every rank: gradients dropped, weights and optimizer state unchanged.
+
+    check_grads is for bf16: ZeRO's backward has already reduced the gradients into this rank's partitions; a
+    non-finite value anywhere shows up in some rank's partition, and the flag is all-reduced. fp16 leaves gradient
+    overflow to its loss scaler, which skips such steps itself. poison_grad: fault injection for tests (OPENMOE_FAULT_NAN_GRAD_STEPS).
+    """
     batches = [{k: v.to(device) for k, v in next(batches_iter).items()} for _ in range(grad_accum)]
     outs = forward_backward(model, booster, optimizer, batches, poison)
-    finite = torch.tensor([float(all(torch.isfinite(o.loss).all() for o in outs))], device=device)
+    grads = local_gradients(model, optimizer)
+    if poison_grad and grads:
+        grads[0].view(-1)[0] = float("nan")
+    ok = all(torch.isfinite(o.loss).all() for o in outs)
+    if check_grads and grads:
+        ok = ok and bool(torch.stack([g.float().norm() for g in grads]).isfinite().all())  # a NaN/inf anywhere
+    finite = torch.tensor([float(ok)], device=device)
     dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # one flag: ranks without outputs (pipeline) vote 1
     applied = bool(finite.item())
     if applied:

@@ -76,3 +76,12 @@ def test_config_file_and_cli_precedence(tmp_path):
         parse_args(["--config", str(f)])
     with pytest.raises(ValueError, match=r"--plugin 'tp' is not supported; accepted: \['ep', 'ep_zero', 'hybrid'\]"):
         TrainConfig(plugin="tp")
+
+
+def test_more_processes_than_gpus_is_refused():
+    from openmoe.trainer import check_gpus_per_node
+
+    check_gpus_per_node(2, 2)
+    check_gpus_per_node(4, 0)  # CPU: gloo processes, no GPUs to share
+    with pytest.raises(ValueError, match=r"--nproc_per_node 4 exceeds the 2 GPU\(s\) on this node; accepted: at most 2"):
+        check_gpus_per_node(4, 2)
