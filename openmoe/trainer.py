@@ -71,9 +71,9 @@ def model_config(run: TrainConfig) -> OpenMoeConfig:
 
 def check_output_path(path: str) -> None:
     """Fail before training, not at the first save."""
-    os.makedirs(path, exist_ok=True)
     probe = os.path.join(path, f".write-test-{os.getpid()}")
     try:
+        os.makedirs(path, exist_ok=True)
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)

@@ -85,3 +85,15 @@ def test_more_processes_than_gpus_is_refused():
     check_gpus_per_node(4, 0)  # CPU: gloo processes, no GPUs to share
     with pytest.raises(ValueError, match=r"--nproc_per_node 4 exceeds the 2 GPU\(s\) on this node; accepted: at most 2"):
         check_gpus_per_node(4, 2)
+
+
+def test_output_path_and_max_length_are_checked_before_training(tmp_path):
+    from openmoe.trainer import check_output_path, model_config
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(ValueError, match=r"--output_path .*a_file/run is not writable"):
+        check_output_path(str(blocker / "run"))
+    check_output_path(str(tmp_path / "fine"))
+    with pytest.raises(ValueError, match=r"--max_length \(4096\) exceeds the model's max_position_embeddings \(512\)"):
+        model_config(TrainConfig(max_length=4096))
