@@ -284,7 +284,13 @@ class OpenMoeForCausalLM(nn.Module):
     def forward(self, input_ids, attention_mask=None, labels=None, position_ids=None, past_key_values=None,
                 use_cache=False, return_logits=None) -> OpenMoeOutput:
         h, cache, moe = self.model(input_ids, attention_mask, position_ids, past_key_values, use_cache)
-        out = OpenMoeOutput(past_key_values=cache, moe=moe)
+        out = self.head_and_loss(h, labels, return_logits, moe)
+        out.past_key_values = cache
+        return out
+
+    def head_and_loss(self, h, labels, return_logits, moe: list[MoeAux]) -> OpenMoeOutput:
+        """LM head and loss parts from the final-normed hidden states (the last pipeline stage calls this too)."""
+        out = OpenMoeOutput(moe=moe)
         if return_logits or (return_logits is None and labels is None):
             out.logits = self.lm_head(h).float()
         if labels is not None:

@@ -32,9 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from openmoe.losses import lm_loss
-from openmoe.model import (OpenMoeForCausalLM, OpenMoeOutput, _attention_allowed, default_positions, rope_cos_sin,
-                           router_losses)
+from openmoe.model import OpenMoeForCausalLM, OpenMoeOutput, _attention_allowed, default_positions, rope_cos_sin
 from openmoe.moe import MoeAux
 
 GRAD_IN_FLIGHT = 2.0**-20  # router_grad's gradient is s * GRAD_IN_FLIGHT between stages: a power of two
@@ -109,19 +107,10 @@ def _add_router_grad(cfg, stage: Stage, router_grad, own: list[MoeAux], like: to
 
 
 def _head_and_loss(self, stage: Stage, h, labels, return_logits, moe: list[MoeAux], router_grad) -> OpenMoeOutput:
-    out = OpenMoeOutput(moe=moe)
-    if return_logits or (return_logits is None and labels is None):
-        out.logits = self.lm_head(h).float()
-    if labels is not None:
-        cfg = self.config
-        ce, z, n = lm_loss(h, self.lm_head.weight, labels, cfg.label_smoothing, cfg.z_loss_factor,
-                           self.lm_head_chunk_size)
-        # earlier layers' aux/z are detached values here (their gradient comes through router_grad)
-        aux, rz = router_losses(moe, cfg.router_aux_loss_factor, cfg.router_z_loss_factor, h)
-        loss = ce + z + aux + rz
-        if router_grad is not None:  # value 0; carries s / M back to the earlier stages' router losses
-            loss = loss + router_grad.float() * (GRAD_IN_FLIGHT * stage.num_microbatches)
-        out.loss, out.ce_loss, out.z_loss, out.aux_loss, out.router_z_loss, out.num_tokens = loss, ce, z, aux, rz, n
+    # earlier layers' aux/z are detached values here (their gradient comes through router_grad)
+    out = self.head_and_loss(h, labels, return_logits, moe)
+    if labels is not None and router_grad is not None:  # value 0; carries s / M back to earlier stages' router losses
+        out.loss = out.loss + router_grad.float() * (GRAD_IN_FLIGHT * stage.num_microbatches)
     return out
 
 
