@@ -324,16 +324,22 @@ def save_resumable(model, optimizer, scheduler, cfg: OpenMoeConfig, run: TrainCo
     return final
 
 
+def ep_layer_lookup(module: torch.nn.Module):
+    """key -> the ExpertParallelMoE whose sharded experts hold that state-dict key, or None."""
+    prefixes = {name + ".experts.": m for name, m in module.named_modules() if isinstance(m, ExpertParallelMoE)}
+    return lambda key: next((m for p, m in prefixes.items() if key.startswith(p)), None)
+
+
 def load_model_weights(module: torch.nn.Module, directory: str) -> None:
     """Copy an HF-format checkpoint into a (possibly expert-parallel, pipelined) model: each EP rank reads only its
     experts, each pipeline stage only the parameters it holds."""
-    ep_layers = {name + ".experts.": m for name, m in module.named_modules() if isinstance(m, ExpertParallelMoE)}
+    ep_layer = ep_layer_lookup(module)
     unheld = unheld_parameters(module)
 
     def select(key):
         if key in unheld:
             return False
-        layer = next((m for p, m in ep_layers.items() if key.startswith(p)), None)
+        layer = ep_layer(key)
         return layer.expert_slice if layer is not None else None
 
     tensors = read_tensors(directory, select)
@@ -441,10 +447,10 @@ def gather_experts(module: torch.nn.Module, tensors: dict[str, torch.Tensor]) ->
 
     Collective over every EP group: the ranks of one group must call it with the same keys (they hold the same stage).
     """
-    ep_prefixes = {name + ".experts.": m for name, m in module.named_modules() if isinstance(m, ExpertParallelMoE)}
+    ep_layer = ep_layer_lookup(module)
     out = {}
     for key, t in tensors.items():
-        layer = next((m for p, m in ep_prefixes.items() if key.startswith(p)), None)
+        layer = ep_layer(key)
         if layer is not None and layer.ep_size > 1:
             parts = [torch.empty_like(t) for _ in range(layer.ep_size)]
             dist.all_gather(parts, t.contiguous(), group=layer.ep_group)
