@@ -96,21 +96,54 @@ class _ContiguousGrad(torch.autograd.Function):
 HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
 
 
+def _buffer_rows(r: RouterOutput, num_experts: int) -> torch.Tensor:
+    """[T, K] row of each (token, choice) in the flattened [E * C] buffer; dropped and padding choices point at row
+    E * C, a scratch row past the end. Fixed-size index math on the device: no `nonzero`, so no host sync."""
+    return torch.where(r.keep, r.expert_idx * r.capacity + r.slot, num_experts * r.capacity)
+
+
 def dispatch(x: torch.Tensor, r: RouterOutput, num_experts: int) -> torch.Tensor:
-    """Scatter kept choices into an [E, C, H] buffer; empty slots stay zero. x [T, H]."""
-    t_idx, k_idx = r.keep.nonzero(as_tuple=True)  # [N] kept (token, choice) pairs
-    flat = r.expert_idx[t_idx, k_idx] * r.capacity + r.slot[t_idx, k_idx]  # [N] row in the flattened buffer
-    buf = x.new_zeros(num_experts * r.capacity, x.shape[-1])
-    buf = buf.index_copy(0, flat, x[t_idx])
-    return buf.view(num_experts, r.capacity, -1)
+    """Scatter kept choices into an [E, C, H] buffer; empty slots stay zero. x [T, H].
+
+    Every (token, choice) pair is written, the dropped ones into one scratch row that is cut off afterwards (its
+    gradient is zero, so dropped choices send no gradient to x). Kept rows are unique, so the copy is exact.
+    """
+    t, k = r.keep.shape
+    rows = _buffer_rows(r, num_experts).reshape(-1)  # [T*K]
+    src = x[:, None].expand(t, k, x.shape[-1]).reshape(t * k, -1)  # [T*K, H]: token t for each of its choices
+    buf = x.new_zeros(num_experts * r.capacity + 1, x.shape[-1]).index_copy(0, rows, src)
+    return buf[:-1].view(num_experts, r.capacity, -1)
 
 
 def combine(y: torch.Tensor, r: RouterOutput, num_tokens: int) -> torch.Tensor:
-    """Gather each kept choice's expert output, weight it, sum over choices. y [E, C, H] -> [T, H]."""
-    t_idx, k_idx = r.keep.nonzero(as_tuple=True)
-    flat = r.expert_idx[t_idx, k_idx] * r.capacity + r.slot[t_idx, k_idx]
-    picked = y.reshape(-1, y.shape[-1])[flat] * r.combine_weight[t_idx, k_idx, None].to(y.dtype)  # [N, H]
-    return y.new_zeros(num_tokens, y.shape[-1]).index_add(0, t_idx, picked)
+    """Gather each kept choice's expert output, weight it, sum over choices. y [E, C, H] -> [T, H].
+
+    Dropped choices gather row 0 and are zeroed by a select (not a multiply: a non-finite row 0 must not leak).
+    """
+    t, k = r.keep.shape
+    rows = torch.where(r.keep, r.expert_idx * r.capacity + r.slot, 0)  # [T, K]
+    picked = y.reshape(-1, y.shape[-1])[rows.reshape(-1)].view(t, k, -1)  # [T, K, H]
+    picked = torch.where(r.keep[..., None], picked * r.combine_weight[..., None].to(y.dtype), 0)
+    return picked.sum(dim=1)  # [T, H]
+
+
+def grouped_experts(experts: StackedExperts, x: torch.Tensor, r: RouterOutput) -> torch.Tensor:
+    """All (token, choice) pairs sorted by expert, dropped ones last -> grouped GEMMs -> weighted sum. x [T, H].
+
+    No host sync: the group offsets stay on the device, and the rows past the last offset (dropped choices), which
+    _grouped_mm leaves unwritten, are masked by selects on the way in (their garbage input gradient) and out.
+    """
+    t, k = r.keep.shape
+    e = experts.num_local_experts
+    key = torch.where(r.keep, r.expert_idx, e).reshape(-1)  # [T*K]; e = dropped
+    order = key.argsort(stable=True)
+    counts = torch.zeros(e + 1, dtype=torch.long, device=x.device).scatter_add_(0, key, torch.ones_like(key))[:e]
+    valid = (key[order] < e)[:, None]  # [T*K, 1]
+    xs = torch.where(valid, x[order // k], 0)  # [T*K, H]
+    y = torch.where(valid, experts.forward_grouped(xs, counts), 0)
+    w = r.combine_weight.reshape(-1)[order].to(y.dtype)
+    out = y.new_zeros(t * k, y.shape[-1]).index_copy(0, order, y * w[:, None])  # back to (token, choice) order
+    return out.view(t, k, -1).sum(dim=1)
 
 
 @dataclass
@@ -151,7 +184,12 @@ class OpenMoeSparseMLP(nn.Module):
         # Training uses the tighter factor (speed); eval the looser one (dropping hurts quality more than it saves).
         cf = self.capacity_factor_train if self.training else self.capacity_factor_eval
         return route(x, self.gate_weight, self.top_k, cf, self.min_capacity, self.drop_tokens, token_mask,
-                     self.selection_bias, self.router_combine)
+                     self.selection_bias, self.router_combine, size_dropless=self.sizes_dropless_buffer)
+
+    @property
+    def sizes_dropless_buffer(self) -> bool:
+        """Only the [E, C, H] bmm path needs the dropless capacity (the max load, read on the host)."""
+        return self.expert_impl == "bmm"
 
     def forward(self, hidden: torch.Tensor, token_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, MoeAux]:
         shape = hidden.shape
@@ -163,18 +201,6 @@ class OpenMoeSparseMLP(nn.Module):
         else:
             out = combine(self.experts(dispatch(x, r, self.num_experts)), r, x.shape[0])  # via [E, C, H]
         return out.view(shape), moe_aux(r, self.router_aux_loss_type, shape[:-1])
-
-
-def grouped_experts(experts: StackedExperts, x: torch.Tensor, r: RouterOutput) -> torch.Tensor:
-    """Kept (token, choice) pairs sorted by expert -> grouped GEMMs -> weighted scatter-add back. x [T, H]."""
-    t_idx, k_idx = r.keep.nonzero(as_tuple=True)
-    expert = r.expert_idx[t_idx, k_idx]
-    order = expert.argsort(stable=True)
-    t_sorted = t_idx[order]
-    counts = torch.bincount(expert, minlength=experts.num_local_experts)
-    y = experts.forward_grouped(x[t_sorted], counts)  # [N, H]
-    w = r.combine_weight[t_idx, k_idx][order].to(y.dtype)
-    return x.new_zeros(x.shape).index_add(0, t_sorted, y * w[:, None])
 
 
 def moe_aux(r: RouterOutput, aux_loss_type: str = "switch", batch_shape: tuple | None = None) -> MoeAux:

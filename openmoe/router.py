@@ -21,7 +21,7 @@ class RouterOutput:
     combine_weight: torch.Tensor  # [T, K] fp32: weight of each choice per `combine` (0 where dropped/masked)
     slot: torch.Tensor  # [T, K] long: position of the token in its expert's buffer (valid where keep)
     keep: torch.Tensor  # [T, K] bool: choice survives capacity (and token is real)
-    capacity: int  # C; in dropless mode the largest per-expert load
+    capacity: int  # C; in dropless mode the largest per-expert load, or 0 if the caller sizes its own buffers
     logits: torch.Tensor  # [T, E] fp32
     probs: torch.Tensor  # [T, E] fp32
     token_mask: torch.Tensor  # [T] bool: real tokens (padding is never routed)
@@ -54,6 +54,7 @@ def route(
     token_mask: torch.Tensor | None = None,  # [T] bool
     selection_bias: torch.Tensor | None = None,  # [E]: added to scores for *selection* only (bias balancing)
     combine: str = "prob",  # "prob" | "normalized" | "ones" (config.ROUTER_COMBINE)
+    size_dropless: bool = True,  # False: leave capacity 0 in dropless mode (no host sync; grouped GEMM, EP paths)
 ) -> RouterOutput:
     """Choose top-k experts per token and assign buffer slots.
 
@@ -96,8 +97,10 @@ def route(
     if drop_tokens and capacity_factor > 0:
         cap = capacity(num_tokens, num_experts, top_k, capacity_factor, min_capacity)
         keep = keep & (slot < cap)
-    else:
+    elif size_dropless:
         cap = max(int(tokens_per_expert.max().item()), 1)  # host sync: dropless buffers are sized by the max load
+    else:
+        cap = 0
     return RouterOutput(
         expert_idx=expert_idx,
         combine_weight=weight * keep,

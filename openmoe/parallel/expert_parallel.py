@@ -118,6 +118,7 @@ class ExpertParallelMoE(nn.Module):
         return slice(lo, lo + self.num_local_experts)
 
     route = OpenMoeSparseMLP.route
+    sizes_dropless_buffer = False  # the dropless path sizes its buffer from the exchanged counts
 
     def _run_experts(self, x):  # x [E_l, N, H]
         x = _ScaleGrad.apply(x, 1.0 / self.grad_scale)
@@ -152,31 +153,35 @@ class ExpertParallelMoE(nn.Module):
         return combine(back, r, x.shape[0])
 
     def _dropless(self, x, r):
-        p, el, h = self.ep_size, self.num_local_experts, x.shape[-1]
-        t_idx, k_idx = r.keep.nonzero(as_tuple=True)
-        expert = r.expert_idx[t_idx, k_idx]
-        order = expert.argsort(stable=True)  # kept choices grouped by expert (so by destination rank)
-        t_sorted, e_sorted = t_idx[order], expert[order]
-        send_counts = torch.bincount(e_sorted, minlength=self.num_experts)  # [E]
+        p, el, h, k = self.ep_size, self.num_local_experts, x.shape[-1], self.top_k
+        key = torch.where(r.keep, r.expert_idx, self.num_experts).reshape(-1)  # [T*K]; E = not routed (padding)
+        order = key.argsort(stable=True)  # kept choices grouped by expert (so by destination rank), unrouted last
+        send_counts = torch.zeros(self.num_experts + 1, dtype=torch.long, device=x.device).scatter_add_(
+            0, key, torch.ones_like(key))[:-1]  # [E]
         recv_counts = torch.empty_like(send_counts)
         dist.all_to_all_single(recv_counts, send_counts, group=self.ep_group)  # [P * E_l]: per source, per expert
-        send_splits = send_counts.view(p, el).sum(1).tolist()  # host sync: split sizes must be Python ints
         recv_matrix = recv_counts.view(p, el)
-        recv_splits = recv_matrix.sum(1).tolist()
+        counts = recv_matrix.sum(0)  # [E_l]
+        # The one host sync of this layer: all-to-all split sizes must be Python ints, and the expert buffer is
+        # sized by the largest load. Everything below uses these host numbers as output sizes (no further sync).
+        host = torch.cat([send_counts.view(p, el).sum(1), recv_matrix.sum(1), counts.max()[None]]).tolist()
+        send_splits, recv_splits, cap = host[:p], host[p:2 * p], max(host[-1], 1)
+        n_sent, n_recv = sum(send_splits), sum(recv_splits)
+        sent = order[:n_sent]  # [N_sent] flat (token, choice) indices, by expert
+        t_sorted = sent // k
         recv = all_to_all(x[t_sorted], self.ep_group, recv_splits, send_splits)  # [N_recv, H], by source then expert
         # regroup by local expert: rows from (source s, expert e) -> expert-major order, padded to the max load
-        src_expert = torch.arange(p * el, device=x.device).remainder(el).repeat_interleave(recv_counts)
+        src_expert = torch.arange(p * el, device=x.device).remainder(el).repeat_interleave(
+            recv_counts, output_size=n_recv)
         by_expert = src_expert.argsort(stable=True)
-        counts = recv_matrix.sum(0)  # [E_l]
-        cap = max(int(counts.max().item()), 1)
-        slot = torch.arange(by_expert.numel(), device=x.device) - torch.repeat_interleave(
-            counts.cumsum(0) - counts, counts)
+        slot = torch.arange(n_recv, device=x.device) - torch.repeat_interleave(
+            counts.cumsum(0) - counts, counts, output_size=n_recv)
         flat = src_expert[by_expert] * cap + slot
         buf = x.new_zeros(el * cap, h).index_copy(0, flat, recv[by_expert])
         y = self._run_experts(buf.view(el, cap, h)).view(el * cap, h)
         y_recv = torch.empty_like(recv).index_copy(0, by_expert, y[flat])  # back to (source, expert) order
         y_sent = all_to_all(y_recv, self.ep_group, send_splits, recv_splits)  # [N_sent, H] in our sorted order
-        w = r.combine_weight[t_idx, k_idx][order].to(y_sent.dtype)
+        w = r.combine_weight.reshape(-1)[sent].to(y_sent.dtype)
         return x.new_zeros(x.shape[0], h).index_add(0, t_sorted, y_sent * w[:, None])
 
 

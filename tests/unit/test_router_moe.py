@@ -113,3 +113,69 @@ def test_grouped_gemm_experts_equal_bmm_reference(cf, dtype):
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     for u, v in zip((a, *ga), (b, *gb)):
         assert ((u.float() - v.float()).norm() / v.float().norm()).item() < tol
+
+
+class _GarbageTail(torch.autograd.Function):
+    """Identity except rows [n:] become NaN, forward and backward: what a grouped GEMM may leave in the rows past
+    its last group offset, which it never writes."""
+
+    @staticmethod
+    def forward(ctx, x, n):
+        ctx.n = n
+        y = x.clone()
+        y[n:] = float("nan")
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.clone()
+        g[ctx.n:] = float("nan")
+        return g, None
+
+
+def test_grouped_path_masks_rows_past_the_last_offset(monkeypatch):
+    layer = moe_layer().float()  # _grouped_mm has no fp64
+    layer.capacity_factor_train = 0.5  # many dropped choices, i.e. rows past the last offset
+    x = torch.randn(2, 9, 64, dtype=torch.float32, requires_grad=True)
+    g = torch.randn_like(x)
+    layer.expert_impl = "bmm"
+    ref_out, _ = layer(x)
+    ref_grads = torch.autograd.grad(ref_out, [x, *layer.parameters()], g)
+    original = type(layer.experts).forward_grouped
+
+    def leaky(self, rows, counts):
+        n = int(counts.sum())
+        return _GarbageTail.apply(original(self, _GarbageTail.apply(rows, n), counts), n)
+
+    monkeypatch.setattr(type(layer.experts), "forward_grouped", leaky)
+    layer.expert_impl = "grouped"
+    out, aux = layer(x)
+    assert aux.dropped_fraction > 0.2
+    grads = torch.autograd.grad(out, [x, *layer.parameters()], g)
+    assert torch.allclose(out, ref_out, atol=1e-5)  # same products as bmm, other summation order
+    for a, b in zip(grads, ref_grads):
+        assert torch.isfinite(a).all() and torch.allclose(a, b, atol=1e-4)
+
+
+@pytest.mark.parametrize("impl, cf", [("bmm", 1.25), ("grouped", 1.25), ("grouped", 0.0)])
+def test_moe_layer_has_no_host_sync(impl, cf, monkeypatch):
+    """Capacity routing (and dropless routing on the grouped path) never reads a device value on the host: every
+    op whose output size depends on data (nonzero, bincount, item, tolist, masked indexing, repeat_interleave
+    without output_size) is made to raise. On a GPU such an op would stall the host until the device catches up."""
+    layer = moe_layer().float()
+    layer.capacity_factor_train, layer.expert_impl = cf, impl
+    x = torch.randn(2, 9, 64, dtype=torch.float32, requires_grad=True)
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[1, 6:] = False
+
+    def forbidden(name):
+        def fail(*args, **kwargs):
+            raise AssertionError(f"host sync in the MoE hot path: {name}")
+        return fail
+
+    for name in ("nonzero", "item", "tolist", "bincount", "masked_select", "unique"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden(name), raising=False)
+        monkeypatch.setattr(torch, name, forbidden(name), raising=False)
+    out, aux = layer(x, mask)
+    out.square().sum().backward()
+    assert x.grad is not None and layer.experts.wo.grad is not None
