@@ -10,6 +10,15 @@ Dense parameters are data-parallel over world / pp_size ranks in all three. Colo
 (moe_dp, pp, ep, tp): ranks of one EP group are adjacent, so on one node the all-to-all stays intra-node.
 With pp_size > 1 each optimizer step is one 1F1B pipeline pass over batch_size * grad_accum examples per
 data-parallel rank, cut into micro-batches of microbatch_size (the micro-batches replace gradient accumulation).
+
+ZeRO-2 and overlap_communication: colossalai 0.5.0's MoE plugin turns zero_stage 2 into 1 and overlap_communication
+off in its constructor (booster/plugin/moe_hybrid_parallel_plugin.py:227-229), because with either one ZeRO reduces
+gradients from per-parameter hooks during backward and an expert that got no tokens (hence no gradient) desynchronises
+the ranks' buckets (see guard_gradient_hooks). Our MoE layers give every expert weight a gradient every step, so
+build_plugin constructs the plugin at stage <= 1 without overlap (nothing to downgrade, no misleading warning) and
+then restores the two places the values live: `plugin.zero_stage` and `plugin.zero_config` (partition_grad,
+overlap_communication), which configure() hands to the ZeRO optimizer. tests/parallel/test_zero2.py checks that the
+optimizer really partitions gradients and that starved experts train as under ZeRO-1.
 """
 
 from __future__ import annotations
@@ -67,9 +76,12 @@ def resolve_sizes(run: TrainConfig, model: OpenMoeConfig, world: int) -> Paralle
     if run.zero_stage >= 1 and run.precision == "fp32":
         raise ValueError(f"zero_stage {run.zero_stage} needs --precision bf16 or fp16 (ColossalAI's ZeRO keeps "
                          f"fp32 master weights itself); got fp32")
-    if run.zero_stage == 2:
-        raise ValueError("zero_stage 2 with expert parallelism hangs in ColossalAI 0.5.0 when an expert receives no "
-                         "tokens (its MoE plugin silently falls back to 1); use --zero_stage 1")
+    if run.zero_stage not in (0, 1, 2):
+        raise ValueError(f"zero_stage ({run.zero_stage}) must be 0, 1 or 2")
+    if _overlap_communication(run) and (run.zero_stage < 1 or pp > 1):
+        raise ValueError(f"--overlap_communication overlaps ZeRO's gradient reduction with backward: it needs "
+                         f"zero_stage >= 1 (got {run.zero_stage}) and no pipeline (pp_size {pp}; with a pipeline "
+                         f"ColossalAI reduces once after the schedule, so there is nothing to overlap)")
     if run.load_balance:
         raise NotImplementedError("--load_balance is not yet implemented (tracked in the balancing/overlap issue); "
                                   "--balance_mode bias balances without moving experts")
@@ -114,19 +126,103 @@ def _pipeline_sizes(run: TrainConfig, model: OpenMoeConfig, sizes: ParallelSizes
     return replace(sizes, num_microbatches=num_microbatches, layers_per_stage=tuple(len(r) for r in ranges))
 
 
+def _overlap_communication(run: TrainConfig) -> bool:
+    return bool(getattr(run, "overlap_communication", False))  # a run option once run_config has the field
+
+
 def build_plugin(run: TrainConfig, sizes: ParallelSizes):
     from colossalai.booster.plugin import MoeHybridParallelPlugin
 
     from openmoe.parallel.policy import OpenMoePolicy
 
-    kwargs = dict(tp_size=1, pp_size=sizes.pp, ep_size=sizes.ep, zero_stage=run.zero_stage,
-                  precision=run.precision, custom_policy=OpenMoePolicy(sizes.num_microbatches, ep_options=dict(
+    # stage <= 1 and no overlap at construction: the plugin has nothing to downgrade; restore_zero_options sets both
+    kwargs = dict(tp_size=1, pp_size=sizes.pp, ep_size=sizes.ep, zero_stage=min(run.zero_stage, 1),
+                  overlap_communication=False, precision=run.precision,
+                  custom_policy=OpenMoePolicy(sizes.num_microbatches, ep_options=dict(
                       comm_overlap=run.comm_overlap, hierarchical=run.hierarchical_alltoall)),
                   max_norm=run.grad_clip, enable_flash_attention=False, enable_fused_normalization=False)
     if sizes.pp > 1:
         # the schedule and the policy's last stage must agree on M (see openmoe/parallel/pipeline.py)
         kwargs.update(num_microbatches=sizes.num_microbatches, num_layers_per_stage=list(sizes.layers_per_stage))
-    return MoeHybridParallelPlugin(**kwargs)
+    plugin = MoeHybridParallelPlugin(**kwargs)
+    restore_zero_options(plugin, run.zero_stage, _overlap_communication(run))
+    return plugin
+
+
+def restore_zero_options(plugin, zero_stage: int, overlap_communication: bool) -> None:
+    """Give a MoeHybridParallelPlugin the ZeRO stage and overlap its constructor refuses (see the module docstring).
+
+    Its constructor stores the downgraded values in `zero_stage` (read by configure to choose the ZeRO optimizer, and
+    by get_checkpoint_io and no_sync) and in `zero_config` (partition_grad is stage 2; both passed to
+    MoeHybridParallelZeroOptimizer by configure); nothing else keeps them. When ZeRO will reduce from gradient hooks,
+    configure also installs guard_gradient_hooks on the optimizer it builds.
+    """
+    plugin.zero_stage = zero_stage
+    plugin.zero_config.update(partition_grad=zero_stage == 2, overlap_communication=overlap_communication)
+    if zero_stage >= 1 and (zero_stage == 2 or overlap_communication):
+        configure = plugin.configure
+
+        def configure_guarded(*args, **kwargs):
+            model, optimizer, *rest = configure(*args, **kwargs)
+            if optimizer is not None:
+                guard_gradient_hooks(optimizer)
+            return (model, optimizer, *rest)
+
+        plugin.configure = configure_guarded
+
+
+def guard_gradient_hooks(optimizer) -> None:
+    """Raise, on the rank concerned and before any gradient is reduced, when a trainable parameter is about to get no
+    gradient in a backward where ZeRO reduces from gradient hooks, instead of hanging.
+
+    With partition_grad (ZeRO-2) or overlap_communication, colossalai 0.5.0's ZeRO (zero/low_level/low_level_optim.py)
+    hooks every parameter's gradient accumulation (_attach_reduction_hook, :305-321) and adds the gradient to a bucket;
+    all buckets are reduced whenever one fills or the gradient's param group differs from the bucket's (:431-442).
+    A parameter without a gradient never fires its hook, so the ranks cut their buckets at different points and issue
+    reduce-scatters / all-reduces of different sizes: NCCL hangs (gloo reports a size mismatch), or, if sizes happen
+    to agree, sums the wrong elements. ZeRO-1 without overlap has no hooks: after backward _sync_grad (:722-734) adds
+    every gradient in parameter order and gives expert parameters without one a zero gradient; that is why the MoE
+    plugin downgrades to it (upstream's Mixtral block runs only the experts that received tokens).
+
+    Our layers put every local expert weight in the graph every step (stacked [E_l, ...] tensors, run on a capacity
+    or dropless buffer that may hold no token at all; the grouped path on zero rows), so this never fires; it keeps
+    that property from breaking silently. Before each backward it walks the autograd graph from the loss (about 2 ms
+    for 12 layers on CPU) for the AccumulateGrad nodes of the parameters ZeRO manages. Filling a missing gradient
+    with zeros instead cannot be made safe from here: the zero would reach its hook at a different point of the
+    backward than the real gradient does on the ranks that used the parameter, so the buckets would still differ.
+    """
+    params = [p for group in optimizer._working_param_groups.values() for p in group]
+    model = getattr(optimizer, "model", None)  # ColossalAI's ZeRO optimizers keep the boosted model
+    names = {id(p): n for n, p in model.unwrap().named_parameters()} if model is not None else {}
+    backward = optimizer.backward
+
+    def guarded_backward(loss, *args, **kwargs):
+        if optimizer.require_grad_sync:
+            reached = graph_leaves(loss)
+            missing = [names.get(id(p), f"<{tuple(p.shape)}>") for p in params if id(p) not in reached]
+            if missing:
+                raise RuntimeError(f"{len(missing)} trainable parameter(s) are not in this backward's graph and would "
+                                   f"get no gradient: {missing[:8]}; with zero_stage 2 or overlap_communication "
+                                   f"ColossalAI's ZeRO would hang. Every parameter must be used every step (run "
+                                   f"unrouted experts on an empty buffer), or use --zero_stage 1")
+        return backward(loss, *args, **kwargs)
+
+    optimizer.backward = guarded_backward
+
+
+def graph_leaves(loss) -> set[int]:
+    """ids of the leaf tensors whose AccumulateGrad nodes the backward of `loss` reaches."""
+    seen, stack, leaves = set(), [loss.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        leaf = getattr(node, "variable", None)  # AccumulateGrad
+        if leaf is not None:
+            leaves.add(id(leaf))
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return leaves
 
 
 def fix_grad_clipping(optimizer) -> None:

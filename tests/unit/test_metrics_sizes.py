@@ -46,10 +46,29 @@ def test_plugin_table():
     (2, dict(plugin="ep", tp_size=2), r"tensor/sequence parallelism is not supported"),
     (2, dict(plugin="ep", precision="fp32"), r"zero_stage 1 needs --precision bf16 or fp16"),
     (2, dict(plugin="ep", zero_stage=0), r"needs zero_stage >= 1"),
+    (2, dict(plugin="ep", zero_stage=3), r"zero_stage \(3\) must be 0, 1 or 2"),
 ])
 def test_bad_sizes_name_the_numbers(world, kw, message):
     with pytest.raises(ValueError, match=message):
         sizes(world, **kw)
+
+
+def test_zero2_and_overlap_communication_are_accepted_where_they_take_effect():
+    """ZeRO-2 with expert parallelism is built as asked (no downgrade: tests/parallel/test_zero2.py); overlap of ZeRO's
+    reduction needs ZeRO and no pipeline, where ColossalAI reduces once after the schedule."""
+    assert sizes(2, plugin="ep", zero_stage=2).ep == 2
+    assert sizes(2, plugin="ep_zero", extra_dp_size=2, zero_stage=2).moe_dp == 2
+
+    def with_overlap(world, **kw):
+        run = TrainConfig(**kw)
+        run.overlap_communication = True  # read with getattr until run_config has the field
+        return resolve_sizes(run, preset("tiny"), world)
+
+    assert with_overlap(2, plugin="ep", zero_stage=1).ep == 2
+    with pytest.raises(ValueError, match=r"--overlap_communication .* needs zero_stage >= 1 \(got 0\)"):
+        with_overlap(2, plugin="ep_zero", extra_dp_size=2, zero_stage=0)
+    with pytest.raises(ValueError, match=r"--overlap_communication .* no pipeline \(pp_size 2"):
+        with_overlap(4, plugin="hybrid", pp_size=2, ep_size=2)
 
 
 def test_unimplemented_and_incompatible_flags_are_never_silently_ignored():
