@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from openmoe.config import OpenMoeConfig
 from openmoe.losses import lm_loss
@@ -188,6 +188,10 @@ class OpenMoeModel(nn.Module):
         self.layers = nn.ModuleList(OpenMoeDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.gradient_checkpointing = False  # recompute each decoder layer in backward
+        # "full": keep only each layer's input and recompute everything; "selective": also keep the outputs of the
+        # matmuls and attention kernels (the FLOPs), recompute only the cheap elementwise ops (norms, RoPE, SwiGLU,
+        # routing). A memory/compute trade-off, not part of the architecture.
+        self.checkpoint_policy = "full"
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False):
         b, s = input_ids.shape
@@ -202,7 +206,8 @@ class OpenMoeModel(nn.Module):
         for i, layer in enumerate(self.layers):
             layer_past = None if past_key_values is None else past_key_values[i]
             if self.gradient_checkpointing and self.training:
-                h, kv, aux = checkpoint(layer, h, cos, sin, allowed, token_mask, use_reentrant=False)
+                h, kv, aux = checkpoint(layer, h, cos, sin, allowed, token_mask, use_reentrant=False,
+                                        **_checkpoint_kwargs(self.checkpoint_policy))
             else:
                 h, kv, aux = layer(h, cos, sin, allowed, token_mask, layer_past)
             if use_cache:
@@ -210,6 +215,29 @@ class OpenMoeModel(nn.Module):
             if aux is not None:
                 moe.append(aux)
         return self.norm(h), (cache if use_cache else None), moe
+
+
+def _saved_ops() -> set:
+    names = ("mm", "bmm", "addmm", "_grouped_mm", "_scaled_dot_product_flash_attention",
+             "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+             "_scaled_dot_product_flash_attention_for_cpu")
+    return {getattr(torch.ops.aten, n).default for n in names if hasattr(torch.ops.aten, n)}
+
+
+def _selective_policy(ctx, func, *args, **kwargs):
+    return CheckpointPolicy.MUST_SAVE if func in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+_SAVED_OPS = _saved_ops()
+
+
+def _checkpoint_kwargs(policy: str) -> dict:
+    if policy == "full":
+        return {}
+    if policy == "selective":
+        # collectives (the EP all-to-all) are not saved: they run again in the recompute, as with "full"
+        return dict(context_fn=lambda: create_selective_checkpoint_contexts(_selective_policy))
+    raise ValueError(f"checkpoint policy '{policy}' is not supported; accepted: 'full', 'selective'")
 
 
 def default_positions(attention_mask, b, s, past, device):
