@@ -96,11 +96,9 @@ def resolve_sizes(run: TrainConfig, model: OpenMoeConfig, world: int) -> Paralle
     if run.hierarchical_alltoall and run.dropless:
         raise ValueError("--hierarchical_alltoall needs equal splits (capacity routing): drop --dropless")
     if run.use_layernorm_kernel:
-        try:
-            import apex.normalization  # noqa: F401
-        except ImportError:
-            raise ValueError("--use_layernorm_kernel needs NVIDIA apex, which is not installed") from None
-        raise NotImplementedError("--use_layernorm_kernel: apex fused RMSNorm is not wired yet")
+        from openmoe.kernels import fused_rmsnorm_kernel
+
+        fused_rmsnorm_kernel()  # raises the one-line error when apex is missing
     sizes = ParallelSizes(world=world, ep=ep, pp=pp, moe_dp=world // (pp * ep), dp=world // pp)
     return _pipeline_sizes(run, model, sizes) if pp > 1 else sizes
 

@@ -48,3 +48,52 @@ def test_unknown_checkpoint_policy_is_refused():
     model.model.gradient_checkpointing, model.model.checkpoint_policy = True, "some"
     with pytest.raises(ValueError, match="checkpoint policy 'some' is not supported; accepted: 'full', 'selective'"):
         model(torch.randint(3, 700, (1, 4)))
+
+
+def fake_apex(monkeypatch, calls):
+    """An `apex.normalization.fused_layer_norm` stand-in with apex's signature and math (fp32 statistics, weight
+    applied in fp32, result in the input dtype), counting calls: tests the wiring, not the CUDA kernel."""
+    import sys
+    import types
+
+    def fused_rms_norm_affine(x, weight, normalized_shape, eps):
+        calls.append(tuple(normalized_shape))
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
+
+    mod = types.ModuleType("apex.normalization.fused_layer_norm")
+    mod.fused_rms_norm_affine = fused_rms_norm_affine
+    for name in ("apex", "apex.normalization"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "apex.normalization.fused_layer_norm", mod)
+
+
+def test_fused_rmsnorm_switch_runs_every_norm_and_matches_reference(monkeypatch):
+    from openmoe.kernels import use_fused_rmsnorm
+
+    torch.manual_seed(0)
+    model = OpenMoeForCausalLM(preset("tiny")).double().eval()
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            torch.nn.init.uniform_(p, 0.5, 1.5)  # not all ones, so the weight's place in the formula matters
+    ids = torch.randint(3, 700, (2, 10))
+    ref = model(ids).logits
+    calls = []
+    fake_apex(monkeypatch, calls)
+    n = use_fused_rmsnorm(model)
+    cfg = model.config
+    moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+    assert n == 2 * cfg.num_hidden_layers + moe_layers + 1  # input + post-attention, extra-MLP pre-norm, final
+    got = model(ids).logits
+    assert len(calls) == n and set(calls) == {(cfg.hidden_size,)}
+    assert torch.allclose(got, ref, atol=1e-5)  # both normalise in fp32; the weight product rounds differently
+
+
+def test_fused_rmsnorm_without_apex_is_one_clear_error(monkeypatch):
+    import sys
+
+    from openmoe.kernels import use_fused_rmsnorm
+
+    monkeypatch.setitem(sys.modules, "apex", None)
+    with pytest.raises(ValueError, match="--use_layernorm_kernel needs NVIDIA apex .* install apex or drop"):
+        use_fused_rmsnorm(OpenMoeForCausalLM(preset("tiny")))
