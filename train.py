@@ -21,21 +21,34 @@ import torch.distributed as dist
 
 from openmoe import trainer
 from openmoe.metrics import MetricsWriter
+from openmoe.parallel.load_balance import check_load_balance
 from openmoe.parallel.plugins import build_plugin, fix_grad_clipping, resolve_sizes
 from openmoe.run_config import TrainConfig, parse_args
 
 
-def log_step(writer, bar, step, stats, lr, grad_norm, tok_per_s):
+def log_step(writer, bar, step, stats, lr, grad_norm, tok_per_s, moves=None):
     record = {"loss": stats.loss, "ce_loss": stats.ce_loss, "z_loss": stats.z_loss, "aux_loss": stats.aux_loss,
               "router_z_loss": stats.router_z_loss, "lr": lr, "tokens": stats.tokens, "tokens_per_s": tok_per_s,
               "dropped_fraction": stats.dropped_fraction, "tokens_per_expert": stats.tokens_per_expert}
     if grad_norm is not None:
         record["grad_norm"] = float(grad_norm)
+    if moves is not None:
+        record.update(rebalance_record(moves))
     if torch.cuda.is_available():
         record["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30  # rank 0
     writer.log(step, record)
     bar.set_postfix(loss=f"{stats.loss:.3f}", aux=f"{stats.aux_loss:.4f}", z=f"{stats.z_loss:.3f}",
                     lr=f"{lr:.2e}", tok_s=f"{tok_per_s:.0f}", refresh=False)
+
+
+def rebalance_record(moves) -> dict:
+    """--load_balance: per MoE layer the EP-rank loads (tokens routed since the previous rebalance) under the old and
+    the new placement and the experts swapped; plus scalars (worst layer's max/mean rank load) for TensorBoard."""
+    return {"rebalance": [{"layer": m.layer, "rank_loads_before": m.rank_loads_before,
+                           "rank_loads_after": m.rank_loads_after, "swaps": m.swaps} for m in moves],
+            "rank_load_max_over_mean_before": max(m.max_over_mean(m.rank_loads_before) for m in moves),
+            "rank_load_max_over_mean_after": max(m.max_over_mean(m.rank_loads_after) for m in moves),
+            "expert_swaps": sum(len(m.swaps) for m in moves)}
 
 
 def run_training(run: TrainConfig) -> None:
@@ -45,6 +58,7 @@ def run_training(run: TrainConfig) -> None:
     rank, world, device = trainer.init_distributed(run.seed)
     cfg = trainer.model_config(run)
     sizes = resolve_sizes(run, cfg, world)
+    check_load_balance(run, sizes)
     trainer.check_output_path(run.output_path)
     plugin = build_plugin(run, sizes)
     tokenizer, batches = trainer.build_data(run, cfg, dist.get_rank(plugin.dp_group), sizes.dp)
@@ -56,10 +70,11 @@ def run_training(run: TrainConfig) -> None:
     model, optimizer, _, _, scheduler = booster.boost(model, optimizer, lr_scheduler=scheduler)
     fix_grad_clipping(optimizer)
     balancer = trainer.attach_bias_balancer(model, cfg, run, device) if run.balance_mode == "bias" else None
+    placement = trainer.build_placement(model, cfg, sizes.ep) if run.load_balance else None
 
     start = 0
     if run.resume:
-        resumed = trainer.load_resumable(model, optimizer, scheduler, run, balancer)
+        resumed = trainer.load_resumable(model, optimizer, scheduler, run, balancer, placement)
         if resumed is not None:
             start, data_state, path = resumed
             batches.load_state_dict(data_state)
@@ -95,19 +110,29 @@ def run_training(run: TrainConfig) -> None:
             bar.update(1)
             continue
         scheduler.step()
-        if balancer is not None:
-            balancer.update(trainer.step_expert_counts(outs, device))
-        if step % run.log_interval == 0 or step == total_steps:
-            stats = trainer.reduce_stats(outs, cfg, device)
-            if rank == 0:
+        trainer.count_expert_load(outs, device, balancer, placement)
+        logging = step % run.log_interval == 0 or step == total_steps
+        stats = trainer.reduce_stats(outs, cfg, device, placement) if logging else None  # this step's placement
+        moves = None
+        if placement is not None and step % run.load_balance_interval == 0 and step != total_steps:
+            moves = trainer.rebalance_experts(model, optimizer, placement)
+        if rank == 0:
+            if logging:
                 log_step(writer, bar, step, stats, scheduler.get_last_lr()[0], optimizer.get_grad_norm(),
-                         clock.update(stats.tokens * run.log_interval))
+                         clock.update(stats.tokens * run.log_interval), moves)
+            elif moves is not None:
+                writer.log(step, rebalance_record(moves))
+            if moves is not None:
+                print(f"\nstep {step}: expert rebalance: "
+                      + "; ".join(m.describe(placement.layer_names[m.layer]) for m in moves), flush=True)
         bar.update(1)
         if run.save_interval and step % run.save_interval == 0 and step != total_steps:
-            trainer.save_resumable(model, optimizer, scheduler, cfg, run, step, batches.state_dict(), balancer)
+            trainer.save_resumable(model, optimizer, scheduler, cfg, run, step, batches.state_dict(), balancer,
+                                   placement)
     bar.close()
-    trainer.save_resumable(model, optimizer, scheduler, cfg, run, total_steps, batches.state_dict(), balancer)
-    trainer.export_hf(model, cfg, tokenizer, f"{run.output_path}/hf")
+    trainer.save_resumable(model, optimizer, scheduler, cfg, run, total_steps, batches.state_dict(), balancer,
+                           placement)
+    trainer.export_hf(model, cfg, tokenizer, f"{run.output_path}/hf", placement)
     if rank == 0:
         writer.close()
         print(f"done: {total_steps} steps; resumable checkpoint under {trainer.checkpoint_root(run)}, "

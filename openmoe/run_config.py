@@ -50,8 +50,12 @@ class TrainConfig:
     activation_checkpointing: bool = _f(False, "recompute each decoder layer in backward")
     dropless: bool = _f(False, "route every token (no capacity, uneven all-to-all); off: capacity factor drops")
     # --- MoE balancing / overlap (issue #5) ---
-    load_balance: bool = _f(False, "expert placement rebalancing (not yet implemented)")
-    load_balance_interval: int = _f(1000, "steps between rebalances")
+    load_balance: bool = _f(False, "expert placement rebalancing: every load_balance_interval steps, experts trade "
+                                   "EP ranks (weights, fp32 masters, Adam moments and router rows move together) so "
+                                   "the busiest rank gets fewer tokens; checkpoints and exports keep the logical "
+                                   "expert order. Needs ep_size >= 2 and pp_size 1; off: no moves")
+    load_balance_interval: int = _f(1000, "with --load_balance: steps between rebalances (>= 1), each planned on the "
+                                          "tokens routed since the previous one")
     balance_mode: str = _f("none", "bias: auxiliary-loss-free balancing (DeepSeek-V3): a per-expert bias on the "
                                    "routing scores for expert selection only, nudged every step toward uniform load and "
                                    "saved in checkpoints; off: none", choices=("none", "bias"))

@@ -24,10 +24,11 @@ from openmoe.finetune import trainable_parameters
 from openmoe.model import OpenMoeForCausalLM
 from openmoe.moe import HAS_GROUPED_MM, OpenMoeSparseMLP
 from openmoe.parallel.expert_parallel import ExpertParallelMoE
-from openmoe.parallel.load_balance import BiasBalancer
+from openmoe.parallel.load_balance import BiasBalancer, ExpertPlacement, LayerRebalance, apply_placement, rebalance
 from openmoe.run_config import TrainConfig
 
 MANIFEST = "manifest.json"
+PLACEMENT = "expert_placement.pt"  # --load_balance: which expert each physical slot holds (ExpertPlacement)
 
 
 class TrainingStopped(RuntimeError):
@@ -156,8 +157,9 @@ class StepStats:
     dropped_fraction: float
 
 
-def reduce_stats(outs, cfg: OpenMoeConfig, device) -> StepStats:
+def reduce_stats(outs, cfg: OpenMoeConfig, device, placement: ExpertPlacement | None = None) -> StepStats:
     """Average loss parts over the ranks that hold outputs, sum token counts over them. One all-reduce per logged step.
+    With a placement (--load_balance) the per-expert counts are reported per logical expert, not per physical slot.
 
     Without a pipeline every rank holds outputs; with one only the last stage does (its outputs carry every MoE
     layer's statistics, see openmoe/parallel/pipeline.py), and the other ranks contribute zeros and are not counted.
@@ -175,8 +177,11 @@ def reduce_stats(outs, cfg: OpenMoeConfig, device) -> StepStats:
     flat = flat.to(device)
     dist.all_reduce(flat)
     ranks = flat[n + 1].item()
+    per_expert = flat[n + 2:-1].view(moe_shape).long().cpu()
+    if placement is not None:
+        per_expert = torch.stack([placement.to_logical(c, layer) for layer, c in enumerate(per_expert)])
     return StepStats(*(flat[:n] / ranks).tolist(), tokens=int(flat[n].item()),
-                     tokens_per_expert=flat[n + 2:-1].view(moe_shape).long().tolist(),
+                     tokens_per_expert=per_expert.tolist(),
                      dropped_fraction=float(flat[-1].item() / ranks))
 
 
@@ -273,10 +278,13 @@ def _master_params(optimizer) -> list[torch.Tensor]:
 
 
 def save_resumable(model, optimizer, scheduler, cfg: OpenMoeConfig, run: TrainConfig, step: int,
-                   data_state: dict, balancer: BiasBalancer | None = None) -> str:
+                   data_state: dict, balancer: BiasBalancer | None = None,
+                   placement: ExpertPlacement | None = None) -> str:
     """Resumable checkpoint: the model in HF format (experts gathered; what from_pretrained loads), each rank's
-    fp32 master shard and optimizer moments, the LR schedule, every rank's RNG, step and data position, and the
-    router balancing biases when --balance_mode bias.
+    fp32 master shard and optimizer moments, the LR schedule, every rank's RNG, step and data position, the
+    router balancing biases when --balance_mode bias, and the expert placement when --load_balance. The model and
+    the biases are written in the logical (published) expert order, the per-rank optimizer files in the physical
+    one (see ExpertPlacement).
 
     All ranks write into `step-N.tmp`; rank 0 writes the manifest last and renames the directory into place, so a
     save killed halfway leaves only a `.tmp` directory that resume ignores.
@@ -289,7 +297,7 @@ def save_resumable(model, optimizer, scheduler, cfg: OpenMoeConfig, run: TrainCo
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     dist.barrier()
-    sd = full_state_dict(model)
+    sd = full_state_dict(model, placement)
     if rank == 0:
         write_checkpoint(os.path.join(tmp, "model"), cfg, sd)
         torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
@@ -299,7 +307,9 @@ def save_resumable(model, optimizer, scheduler, cfg: OpenMoeConfig, run: TrainCo
                os.path.join(tmp, f"optimizer-rank{rank:05d}.pt"))
     torch.save(rng_state(), os.path.join(tmp, f"rng-rank{rank:05d}.pt"))
     if balancer is not None and rank == 0:  # identical on every rank: updated from all-reduced counts
-        torch.save(balancer.state_dict(), os.path.join(tmp, "router_bias.pt"))
+        torch.save(logical_bias_state(balancer, placement), os.path.join(tmp, "router_bias.pt"))
+    if placement is not None and rank == 0:  # identical on every rank: planned from all-reduced counts
+        torch.save(placement.state_dict(), os.path.join(tmp, PLACEMENT))
     dist.barrier()
     if rank == 0:
         with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
@@ -412,8 +422,10 @@ def rotate(root: str, keep_last: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def load_resumable(model, optimizer, scheduler, run: TrainConfig, balancer: BiasBalancer | None = None
-                   ) -> tuple[int, dict, str] | None:
+def load_resumable(model, optimizer, scheduler, run: TrainConfig, balancer: BiasBalancer | None = None,
+                   placement: ExpertPlacement | None = None) -> tuple[int, dict, str] | None:
+    """Restore the newest usable checkpoint. The model is loaded in the identity layout (each EP rank its contiguous
+    experts), then, with --load_balance, moved into the saved expert placement; the optimizer files are physical."""
     path = newest_usable_checkpoint(checkpoint_root(run))
     if path is None:
         return None
@@ -438,7 +450,17 @@ def load_resumable(model, optimizer, scheduler, run: TrainConfig, balancer: Bias
         if not os.path.isfile(bias_file):
             raise ValueError(f"--balance_mode bias: checkpoint {path} holds no router biases (it was trained without "
                              "bias balancing)")
-        balancer.load_state_dict(torch.load(bias_file, map_location="cpu"))
+        balancer.load_state_dict(torch.load(bias_file, map_location="cpu"))  # logical order
+    placement_file = os.path.join(path, PLACEMENT)
+    if os.path.isfile(placement_file):
+        if placement is None:
+            raise ValueError(f"checkpoint {path} was trained with --load_balance (its experts moved between ranks); "
+                             "resume it with --load_balance (any --load_balance_interval)")
+        placement.load_state_dict(torch.load(placement_file, map_location="cpu"))
+    elif placement is not None:
+        placement.reset()  # a checkpoint without a placement file: the identity placement
+    if placement is not None:
+        apply_placement(moe_layers(model), placement)  # weights, router rows, selection biases
     return state["step"], state["data"], path
 
 
@@ -474,14 +496,16 @@ def gather_full(model, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return {k: v for part in parts for k, v in part.items()} if parts is not None else None
 
 
-def full_state_dict(model) -> dict[str, torch.Tensor] | None:
-    """The single-device (published-layout) state dict of a boosted model, on global rank 0."""
-    return gather_full(model, model.unwrap().state_dict())
+def full_state_dict(model, placement: ExpertPlacement | None = None) -> dict[str, torch.Tensor] | None:
+    """The single-device (published-layout) state dict of a boosted model, on global rank 0; experts and router rows
+    in logical order when a placement has moved them."""
+    sd = gather_full(model, model.unwrap().state_dict())
+    return placement.to_logical_state_dict(sd) if sd is not None and placement is not None else sd
 
 
-def export_hf(model, cfg: OpenMoeConfig, tokenizer, directory: str) -> None:
+def export_hf(model, cfg: OpenMoeConfig, tokenizer, directory: str, placement: ExpertPlacement | None = None) -> None:
     """Write an HF-format checkpoint that `OpenMoeForCausalLM.from_pretrained` loads on one device."""
-    sd = full_state_dict(model)
+    sd = full_state_dict(model, placement)
     if sd is not None:
         write_checkpoint(directory, cfg, sd)
         tokenizer.save_pretrained(directory)
@@ -494,6 +518,46 @@ def attach_bias_balancer(model, cfg: OpenMoeConfig, run: TrainConfig, device) ->
     balancer = BiasBalancer(len(layers), cfg.num_experts, run.bias_update_rate)
     balancer.attach(layers, device)
     return balancer
+
+
+def logical_bias_state(balancer: BiasBalancer, placement: ExpertPlacement | None) -> dict:
+    """The balancer's state with its per-expert biases in logical order (they follow the router rows when experts
+    move; load_resumable moves them back with the rows)."""
+    state = balancer.state_dict()
+    if placement is not None:
+        state["bias"] = torch.stack([placement.to_logical(b, layer) for layer, b in enumerate(state["bias"])])
+    return state
+
+
+def moe_layers(model) -> list[ExpertParallelMoE]:
+    """The boosted model's expert-parallel MoE layers, in forward order (the order of every [layers, E] count)."""
+    return [m for m in model.unwrap().modules() if isinstance(m, ExpertParallelMoE)]
+
+
+def build_placement(model, cfg: OpenMoeConfig, ep_size: int) -> ExpertPlacement:
+    """--load_balance: the identity placement over this model's expert-parallel MoE layers."""
+    names = [name for name, m in model.unwrap().named_modules() if isinstance(m, ExpertParallelMoE)]
+    if len(names) != cfg.num_moe_layers:
+        raise ValueError(f"--load_balance needs every MoE layer expert-parallel; {len(names)} of "
+                         f"{cfg.num_moe_layers} are")
+    return ExpertPlacement(names, cfg.num_experts, ep_size)
+
+
+def rebalance_experts(model, optimizer, placement: ExpertPlacement) -> list[LayerRebalance]:
+    """--load_balance, every --load_balance_interval steps (after the optimizer step): move experts between EP ranks
+    by the load counted since the last rebalance. Collective over the world."""
+    return rebalance(moe_layers(model), placement, optimizer)
+
+
+def count_expert_load(outs, device, balancer: BiasBalancer | None, placement: ExpertPlacement | None) -> None:
+    """One all-reduce of this step's router choices, when --balance_mode bias or --load_balance needs them."""
+    if balancer is None and placement is None:
+        return
+    counts = step_expert_counts(outs, device)
+    if balancer is not None:
+        balancer.update(counts)
+    if placement is not None:
+        placement.record(counts)
 
 
 def step_expert_counts(outs, device) -> torch.Tensor:
