@@ -120,3 +120,94 @@ def lm_loss(
             ce_sum, z_sum = ce_sum + c, z_sum + z
     denom = count.clamp(min=1)
     return ce_sum / denom, z_loss_factor * z_sum / denom, count
+
+
+def _ce_chunk(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float, z_loss_factor: float):
+    """(CE sum, logsumexp^2 sum, d(CE sum + z_loss_factor * logsumexp^2 sum)/d logits in fp32) for one chunk.
+
+    Same soft targets q as `cross_entropy_sums` (q sums to 1), so dCE/dlogits = softmax - q, and
+    d(log_z^2)/dlogits = 2 log_z softmax. Padding labels (IGNORE_INDEX) contribute nothing.
+    """
+    lf = logits.float() if logits.element_size() < 4 else logits  # [t, V], at least fp32
+    v = lf.shape[-1]
+    valid = labels != IGNORE_INDEX
+    safe = labels.clamp(min=0)[:, None]
+    log_z = lf.logsumexp(dim=-1)  # [t]
+    nll = log_z - lf.gather(1, safe).squeeze(1)
+    low = label_smoothing / (v - 1) if label_smoothing > 0 else 0.0
+    hit = 1.0 - label_smoothing - low if label_smoothing > 0 else 1.0
+    ce = hit * nll + low * (v * log_z - lf.sum(dim=-1)) if label_smoothing > 0 else nll
+    grad = (lf - log_z[:, None]).exp_().mul_((1.0 + 2.0 * z_loss_factor * log_z)[:, None])
+    if low:
+        grad.sub_(low)
+    grad.scatter_add_(1, safe, torch.full_like(nll, -hit)[:, None])
+    grad.mul_(valid[:, None])
+    zero = torch.zeros((), dtype=ce.dtype, device=ce.device)
+    return torch.where(valid, ce, zero).sum(), torch.where(valid, log_z.square(), zero).sum(), grad
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    """LM head + CE + output z-loss, chunk by chunk, with the gradient computed in the forward pass.
+
+    Per chunk: logits = h W^T, their loss sums, the fp32 gradient of (CE + z-loss) w.r.t. the logits, then
+    grad_h[chunk] = g W and grad_W += g^T h[chunk]. Neither the [T, V] logits nor any chunk's logits are kept, and
+    the head matmul is not recomputed in backward (the checkpointed `lm_loss` runs it 4 times per chunk, this 3).
+    Backward only scales the stored gradients by the incoming gradient of the summed loss.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, labels, label_smoothing, z_loss_factor, chunk_size, denom, chunk_fn):
+        grad_h = torch.empty_like(h) if h.requires_grad else None
+        grad_w = torch.zeros_like(weight) if weight.requires_grad else None
+        ce_sum = z_sum = torch.zeros((), dtype=torch.promote_types(h.dtype, torch.float32), device=h.device)
+        for start in range(0, h.shape[0], chunk_size):
+            sl = slice(start, start + chunk_size)
+            c, z, g = chunk_fn(F.linear(h[sl], weight), labels[sl], label_smoothing, z_loss_factor)
+            ce_sum, z_sum = ce_sum + c, z_sum + z
+            g = (g / denom).to(weight.dtype)  # [t, V]
+            if grad_h is not None:
+                torch.mm(g, weight, out=grad_h[sl])
+            if grad_w is not None:
+                grad_w.addmm_(g.t(), h[sl])
+        ctx.save_for_backward(grad_h, grad_w)
+        ce, z = ce_sum / denom, z_loss_factor * z_sum / denom
+        ctx.mark_non_differentiable(ce, z)
+        return ce + z, ce, z
+
+    @staticmethod
+    def backward(ctx, grad_total, _ce, _z):
+        grad_h, grad_w = ctx.saved_tensors
+        return (None if grad_h is None else grad_h * grad_total.to(grad_h.dtype),
+                None if grad_w is None else grad_w * grad_total.to(grad_w.dtype), None, None, None, None, None, None)
+
+
+_compiled_ce_chunk = None
+
+
+def fused_lm_loss(
+    hidden: torch.Tensor,  # [B, S, H], final-normed
+    lm_head_weight: torch.Tensor,  # [V, H]
+    labels: torch.Tensor,  # [B, S]
+    label_smoothing: float,
+    z_loss_factor: float,
+    chunk_size: int = 1024,
+    compile_chunk: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(CE + weighted output z-loss, CE, weighted z-loss, number of valid tokens): `lm_loss`'s values, with the
+    gradient computed in the forward pass (`_FusedLinearCrossEntropy`). Only the first value carries a gradient.
+
+    compile_chunk: run the per-chunk softmax/gradient math through torch.compile (one fused kernel instead of a few
+    passes over the [chunk, V] fp32 logits); needs a working inductor backend (triton on GPU).
+    """
+    global _compiled_ce_chunk
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # [T, H]
+    y = labels[:, 1:].reshape(-1)  # [T]
+    count = (y != IGNORE_INDEX).sum()
+    chunk_fn = _ce_chunk
+    if compile_chunk:
+        if _compiled_ce_chunk is None:
+            _compiled_ce_chunk = torch.compile(_ce_chunk, dynamic=False)
+        chunk_fn = _compiled_ce_chunk
+    total, ce, z = _FusedLinearCrossEntropy.apply(h, lm_head_weight, y, label_smoothing, z_loss_factor, chunk_size,
+                                                  count.clamp(min=1), chunk_fn)
+    return total, ce, z, count

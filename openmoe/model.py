@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from openmoe.config import OpenMoeConfig
-from openmoe.losses import lm_loss
+from openmoe.losses import fused_lm_loss, lm_loss
 from openmoe.moe import MoeAux, OpenMoeSparseMLP, swiglu
 
 KVCache = list  # per layer: (k [B, N, L, D], v [B, N, L, D])
@@ -284,6 +284,10 @@ class OpenMoeForCausalLM(nn.Module):
         self.model = OpenMoeModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.lm_head_chunk_size: int | None = 1024  # tokens per LM-head/loss chunk in training; None = one pass
+        # "fused": head + loss with the gradient computed chunk by chunk in the forward pass (losses.fused_lm_loss);
+        # "chunked": the autograd reference, each chunk checkpointed (head recomputed in backward).
+        # "fused_compiled": fused, its per-chunk softmax math through torch.compile. Kernel switches, not config.
+        self.lm_loss_impl = "fused"
         if init:
             self.reset_parameters()
 
@@ -328,11 +332,19 @@ class OpenMoeForCausalLM(nn.Module):
             out.logits = self.lm_head(h).float()
         if labels is not None:
             cfg = self.config
-            ce, z, n = lm_loss(h, self.lm_head.weight, labels, cfg.label_smoothing, cfg.z_loss_factor,
-                               self.lm_head_chunk_size)
             aux, rz = router_losses(moe, cfg.router_aux_loss_factor, cfg.router_z_loss_factor, h)
+            if self.lm_loss_impl not in ("fused", "fused_compiled", "chunked"):
+                raise ValueError(f"lm_loss_impl '{self.lm_loss_impl}' is not supported; accepted: 'fused', "
+                                 f"'fused_compiled', 'chunked'")
+            if self.lm_loss_impl != "chunked" and torch.is_grad_enabled() and self.lm_head_chunk_size:
+                ce_z, ce, z, n = fused_lm_loss(h, self.lm_head.weight, labels, cfg.label_smoothing, cfg.z_loss_factor,
+                                               self.lm_head_chunk_size, self.lm_loss_impl == "fused_compiled")
+            else:
+                ce, z, n = lm_loss(h, self.lm_head.weight, labels, cfg.label_smoothing, cfg.z_loss_factor,
+                                   self.lm_head_chunk_size)
+                ce_z = ce + z
             out.loss, out.ce_loss, out.z_loss, out.aux_loss, out.router_z_loss, out.num_tokens = (
-                ce + z + aux + rz, ce, z, aux, rz, n)
+                ce_z + aux + rz, ce, z, aux, rz, n)
         return out
 
     # --- HF-format checkpoints and generation live in their own modules ---

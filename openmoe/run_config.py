@@ -39,6 +39,9 @@ class TrainConfig:
     tp_size: int = _f(1, "tensor parallel: not supported for OpenMoE, must be 1")
     sp_size: int = _f(1, "sequence parallel: not supported for OpenMoE, must be 1")
     zero_stage: int = _f(1, "ZeRO stage for the optimizer (EP needs >= 1; hybrid with pp > 1 needs <= 1)")
+    overlap_communication: bool = _f(False, "ZeRO gradient reduction during backward from per-parameter hooks, on a "
+                                            "side stream (ColossalAI's overlap_communication); needs zero_stage >= 1 "
+                                            "and no pipeline; off: reduced after backward")
     microbatch_size: int = _f(1, "hybrid only: pipeline micro-batch size")
     precision: str = _f("bf16", "parameter/compute precision (EP requires bf16 or fp16: ColossalAI's ZeRO rejects "
                                 "fp32)", choices=PRECISIONS)
@@ -48,6 +51,13 @@ class TrainConfig:
                                  "Attention always uses PyTorch SDPA (flash kernels on GPU)")
     use_layernorm_kernel: bool = _f(False, "apex fused RMSNorm (error if apex is absent)")
     activation_checkpointing: bool = _f(False, "recompute each decoder layer in backward")
+    ac_policy: str = _f("full", "with --activation_checkpointing: full keeps only each layer's input; selective also "
+                                "keeps matmul and attention outputs and recomputes only elementwise ops (more memory, "
+                                "no matmul recompute)", choices=("full", "selective"))
+    lm_loss_impl: str = _f("fused", "LM head + loss: fused computes the gradient chunk by chunk in the forward pass "
+                                    "(no logits kept, no head recompute); fused_compiled also runs the per-chunk "
+                                    "softmax math through torch.compile; chunked is the checkpointed autograd reference",
+                           choices=("fused", "fused_compiled", "chunked"))
     dropless: bool = _f(False, "route every token (no capacity, uneven all-to-all); off: capacity factor drops")
     # --- MoE balancing / overlap (issue #5) ---
     load_balance: bool = _f(False, "expert placement rebalancing: every load_balance_interval steps, experts trade "

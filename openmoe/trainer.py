@@ -97,6 +97,12 @@ def build_model(run: TrainConfig, cfg: OpenMoeConfig) -> OpenMoeForCausalLM:
             if isinstance(m, OpenMoeSparseMLP):
                 m.expert_impl = "grouped"
     model.model.gradient_checkpointing = run.activation_checkpointing
+    model.model.checkpoint_policy = run.ac_policy
+    model.lm_loss_impl = run.lm_loss_impl
+    if run.use_layernorm_kernel:
+        from openmoe.kernels import use_fused_rmsnorm
+
+        use_fused_rmsnorm(model)
     # frozen parameters get requires_grad False before the optimizer exists, so they never get optimizer state
     trainable_parameters(model, run.trainable, run.freeze_router)
     if run.dropless:

@@ -78,13 +78,10 @@ def resolve_sizes(run: TrainConfig, model: OpenMoeConfig, world: int) -> Paralle
                          f"fp32 master weights itself); got fp32")
     if run.zero_stage not in (0, 1, 2):
         raise ValueError(f"zero_stage ({run.zero_stage}) must be 0, 1 or 2")
-    if _overlap_communication(run) and (run.zero_stage < 1 or pp > 1):
+    if run.overlap_communication and (run.zero_stage < 1 or pp > 1):
         raise ValueError(f"--overlap_communication overlaps ZeRO's gradient reduction with backward: it needs "
                          f"zero_stage >= 1 (got {run.zero_stage}) and no pipeline (pp_size {pp}; with a pipeline "
                          f"ColossalAI reduces once after the schedule, so there is nothing to overlap)")
-    if run.load_balance:
-        raise NotImplementedError("--load_balance is not yet implemented (tracked in the balancing/overlap issue); "
-                                  "--balance_mode bias balances without moving experts")
     if run.comm_overlap < 0:
         raise ValueError(f"--comm_overlap ({run.comm_overlap}) must be >= 0 (number of chunks; 0 is off)")
     if run.comm_overlap and (run.dropless or run.hierarchical_alltoall):
@@ -124,10 +121,6 @@ def _pipeline_sizes(run: TrainConfig, model: OpenMoeConfig, sizes: ParallelSizes
     return replace(sizes, num_microbatches=num_microbatches, layers_per_stage=tuple(len(r) for r in ranges))
 
 
-def _overlap_communication(run: TrainConfig) -> bool:
-    return bool(getattr(run, "overlap_communication", False))  # a run option once run_config has the field
-
-
 def build_plugin(run: TrainConfig, sizes: ParallelSizes):
     from colossalai.booster.plugin import MoeHybridParallelPlugin
 
@@ -143,7 +136,7 @@ def build_plugin(run: TrainConfig, sizes: ParallelSizes):
         # the schedule and the policy's last stage must agree on M (see openmoe/parallel/pipeline.py)
         kwargs.update(num_microbatches=sizes.num_microbatches, num_layers_per_stage=list(sizes.layers_per_stage))
     plugin = MoeHybridParallelPlugin(**kwargs)
-    restore_zero_options(plugin, run.zero_stage, _overlap_communication(run))
+    restore_zero_options(plugin, run.zero_stage, run.overlap_communication)
     return plugin
 
 

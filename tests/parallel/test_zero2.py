@@ -169,7 +169,7 @@ def train(argv: list[str], zero: int, unused_probe: bool = False) -> dict:
 
     run = parse_args(["--batch_size", str(B), "--zero_stage", str(zero), "--precision", "bf16", "--lr", "1e-3",
                       "--warmup_steps", "1", "--lr_schedule", "constant", *argv])
-    run.overlap_communication = zero == 2  # until run_config has the field, build_plugin reads it with getattr
+    run.overlap_communication = zero == 2
     rank = dist.get_rank()
     cfg = trainer.model_config(run)
     sizes = resolve_sizes(run, cfg, dist.get_world_size())
