@@ -149,10 +149,14 @@ def _ce_chunk(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     """LM head + CE + output z-loss, chunk by chunk, with the gradient computed in the forward pass.
 
-    Per chunk: logits = h W^T, their loss sums, the fp32 gradient of (CE + z-loss) w.r.t. the logits, then
-    grad_h[chunk] = g W and grad_W += g^T h[chunk]. Neither the [T, V] logits nor any chunk's logits are kept, and
-    the head matmul is not recomputed in backward (the checkpointed `lm_loss` runs it 4 times per chunk, this 3).
-    Backward only scales the stored gradients by the incoming gradient of the summed loss.
+    Per chunk: logits = h W^T, their loss sums, the fp32 gradient g of (CE + z-loss) sums w.r.t. the logits, then
+    grad_h[chunk] = g W and grad_W += g^T h[chunk] in the weight dtype. Neither the [T, V] logits nor any chunk's
+    logits are kept, and the head matmul is not recomputed in backward (the checkpointed `lm_loss` runs it 4 times
+    per chunk, this 3). g is NOT divided by the token count before the cast: |g| <= 1 per token stays in fp16's
+    normal range, where g / T (T ~ 8k) would underflow (the autograd path avoids that through the loss scale).
+    Backward scales both stored gradients by (incoming gradient / T), read once as a Python float (one small host
+    sync per step), so the multiply runs in fp32 per element: a device scalar would first be rounded to the
+    gradient dtype (fp16 cannot hold a 65536 loss scale; bf16 would bias every element by the same rounding).
     """
 
     @staticmethod
@@ -164,21 +168,22 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             sl = slice(start, start + chunk_size)
             c, z, g = chunk_fn(F.linear(h[sl], weight), labels[sl], label_smoothing, z_loss_factor)
             ce_sum, z_sum = ce_sum + c, z_sum + z
-            g = (g / denom).to(weight.dtype)  # [t, V]
+            g = g.to(weight.dtype)  # [t, V]
             if grad_h is not None:
                 torch.mm(g, weight, out=grad_h[sl])
             if grad_w is not None:
                 grad_w.addmm_(g.t(), h[sl])
-        ctx.save_for_backward(grad_h, grad_w)
+        ctx.save_for_backward(grad_h, grad_w, denom)
         ce, z = ce_sum / denom, z_loss_factor * z_sum / denom
         ctx.mark_non_differentiable(ce, z)
         return ce + z, ce, z
 
     @staticmethod
     def backward(ctx, grad_total, _ce, _z):
-        grad_h, grad_w = ctx.saved_tensors
-        return (None if grad_h is None else grad_h * grad_total.to(grad_h.dtype),
-                None if grad_w is None else grad_w * grad_total.to(grad_w.dtype), None, None, None, None, None, None)
+        grad_h, grad_w, denom = ctx.saved_tensors
+        scale = (grad_total.double() / denom).item()  # host sync: see the class docstring
+        return (None if grad_h is None else grad_h * scale, None if grad_w is None else grad_w * scale,
+                None, None, None, None, None, None)
 
 
 _compiled_ce_chunk = None

@@ -138,3 +138,21 @@ def test_fused_head_loss_compiled_chunk_matches():
     gb = torch.autograd.grad(compiled[0], [h, w])
     for a, b in zip(ga, gb):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_fused_head_loss_fp16_under_a_loss_scale():
+    """fp16 with ColossalAI's initial loss scale (2^16, beyond fp16's largest finite 65504) and ~1e3 tokens: the
+    gradient is finite and close to the fp64 autograd one (neither the scale nor grad / T may round away)."""
+    torch.manual_seed(3)
+    h64 = torch.randn(4, 257, 32, dtype=torch.float64)
+    w64 = torch.randn(300, 32, dtype=torch.float64) * 0.1
+    labels = torch.randint(0, 300, (4, 257))
+    h, w = h64.half().requires_grad_(True), w64.half().requires_grad_(True)
+    total, *_ = fused_lm_loss(h, w, labels, 0.1, 1e-4, chunk_size=256)
+    got = torch.autograd.grad(total * 65536.0, [h, w])
+    h64.requires_grad_(True), w64.requires_grad_(True)
+    ce, z, _ = lm_loss(h64.half().double(), w64.half().double(), labels, 0.1, 1e-4, chunk_size=None)
+    want = torch.autograd.grad((ce + z) * 65536.0, [h64, w64])
+    for a, b in zip(got, want):
+        assert torch.isfinite(a).all()
+        assert ((a.double() - b).norm() / b.norm()).item() < 5e-3
