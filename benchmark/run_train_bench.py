@@ -1,0 +1,297 @@
+"""Every training-benchmark configuration in one run on the same GPU(s), then one table (and a PNG).
+
+    source scripts/offline_env.sh && python3 benchmark/run_train_bench.py --only 1gpu    # 1-GPU rows + MoE-layer bench
+    source scripts/offline_env.sh && python3 benchmark/run_train_bench.py --only 2gpu    # 2-GPU rows
+    python3 benchmark/run_train_bench.py --list                                            # names, groups, estimates
+    python3 benchmark/run_train_bench.py --tiny --jobs 2 --out /tmp/b   # CPU smoke: every kind, tiny, 1 and 2 procs
+    python3 benchmark/summarize_bench.py DIR [DIR ...]          # the table again, e.g. over both halves' outputs
+
+Each configuration is its own process group (`python -m torch.distributed.run --standalone --nproc_per_node N
+benchmark/train_bench.py ...`; a 1-GPU one as a single process with CUDA_VISIBLE_DEVICES=0 and the RANK/WORLD_SIZE/
+MASTER_* variables torchrun would set), with a timeout; one that fails (OOM, error,
+timeout) is recorded with its error line and the next one starts. `--budget_s` stops launching when the run would
+overrun the lent machine's per-command limit; skipped configurations are recorded as such.
+Output (OUT, else ./outputs/bench): NAME.json and NAME.log per configuration, summary.md, tokens_per_gpu.png.
+Edit GPU_CONFIGS below to change the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from benchmark.summarize_bench import summarize  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    nproc: int
+    kind: str  # ours | mixtral | naive | micro
+    args: tuple[str, ...]
+    timeout_s: int = 150
+    est_s: int = 45  # typical wall time on H200, for --list and the budget message
+
+    @property
+    def groups(self) -> set[str]:
+        """Names --only accepts: the config name, '1gpu'/'2gpu', the model ('8b', 'base', 'micro'), model-Ngpu."""
+        model = self.name.split("-")[0]
+        return {self.name, f"{self.nproc}gpu", model, f"{model}-{self.nproc}gpu", self.kind}
+
+
+# OpenMoE-8B shape truncated: hidden 2048, expert width 8192 (gate 2x8192), 32 experts top-2, 24 heads x 128, vocab
+# 256384, seq 2048; every layer MoE (--moe_layer_interval 1: the preset's 6 would leave a 2- or 4-layer model dense;
+# and baseline (a) has MoE in every layer). 4 sequences of 2048 per GPU per step (8,192 tokens), as baseline (a) was
+# measured before.
+E8 = ("--model", "8b", "--moe_layer_interval", "1", "--seq", "2048")
+L2, L4 = ("--layers", "2", "--batch_size", "4"), ("--layers", "4", "--batch_size", "4")
+# pipeline 2 x data 1: 8 rows per step (4 per GPU, as above) in 4 micro-batches of 2
+L4_PIPE = ("--layers", "4", "--batch_size", "8", "--pp_microbatch", "2")
+BASE = ("--model", "base", "--seq", "2048")  # full 12 layers, MoE every 4th (preset)
+B8 = ("--batch_size", "8")
+NAIVE_STEPS = ("--warmup", "2", "--steps", "4")  # the naive baseline is slow: fewer steps
+
+GPU_CONFIGS = [
+    # ---- 1 GPU (2 layers: ~5.5B parameters with every layer MoE, ~124 GiB at ZeRO-1's 24 bytes/parameter step peak)
+    Config("8b-L2-1gpu-ours-bmm", 1, "ours", E8 + L2 + ("--plugin", "ep")),
+    Config("8b-L2-1gpu-mixtral", 1, "mixtral", E8 + L2),
+    Config("8b-L2-1gpu-naive", 1, "naive", E8 + L2 + NAIVE_STEPS),
+    Config("8b-L2-1gpu-ours-grouped", 1, "ours", E8 + L2 + ("--plugin", "ep", "--use_kernel")),
+    Config("8b-L2-1gpu-ours-grouped-dropless", 1, "ours", E8 + L2 + ("--plugin", "ep", "--use_kernel", "--dropless")),
+    Config("8b-L2-1gpu-ours-llama_moe", 1, "ours",
+           E8 + L2 + ("--plugin", "ep", "--family", "llama_moe", "--use_kernel", "--dropless")),
+    Config("micro-moe-layer", 1, "micro", ("--model", "8b", "--tokens", "8192"), timeout_s=120, est_s=30),
+    Config("base-1gpu-ours", 1, "ours", BASE + B8 + ("--plugin", "ep"), timeout_s=120, est_s=30),
+    # ---- 2 GPUs (4 layers with EP 2 / pipeline 2: each GPU holds two layers' worth of experts)
+    Config("8b-L4-2gpu-ours-ep", 2, "ours", E8 + L4 + ("--plugin", "ep")),
+    Config("8b-L4-2gpu-mixtral", 2, "mixtral", E8 + L4),
+    Config("8b-L4-2gpu-naive", 2, "naive", E8 + L4 + NAIVE_STEPS),
+    Config("8b-L4-2gpu-ours-hybrid", 2, "ours",
+           E8 + L4_PIPE + ("--plugin", "hybrid", "--pp_size", "2", "--ep_size", "1", "--use_kernel")),
+    # ep_zero replicates every expert on both GPUs: only the 2-layer model fits (~77 GiB vs ~140 GiB at 4 layers)
+    Config("8b-L2-2gpu-ours-ep_zero", 2, "ours", E8 + L2 + ("--plugin", "ep_zero", "--extra_dp_size", "2",
+                                                           "--use_kernel")),
+    Config("base-2gpu-ours-ep", 2, "ours", BASE + B8 + ("--plugin", "ep"), timeout_s=120, est_s=30),
+    Config("base-2gpu-ours-ep_zero", 2, "ours", BASE + B8 + ("--plugin", "ep_zero", "--extra_dp_size", "2",
+                                                             "--use_kernel"), timeout_s=120, est_s=30),
+    Config("base-2gpu-ours-hybrid", 2, "ours", BASE + ("--plugin", "hybrid", "--pp_size", "2", "--ep_size", "1",
+                                                       "--batch_size", "16", "--pp_microbatch", "4", "--use_kernel"),
+           timeout_s=120, est_s=30),
+]
+
+TINY = ("--model", "tiny", "--seq", "64", "--batch_size", "2", "--warmup", "1", "--steps", "2", "--profile_steps", "1")
+TINY_MIXTRAL = TINY + ("--moe_layer_interval", "1")
+TINY_CONFIGS = [
+    Config("tiny-1p-ours", 1, "ours", TINY + ("--plugin", "ep", "--use_kernel"), timeout_s=150),
+    Config("tiny-1p-mixtral", 1, "mixtral", TINY_MIXTRAL, timeout_s=150),
+    Config("tiny-1p-naive", 1, "naive", TINY, timeout_s=150),
+    Config("tiny-2p-ours", 2, "ours", TINY + ("--plugin", "ep"), timeout_s=150),
+    Config("tiny-2p-mixtral", 2, "mixtral", TINY_MIXTRAL, timeout_s=150),
+    Config("tiny-2p-naive", 2, "naive", TINY, timeout_s=150),
+    Config("tiny-micro", 1, "micro", ("--model", "tiny", "--tokens", "128", "--iters", "1", "--warmup", "1"),
+           timeout_s=150),
+]
+
+
+def command(cfg: Config, out: str) -> list[str]:
+    py = sys.executable
+    if cfg.kind == "micro":
+        return [py, os.path.join(ROOT, "benchmark", "moe_layer_bench.py"), *cfg.args, "--name", cfg.name, "--out", out]
+    script = [os.path.join(ROOT, "benchmark", "train_bench.py"), "--kind", cfg.kind, "--name", cfg.name, "--out", out,
+              *cfg.args]
+    if cfg.nproc == 1:  # what torchrun would set up for one process (launch_env), without the launcher's seconds
+        return [py, *script]
+    return [py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(cfg.nproc), *script]
+
+
+def launch_env(cfg: Config) -> dict:
+    env = dict(os.environ)
+    env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # less fragmentation near the memory limit
+    env.setdefault("OMP_NUM_THREADS", "1")
+    if cfg.nproc == 1:
+        env["CUDA_VISIBLE_DEVICES"] = "0"
+        if cfg.kind != "micro":
+            env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", GROUP_RANK="0",
+                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def error_line(log: str) -> str:
+    """The most telling line of a failed run's log: our own 'bench error:' line, else the last exception line."""
+    lines = [ln.strip() for ln in log.splitlines() if ln.strip()]
+    for pattern in (r"bench error: (.*)", r"^(\w+(Error|Exception)\b.*)$", r"(error.*)"):
+        hits = [m.group(1) for ln in lines if (m := re.search(pattern, ln, re.IGNORECASE))]
+        if hits:
+            return hits[-1][:400]
+    return lines[-1][:400] if lines else "no output"
+
+
+def read_record(path: str) -> dict | None:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def descendants(pid: int) -> list[int]:
+    """PIDs of every process below `pid` (Linux /proc). torchrun starts its workers in sessions of their own, so
+    signalling the launcher's process group does not reach them."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def stop(proc: subprocess.Popen) -> int | None:
+    """End a timed-out launch and everything it started (by PID): SIGTERM, 20 s grace, then SIGKILL. Workers that
+    stayed alive would hold GPU memory and starve the next configuration."""
+    pids = [proc.pid] + descendants(proc.pid)
+    for sig, grace in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + grace
+        while time.time() < deadline and _alive(pids):
+            time.sleep(0.2)
+        if not _alive(pids):
+            break
+    return proc.wait()
+
+
+def _alive(pids: list[int]) -> bool:
+    """Any of pids still running (a zombie waiting to be reaped counts as ended)."""
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] != "Z":
+                    return True
+        except OSError:
+            continue
+    return False
+
+
+def run_one(cfg: Config, out: str, timeout: float) -> dict:
+    record_path, log_path = os.path.join(out, f"{cfg.name}.json"), os.path.join(out, f"{cfg.name}.log")
+    if os.path.exists(record_path):
+        os.remove(record_path)  # never report a previous run's figures
+    env = launch_env(cfg)
+    start, timed_out = time.time(), False
+    with open(log_path, "w") as log:
+        log.write(" ".join(command(cfg, out)) + "\n")
+        log.flush()
+        proc = subprocess.Popen(command(cfg, out), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            rc = stop(proc)
+    wall = time.time() - start
+    record = read_record(record_path)
+    if rc != 0 or record is None:
+        with open(log_path, errors="replace") as f:
+            reason = f"timed out after {timeout:.0f} s" if timed_out else error_line(f.read())
+        if record is not None and "tokens_per_s_per_gpu" in record and not record.get("error"):
+            # the timed steps were recorded before the communication profile: keep them, say what is missing
+            record["note"] = f"failed after the timed steps ({reason}); all-to-all share missing"
+        else:
+            record = {**(record or {}), "name": cfg.name, "kind": cfg.kind, "gpus": cfg.nproc,
+                      "error": (record or {}).get("error") or reason}
+    record.update(wall_s=wall, exit_code=rc, command=" ".join(command(cfg, out)))
+    with open(record_path, "w") as f:
+        json.dump(record, f, indent=1)
+    return record
+
+
+def select(configs: list[Config], only: str | None) -> list[Config]:
+    if not only:
+        return configs
+    wanted = {w.strip() for w in only.split(",") if w.strip()}
+    chosen = [c for c in configs if c.groups & wanted]
+    unknown = wanted - set().union(*(c.groups for c in configs))
+    if unknown:
+        raise SystemExit(f"--only: unknown name(s) {sorted(unknown)}; accepted: "
+                         f"{sorted(set().union(*(c.groups for c in configs)))}")
+    return chosen
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default=os.environ.get("OUT") or os.path.join(ROOT, "outputs", "bench"))
+    p.add_argument("--only", help="comma-separated names or groups (1gpu, 2gpu, 8b, base, micro, 8b-1gpu, a config "
+                                  "name, a kind: ours/mixtral/naive)")
+    p.add_argument("--tiny", action="store_true", help="CPU smoke configurations instead of the GPU table")
+    p.add_argument("--budget_s", type=float, default=560, help="stop launching configurations after this long")
+    p.add_argument("--list", action="store_true")
+    p.add_argument("--jobs", type=int, default=1, help="with --tiny: configurations run at a time (CPU smoke only)")
+    a = p.parse_args(argv)
+    configs = select(TINY_CONFIGS if a.tiny else GPU_CONFIGS, a.only)
+    if a.list:
+        for c in configs:
+            print(f"{c.name:36} {c.nproc} proc  ~{c.est_s:3d} s (timeout {c.timeout_s} s)  {' '.join(c.args)}")
+        print(f"total ~{sum(c.est_s for c in configs)} s")
+        return 0
+    if a.jobs > 1 and not a.tiny:
+        raise SystemExit("--jobs > 1 is for the CPU smoke run (--tiny): GPU configurations share the GPUs")
+    os.makedirs(a.out, exist_ok=True)
+    t0 = time.time()
+    print(f"{len(configs)} configurations, ~{sum(c.est_s for c in configs)} s estimated, budget {a.budget_s:.0f} s; "
+          f"output in {a.out}", flush=True)
+
+    def one(n_cfg):
+        n, cfg = n_cfg
+        left = a.budget_s - (time.time() - t0)
+        if left < max(25, 0.75 * cfg.est_s):  # it would be killed before finishing: record why it is missing
+            rec = {"name": cfg.name, "kind": cfg.kind, "gpus": cfg.nproc,
+                   "error": f"skipped: time budget ({a.budget_s:.0f} s, --budget_s) used up"}
+            with open(os.path.join(a.out, f"{cfg.name}.json"), "w") as f:
+                json.dump(rec, f, indent=1)
+            print(f"[{n}/{len(configs)}] {cfg.name}: skipped (budget)", flush=True)
+            return
+        rec = run_one(cfg, a.out, min(cfg.timeout_s, left))
+        status = f"ERROR {rec['error']}" if rec.get("error") else (
+            f"ok {rec.get('tokens_per_s_per_gpu', 0):,.0f} tok/s/GPU" if cfg.kind != "micro" else "ok")
+        print(f"[{n}/{len(configs)}] {cfg.name}: {status} ({rec['wall_s']:.0f} s; {time.time() - t0:.0f} s total)",
+              flush=True)
+
+    with ThreadPoolExecutor(a.jobs) as pool:
+        list(pool.map(one, enumerate(configs, 1)))
+    summarize([a.out], names=[c.name for c in configs])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
