@@ -241,7 +241,7 @@ def train_step(model, booster, optimizer, batches_iter, grad_accum: int, device,
     non-finite value anywhere shows up in some rank's partition, and the flag is all-reduced. fp16 leaves gradient
     overflow to its loss scaler, which skips such steps itself. poison_grad: fault injection for tests (OPENMOE_FAULT_NAN_GRAD_STEPS).
     """
-    batches = [{k: v.to(device) for k, v in next(batches_iter).items()} for _ in range(grad_accum)]
+    batches = to_device([next(batches_iter) for _ in range(grad_accum)], device)
     outs = forward_backward(model, booster, optimizer, batches, poison)
     grads = local_gradients(model, optimizer)
     if poison_grad and grads:
@@ -256,6 +256,17 @@ def train_step(model, booster, optimizer, batches_iter, grad_accum: int, device,
         optimizer.step()
     optimizer.zero_grad()
     return outs, applied
+
+
+def to_device(batches: list[dict], device) -> list[dict]:
+    """The step's CPU batches on the device. An attention mask of all ones (packed or unpadded rows) is dropped
+    while still on the CPU (no device sync): without it the model runs plain causal attention (SDPA's flash kernel;
+    an explicit mask forces a slower masked kernel), routes every token and counts positions from 0, which is
+    exactly what the all-ones mask meant. Dropped for all of the step's batches or none (pipeline micro-batches must
+    carry the same keys)."""
+    if all("attention_mask" in b and bool(b["attention_mask"].all()) for b in batches):
+        batches = [{k: v for k, v in b.items() if k != "attention_mask"} for b in batches]
+    return [{k: v.to(device) for k, v in b.items()} for b in batches]
 
 
 # ---------------------------------------------------------------- checkpoints

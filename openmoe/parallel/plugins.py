@@ -237,7 +237,8 @@ def fix_grad_clipping(optimizer) -> None:
     def unscale_and_clip(grad_groups_flat, total_norm):
         sq = torch.zeros((), dtype=torch.float64, device=grad_groups_flat[0].device if grad_groups_flat else "cpu")
         for g in grad_groups_flat:
-            sq += g.detach().double().square().sum()
+            # the fp32 upcast happens inside the reduction kernel: no full-size copy of the gradient
+            sq += torch.linalg.vector_norm(g.detach(), dtype=torch.float32).double().square()
         dist.all_reduce(sq)
         norm = float(sq.sqrt())  # still multiplied by the fp16 loss scale, as the original expects
         scaler = getattr(optimizer.mixed_precision_mixin, "grad_scaler", None)  # fp16 only: the loss scale

@@ -97,3 +97,18 @@ def test_fused_rmsnorm_without_apex_is_one_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "apex", None)
     with pytest.raises(ValueError, match="--use_layernorm_kernel needs NVIDIA apex .* install apex or drop"):
         use_fused_rmsnorm(OpenMoeForCausalLM(preset("tiny")))
+
+
+def test_all_ones_attention_mask_is_dropped_before_the_device_and_changes_nothing():
+    from openmoe.trainer import to_device
+
+    torch.manual_seed(0)
+    ids = torch.randint(3, 700, (2, 10))
+    full = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}
+    padded = {**full, "attention_mask": torch.ones_like(ids).index_fill(1, torch.tensor([8, 9]), 0)}
+    assert "attention_mask" not in to_device([full, full], "cpu")[0]
+    assert all("attention_mask" in b for b in to_device([full, padded], "cpu"))  # all of a step's batches or none
+    model = OpenMoeForCausalLM(preset("tiny")).double().train()
+    with_mask, without = model(**full), model(**to_device([full], "cpu")[0])
+    assert torch.allclose(with_mask.loss, without.loss, atol=1e-12)
+    assert torch.equal(with_mask.moe[0].tokens_per_expert, without.moe[0].tokens_per_expert)
