@@ -73,6 +73,13 @@ GPU_CONFIGS = [
     Config("8b-L2-1gpu-ours-grouped-dropless", 1, "ours", E8 + L2 + ("--plugin", "ep", "--use_kernel", "--dropless")),
     Config("8b-L2-1gpu-ours-llama_moe", 1, "ours",
            E8 + L2 + ("--plugin", "ep", "--family", "llama_moe", "--use_kernel", "--dropless")),
+    # the same 8,192-token micro-batches, 8 per optimizer step (a realistic global batch amortises the optimizer
+    # update of ~5.5B parameters), and the per-chunk softmax math of the fused LM-head loss compiled
+    Config("8b-L2-1gpu-ours-bmm-compiled", 1, "ours", E8 + L2 + ("--plugin", "ep", "--lm_loss_impl", "fused_compiled")),
+    Config("8b-L2-1gpu-ours-bmm-accum8", 1, "ours", E8 + L2 + ("--plugin", "ep", "--grad_accum", "8"), est_s=60),
+    Config("8b-L2-1gpu-ours-grouped-compiled-accum8", 1, "ours",
+           E8 + L2 + ("--plugin", "ep", "--use_kernel", "--lm_loss_impl", "fused_compiled", "--grad_accum", "8"),
+           est_s=60),
     Config("micro-moe-layer", 1, "micro", ("--model", "8b", "--tokens", "8192"), timeout_s=120, est_s=30),
     Config("base-1gpu-ours", 1, "ours", BASE + B8 + ("--plugin", "ep"), timeout_s=120, est_s=30),
     # ---- 2 GPUs (4 layers with EP 2 / pipeline 2: each GPU holds two layers' worth of experts)

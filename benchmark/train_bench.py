@@ -79,6 +79,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--use_kernel", action="store_true", help="grouped-GEMM experts (ep_size 1 only)")
     p.add_argument("--dropless", action="store_true", help="route every token (no capacity)")
     p.add_argument("--activation_checkpointing", action="store_true")
+    p.add_argument("--lm_loss_impl", choices=("fused", "fused_compiled", "chunked"), default="fused",
+                   help="ours: LM head + loss implementation (run option of the same name)")
+    p.add_argument("--grad_accum", type=int, default=1,
+                   help="ours: micro-batches per optimizer step (each of batch_size sequences); tokens/s counts all")
     # measurement
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=8)
@@ -206,7 +210,8 @@ def ours_layout(a, cfg: OpenMoeConfig, world: int):
     run = TrainConfig(model_name=a.model, plugin=a.plugin, extra_dp_size=a.extra_dp_size, pp_size=a.pp_size,
                       ep_size=a.ep_size if a.plugin == "hybrid" else None, microbatch_size=a.pp_microbatch,
                       batch_size=a.batch_size, max_length=a.seq, use_kernel=a.use_kernel, dropless=a.dropless,
-                      activation_checkpointing=a.activation_checkpointing, precision="bf16", zero_stage=1, lr=a.lr,
+                      activation_checkpointing=a.activation_checkpointing, lm_loss_impl=a.lm_loss_impl,
+                      grad_accum=a.grad_accum, precision="bf16", zero_stage=1, lr=a.lr,
                       warmup_steps=1, grad_clip=1.0, seed=a.seed, tensorboard=False)
     sizes = resolve_sizes(run, cfg, world)
     if a.use_kernel and sizes.ep > 1:
@@ -236,7 +241,8 @@ def build_ours(a, cfg, world: int, device) -> Bench:
     state = {"outs": None, "skipped": 0}
 
     def step(i):
-        outs, applied = trainer.train_step(model, booster, optimizer, iter([batches[i % len(batches)]]), 1, device,
+        micro = [batches[(i * a.grad_accum + j) % len(batches)] for j in range(a.grad_accum)]
+        outs, applied = trainer.train_step(model, booster, optimizer, iter(micro), a.grad_accum, device,
                                            check_grads=True)
         state["outs"], state["skipped"] = outs, state["skipped"] + (not applied)
 
@@ -249,7 +255,7 @@ def build_ours(a, cfg, world: int, device) -> Bench:
     family = "" if a.family == "openmoe" else f" {a.family} (Mixtral's architecture)"
     label = f"ours{family} ({impl}, {routing_mode})"
     layout = {"plugin": a.plugin, "ep": sizes.ep, "pp": sizes.pp, "dp": sizes.dp, "moe_dp": sizes.moe_dp}
-    return Bench(step, flops, layout, a.batch_size * a.seq * sizes.dp, sizes.ep > 1, routing, label)
+    return Bench(step, flops, layout, a.batch_size * a.seq * sizes.dp * a.grad_accum, sizes.ep > 1, routing, label)
 
 
 def build_mixtral(a, cfg, world: int, device) -> Bench:
@@ -434,7 +440,7 @@ def run(a) -> dict:
     t_init = time.time()
     gemm_peak = timing.gemm_peak_tflops(device)
     cfg = model_config(a)
-    options = ("use_kernel", "dropless", "activation_checkpointing", "no_attention_mask")
+    options = ("use_kernel", "dropless", "activation_checkpointing", "no_attention_mask", "lm_loss_impl", "grad_accum")
     base.update(layers=cfg.num_hidden_layers, moe_layers=cfg.num_moe_layers, family=a.family,
                 shape=f"{a.model}-L{cfg.num_hidden_layers}", options={k: getattr(a, k) for k in options})
     bench = BUILDERS[a.kind](a, cfg, world, device)

@@ -145,8 +145,10 @@ def lr_lambda(run: TrainConfig, total_steps: int):
 def build_optimizer(run: TrainConfig, model: torch.nn.Module, total_steps: int):
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]  # norms
+    # fused: one kernel per parameter group for the whole update (measured on an H200 at 5.5B parameters: the
+    # default foreach AdamW took ~100 ms a step, more than the forward+backward matmuls of 8k tokens)
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": run.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=run.lr, betas=(0.9, 0.95))
+                             {"params": no_decay, "weight_decay": 0.0}], lr=run.lr, betas=(0.9, 0.95), fused=True)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(run, total_steps))
 
 
@@ -248,7 +250,9 @@ def train_step(model, booster, optimizer, batches_iter, grad_accum: int, device,
         grads[0].view(-1)[0] = float("nan")
     ok = all(torch.isfinite(o.loss).all() for o in outs)
     if check_grads and grads:
-        ok = ok and bool(torch.stack([g.float().norm() for g in grads]).isfinite().all())  # a NaN/inf anywhere
+        # a NaN/inf anywhere; the fp32 upcast happens inside the norm kernel (no fp32 copy of the gradients)
+        norms = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads])
+        ok = ok and bool(norms.isfinite().all())
     finite = torch.tensor([float(ok)], device=device)
     dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # one flag: ranks without outputs (pipeline) vote 1
     applied = bool(finite.item())
