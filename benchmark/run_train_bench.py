@@ -64,18 +64,18 @@ BASE = ("--model", "base", "--seq", "2048")  # full 12 layers, MoE every 4th (pr
 B8 = ("--batch_size", "8")
 NAIVE_STEPS = ("--warmup", "2", "--steps", "4")  # the naive baseline is slow: fewer steps
 
-GPU_CONFIGS = [
+GPU_CONFIGS = [  # est_s of the 8B 1-GPU rows: measured 21-25 s each on an H200 (RESULTS.md)
     # ---- 1 GPU (2 layers: ~5.5B parameters with every layer MoE, ~124 GiB at ZeRO-1's 24 bytes/parameter step peak)
-    Config("8b-L2-1gpu-ours-bmm", 1, "ours", E8 + L2 + ("--plugin", "ep")),
-    Config("8b-L2-1gpu-mixtral", 1, "mixtral", E8 + L2),
-    Config("8b-L2-1gpu-naive", 1, "naive", E8 + L2 + NAIVE_STEPS),
-    Config("8b-L2-1gpu-ours-grouped", 1, "ours", E8 + L2 + ("--plugin", "ep", "--use_kernel")),
-    Config("8b-L2-1gpu-ours-grouped-dropless", 1, "ours", E8 + L2 + ("--plugin", "ep", "--use_kernel", "--dropless")),
+    Config("8b-L2-1gpu-ours-bmm", 1, "ours", E8 + L2 + ("--plugin", "ep"), est_s=30),
+    Config("8b-L2-1gpu-mixtral", 1, "mixtral", E8 + L2, est_s=30),
+    Config("8b-L2-1gpu-naive", 1, "naive", E8 + L2 + NAIVE_STEPS, est_s=30),
+    Config("8b-L2-1gpu-ours-grouped", 1, "ours", E8 + L2 + ("--plugin", "ep", "--use_kernel"), est_s=30),
+    Config("8b-L2-1gpu-ours-grouped-dropless", 1, "ours", E8 + L2 + ("--plugin", "ep", "--use_kernel", "--dropless"), est_s=30),
     Config("8b-L2-1gpu-ours-llama_moe", 1, "ours",
-           E8 + L2 + ("--plugin", "ep", "--family", "llama_moe", "--use_kernel", "--dropless")),
+           E8 + L2 + ("--plugin", "ep", "--family", "llama_moe", "--use_kernel", "--dropless"), est_s=30),
     # the same 8,192-token micro-batches, 8 per optimizer step (a realistic global batch amortises the optimizer
     # update of ~5.5B parameters), and the per-chunk softmax math of the fused LM-head loss compiled
-    Config("8b-L2-1gpu-ours-bmm-compiled", 1, "ours", E8 + L2 + ("--plugin", "ep", "--lm_loss_impl", "fused_compiled")),
+    Config("8b-L2-1gpu-ours-bmm-compiled", 1, "ours", E8 + L2 + ("--plugin", "ep", "--lm_loss_impl", "fused_compiled"), est_s=30),
     Config("8b-L2-1gpu-ours-bmm-accum8", 1, "ours", E8 + L2 + ("--plugin", "ep", "--grad_accum", "8"), est_s=60),
     Config("8b-L2-1gpu-ours-grouped-compiled-accum8", 1, "ours",
            E8 + L2 + ("--plugin", "ep", "--use_kernel", "--lm_loss_impl", "fused_compiled", "--grad_accum", "8"),
