@@ -64,24 +64,32 @@ BASE = ("--model", "base", "--seq", "2048")  # full 12 layers, MoE every 4th (pr
 B8 = ("--batch_size", "8")
 NAIVE_STEPS = ("--warmup", "2", "--steps", "4")  # the naive baseline is slow: fewer steps
 
-GPU_CONFIGS = [  # est_s of the 8B 1-GPU rows: measured 21-25 s each on an H200 (RESULTS.md)
+GPU_CONFIGS = [  # est_s of the 1-GPU rows: wall times measured on an H200 on 2026-11-23 (new rows: estimates)
     # ---- 1 GPU (2 layers: ~5.5B parameters with every layer MoE, ~124 GiB at ZeRO-1's 24 bytes/parameter step peak)
-    Config("8b-L2-1gpu-ours-bmm", 1, "ours", E8 + L2 + ("--plugin", "ep"), est_s=30),
-    Config("8b-L2-1gpu-mixtral", 1, "mixtral", E8 + L2, est_s=30),
-    Config("8b-L2-1gpu-naive", 1, "naive", E8 + L2 + NAIVE_STEPS, est_s=30),
-    Config("8b-L2-1gpu-ours-grouped", 1, "ours", E8 + L2 + ("--plugin", "ep", "--use_kernel"), est_s=30),
-    Config("8b-L2-1gpu-ours-grouped-dropless", 1, "ours", E8 + L2 + ("--plugin", "ep", "--use_kernel", "--dropless"), est_s=30),
+    Config("8b-L2-1gpu-ours-bmm", 1, "ours", E8 + L2 + ("--plugin", "ep"), est_s=32),
+    Config("8b-L2-1gpu-mixtral", 1, "mixtral", E8 + L2, est_s=32),
+    Config("8b-L2-1gpu-naive", 1, "naive", E8 + L2 + NAIVE_STEPS, est_s=18),
+    Config("8b-L2-1gpu-ours-grouped", 1, "ours", E8 + L2 + ("--plugin", "ep", "--use_kernel"), est_s=22),
+    Config("8b-L2-1gpu-ours-grouped-dropless", 1, "ours", E8 + L2 + ("--plugin", "ep", "--use_kernel", "--dropless"), est_s=23),
     Config("8b-L2-1gpu-ours-llama_moe", 1, "ours",
-           E8 + L2 + ("--plugin", "ep", "--family", "llama_moe", "--use_kernel", "--dropless"), est_s=30),
+           E8 + L2 + ("--plugin", "ep", "--family", "llama_moe", "--use_kernel", "--dropless"), est_s=20),
     # the same 8,192-token micro-batches, 8 per optimizer step (a realistic global batch amortises the optimizer
     # update of ~5.5B parameters), and the per-chunk softmax math of the fused LM-head loss compiled
-    Config("8b-L2-1gpu-ours-bmm-compiled", 1, "ours", E8 + L2 + ("--plugin", "ep", "--lm_loss_impl", "fused_compiled"), est_s=30),
-    Config("8b-L2-1gpu-ours-bmm-accum8", 1, "ours", E8 + L2 + ("--plugin", "ep", "--grad_accum", "8"), est_s=60),
+    Config("8b-L2-1gpu-ours-bmm-compiled", 1, "ours", E8 + L2 + ("--plugin", "ep", "--lm_loss_impl", "fused_compiled"), est_s=28),
+    Config("8b-L2-1gpu-ours-bmm-accum8", 1, "ours", E8 + L2 + ("--plugin", "ep", "--grad_accum", "8"), est_s=45),
     Config("8b-L2-1gpu-ours-grouped-compiled-accum8", 1, "ours",
            E8 + L2 + ("--plugin", "ep", "--use_kernel", "--lm_loss_impl", "fused_compiled", "--grad_accum", "8"),
-           est_s=60),
-    Config("micro-moe-layer", 1, "micro", ("--model", "8b", "--tokens", "8192"), timeout_s=120, est_s=30),
-    Config("base-1gpu-ours", 1, "ours", BASE + B8 + ("--plugin", "ep"), timeout_s=120, est_s=30),
+           est_s=47),
+    # the baselines and Mixtral's architecture at the same 8 micro-batches per step, each with its framework's own
+    # accumulation (ColossalAI booster.no_sync with ZeRO-1; DDP no_sync): ratios compare equal step sizes
+    Config("8b-L2-1gpu-mixtral-accum8", 1, "mixtral", E8 + L2 + ("--grad_accum", "8", "--warmup", "2", "--steps", "4"),
+           est_s=45),
+    Config("8b-L2-1gpu-naive-accum8", 1, "naive", E8 + L2 + ("--grad_accum", "8") + NAIVE_STEPS, est_s=35),
+    Config("8b-L2-1gpu-ours-llama_moe-compiled-accum8", 1, "ours",
+           E8 + L2 + ("--plugin", "ep", "--family", "llama_moe", "--use_kernel", "--dropless", "--lm_loss_impl",
+                      "fused_compiled", "--grad_accum", "8"), est_s=45),
+    Config("micro-moe-layer", 1, "micro", ("--model", "8b", "--tokens", "8192"), timeout_s=120, est_s=10),
+    Config("base-1gpu-ours", 1, "ours", BASE + B8 + ("--plugin", "ep"), timeout_s=120, est_s=28),
     # ---- 2 GPUs (4 layers with EP 2 / pipeline 2: each GPU holds two layers' worth of experts)
     Config("8b-L4-2gpu-ours-ep", 2, "ours", E8 + L4 + ("--plugin", "ep")),
     Config("8b-L4-2gpu-mixtral", 2, "mixtral", E8 + L4),
@@ -105,9 +113,10 @@ TINY_CONFIGS = [
     Config("tiny-1p-ours", 1, "ours", TINY + ("--plugin", "ep", "--use_kernel"), timeout_s=150),
     Config("tiny-1p-mixtral", 1, "mixtral", TINY_MIXTRAL, timeout_s=150),
     Config("tiny-1p-naive", 1, "naive", TINY, timeout_s=150),
-    Config("tiny-2p-ours", 2, "ours", TINY + ("--plugin", "ep"), timeout_s=150),
-    Config("tiny-2p-mixtral", 2, "mixtral", TINY_MIXTRAL, timeout_s=150),
-    Config("tiny-2p-naive", 2, "naive", TINY, timeout_s=150),
+    # 2 processes: each kind's gradient accumulation path too (2 micro-batches per optimizer step)
+    Config("tiny-2p-ours", 2, "ours", TINY + ("--plugin", "ep", "--grad_accum", "2"), timeout_s=150),
+    Config("tiny-2p-mixtral", 2, "mixtral", TINY_MIXTRAL + ("--grad_accum", "2"), timeout_s=150),
+    Config("tiny-2p-naive", 2, "naive", TINY + ("--grad_accum", "2"), timeout_s=150),
     Config("tiny-micro", 1, "micro", ("--model", "tiny", "--tokens", "128", "--iters", "1", "--warmup", "1"),
            timeout_s=150),
 ]

@@ -2,9 +2,10 @@
 
     python3 benchmark/summarize_bench.py DIR [DIR ...] [--md FILE] [--png FILE]     # e.g. both halves' outputs
 
-Ratios compare rows of the same model shape on the same number of GPUs: "x a" against baseline (a) (HF Mixtral with
-ColossalAI's policy), "x b" against baseline (b) (naive einsum MoE under DDP). tokens/s ratios compare equal token
-counts (OpenMoE does more FLOPs per token than Mixtral at the same shape); TFLOP/s ratios compare work rates.
+Ratios compare rows of the same model shape on the same number of GPUs with the same micro-batches per optimizer
+step (--grad_accum): "x a" against baseline (a) (HF Mixtral with ColossalAI's policy), "x b" against baseline (b)
+(naive einsum MoE under DDP). tokens/s ratios compare equal token counts (OpenMoE does more FLOPs per token than
+Mixtral at the same shape); TFLOP/s ratios compare work rates.
 """
 
 from __future__ import annotations
@@ -68,8 +69,13 @@ def routing_note(r: dict) -> str:
     return ", ".join(bits)
 
 
+def match_key(r: dict) -> tuple:
+    """Rows compared with each other: same model shape, GPU count and micro-batches per optimizer step."""
+    return r.get("shape"), r.get("gpus"), (r.get("options") or {}).get("grad_accum", 1)
+
+
 def ratios(r: dict, by_key: dict) -> tuple[str, str, str]:
-    key = (r.get("shape"), r.get("gpus"))
+    key = match_key(r)
     a, b = by_key.get(("mixtral",) + key), by_key.get(("naive",) + key)
 
     def ratio(base, field):
@@ -82,7 +88,7 @@ def ratios(r: dict, by_key: dict) -> tuple[str, str, str]:
 
 def train_table(records: list[dict]) -> list[str]:
     ok = [r for r in records if not r.get("error") and r.get("kind") in ("mixtral", "naive")]
-    by_key = {(r["kind"], r.get("shape"), r.get("gpus")): r for r in ok}
+    by_key = {(r["kind"],) + match_key(r): r for r in ok}
     head = ("| config | GPUs | layout | tokens/s/GPU | TFLOP/s/GPU | MFU % | % of GEMM peak | peak GiB | all-to-all % "
             "| tok/s x a | TFLOP/s x a | tok/s x b | notes |")
     lines = [head, "|" + "---|" * 13]

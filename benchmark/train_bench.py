@@ -82,7 +82,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lm_loss_impl", choices=("fused", "fused_compiled", "chunked"), default="fused",
                    help="ours: LM head + loss implementation (run option of the same name)")
     p.add_argument("--grad_accum", type=int, default=1,
-                   help="ours: micro-batches per optimizer step (each of batch_size sequences); tokens/s counts all")
+                   help="micro-batches per optimizer step (each of batch_size sequences; every kind, each with its "
+                        "own framework's accumulation: our trainer, booster.no_sync, DDP no_sync); tokens/s counts all")
     # measurement
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=8)
@@ -281,9 +282,12 @@ def build_mixtral(a, cfg, world: int, device) -> Bench:
     state = {"router_logits": None}
 
     def step(i):
-        batch = {k: v.to(device) for k, v in batches[i % len(batches)].items()}
-        out = model(**batch)
-        booster.backward(out.loss, optimizer)
+        n = a.grad_accum
+        for j in range(n):  # ColossalAI's own accumulation API: reduce (ZeRO-1) after the last micro-batch only
+            batch = {k: v.to(device) for k, v in batches[(i * n + j) % len(batches)].items()}
+            with booster.no_sync(model, optimizer) if j < n - 1 else contextlib.nullcontext():
+                out = model(**batch)
+                booster.backward(out.loss / n, optimizer)
         optimizer.step()
         optimizer.zero_grad()
         state["router_logits"] = out.router_logits
@@ -300,7 +304,7 @@ def build_mixtral(a, cfg, world: int, device) -> Bench:
     layout = {"plugin": "MoeHybridParallelPlugin (Mixtral policy)", "ep": world, "pp": 1, "dp": world, "moe_dp": 1}
     label = "baseline a: HF Mixtral + ColossalAI Mixtral policy (dropless)"
     # its EP block calls all_to_all_single even at ep_size 1 (a 1-rank group): that time counts too
-    return Bench(step, flops, layout, a.batch_size * a.seq * world, True, routing, label)
+    return Bench(step, flops, layout, a.batch_size * a.seq * world * a.grad_accum, True, routing, label)
 
 
 def build_naive(a, cfg, world: int, device) -> Bench:
@@ -321,9 +325,12 @@ def build_naive(a, cfg, world: int, device) -> Bench:
     state = {"outs": None}
 
     def step(i):
-        batch = {k: v.to(device) for k, v in batches[i % len(batches)].items()}
-        out = ddp(**batch)
-        out.loss.backward()
+        n = a.grad_accum
+        for j in range(n):  # DDP's accumulation: all-reduce after the last micro-batch only
+            batch = {k: v.to(device) for k, v in batches[(i * n + j) % len(batches)].items()}
+            with ddp.no_sync() if j < n - 1 else contextlib.nullcontext():
+                out = ddp(**batch)
+                (out.loss / n).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -334,7 +341,7 @@ def build_naive(a, cfg, world: int, device) -> Bench:
 
     layout = {"plugin": "torch DDP", "ep": 1, "pp": 1, "dp": world, "moe_dp": world}
     label = "baseline b: naive [T,E,C] einsum dispatch + expert loop, DDP, bf16 params"
-    return Bench(step, flops, layout, a.batch_size * a.seq * world, False, routing, label)
+    return Bench(step, flops, layout, a.batch_size * a.seq * world * a.grad_accum, False, routing, label)
 
 
 BUILDERS = {"ours": build_ours, "mixtral": build_mixtral, "naive": build_naive}
@@ -396,6 +403,7 @@ def profile_comm(bench: Bench, a, device, start: int) -> dict:
             timing.sync(device)
             wall = time.perf_counter() - t0
         c = timing.comm_seconds(prof)
+        c["breakdown"] = breakdown(prof, a.profile_steps, device.type == "cuda")
         if dist.get_rank() == 0 and device.type == "cuda":
             print(top_kernels(prof), flush=True)
     except Exception as e:  # the timing above is already recorded; say why this part is missing
@@ -405,7 +413,26 @@ def profile_comm(bench: Bench, a, device, start: int) -> dict:
     if oks < dist.get_world_size():
         return {"a2a_frac": None, "comm_frac": None, "comm_method": f"profile failed: {error or 'on another rank'}"}
     return {"a2a_frac": a2a / wall_sum, "comm_frac": comm / wall_sum, "comm_method": c["method"],
-            "profile_step_time_s": wall_sum / dist.get_world_size() / a.profile_steps}
+            "profile_step_time_s": wall_sum / dist.get_world_size() / a.profile_steps,
+            "profile_breakdown": c.get("breakdown")}
+
+
+def breakdown(prof, steps: int, gpu: bool, rows: int = 25) -> dict:
+    """This rank's time per step (ms; GPU kernel time on a GPU, CPU time otherwise) in each of the trainer's and
+    model's named ranges (openmoe.*: forward, backward, grad_check, optimizer_step; attention, moe, lm_head_loss
+    inside forward) and in the top operators by self time, with their calls per step. Ranges nest and operators
+    overlap ranges: shares, not a partition."""
+    total, self_total = (("device_time_total", "self_device_time_total") if gpu
+                         else ("cpu_time_total", "self_cpu_time_total"))
+    try:
+        events = prof.key_averages()
+        ranges = {e.key: round(getattr(e, total) / 1e3 / steps, 2) for e in events if e.key.startswith("openmoe.")}
+        top = sorted(events, key=lambda e: getattr(e, self_total), reverse=True)[:rows]
+        return {"time": "GPU kernel" if gpu else "CPU", "ranges_ms": ranges,
+                "top_ops_ms": [[e.key[:90], round(getattr(e, self_total) / 1e3 / steps, 2), e.count / steps]
+                               for e in top]}
+    except Exception as e:  # informational only; profiler attribute names move between torch versions
+        return {"error": f"{type(e).__name__}: {e}"[:200]}
 
 
 def top_kernels(prof, rows: int = 20) -> str:

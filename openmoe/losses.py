@@ -122,8 +122,11 @@ def lm_loss(
     return ce_sum / denom, z_loss_factor * z_sum / denom, count
 
 
-def _ce_chunk(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float, z_loss_factor: float):
-    """(CE sum, logsumexp^2 sum, d(CE sum + z_loss_factor * logsumexp^2 sum)/d logits in fp32) for one chunk.
+def _ce_chunk(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float, z_loss_factor: float,
+              grad_dtype: torch.dtype | None = None):
+    """(CE sum, logsumexp^2 sum, d(CE sum + z_loss_factor * logsumexp^2 sum)/d logits) for one chunk; the math runs
+    in fp32 (at least), the gradient is returned in grad_dtype (None: fp32). Compiled, the cast is part of the same
+    kernel, so no fp32 [chunk, V] gradient is written.
 
     Same soft targets q as `cross_entropy_sums` (q sums to 1), so dCE/dlogits = softmax - q, and
     d(log_z^2)/dlogits = 2 log_z softmax. Padding labels (IGNORE_INDEX) contribute nothing.
@@ -143,20 +146,23 @@ def _ce_chunk(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float
     grad.scatter_add_(1, safe, torch.full_like(nll, -hit)[:, None])
     grad.mul_(valid[:, None])
     zero = torch.zeros((), dtype=ce.dtype, device=ce.device)
+    grad = grad if grad_dtype is None else grad.to(grad_dtype)
     return torch.where(valid, ce, zero).sum(), torch.where(valid, log_z.square(), zero).sum(), grad
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     """LM head + CE + output z-loss, chunk by chunk, with the gradient computed in the forward pass.
 
-    Per chunk: logits = h W^T, their loss sums, the fp32 gradient g of (CE + z-loss) sums w.r.t. the logits, then
-    grad_h[chunk] = g W and grad_W += g^T h[chunk] in the weight dtype. Neither the [T, V] logits nor any chunk's
+    Per chunk: logits = h W^T, their loss sums, the gradient g of (CE + z-loss) sums w.r.t. the logits (computed in
+    fp32, returned in the weight dtype), then grad_h[chunk] = g W and grad_W += g^T h[chunk] in the weight dtype. Neither the [T, V] logits nor any chunk's
     logits are kept, and the head matmul is not recomputed in backward (the checkpointed `lm_loss` runs it 4 times
     per chunk, this 3). g is NOT divided by the token count before the cast: |g| <= 1 per token stays in fp16's
     normal range, where g / T (T ~ 8k) would underflow (the autograd path avoids that through the loss scale).
     Backward scales both stored gradients by (incoming gradient / T), read once as a Python float (one small host
     sync per step), so the multiply runs in fp32 per element: a device scalar would first be rounded to the
     gradient dtype (fp16 cannot hold a 65536 loss scale; bf16 would bias every element by the same rounding).
+    The scaling is in place (no second copy of the [V, H] weight gradient), so this backward can run only once: a
+    second backward through the same graph (retain_graph) raises instead of scaling twice.
     """
 
     @staticmethod
@@ -166,23 +172,27 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         ce_sum = z_sum = torch.zeros((), dtype=torch.promote_types(h.dtype, torch.float32), device=h.device)
         for start in range(0, h.shape[0], chunk_size):
             sl = slice(start, start + chunk_size)
-            c, z, g = chunk_fn(F.linear(h[sl], weight), labels[sl], label_smoothing, z_loss_factor)
-            ce_sum, z_sum = ce_sum + c, z_sum + z
-            g = g.to(weight.dtype)  # [t, V]
+            c, z, g = chunk_fn(F.linear(h[sl], weight), labels[sl], label_smoothing, z_loss_factor, weight.dtype)
+            ce_sum, z_sum = ce_sum + c, z_sum + z  # g: [t, V] in the weight dtype
             if grad_h is not None:
                 torch.mm(g, weight, out=grad_h[sl])
             if grad_w is not None:
                 grad_w.addmm_(g.t(), h[sl])
         ctx.save_for_backward(grad_h, grad_w, denom)
+        ctx.spent = False
         ce, z = ce_sum / denom, z_loss_factor * z_sum / denom
         ctx.mark_non_differentiable(ce, z)
         return ce + z, ce, z
 
     @staticmethod
     def backward(ctx, grad_total, _ce, _z):
+        if ctx.spent:
+            raise RuntimeError("fused_lm_loss's backward ran twice on one graph (retain_graph); it scales its stored "
+                               "gradients in place. Use lm_loss_impl 'chunked' for repeated backward passes")
+        ctx.spent = True
         grad_h, grad_w, denom = ctx.saved_tensors
         scale = (grad_total.double() / denom).item()  # host sync: see the class docstring
-        return (None if grad_h is None else grad_h * scale, None if grad_w is None else grad_w * scale,
+        return (None if grad_h is None else grad_h.mul_(scale), None if grad_w is None else grad_w.mul_(scale),
                 None, None, None, None, None, None)
 
 

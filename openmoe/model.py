@@ -154,12 +154,14 @@ class OpenMoeDecoderLayer(nn.Module):
 
     def forward(self, h, cos, sin, allowed, token_mask, past_kv=None):
         """Returns (h [B, S, H], (k, v), MoeAux or None)."""
-        a, kv = self.self_attn(self.input_layernorm(h), cos, sin, allowed, past_kv)
+        with torch.profiler.record_function("openmoe.attention"):  # a named range in profiles, nothing otherwise
+            a, kv = self.self_attn(self.input_layernorm(h), cos, sin, allowed, past_kv)
         h = h + a
         aux = None
         if self.is_moe:
             n = self.post_attention_layernorm(h)
-            m, aux = self.mlp(n, token_mask)
+            with torch.profiler.record_function("openmoe.moe"):
+                m, aux = self.mlp(n, token_mask)
             if self.has_shared:
                 m = m + self.shared_experts(n)
             h = h + m
@@ -336,13 +338,15 @@ class OpenMoeForCausalLM(nn.Module):
             if self.lm_loss_impl not in ("fused", "fused_compiled", "chunked"):
                 raise ValueError(f"lm_loss_impl '{self.lm_loss_impl}' is not supported; accepted: 'fused', "
                                  f"'fused_compiled', 'chunked'")
-            if self.lm_loss_impl != "chunked" and torch.is_grad_enabled() and self.lm_head_chunk_size:
-                ce_z, ce, z, n = fused_lm_loss(h, self.lm_head.weight, labels, cfg.label_smoothing, cfg.z_loss_factor,
-                                               self.lm_head_chunk_size, self.lm_loss_impl == "fused_compiled")
-            else:
-                ce, z, n = lm_loss(h, self.lm_head.weight, labels, cfg.label_smoothing, cfg.z_loss_factor,
-                                   self.lm_head_chunk_size)
-                ce_z = ce + z
+            with torch.profiler.record_function("openmoe.lm_head_loss"):
+                if self.lm_loss_impl != "chunked" and torch.is_grad_enabled() and self.lm_head_chunk_size:
+                    ce_z, ce, z, n = fused_lm_loss(h, self.lm_head.weight, labels, cfg.label_smoothing,
+                                                   cfg.z_loss_factor, self.lm_head_chunk_size,
+                                                   self.lm_loss_impl == "fused_compiled")
+                else:
+                    ce, z, n = lm_loss(h, self.lm_head.weight, labels, cfg.label_smoothing, cfg.z_loss_factor,
+                                       self.lm_head_chunk_size)
+                    ce_z = ce + z
             out.loss, out.ce_loss, out.z_loss, out.aux_loss, out.router_z_loss, out.num_tokens = (
                 ce_z + aux + rz, ce, z, aux, rz, n)
         return out

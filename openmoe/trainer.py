@@ -12,6 +12,7 @@ import shutil
 import sys
 import time
 import zlib
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -196,17 +197,34 @@ def reduce_stats(outs, cfg: OpenMoeConfig, device, placement: ExpertPlacement | 
 def forward_backward(model, booster, optimizer, batches: list[dict], poison: bool = False) -> list:
     """Loss and gradients of the mean loss over `batches` (gradient accumulation); returns the outputs this rank
     holds (all of them, or with a pipeline the last stage's per-micro-batch outputs). poison: fault injection for
-    tests (OPENMOE_FAULT_NAN_STEPS), makes the loss NaN."""
+    tests (OPENMOE_FAULT_NAN_STEPS), makes the loss NaN.
+
+    With ZeRO-1 the gradients are reduced once per step, after the last micro-batch: the earlier ones run under the
+    optimizer's no_sync(), so autograd sums them in p.grad and ZeRO's bucket copies, data-parallel all-reduces and
+    grad-store adds (several passes over every gradient) happen once per step instead of once per micro-batch.
+    ZeRO-2 reduce-scatters each micro-batch's gradients to free them (its point), so it keeps reducing every
+    micro-batch; ColossalAI refuses no_sync there.
+    """
     if booster.plugin.stage_manager is not None:
         return _pipeline_forward_backward(model, booster, optimizer, batches, poison)
+    defer = len(batches) > 1 and defers_reduction(optimizer)
     outs = []
-    for batch in batches:
-        out = model(**batch)
-        if poison:
-            out.loss = out.loss * float("nan")
-        booster.backward(out.loss / len(batches), optimizer)
+    for i, batch in enumerate(batches):
+        hold = optimizer.no_sync() if defer and i < len(batches) - 1 else nullcontext()
+        with hold:
+            with torch.profiler.record_function("openmoe.forward"):
+                out = model(**batch)
+            if poison:
+                out.loss = out.loss * float("nan")
+            with torch.profiler.record_function("openmoe.backward"):
+                booster.backward(out.loss / len(batches), optimizer)
         outs.append(out)
     return outs
+
+
+def defers_reduction(optimizer) -> bool:
+    """Whether `optimizer` is a ZeRO-1 optimizer that can hold gradient reduction back (colossalai's no_sync)."""
+    return getattr(optimizer, "_partition_grads", True) is False and hasattr(optimizer, "no_sync")
 
 
 def _pipeline_forward_backward(model, booster, optimizer, batches: list[dict], poison: bool = False) -> list:
@@ -248,17 +266,19 @@ def train_step(model, booster, optimizer, batches_iter, grad_accum: int, device,
     grads = local_gradients(model, optimizer)
     if poison_grad and grads:
         grads[0].view(-1)[0] = float("nan")
-    ok = all(torch.isfinite(o.loss).all() for o in outs)
-    if check_grads and grads:
-        # a NaN/inf anywhere; the fp32 upcast happens inside the norm kernel (no fp32 copy of the gradients)
-        norms = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads])
-        ok = ok and bool(norms.isfinite().all())
-    finite = torch.tensor([float(ok)], device=device)
-    dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # one flag: ranks without outputs (pipeline) vote 1
-    applied = bool(finite.item())
-    if applied:
-        optimizer.step()
-    optimizer.zero_grad()
+    with torch.profiler.record_function("openmoe.grad_check"):
+        ok = all(torch.isfinite(o.loss).all() for o in outs)
+        if check_grads and grads:
+            # a NaN/inf anywhere; the fp32 upcast happens inside the norm kernel (no fp32 copy of the gradients)
+            norms = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads])
+            ok = ok and bool(norms.isfinite().all())
+        finite = torch.tensor([float(ok)], device=device)
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # one flag: ranks without outputs (pipeline) vote 1
+        applied = bool(finite.item())
+    with torch.profiler.record_function("openmoe.optimizer_step"):
+        if applied:
+            optimizer.step()
+        optimizer.zero_grad()
     return outs, applied
 
 

@@ -5,9 +5,10 @@
         --batch_size 3 --microbatch_size 1 --precision fp16
 
 Builds the model, plugin and booster exactly as train.py does, runs forward/backward on a fixed global batch
-(each data-parallel rank its slice of B rows; with a pipeline, in micro-batches) through the trainer's step, and on
-rank 0 saves the logged statistics and every parameter's reduced gradient in the published single-device layout
-(experts gathered over their EP group, pipeline stages merged).
+(each data-parallel rank its slice of batch_size x grad_accum rows, as grad_accum accumulated micro-batches; with a
+pipeline, in pipeline micro-batches) through the trainer's step, and on rank 0 saves the logged statistics, every
+parameter's reduced gradient in the published single-device layout (experts gathered over their EP group, pipeline
+stages merged) and how many times ZeRO-1 reduced gradients (_sync_grad calls).
 """
 
 import os
@@ -51,6 +52,18 @@ def global_batch(rows: int, vocab: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
 
 
+def count_calls(obj, name: str) -> list[int]:
+    """Wrap obj.name to count its calls; returns the one-element counter."""
+    calls, fn = [0], getattr(obj, name)
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return fn(*args, **kwargs)
+
+    setattr(obj, name, counted)
+    return calls
+
+
 def main():
     out_file, argv = sys.argv[1], sys.argv[2:]
     run = parse_args(["--batch_size", str(B), *argv, "--grad_clip", "1e9", "--output_path", os.path.dirname(out_file)])
@@ -66,9 +79,12 @@ def main():
     model, optimizer, *_ = booster.boost(model, optimizer)
     fix_grad_clipping(optimizer)
     dp_rank = dist.get_rank(plugin.dp_group)
-    rows = slice(dp_rank * run.batch_size, (dp_rank + 1) * run.batch_size)
-    batch = {k: v[rows].to(device) for k, v in global_batch(sizes.dp * run.batch_size, cfg.vocab_size).items()}
-    outs = trainer.forward_backward(model, booster, optimizer, [batch])
+    per_rank = run.batch_size * run.grad_accum  # rows this rank runs in the step
+    rows = slice(dp_rank * per_rank, (dp_rank + 1) * per_rank)
+    batch = {k: v[rows].to(device) for k, v in global_batch(sizes.dp * per_rank, cfg.vocab_size).items()}
+    micro = [{k: v[i:i + run.batch_size] for k, v in batch.items()} for i in range(0, per_rank, run.batch_size)]
+    reductions = count_calls(optimizer, "_sync_grad")
+    outs = trainer.forward_backward(model, booster, optimizer, micro)
     # ZeRO keeps reduced grads in its own store; with a MoE data-parallel group of one rank (plugin ep), expert
     # grads need no reduction and stay in p.grad.
     scaler = getattr(optimizer.mixed_precision_mixin, "grad_scaler", None)  # fp16 gradients carry the loss scale
@@ -82,8 +98,8 @@ def main():
     grad_norm = optimizer.get_grad_norm()
     stats = trainer.reduce_stats(outs, cfg, device)
     if rank == 0:
-        torch.save({"loss": stats.loss, "stats": stats, "grads": grads, "grad_norm": grad_norm, "sizes": sizes},
-                   out_file)
+        torch.save({"loss": stats.loss, "stats": stats, "grads": grads, "grad_norm": grad_norm, "sizes": sizes,
+                    "zero_reductions": reductions[0]}, out_file)
     dist.destroy_process_group()
 
 

@@ -93,7 +93,9 @@ def test_every_kind_on_one_and_two_processes_gives_sane_records(tiny_run):
             continue
         assert r["gpus"] == c.nproc and r["kind"] == c.kind and r["shape"] == "tiny-L4"
         assert r["tokens_per_s_per_gpu"] > 0 and r["step_time_s"] > 0 and len(r["step_times_s"]) == 2
-        assert r["tokens_per_step"] == 2 * 64 * c.nproc  # batch 2 x seq 64 per data-parallel rank
+        # batch 2 x seq 64 per data-parallel rank and micro-batch; the 2-process rows accumulate 2 micro-batches
+        assert r["options"]["grad_accum"] == c.nproc
+        assert r["tokens_per_step"] == 2 * 64 * c.nproc * c.nproc
         want = hand_mixtral_flops_per_token() if c.kind == "mixtral" else hand_openmoe_flops_per_token()
         assert r["flops"]["flops_per_token"] == want, c.name
         achieved = want * r["tokens_per_s_per_gpu"]
@@ -106,6 +108,10 @@ def test_every_kind_on_one_and_two_processes_gives_sane_records(tiny_run):
             assert 0.0 < r["a2a_frac"] <= r["comm_frac"], c.name  # EP all-to-all over gloo
         if c.kind == "naive" or (c.kind == "ours" and c.nproc == 1):
             assert r["a2a_frac"] == 0.0
+    ranges = records["tiny-2p-ours"]["profile_breakdown"]["ranges_ms"]  # the trainer's named ranges, per step
+    for name in ("openmoe.forward", "openmoe.backward", "openmoe.optimizer_step", "openmoe.moe", "openmoe.lm_head_loss"):
+        assert ranges[name] > 0, (name, ranges)
+    assert ranges["openmoe.forward"] > ranges["openmoe.moe"]  # nested: MoE layers run inside the forward
     assert records["tiny-2p-ours"]["layout"] == {"plugin": "ep", "ep": 2, "pp": 1, "dp": 2, "moe_dp": 1}
     assert records["tiny-1p-ours"]["label"].startswith("ours (grouped GEMM")
     micro = records["tiny-micro"]
@@ -118,7 +124,7 @@ def test_every_kind_on_one_and_two_processes_gives_sane_records(tiny_run):
         if c.kind != "micro":
             assert f"| {c.name} |" in table
     assert "| grouped-dropless |" in table and "989 TFLOP/s" in table
-    # the ratio columns compare rows of the same shape and GPU count: baseline a against itself is 1.00
+    # the ratio columns compare rows of the same shape, GPU count and accumulation: baseline a against itself is 1.00
     row = next(line for line in table.splitlines() if line.startswith("| tiny-2p-mixtral |"))
     assert row.split("|")[10].strip() == "1.00"
 

@@ -47,9 +47,10 @@ def reference(args: list[str], sizes):
     run = parse_args(["--batch_size", str(B)] + args)
     cfg = trainer.model_config(run)
     model = build_test_model(run, cfg)
-    batch = global_batch(sizes.dp * run.batch_size, cfg.vocab_size)
-    rows = run.batch_size // sizes.num_microbatches
-    outs = [model(**{k: v[i:i + rows] for k, v in batch.items()}) for i in range(0, sizes.dp * run.batch_size, rows)]
+    total = sizes.dp * run.batch_size * run.grad_accum
+    batch = global_batch(total, cfg.vocab_size)
+    rows = run.batch_size * run.grad_accum // sizes.num_microbatches if sizes.pp > 1 else run.batch_size
+    outs = [model(**{k: v[i:i + rows] for k, v in batch.items()}) for i in range(0, total, rows)]
     loss = sum(o.loss for o in outs) / len(outs)
     loss.backward()
     return loss.item(), outs, {n: p.grad for n, p in model.named_parameters()}
@@ -61,6 +62,11 @@ CASES = {
     "ep-capacity-fp16": (2, ["--plugin", "ep", "--router_aux_loss_factor", "0.5", "--precision", "fp16"], 0.01, 1e-3),
     "ep_zero-fp16": (4, ["--plugin", "ep_zero", "--extra_dp_size", "2", "--precision", "fp16"], 0.01, 1e-3),
     "ep-bf16": (2, ["--plugin", "ep", "--precision", "bf16"], 0.05, 0.03),
+    # gradient accumulation: ZeRO-1 reduces once per step (no_sync for the first micro-batches), on the dense DP
+    # group (ep 2) and on the MoE data-parallel group (ep_zero: ep 1, MoE DP 2)
+    "ep-capacity-fp16-accum3": (2, ["--plugin", "ep", "--grad_accum", "3", "--precision", "fp16"], 0.01, 1e-3),
+    "ep_zero-fp16-accum2": (2, ["--plugin", "ep_zero", "--extra_dp_size", "2", "--grad_accum", "2",
+                                "--precision", "fp16"], 0.01, 1e-3),
     # 2 stages x ep 2, 3 micro-batches per rank (not a power of two: see openmoe/parallel/pipeline.py); large router
     # loss factors so that a stage-0 router loss reaching the loss with the wrong weight shows in the gate gradient
     "hybrid-pp2-ep2-fp16": (4, ["--plugin", "hybrid", "--pp_size", "2", "--ep_size", "2", "--batch_size", "3",
@@ -77,6 +83,8 @@ def test_plugin_step_matches_single_process(case, tmp_path):
     got = torch.load(out, weights_only=False)
     sizes = got["sizes"]
     assert sizes.dp * sizes.pp == nproc
+    if sizes.pp == 1:  # ZeRO-1 reduced the accumulated gradients once, not once per micro-batch
+        assert got["zero_reductions"] == 1
     ref_loss, ref_outs, ref_grads = reference(args, sizes)
     assert abs(got["loss"] - ref_loss) < loss_tol, (got["loss"], ref_loss)
     # the logged statistics mean the same with and without a pipeline (last stage gathers every stage's layers)

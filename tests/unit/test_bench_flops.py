@@ -91,4 +91,5 @@ def test_every_gpu_configuration_parses_and_its_layout_is_valid():
             train_bench.mixtral_config(cfg)
     assert {c.nproc for c in select(GPU_CONFIGS, "1gpu")} == {1}
     assert {c.nproc for c in select(GPU_CONFIGS, "2gpu")} == {2}
-    assert sum(c.est_s for c in select(GPU_CONFIGS, "1gpu")) < 400 > sum(c.est_s for c in select(GPU_CONFIGS, "2gpu"))
+    # each half inside one 10-minute command at the driver's default budget (540 s)
+    assert sum(c.est_s for c in select(GPU_CONFIGS, "1gpu")) < 460 > sum(c.est_s for c in select(GPU_CONFIGS, "2gpu"))
