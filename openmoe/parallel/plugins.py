@@ -217,22 +217,28 @@ def graph_leaves(loss) -> set[int]:
 
 
 def fix_grad_clipping(optimizer) -> None:
-    """Make ColossalAI's ZeRO gradient clipping use the true global gradient norm under expert parallelism.
+    """Make ColossalAI's ZeRO gradient clipping use the true global gradient norm under expert parallelism, computed
+    once, and apply the clipping (and fp16 unscaling) factor without an extra pass over the gradients.
 
     colossalai 0.5.0 (zero/low_level/low_level_optim.py step) adds the norms of its gradient stores linearly instead of
     in quadrature, and reduces the expert store's norm over the MoE data-parallel group only, so each EP rank sees a
     different, too large norm (measured 1.49 / 1.42 for a true 1.19) and clips by a different factor. Every rank's
     ZeRO partitions (dense over dp, experts over moe_dp, distinct experts across ep, distinct layers across pp: the
     stages share no parameter, lm_head being untied) are disjoint pieces of the full gradient, so one scalar
-    all-reduce over the world of their squared norms gives the exact global norm, which we hand to the original
-    clipping. tests/parallel/test_plugins.py checks it against a single process for ep, ep_zero and pp x ep.
+    all-reduce over the world of their squared norms gives the exact global norm. tests/parallel/test_plugins.py
+    checks it against a single process for ep, ep_zero and pp x ep.
+
+    Speed (the 1-GPU 8B profile in benchmark/RESULTS.md): colossalai's own norm (_compute_grad_norm, :637-690) copies
+    every gradient to fp64 and reads each norm back to the host; its result is discarded here, so it is replaced by
+    a constant. Its _unscale_and_clip_grads (:702-716) multiplies every fp32 gradient by 1 / divisor even when the
+    divisor is 1; here the divisor goes to the fused AdamW kernel as its grad_scale input (the way torch's GradScaler
+    unscales for fused optimizers), see divide_gradients.
     """
     import torch
     import torch.distributed as dist
 
     if not hasattr(optimizer, "_unscale_and_clip_grads"):
         return
-    original = optimizer._unscale_and_clip_grads
 
     def unscale_and_clip(grad_groups_flat, total_norm):
         sq = torch.zeros((), dtype=torch.float64, device=grad_groups_flat[0].device if grad_groups_flat else "cpu")
@@ -240,9 +246,33 @@ def fix_grad_clipping(optimizer) -> None:
             # the fp32 upcast happens inside the reduction kernel: no full-size copy of the gradient
             sq += torch.linalg.vector_norm(g.detach(), dtype=torch.float32).double().square()
         dist.all_reduce(sq)
-        norm = float(sq.sqrt())  # still multiplied by the fp16 loss scale, as the original expects
-        scaler = getattr(optimizer.mixed_precision_mixin, "grad_scaler", None)  # fp16 only: the loss scale
-        optimizer._current_grad_norm = norm / (scaler.scale.item() if scaler is not None else 1.0)
-        original(grad_groups_flat, norm)
+        norm = float(sq.sqrt())  # still multiplied by the fp16 loss scale
+        # colossalai's _unscale_and_clip_grads arithmetic, on the true norm
+        div_scale = 1.0
+        if optimizer.mixed_precision_mixin is not None:
+            div_scale = float(optimizer.mixed_precision_mixin.get_grad_div_scale())  # fp16: the loss scale
+        optimizer._current_grad_norm = norm / div_scale
+        if optimizer._clip_grad_norm > 0.0:
+            clip = (norm / div_scale + 1e-6) / optimizer._clip_grad_norm
+            if clip > 1:
+                div_scale = clip * div_scale
+        divide_gradients(optimizer.optim, grad_groups_flat, div_scale)
 
+    optimizer._compute_grad_norm = lambda *args, **kwargs: 0.0
     optimizer._unscale_and_clip_grads = unscale_and_clip
+
+
+def divide_gradients(inner, grads, div_scale: float) -> None:
+    """Have the next inner.step() use grads / div_scale. A fused Adam/AdamW divides inside its kernel (its grad_scale
+    input, set here for this step or cleared); any other optimizer gets the gradients divided in place, and nothing
+    happens when div_scale is 1."""
+    import torch
+
+    fused = isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)) and all(
+        g.get("fused") for g in inner.param_groups)
+    if fused:
+        inner.grad_scale = None if div_scale == 1.0 or not grads else torch.full(
+            (), div_scale, dtype=torch.float32, device=grads[0].device)
+    elif div_scale != 1.0:
+        for g in grads:
+            g.mul_(1.0 / div_scale)

@@ -25,6 +25,7 @@ from openmoe.run_config import parse_args  # noqa: E402
 
 B, S = 2, 12  # rows per data-parallel rank unless the case sets --batch_size; tokens per row
 ROUTER_SCALE = 10.0
+LR_CLIPPED = 1000.0
 
 
 def build_test_model(run, cfg):
@@ -66,7 +67,10 @@ def count_calls(obj, name: str) -> list[int]:
 
 def main():
     out_file, argv = sys.argv[1], sys.argv[2:]
-    run = parse_args(["--batch_size", str(B), *argv, "--grad_clip", "1e9", "--output_path", os.path.dirname(out_file)])
+    # > 0: one SGD step clipped to this norm, lr LR_CLIPPED so that the update dwarfs fp16/bf16 weight rounding
+    clip = float(os.environ.get("OPENMOE_TEST_CLIP", "0"))
+    run = parse_args(["--batch_size", str(B), *argv, "--grad_clip", str(clip or 1e9),
+                      "--output_path", os.path.dirname(out_file)])
     from colossalai.booster import Booster
 
     rank, world, device = trainer.init_distributed(run.seed)
@@ -74,7 +78,7 @@ def main():
     sizes = resolve_sizes(run, cfg, world)
     plugin = build_plugin(run, sizes)
     model = build_test_model(run, cfg)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR_CLIPPED if clip else 0.0)
     booster = Booster(plugin=plugin)
     model, optimizer, *_ = booster.boost(model, optimizer)
     fix_grad_clipping(optimizer)
@@ -94,12 +98,14 @@ def main():
         g = optimizer.get_param_grad(p)
         grads[name] = (p.grad if g is None else g).float() / scale
     grads = trainer.gather_full(model, grads)
-    optimizer.step()  # lr 0: computes the clipping norm, leaves the weights
+    before = trainer.gather_full(model, {n: p.detach().float().clone() for n, p in model.unwrap().named_parameters()})
+    optimizer.step()  # lr 0: computes the clipping norm, leaves the weights; else w -= lr * clipped gradient
     grad_norm = optimizer.get_grad_norm()
+    after = trainer.gather_full(model, {n: p.detach().float().clone() for n, p in model.unwrap().named_parameters()})
     stats = trainer.reduce_stats(outs, cfg, device)
     if rank == 0:
         torch.save({"loss": stats.loss, "stats": stats, "grads": grads, "grad_norm": grad_norm, "sizes": sizes,
-                    "zero_reductions": reductions[0]}, out_file)
+                    "zero_reductions": reductions[0], "update": {n: after[n] - before[n] for n in after}}, out_file)
     dist.destroy_process_group()
 
 

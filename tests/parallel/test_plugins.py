@@ -26,7 +26,7 @@ from openmoe.parallel.pipeline import Stage, stage_forward
 from openmoe.parallel.plugins import resolve_sizes
 from openmoe.run_config import TrainConfig, parse_args
 from tests.parallel.dist_utils import free_port
-from tests.parallel.plugin_worker import B, build_test_model, global_batch
+from tests.parallel.plugin_worker import LR_CLIPPED, B, build_test_model, global_batch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -75,11 +75,21 @@ CASES = {
 }
 
 
+# clipped for real: an SGD step with the gradient clipped to this global norm (well below the measured one), so the
+# weights move by exactly -lr * grad * clip / norm; with fp16 the same divisor also removes the loss scale
+CLIPPED = {"ep-capacity-fp16": 0.05, "ep_zero-fp16-accum2": 0.05}
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_plugin_step_matches_single_process(case, tmp_path):
     nproc, args, grad_tol, loss_tol = CASES[case]
     out = tmp_path / "grads.pt"
-    torchrun(nproc, "tests/parallel/plugin_worker.py", str(out), *args)
+    clip = CLIPPED.get(case)
+    os.environ["OPENMOE_TEST_CLIP"] = str(clip or 0)
+    try:
+        torchrun(nproc, "tests/parallel/plugin_worker.py", str(out), *args)
+    finally:
+        del os.environ["OPENMOE_TEST_CLIP"]
     got = torch.load(out, weights_only=False)
     sizes = got["sizes"]
     assert sizes.dp * sizes.pp == nproc
@@ -102,6 +112,19 @@ def test_plugin_step_matches_single_process(case, tmp_path):
     # the clipping norm is the true global norm (ColossalAI's own is wrong under EP; see fix_grad_clipping)
     ref_norm = torch.sqrt(sum(g.double().square().sum() for g in ref_grads.values())).item()
     assert abs(got["grad_norm"] - ref_norm) / ref_norm < grad_tol, (got["grad_norm"], ref_norm)
+    factor = min(1.0, clip / ref_norm) if clip else 0.0  # lr 0 without clipping: no update at all
+    if clip:
+        assert factor < 0.5, (clip, ref_norm)  # the clip is active
+    if not clip:
+        assert max(u.abs().max().item() for u in got["update"].values()) == 0.0
+        return
+    # the whole update (one vector) within the gradient tolerance: it is read off the fp16/bf16 working weights,
+    # whose rounding (one ulp of a norm scale of 1.0 is 1e-3) swamps the step of small tensors such as norm scales,
+    # so they are not held to it one by one. A wrong divisor (no clipping, the loss scale left in) is off by >= 2x.
+    want = {n: -LR_CLIPPED * g * factor for n, g in ref_grads.items()}
+    diff = torch.cat([(got["update"][n] - w).flatten() for n, w in want.items()])
+    total = torch.cat([w.flatten() for w in want.values()])
+    assert (diff.norm() / total.norm()).item() < grad_tol, (diff.norm() / total.norm()).item()
 
 
 def test_router_losses_cross_pipeline_stages_exactly():
