@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from openmoe.checkpoint import parse_dtype
+from openmoe.io.hf import parse_dtype
 from openmoe.config import preset
 from openmoe.model import OpenMoeForCausalLM
 from openmoe.moe import OpenMoeSparseMLP

@@ -354,12 +354,12 @@ class OpenMoeForCausalLM(nn.Module):
     # --- HF-format checkpoints and generation live in their own modules ---
     @classmethod
     def from_pretrained(cls, path: str, **kwargs) -> "OpenMoeForCausalLM":
-        from openmoe.checkpoint import load_pretrained
+        from openmoe.io.hf import load_pretrained
 
         return load_pretrained(path, **kwargs)
 
     def save_pretrained(self, path: str, **kwargs) -> None:
-        from openmoe.checkpoint import save_pretrained
+        from openmoe.io.hf import save_pretrained
 
         save_pretrained(self, path, **kwargs)
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from openmoe.checkpoint import check_state_dict, read_tensors, write_checkpoint
+from openmoe.io.hf import check_state_dict, read_tensors, write_checkpoint
 from openmoe.config import OpenMoeConfig, preset
 from openmoe.finetune import trainable_parameters
 from openmoe.model import OpenMoeForCausalLM

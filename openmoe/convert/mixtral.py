@@ -19,9 +19,9 @@ import os
 
 import torch
 
-from openmoe.checkpoint import atomic_directory, parse_dtype, read_tensors
+from openmoe.io.hf import ShardWriter, atomic_directory, parse_dtype, read_tensors
 from openmoe.config import OpenMoeConfig
-from openmoe.convert.t5x import ShardWriter, parse_size
+from openmoe.convert.t5x import parse_size
 from openmoe.convert.upcycle import check_output
 
 
@@ -73,7 +73,7 @@ def mixtral_tensors(sd: dict[str, torch.Tensor], config: OpenMoeConfig):
 
 
 def export_mixtral(moe: str, output: str, dtype: str | None = None, max_shard_bytes: int = 2 * 10**9) -> None:
-    from openmoe.checkpoint import check_state_dict
+    from openmoe.io.hf import check_state_dict
     from openmoe.model import OpenMoeForCausalLM
 
     config = OpenMoeConfig.load(moe)

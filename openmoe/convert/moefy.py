@@ -36,7 +36,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from openmoe.checkpoint import parse_dtype
+from openmoe.io.hf import parse_dtype
 from openmoe.convert.t5x import parse_size
 from openmoe.convert.upcycle import (add_moe_arguments, build_moe_state_dict, check_output, dense_ffn,
                                      llama_moe_config, moe_fields, read_llama_config, read_llama_weights,

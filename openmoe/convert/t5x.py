@@ -29,14 +29,13 @@ in flight (compressed bytes, decoded chunk, block copy), never the whole model.
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import re
 
 import numpy as np
 import torch
 
-from openmoe.checkpoint import SAFE_INDEX, atomic_directory, parse_dtype
+from openmoe.io.hf import ShardWriter, atomic_directory, parse_dtype
 from openmoe.config import CONFIG_NAME, PRESETS, OpenMoeConfig, preset
 
 COPY, TRANSPOSE = "copy", "transpose"
@@ -292,55 +291,6 @@ def plan(params: dict[str, object], config: OpenMoeConfig, checkpoint_dir: str) 
 
 
 # --- output: safetensors shards written as they fill ---
-class ShardWriter:
-    """Writes tensors into numbered safetensors shards, flushing before a shard would exceed max_bytes."""
-
-    def __init__(self, directory: str, max_bytes: int):
-        self.directory, self.max_bytes = directory, max_bytes
-        self.current: dict[str, torch.Tensor] = {}
-        self.current_bytes = 0
-        self.shards: list[list[str]] = []  # tensor names per written shard
-        self.total_bytes = 0
-
-    def reserve(self, nbytes: int) -> None:
-        """Call before materialising a tensor of nbytes, so the open shard is written out first if it would overflow."""
-        if self.current and self.current_bytes + nbytes > self.max_bytes:
-            self.flush()
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        nbytes = tensor.numel() * tensor.element_size()
-        self.reserve(nbytes)
-        self.current[name] = tensor
-        self.current_bytes += nbytes
-        self.total_bytes += nbytes
-
-    def flush(self) -> None:
-        from safetensors.torch import save_file
-
-        if not self.current:
-            return
-        save_file(self.current, self._tmp_name(len(self.shards)), metadata={"format": "pt"})
-        self.shards.append(list(self.current))
-        self.current, self.current_bytes = {}, 0
-
-    def _tmp_name(self, i: int) -> str:
-        return os.path.join(self.directory, f"shard-{i}.safetensors.partial")
-
-    def finish(self) -> list[str]:
-        """Name the shards model-0000i-of-0000n.safetensors and write the index; returns the file names."""
-        self.flush()
-        n = len(self.shards)
-        weight_map, files = {}, []
-        for i, names in enumerate(self.shards):
-            fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            os.replace(self._tmp_name(i), os.path.join(self.directory, fname))
-            weight_map.update({name: fname for name in names})
-            files.append(fname)
-        with open(os.path.join(self.directory, SAFE_INDEX), "w") as f:
-            json.dump({"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}, f, indent=2)
-        return files
-
-
 # --- CLI ---
 def parse_size(text: str) -> int:
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", str(text), re.IGNORECASE)

@@ -31,9 +31,9 @@ import os
 
 import torch
 
-from openmoe.checkpoint import atomic_directory, check_state_dict, parse_dtype, read_tensors
+from openmoe.io.hf import ShardWriter, atomic_directory, check_state_dict, parse_dtype, read_tensors
 from openmoe.config import CONFIG_NAME, ROUTER_COMBINE, OpenMoeConfig
-from openmoe.convert.t5x import ShardWriter, parse_size
+from openmoe.convert.t5x import parse_size
 
 FFN = ("gate_proj", "up_proj", "down_proj")
 
@@ -163,7 +163,7 @@ def routers_from_checkpoint(path: str, config: OpenMoeConfig, dtype: torch.dtype
 
 
 def write_streamed(output: str, config: OpenMoeConfig, sd: dict[str, torch.Tensor], max_shard_bytes: int) -> None:
-    """Like openmoe.checkpoint.write_checkpoint (atomic directory, safetensors shards + index), but each tensor is
+    """Like openmoe.io.hf.write_checkpoint (atomic directory, safetensors shards + index), but each tensor is
     made contiguous only as it joins its shard: RAM stays near the dense model plus one shard, not the E-fold MoE."""
     with atomic_directory(output) as tmp:
         config.save(tmp)

@@ -6,7 +6,7 @@ import subprocess
 import pytest
 import torch
 
-from openmoe.checkpoint import BIN_INDEX, SAFE_INDEX, write_checkpoint
+from openmoe.io.hf import BIN_INDEX, SAFE_INDEX, write_checkpoint
 from openmoe.config import preset
 from openmoe.model import OpenMoeForCausalLM
 
@@ -75,7 +75,7 @@ def test_bad_checkpoints_give_one_clear_error(model, tmp_path):
 def test_atomic_save_keeps_old_checkpoint_when_write_fails(model, tmp_path, monkeypatch):
     target = str(tmp_path / "ckpt")
     model.save_pretrained(target)
-    import openmoe.checkpoint as ck
+    import openmoe.io.hf as ck
 
     def boom(*a, **k):
         raise OSError("disk full")
@@ -158,7 +158,7 @@ def test_eager_and_sdpa_attention_agree(model):
     assert torch.allclose(a, b, atol=1e-4)
 
 
-SINGLE_DEVICE_MODULES = ["model", "router", "moe", "losses", "config", "checkpoint", "generation"]
+SINGLE_DEVICE_MODULES = ["model", "router", "moe", "losses", "config", "io.hf", "generation"]
 
 
 def test_model_modules_import_without_colossalai_or_distributed():
@@ -167,7 +167,7 @@ def test_model_modules_import_without_colossalai_or_distributed():
 
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     for name in SINGLE_DEVICE_MODULES:
-        tree = ast.parse(open(os.path.join(root, "openmoe", name + ".py")).read())
+        tree = ast.parse(open(os.path.join(root, "openmoe", name.replace(".", os.sep) + ".py")).read())
         imported = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
         imported += [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
         assert not [m for m in imported if m.startswith(("colossalai", "torch.distributed"))], name

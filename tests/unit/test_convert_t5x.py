@@ -28,7 +28,7 @@ import tensorstore as ts
 import torch
 
 from openmoe import OpenMoeForCausalLM, preset
-from openmoe.checkpoint import SAFE_INDEX
+from openmoe.io.hf import SAFE_INDEX
 from openmoe.convert.__main__ import main as convert_main
 
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from openmoe import OpenMoeForCausalLM
-from openmoe.checkpoint import read_tensors
+from openmoe.io.hf import read_tensors
 from openmoe.convert.__main__ import main as convert_main
 from openmoe.convert.moefy import balanced_assign, balanced_kmeans, moefy
 from tests.unit.test_upcycle import assert_same_function, ids_batch, logits, tiny_llama

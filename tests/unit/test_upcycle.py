@@ -13,7 +13,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from openmoe import OpenMoeForCausalLM
-from openmoe.checkpoint import SAFE_INDEX, read_tensors
+from openmoe.io.hf import SAFE_INDEX, read_tensors
 from openmoe.convert.__main__ import main as convert_main
 
 

@@ -74,38 +74,69 @@ def atomic_directory(path: str) -> Iterator[str]:
         raise
 
 
-def _shard(state_dict: dict[str, torch.Tensor], max_shard_bytes: int) -> list[dict[str, torch.Tensor]]:
-    shards, current, size = [], {}, 0
-    for name, t in state_dict.items():
-        n = t.numel() * t.element_size()
-        if current and size + n > max_shard_bytes:
-            shards.append(current)
-            current, size = {}, 0
-        current[name] = t
-        size += n
-    if current or not shards:
-        shards.append(current)
-    return shards
+class ShardWriter:
+    """Writes tensors into numbered safetensors shards, flushing before a shard would exceed max_bytes (so a converter
+    never holds more than one shard of converted tensors in memory)."""
+
+    def __init__(self, directory: str, max_bytes: int):
+        self.directory, self.max_bytes = directory, max_bytes
+        self.current: dict[str, torch.Tensor] = {}
+        self.current_bytes = 0
+        self.shards: list[list[str]] = []  # tensor names per written shard
+        self.total_bytes = 0
+
+    def reserve(self, nbytes: int) -> None:
+        """Call before materialising a tensor of nbytes, so the open shard is written out first if it would overflow."""
+        if self.current and self.current_bytes + nbytes > self.max_bytes:
+            self.flush()
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        self.reserve(nbytes)
+        self.current[name] = tensor
+        self.current_bytes += nbytes
+        self.total_bytes += nbytes
+
+    def flush(self) -> None:
+        if not self.current:
+            return
+        save_file(self.current, self._tmp_name(len(self.shards)), metadata={"format": "pt"})
+        self.shards.append(list(self.current))
+        self.current, self.current_bytes = {}, 0
+
+    def _tmp_name(self, i: int) -> str:
+        return os.path.join(self.directory, f"shard-{i}.safetensors.partial")
+
+    def finish(self, single_file: bool = False) -> list[str]:
+        """Name the shards model-0000i-of-0000n.safetensors and write the index; returns the file names.
+        single_file: one shard is written as model.safetensors without an index (what HF's save_pretrained does)."""
+        self.flush()
+        if single_file and len(self.shards) <= 1:
+            if not self.shards:  # an empty state dict still gets its (empty) weights file
+                save_file({}, self._tmp_name(0), metadata={"format": "pt"})
+            os.replace(self._tmp_name(0), os.path.join(self.directory, SAFE_WEIGHTS))
+            return [SAFE_WEIGHTS]
+        n = len(self.shards)
+        weight_map, files = {}, []
+        for i, names in enumerate(self.shards):
+            fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(self._tmp_name(i), os.path.join(self.directory, fname))
+            weight_map.update({name: fname for name in names})
+            files.append(fname)
+        with open(os.path.join(self.directory, SAFE_INDEX), "w") as f:
+            json.dump({"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}, f, indent=2)
+        return files
 
 
 def write_checkpoint(directory: str, config: OpenMoeConfig, state_dict: dict[str, torch.Tensor],
                      max_shard_bytes: int = 2 * 1024**3) -> None:
     """Write config.json + safetensors (sharded with an index when larger than max_shard_bytes) atomically."""
-    state_dict = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     with atomic_directory(directory) as tmp:
         config.save(tmp)
-        shards = _shard(state_dict, max_shard_bytes)
-        if len(shards) == 1:
-            save_file(shards[0], os.path.join(tmp, SAFE_WEIGHTS), metadata={"format": "pt"})
-            return
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, os.path.join(tmp, fname), metadata={"format": "pt"})
-            weight_map.update({k: fname for k in shard})
-        total = sum(t.numel() * t.element_size() for t in state_dict.values())
-        with open(os.path.join(tmp, SAFE_INDEX), "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        writer = ShardWriter(tmp, max_shard_bytes)
+        for name, t in state_dict.items():
+            writer.add(name, t.detach().contiguous().cpu())
+        writer.finish(single_file=True)
 
 
 def save_pretrained(model, directory: str, max_shard_bytes: int = 2 * 1024**3) -> None:
