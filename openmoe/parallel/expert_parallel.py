@@ -10,6 +10,10 @@ functions. This module owns only what crosses ranks:
     token count, identical on all ranks for equal batch shapes, so no count exchange is needed.
   dropless mode (uneven splits): tokens sorted by expert; one small all-to-all exchanges the per-expert counts
     ([P, E_l] per rank, a device->host sync to read split sizes), then the tokens themselves with uneven splits.
+    The received rows are regrouped by local expert and run either as a batched matmul over [E_l, max load, H]
+    (expert_impl "bmm", the reference: every expert padded to the busiest one's load) or as one grouped GEMM per
+    weight over the N_recv rows with the group offsets on the device (expert_impl "grouped": no padding rows, so no
+    FLOPs or memory on them; torch._grouped_mm).
 
 Gradients: an expert's weights see the tokens of all P ranks of its EP group, and the plugin then averages expert
 gradients over the MoE data-parallel group only, while dense gradients are averaged over all data-parallel ranks.
@@ -31,7 +35,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from openmoe.moe import MoeAux, OpenMoeExperts, OpenMoeSparseMLP, combine, dispatch, moe_aux
+from openmoe.moe import HAS_GROUPED_MM, MoeAux, OpenMoeExperts, OpenMoeSparseMLP, combine, dispatch, moe_aux
 from openmoe.parallel.hierarchical import hierarchical_all_to_all, hierarchical_comm, local_world_size_from_env
 from openmoe.parallel.overlap import overlapped_experts
 
@@ -79,12 +83,20 @@ class ExpertParallelMoE(nn.Module):
         uses the flat all-to-all (the two-level one would be the same exchange with extra hops).
     local_world_size: ranks per node for `hierarchical` (global ranks [k*L, (k+1)*L) are node k); None reads
         LOCAL_WORLD_SIZE. Unused unless hierarchical.
+    expert_impl: "bmm" or "grouped" (see the module docstring; "grouped" changes the dropless path only: capacity
+        buffers are equal-sized, where a grouped GEMM would do the bmm's work). None: the single-device layer's
+        `expert_impl`, which the trainer sets from --use_kernel.
     """
 
     def __init__(self, layer: OpenMoeSparseMLP, ep_group, grad_scale: float | None = None, comm_overlap: int = 0,
-                 hierarchical: bool = False, local_world_size: int | None = None):
+                 hierarchical: bool = False, local_world_size: int | None = None, expert_impl: str | None = None):
         super().__init__()
         _check_options(layer, comm_overlap, hierarchical)
+        self.expert_impl = getattr(layer, "expert_impl", "bmm") if expert_impl is None else expert_impl
+        if self.expert_impl not in ("bmm", "grouped"):
+            raise ValueError(f"expert_impl must be 'bmm' or 'grouped', got {self.expert_impl!r}")
+        if self.expert_impl == "grouped" and not HAS_GROUPED_MM:
+            raise ValueError(f"expert_impl 'grouped' needs torch._grouped_mm, which torch {torch.__version__} lacks")
         self.ep_group = ep_group
         self.ep_size = dist.get_world_size(ep_group)
         self.ep_rank = dist.get_rank(ep_group)
@@ -123,6 +135,10 @@ class ExpertParallelMoE(nn.Module):
     def _run_experts(self, x):  # x [E_l, N, H]
         x = _ScaleGrad.apply(x, 1.0 / self.grad_scale)
         return _ScaleGrad.apply(self.experts(x), self.grad_scale)
+
+    def _run_experts_grouped(self, x, counts):  # x [N, H] sorted by local expert, counts [E_l] (on the device)
+        x = _ScaleGrad.apply(x, 1.0 / self.grad_scale)
+        return _ScaleGrad.apply(self.experts.forward_grouped(x, counts), self.grad_scale)
 
     def forward(self, hidden: torch.Tensor, token_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, MoeAux]:
         shape = hidden.shape
@@ -174,12 +190,16 @@ class ExpertParallelMoE(nn.Module):
         src_expert = torch.arange(p * el, device=x.device).remainder(el).repeat_interleave(
             recv_counts, output_size=n_recv)
         by_expert = src_expert.argsort(stable=True)
-        slot = torch.arange(n_recv, device=x.device) - torch.repeat_interleave(
-            counts.cumsum(0) - counts, counts, output_size=n_recv)
-        flat = src_expert[by_expert] * cap + slot
-        buf = x.new_zeros(el * cap, h).index_copy(0, flat, recv[by_expert])
-        y = self._run_experts(buf.view(el, cap, h)).view(el * cap, h)
-        y_recv = torch.empty_like(recv).index_copy(0, by_expert, y[flat])  # back to (source, expert) order
+        if self.expert_impl == "grouped" and n_recv > 0:  # (a rank that receives nothing runs the 1-row bmm)
+            y = self._run_experts_grouped(recv[by_expert], counts)  # [N_recv, H], expert-major, no padding
+            y_recv = torch.empty_like(recv).index_copy(0, by_expert, y)  # back to (source, expert) order
+        else:
+            slot = torch.arange(n_recv, device=x.device) - torch.repeat_interleave(
+                counts.cumsum(0) - counts, counts, output_size=n_recv)
+            flat = src_expert[by_expert] * cap + slot
+            buf = x.new_zeros(el * cap, h).index_copy(0, flat, recv[by_expert])  # [E_l * cap, H], padded
+            y = self._run_experts(buf.view(el, cap, h)).view(el * cap, h)
+            y_recv = torch.empty_like(recv).index_copy(0, by_expert, y[flat])  # back to (source, expert) order
         y_sent = all_to_all(y_recv, self.ep_group, send_splits, recv_splits)  # [N_sent, H] in our sorted order
         w = r.combine_weight.reshape(-1)[sent].to(y_sent.dtype)
         return x.new_zeros(x.shape[0], h).index_add(0, t_sorted, y_sent * w[:, None])
