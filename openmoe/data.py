@@ -8,42 +8,51 @@ Conventions (umT5 tokenizer, as used by the published OpenMoE checkpoints):
     ids        <pad> = 0 is also BOS (OpenMoE was trained with "<pad>" prepended), </s> = 1 is EOS, <unk> = 2;
                the tokenizer has no BOS of its own. `encode` is the only place that applies this, for training and
                inference alike.
-    example    [BOS] + prompt + completion + [EOS], cut to max_length (a cut example keeps no EOS). Upstream's
-               fine-tuning script appended no EOS; without one a fine-tuned model never learns to stop.
+    example    [BOS] + rendered record (+ [EOS]), cut to max_length (a cut example keeps no EOS); renderings per
+               format in openmoe/data_formats.py, e.g. prompt_completion: [BOS] + prompt + completion + [EOS].
+               Upstream's fine-tuning script appended no EOS; without one a fine-tuned model never learns to stop.
     labels     equal input_ids; the model shifts (logits at t predict labels at t+1, HF convention). IGNORE_INDEX
-               (-100) on every BOS (nothing should learn to predict it), on padding, and on the prompt if mask_prompt.
+               (-100) on every BOS (nothing should learn to predict it), on padding, and on the prompt if mask_prompt
+               (prompt: everything but the completion / the assistant turns).
 Shapes (collate / ShardedBatches):
     B batch per dp rank, S sequence (longest row, or max_length, rounded up to pad_to_multiple_of), G = B * dp_size
     input_ids [B, S] long; attention_mask [B, S] long (1 real, 0 pad; right padding); labels [B, S] long
 
 Public API:
+    DataSpec(source, split, data_format, ..., eval_source, eval_split)   what to train/evaluate on, field per option
+    build_examples(spec, tokenizer)                -> Dataset of examples (input_ids, labels), for ShardedBatches
+    build_eval_examples(spec, tokenizer)           -> Dataset of eval examples, or None; for eval_batches
     load_tokenizer(path)                           sentencepiece .model file or tokenizer directory -> tokenizer
     encode(tokenizer, text, add_bos, add_eos)      text -> ids with OpenMoE's <pad>-as-BOS convention
     decode(tokenizer, ids)                         ids -> text without BOS/EOS/pad
     check_vocab(tokenizer, model_vocab_size)       ValueError if token ids could index past the embedding
-    load_records(dataset, dataset_config, split, data_files, cache_dir)   hub id or local json/jsonl/parquet -> Dataset
+    load_records(dataset, dataset_config, split, data_files, cache_dir, streaming)   see openmoe/data_sources.py
     check_fields(records, fields)                  ValueError naming the missing and the found fields
-    tokenize_examples(records, tokenizer, max_length, ...)   records -> [{"input_ids": [...], "labels": [...]}]
+    encode_segments(tokenizer, segments, ...)      rendered record (openmoe/data_formats.py) -> ids, labels
+    tokenize_examples(records, tokenizer, max_length, ...)   prompt/completion or text records -> list of examples
     pack_examples(examples, max_length)            concatenate examples into max_length blocks
     collate(examples, pad_id, max_length, pad_to_multiple_of)  examples -> dict of [B, S] CPU tensors
     ShardedBatches(examples, batch_size, dp_rank, dp_size, seed, drop_last, ...)
                                                    seeded, resumable, dp-sharded batches; state_dict/load_state_dict
+    eval_batches(examples, batch_size, dp_rank, dp_size, ...)   every eval example once, equal shapes on all ranks
 """
 
-import json
+import dataclasses
 import math
-import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, T5Tokenizer
 
+from openmoe.data_formats import (CHAT_FORMATS, FORMATS, RecordError, detect_format, format_fields,
+                                  record_segments)
+from openmoe.data_sources import load_records, source_splits, split_name  # noqa: F401 (load_records: public API)
+
 IGNORE_INDEX = -100  # label value F.cross_entropy(ignore_index=-100) skips
 
 _SENTENCEPIECE_FILES = ("spiece.model", "tokenizer.model")
-_BUILDER_BY_SUFFIX = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-_HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -116,87 +125,199 @@ def check_vocab(tokenizer, model_vocab_size: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Records
-
-
-def load_records(dataset: str, dataset_config: str | None = None, split: str = "train", data_files=None,
-                 cache_dir: str | None = None) -> datasets.Dataset:
-    """Load one split of a dataset as a `datasets.Dataset`, via `datasets.load_dataset`.
-
-    dataset: a local .json / .jsonl / .parquet file or a directory of them (builder chosen by extension; the
-        files form the requested split, so `split` only names it, slices like "train[:100]" work), or a Hub id such
-        as "yizhongw/self_instruct" with dataset_config "super_natural_instructions" (the upstream default).
-    data_files: passed to load_dataset for Hub datasets only.
-    cache_dir: where datasets writes its Arrow cache (default ~/.cache/huggingface/datasets).
-    A local-looking path that does not exist raises FileNotFoundError; malformed JSON raises ValueError with the
-    file and line.
-    """
-    path = Path(dataset).expanduser()
-    if path.exists():
-        if data_files is not None:
-            raise ValueError(f"data_files applies to Hub datasets; {dataset} is local: pass the file itself as dataset")
-        files, builder = _local_files(path)
-        split_name = split.split("[")[0]  # "train[:100]" -> "train"
-        try:
-            return datasets.load_dataset(builder, data_files={split_name: [str(f) for f in files]}, split=split,
-                                         cache_dir=cache_dir)
-        except datasets.exceptions.DatasetGenerationError:
-            if builder == "json":
-                for f in files:
-                    _raise_on_bad_json(f)
-            raise
-    if not _HUB_ID.match(dataset) or path.suffix in _BUILDER_BY_SUFFIX:
-        raise FileNotFoundError(f"dataset file {path} does not exist (and {dataset!r} is not a Hub dataset id)")
-    return datasets.load_dataset(dataset, dataset_config, split=split, data_files=data_files, cache_dir=cache_dir)
-
-
-def _local_files(path: Path) -> tuple[list[Path], str]:
-    if path.is_file():
-        files = [path]
-    else:
-        files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix in _BUILDER_BY_SUFFIX)
-        if not files:
-            raise FileNotFoundError(f"no {' / '.join(_BUILDER_BY_SUFFIX)} files under directory {path}")
-    builders = {_BUILDER_BY_SUFFIX.get(f.suffix) for f in files}
-    if None in builders:
-        raise ValueError(f"unsupported dataset file {path}; expected one of {', '.join(_BUILDER_BY_SUFFIX)}")
-    if len(builders) > 1:
-        raise ValueError(f"{path} mixes json and parquet files; keep one format per dataset")
-    return files, builders.pop()
-
-
-def _raise_on_bad_json(path: Path) -> None:
-    """ValueError naming file:line of the first JSON syntax error (JSON lines, or one JSON document in a .json)."""
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json" and text.lstrip().startswith("["):
-        try:
-            json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{err.lineno}: invalid JSON ({err.msg}, column {err.colno})") from None
-        return
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{lineno}: invalid JSON line ({err.msg}, column {err.colno})") from None
+# Records (sources: openmoe/data_sources.py; formats: openmoe/data_formats.py)
 
 
 def check_fields(records, fields) -> None:
     """ValueError (one line) if `records` (a Dataset or a list of dicts) lacks any of `fields`."""
-    if hasattr(records, "column_names"):
-        found = list(records.column_names)
-    else:
-        found = list(records[0]) if len(records) else []
+    found = _columns(records)
     missing = [f for f in fields if f not in found]
     if missing:
         raise ValueError(f"dataset is missing field(s) {missing}; fields found: {found} "
                          "(set the prompt/completion or text field names to existing columns)")
 
 
+def _columns(records) -> list[str]:
+    if getattr(records, "column_names", None) is not None:
+        return list(records.column_names)
+    if isinstance(records, list):
+        return list(records[0]) if records else []
+    return list(next(iter(records), {}))  # a streaming dataset whose files do not declare their columns
+
+
+@dataclass
+class DataSpec:
+    """What to train (and evaluate) on, and how records become examples. Passed to build_examples /
+    build_eval_examples; every field has a working default ("off" value in brackets where it has one)."""
+
+    source: str = "data/sample/train.jsonl"  # local file or directory, save_to_disk directory, or Hub id
+    task_name: str | None = None  # Hub config (subset) name, e.g. super_natural_instructions [None: default config]
+    split: str = "train"  # split to train on; may carry a slice, "train[:1000]"
+    data_format: str = "auto"  # auto | chat | sharegpt | alpaca | prompt_completion | text [auto: from the fields]
+    prompt_field: str = "prompt"  # prompt_completion: field holding the prompt
+    completion_field: str = "completion"  # prompt_completion: field holding the completion
+    text_field: str = "text"  # text: field holding the raw text
+    system_prompt: str | None = None  # chat formats: system prompt when a record has none [None: OpenMoE-8B-Chat's]
+    mask_prompt: bool | None = None  # no loss on prompt/user/system tokens [None: format default, True for
+    #                                  chat/sharegpt/alpaca, False for prompt_completion; text has no prompt]
+    max_length: int = 64  # tokens per example: longer ones are cut (raw text that is packed is cut into blocks)
+    pack: bool | None = None  # concatenate examples into max_length blocks [None: pack raw text only]
+    streaming: bool = False  # read records as they are consumed (corpora larger than RAM or disk cache) [False]
+    num_proc: int | None = None  # processes tokenizing with datasets.map [None: this process]
+    cache_dir: str | None = None  # datasets' Arrow cache [None: ~/.cache/huggingface/datasets]
+    eval_source: str | None = None  # evaluation data [None: `source` when eval_split is set, else no evaluation]
+    eval_split: str | None = None  # split of the evaluation data [None: "train" of eval_source; no eval without it]
+    eval_samples: int | None = None  # evaluate on the first N records [None: all]
+
+    def validate(self) -> None:
+        if self.data_format not in FORMATS:
+            raise ValueError(f"data_format '{self.data_format}' is not supported; accepted: {list(FORMATS)}")
+        if self.max_length < 2:
+            raise ValueError(f"max_length ({self.max_length}) must be >= 2 (BOS plus at least one token)")
+        if self.num_proc is not None and self.num_proc < 1:
+            raise ValueError(f"num_proc ({self.num_proc}) must be >= 1, or None to tokenize in this process")
+        if self.num_proc is not None and self.streaming:
+            raise ValueError(f"num_proc ({self.num_proc}) applies to prepared datasets; a streaming dataset is "
+                             "tokenized as it is read: drop num_proc or streaming")
+        if self.eval_samples is not None and self.eval_samples < 1:
+            raise ValueError(f"eval_samples ({self.eval_samples}) must be >= 1, or None for the whole eval split")
+
+
+def build_examples(spec: DataSpec, tokenizer):
+    """The training examples of `spec`: a datasets.Dataset with columns input_ids and labels (what ShardedBatches
+    and collate consume), tokenized once with datasets.map (cached in cache_dir: a later run, or another rank after
+    this one, reads the cache instead of tokenizing again); an IterableDataset of the same rows when streaming."""
+    spec.validate()
+    records = load_records(spec.source, spec.task_name, spec.split, cache_dir=spec.cache_dir,
+                           streaming=spec.streaming)
+    return _build(records, spec, tokenizer, f"{spec.source} (split '{spec.split}')")
+
+
+def build_eval_examples(spec: DataSpec, tokenizer) -> datasets.Dataset | None:
+    """The evaluation examples of `spec` (a Dataset, first eval_samples records), or None when spec asks for no
+    evaluation. Rendered, masked and packed as the training examples are. Refuses to evaluate on the training split."""
+    spec.validate()
+    if spec.eval_source is None and spec.eval_split is None:
+        return None
+    source, split = spec.eval_source or spec.source, spec.eval_split or "train"
+    if source == spec.source:
+        if split_name(split) == split_name(spec.split):
+            raise ValueError(f"eval_split '{split}' is the training split of {source}; choose another split or "
+                             "an eval_source")
+        if Path(source).expanduser().exists() and source_splits(source, spec.task_name, spec.cache_dir) is None:
+            raise ValueError(f"{source} holds a single split, so eval_split '{split}' would evaluate on the "
+                             "training data; pass eval_source (a separate file) or a directory with split files")
+    records = load_records(source, spec.task_name, split, cache_dir=spec.cache_dir, streaming=spec.streaming)
+    if spec.streaming:  # an eval set is small: materialise its first records
+        records = datasets.Dataset.from_list(list(records.take(spec.eval_samples or _EVAL_STREAM_LIMIT)))
+    elif spec.eval_samples is not None:
+        records = records.select(range(min(spec.eval_samples, len(records))))
+    return _build(records, dataclasses.replace(spec, streaming=False), tokenizer, f"{source} (split '{split}')")
+
+
+_EVAL_STREAM_LIMIT = 10_000  # records taken from a streamed eval split without eval_samples
+_PACK_DOCS = 1000  # documents packed together per datasets.map batch (each batch's last block may be short)
+
+
+def resolve_format(spec: DataSpec, fields: list[str], where: str = "dataset") -> str:
+    """spec.data_format, or the format detected from the dataset's fields when "auto"; ValueError naming the fields
+    found when they do not fit."""
+    names = dict(prompt_field=spec.prompt_field, completion_field=spec.completion_field, text_field=spec.text_field)
+    if spec.data_format == "auto":
+        detected = detect_format(fields, **names)
+        if detected is None:
+            accepted = "; ".join(f"{f}: {format_fields(f, **names)}" for f in FORMATS[1:])
+            raise ValueError(f"cannot tell the data format of {where} from its fields {fields}; accepted: "
+                             f"{accepted} (or set data_format and the field names)")
+        return detected
+    return spec.data_format
+
+
+def _build(records, spec: DataSpec, tokenizer, where: str):
+    fields = _columns(records)
+    data_format = resolve_format(spec, fields, where)
+    mask_prompt = spec.mask_prompt if spec.mask_prompt is not None else data_format in CHAT_FORMATS
+    pack = spec.pack if spec.pack is not None else data_format == "text"
+    # Raw text that is packed is cut into blocks by packing, never truncated (a long document keeps its tail).
+    max_length = None if pack and data_format == "text" else spec.max_length
+    render = dict(data_format=data_format, prompt_field=spec.prompt_field, completion_field=spec.completion_field,
+                  text_field=spec.text_field, system=spec.system_prompt, tokenizer=tokenizer)
+    kwargs = dict(batched=True, with_indices=True, remove_columns=fields,
+                  fn_kwargs=dict(tokenizer=tokenizer, render=render, mask_prompt=mask_prompt,
+                                 max_length=max_length, where=where))
+    if not spec.streaming:
+        kwargs.update(num_proc=spec.num_proc, desc=f"tokenizing {data_format}")
+    examples = records.map(_tokenize_batch, **kwargs)
+    if pack:
+        examples = examples.map(_pack_batch, batched=True, batch_size=_PACK_DOCS,
+                                fn_kwargs=dict(max_length=spec.max_length))
+    if not spec.streaming and len(examples) == 0:
+        raise ValueError(f"no examples left after tokenization of {where}: all {len(records)} records have no token "
+                         f"to train on within max_length={spec.max_length} (mask_prompt={mask_prompt}); raise "
+                         "max_length or check the dataset")
+    return examples
+
+
+def _tokenize_batch(batch: dict, indices: list[int], *, tokenizer, render: dict, mask_prompt: bool,
+                    max_length: int | None, where: str) -> dict:
+    out = {"input_ids": [], "labels": []}
+    for row, index in enumerate(indices):
+        record = {k: v[row] for k, v in batch.items()}
+        try:
+            segments = record_segments(record, **render)
+        except RecordError as err:
+            found = [k for k, v in record.items() if v is not None]
+            raise ValueError(f"record {index} of {where} does not fit the {render['data_format']} format: {err}; "
+                             f"needs {format_fields(render['data_format'], **_field_names(render))}; fields found: "
+                             f"{found}") from None
+        # chat templates close each assistant turn with EOS themselves
+        add_eos = render["data_format"] in ("prompt_completion", "text")
+        ids, labels = encode_segments(tokenizer, segments, add_eos=add_eos, mask_prompt=mask_prompt)
+        if max_length is not None:
+            ids, labels = ids[:max_length], labels[:max_length]
+        if any(label != IGNORE_INDEX for label in labels):  # an example with nothing to learn is dropped
+            out["input_ids"].append(ids)
+            out["labels"].append(labels)
+    return out
+
+
+def _field_names(render: dict) -> dict:
+    return {k: render[k] for k in ("prompt_field", "completion_field", "text_field")}
+
+
+def _pack_batch(batch: dict, max_length: int) -> dict:
+    packed = pack_examples([{"input_ids": i, "labels": l} for i, l in zip(batch["input_ids"], batch["labels"])],
+                           max_length)
+    return {"input_ids": [ex["input_ids"] for ex in packed], "labels": [ex["labels"] for ex in packed]}
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Examples: {"input_ids": list[int], "labels": list[int]}, same length, no padding.
+
+
+def encode_segments(tokenizer, segments: list[tuple[str, bool]], add_eos: bool, mask_prompt: bool
+                    ) -> tuple[list[int], list[int]]:
+    """ids = encode(joined text) with BOS (and EOS); labels = ids with IGNORE_INDEX on BOS and, if mask_prompt, on
+    the tokens of every segment that is not a response.
+
+    The text is tokenized once, as a whole, so the ids are what inference feeds for the same text. A segment's
+    tokens end where the text up to its end, tokenized alone, stops agreeing with the whole (a piece spanning a
+    boundary belongs to the later segment).
+    """
+    text = "".join(t for t, _ in segments)
+    ids = encode(tokenizer, text, add_bos=True, add_eos=add_eos)
+    body = ids[1:]
+    labels = [IGNORE_INDEX]  # BOS: nothing should learn to predict it
+    if not mask_prompt:
+        return ids, labels + body
+    start, chars = 0, 0
+    for i, (segment, is_response) in enumerate(segments):
+        chars += len(segment)
+        end = len(body) if i == len(segments) - 1 else max(
+            start, _common_prefix_len(encode(tokenizer, text[:chars], add_bos=False), body))
+        labels += body[start:end] if is_response else [IGNORE_INDEX] * (end - start)
+        start = end
+    return ids, labels
 
 
 def tokenize_examples(records, tokenizer, max_length: int, *, prompt_field: str = "prompt",
@@ -204,11 +325,11 @@ def tokenize_examples(records, tokenizer, max_length: int, *, prompt_field: str 
                       mask_prompt: bool = False) -> list[dict]:
     """Records -> examples [BOS] + prompt + completion + [EOS] (or [BOS] + text + [EOS] when text_field is set).
 
-    Prompt and completion are tokenized as one string, as upstream OpenMoE fine-tuning did, so the ids do not depend
-    on mask_prompt. With mask_prompt the labels of the prompt's tokens are IGNORE_INDEX: the prompt's tokens are the
-    longest prefix that the prompt alone tokenizes to (a piece spanning the boundary counts as completion).
-    Truncation keeps the first max_length tokens (so a cut example has no EOS). Examples left with no label to train
-    on (e.g. a masked prompt that fills max_length) are dropped; ValueError if none remain.
+    The list-in, list-out form of build_examples for prompt_completion and text records (no datasets.map): prompt
+    and completion are tokenized as one string (encode_segments), as upstream OpenMoE fine-tuning did, so the ids
+    do not depend on mask_prompt. Truncation keeps the first max_length tokens (so a cut example has no EOS).
+    Examples left with no label to train on (e.g. a masked prompt that fills max_length) are dropped; ValueError if
+    none remain.
     """
     if max_length < 2:
         raise ValueError(f"max_length ({max_length}) must be >= 2 (BOS plus at least one token)")
@@ -216,21 +337,19 @@ def tokenize_examples(records, tokenizer, max_length: int, *, prompt_field: str 
         raise ValueError("the dataset is empty (0 records)")
     fields = [text_field] if text_field is not None else [prompt_field, completion_field]
     check_fields(records, fields)
+    data_format = "text" if text_field is not None else "prompt_completion"
+    render = dict(data_format=data_format, prompt_field=prompt_field, completion_field=completion_field,
+                  text_field=text_field or "text")
     examples = []
     for i, record in enumerate(records):
-        texts = [record[f] for f in fields]
-        for field, text in zip(fields, texts):
-            if not isinstance(text, str):
-                raise ValueError(f"record {i}: field {field!r} is {type(text).__name__}, expected str")
-        ids = encode(tokenizer, "".join(texts), add_bos=True, add_eos=True)
-        num_masked = 1  # BOS
-        if mask_prompt and text_field is None:
-            num_masked += _common_prefix_len(encode(tokenizer, texts[0], add_bos=False), ids[1:])
-        ids = ids[:max_length]
-        labels = [IGNORE_INDEX] * min(num_masked, len(ids)) + ids[num_masked:]
-        if all(label == IGNORE_INDEX for label in labels):
-            continue
-        examples.append({"input_ids": ids, "labels": labels})
+        try:
+            segments = record_segments(record, **render)
+        except RecordError as err:
+            raise ValueError(f"record {i}: {err}") from None
+        ids, labels = encode_segments(tokenizer, segments, add_eos=True, mask_prompt=mask_prompt)
+        ids, labels = ids[:max_length], labels[:max_length]
+        if any(label != IGNORE_INDEX for label in labels):
+            examples.append({"input_ids": ids, "labels": labels})
     if not examples:
         raise ValueError(
             f"no examples left after tokenization: all {len(records)} records have no token to train on within "
@@ -385,3 +504,29 @@ class ShardedBatches:
         if not 0 <= state["batch_index"] < self.num_batches:
             raise ValueError(f"saved batch_index ({state['batch_index']}) out of range [0, {self.num_batches})")
         self.epoch, self.batch_index = state["epoch"], state["batch_index"]
+
+
+def eval_batches(examples, batch_size: int, dp_rank: int = 0, dp_size: int = 1, pad_id: int = 0,
+                 max_length: int | None = None):
+    """Yield this rank's batches covering every example exactly once, in order: global batch b is examples
+    [b*G, (b+1)*G) with G = batch_size * dp_size, and rank r takes rows [r*batch_size, (r+1)*batch_size) of it.
+
+    The last global batch is filled with copies of example 0 whose labels are all IGNORE_INDEX, so every rank runs
+    the same number of steps on the same shapes (equal capacity and all-to-all splits under EP) and the fillers add
+    nothing to a loss summed over target tokens. Sum the per-token CE and the target-token count over batches and
+    ranks, then divide once: that is the eval loss (exp of it the perplexity), independent of dp_size.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size ({batch_size}) must be >= 1")
+    if dp_size < 1 or not 0 <= dp_rank < dp_size:
+        raise ValueError(f"dp_rank ({dp_rank}) must be in [0, dp_size) with dp_size ({dp_size}) >= 1")
+    n = len(examples)
+    if n == 0:
+        raise ValueError("the eval dataset is empty (no examples left after loading and filtering)")
+    filler = dict(examples[0])
+    filler["labels"] = [IGNORE_INDEX] * len(filler["input_ids"])
+    global_batch = batch_size * dp_size
+    for start in range(0, n, global_batch):
+        first = start + dp_rank * batch_size
+        rows = [examples[i] if i < n else filler for i in range(first, first + batch_size)]
+        yield collate(rows, pad_id=pad_id, max_length=max_length)

@@ -10,34 +10,8 @@ import torch
 
 from openmoe.io.hf import parse_dtype
 from openmoe.config import preset
+from openmoe.data_formats import CHAT_SYSTEM, chat_prompt  # noqa: F401 (the template is shared with training)
 from openmoe.model import OpenMoeForCausalLM
-from openmoe.moe import OpenMoeSparseMLP
-
-# The system prompt OpenMoE-8B-Chat was tuned with (LLaMA-2 chat style).
-CHAT_SYSTEM = (
-    "You are a helpful, respectful and honest assistant. Always answer as helpfully as possible, while being safe. "
-    "Your answers should not include any harmful, unethical, racist, sexist, toxic, dangerous, or illegal content. "
-    "Please ensure that your responses are socially unbiased and positive in nature.\n\n"
-    "If a question does not make any sense, or is not factually coherent, explain why instead of answering something "
-    "not correct. If you don't know the answer to a question, please don't share false information."
-)
-
-
-def chat_prompt(turns: list[tuple[str, str]], system: str = CHAT_SYSTEM) -> str:
-    """OpenMoE-8B-Chat template: the <<SYS>> block, then `<s>[INST] user [/INST]` per user turn, each earlier assistant
-    answer followed by `</s>`. turns: [("user", text), ("assistant", text), ..., ("user", text)]."""
-    if not turns or turns[-1][0] != "user":
-        raise ValueError("a chat prompt must end with a user turn")
-    text = f"<<SYS>>\n{system}\n<</SYS>>\n\n"
-    for role, content in turns:
-        if role == "user":
-            text += f"<s>[INST] {content.strip()} [/INST]"
-        elif role == "assistant":
-            text += f" {content.strip()} </s>"
-        else:
-            raise ValueError(f"chat role '{role}' is not supported; accepted: 'user', 'assistant'")
-    return text
-
 
 def chat_stop_sequences(tokenizer) -> list[list[int]]:
     """OpenMoE-8B-Chat often ends a reply by spelling `</s>` as ordinary pieces ("▁</", "s", ">") instead of the EOS
@@ -93,12 +67,10 @@ def load_model(model: str, dtype: torch.dtype, seed: int = 0) -> OpenMoeForCausa
     return m.eval()
 
 
-def set_dropless(model: torch.nn.Module) -> None:
+def set_dropless(model: OpenMoeForCausalLM) -> None:
     """Route every token: no capacity drops, so outputs do not depend on what else is in the batch (costs a
-    device->host sync per MoE layer to size the buffers)."""
-    for m in model.modules():
-        if isinstance(m, OpenMoeSparseMLP):
-            m.capacity_factor_train = m.capacity_factor_eval = 0.0
+    device->host sync per MoE layer to size the buffers). Shorthand for ModelOptions(dropless=True)."""
+    model.apply_options(model.options.replace(dropless=True))
 
 
 def dispatch(model: OpenMoeForCausalLM, device_map: str | dict, max_memory: dict | None, offload_dir: str | None

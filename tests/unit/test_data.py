@@ -110,8 +110,9 @@ def test_load_shipped_jsonl(tmp_path):
     evaluation = load_records(str(EVAL_JSONL), split="validation", cache_dir=str(tmp_path))
     assert 0 < len(evaluation) < len(train)
     assert not set(evaluation["prompt"]) & set(train["prompt"])  # eval prompts are unseen in training
-    both = load_records(str(TRAIN_JSONL.parent), cache_dir=str(tmp_path))  # a directory of jsonl files
-    assert len(both) == len(train) + len(evaluation)
+    # the directory keeps its files' splits apart (datasets' naming rules: "eval" in a file name means test)
+    assert len(load_records(str(TRAIN_JSONL.parent), cache_dir=str(tmp_path))) == len(train)
+    assert len(load_records(str(TRAIN_JSONL.parent), split="test", cache_dir=str(tmp_path))) == len(evaluation)
     assert len(load_records(str(TRAIN_JSONL), split="train[:10]", cache_dir=str(tmp_path))) == 10
 
 
