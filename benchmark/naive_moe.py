@@ -77,3 +77,43 @@ def naive_model_(model: nn.Module) -> nn.Module:
         if isinstance(layer.mlp, OpenMoeSparseMLP):
             layer.mlp = NaiveSparseMLP.from_sparse(layer.mlp)
     return model
+
+
+class LoopSparseMLP(nn.Module):
+    """Baseline (c): the per-expert loop of the published modelings (HF Mixtral's and OpenMoE's reference
+    formulation): per-expert modules; for each expert, find its (token, choice) pairs (`torch.where`: a device->host
+    sync per expert), run it on those rows, weight them, `index_add_` them back. No capacity buffer, no padding, no
+    all-to-all: meant to run data-parallel (FSDP2 in the benchmark). Routing is ours, as in NaiveSparseMLP."""
+
+    route = OpenMoeSparseMLP.route
+    sizes_dropless_buffer = False  # the loop needs no capacity
+
+    def __init__(self, sparse: OpenMoeSparseMLP):
+        super().__init__()
+        for attr in ("num_experts", "top_k", "capacity_factor_train", "capacity_factor_eval", "min_capacity",
+                     "drop_tokens", "router_combine", "router_aux_loss_type", "selection_bias"):
+            setattr(self, attr, getattr(sparse, attr))
+        self.gate_weight = sparse.gate_weight  # the same Parameter
+        stacked = sparse.experts
+        self.experts = nn.ModuleList(
+            NaiveExpert(stacked.wi_gate.data[e].clone(), stacked.wi_up.data[e].clone(), stacked.wo.data[e].clone(),
+                        stacked.act) for e in range(stacked.num_local_experts))
+
+    def forward(self, hidden: torch.Tensor, token_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, MoeAux]:
+        shape = hidden.shape
+        x = hidden.reshape(-1, shape[-1])  # [T, H]
+        r = self.route(x, None if token_mask is None else token_mask.reshape(-1))
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            tok, k = torch.where(r.keep & (r.expert_idx == e))  # [N_e] each: host sync for the size
+            y = expert(x[tok]) * r.combine_weight[tok, k, None].to(x.dtype)  # [N_e, H]
+            out.index_add_(0, tok, y)
+        return out.view(shape), moe_aux(r, self.router_aux_loss_type, shape[:-1])
+
+
+def loop_model_(model: nn.Module) -> nn.Module:
+    """Replace every OpenMoeSparseMLP of an OpenMoeForCausalLM by the per-expert loop layer (same weights)."""
+    for layer in model.model.layers:
+        if isinstance(layer.mlp, OpenMoeSparseMLP):
+            layer.mlp = LoopSparseMLP(layer.mlp)
+    return model

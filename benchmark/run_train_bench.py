@@ -111,6 +111,28 @@ GPU_CONFIGS = [  # est_s of the 1-GPU rows: wall times measured on an H200 on 20
            timeout_s=120, est_s=30),
 ]
 
+# ---- full depth (issue 19): the OpenMoE-8B preset as published: 24 layers, MoE every 6th (4 MoE layers), 11.9B
+# parameters; 2 x 2,048-token sequences per GPU per micro-batch, 8 micro-batches per optimizer step (65,536 tokens per
+# step over 2 GPUs); every row dropless (no token dropped, so MFU counts only computed tokens), fused compiled head loss
+# for ours. est_s: estimates (startup ~40 s, ~2-8 s per step).
+F8 = ("--model", "8b", "--seq", "2048", "--batch_size", "2", "--grad_accum", "8", "--dropless")
+F8_STEPS = ("--warmup", "2", "--steps", "3", "--profile_steps", "1")
+FULL_CONFIGS = [
+    Config("8bfull-2gpu-ours-ep-grouped", 2, "ours",
+           F8 + F8_STEPS + ("--plugin", "ep", "--use_kernel", "--lm_loss_impl", "fused_compiled"),
+           timeout_s=220, est_s=110),
+    Config("8bfull-2gpu-fsdp-loop", 2, "fsdp", F8 + ("--warmup", "1", "--steps", "2", "--profile_steps", "1"),
+           timeout_s=220, est_s=90),
+    Config("8bfull-2gpu-ours-ep-bmm", 2, "ours", F8 + F8_STEPS + ("--plugin", "ep", "--lm_loss_impl", "fused_compiled"),
+           timeout_s=220, est_s=110),
+    # pipeline 2 x EP 1: 12 layers (2 MoE) per GPU, every stage holds its experts whole; 32 sequences per step in 16
+    # pipeline micro-batches of 2 = the same 65,536 tokens per step
+    Config("8bfull-2gpu-ours-hybrid", 2, "ours",
+           ("--model", "8b", "--seq", "2048", "--batch_size", "32", "--pp_microbatch", "2",
+            "--dropless", "--plugin", "hybrid", "--pp_size", "2", "--ep_size", "1", "--use_kernel",
+            "--lm_loss_impl", "fused_compiled") + F8_STEPS, timeout_s=220, est_s=110),
+]
+
 TINY = ("--model", "tiny", "--seq", "64", "--batch_size", "2", "--warmup", "1", "--steps", "2", "--profile_steps", "1")
 TINY_MIXTRAL = TINY + ("--moe_layer_interval", "1")
 TINY_CONFIGS = [
@@ -121,6 +143,10 @@ TINY_CONFIGS = [
     Config("tiny-2p-ours", 2, "ours", TINY + ("--plugin", "ep", "--grad_accum", "2"), timeout_s=150),
     Config("tiny-2p-mixtral", 2, "mixtral", TINY_MIXTRAL + ("--grad_accum", "2"), timeout_s=150),
     Config("tiny-2p-naive", 2, "naive", TINY + ("--grad_accum", "2"), timeout_s=150),
+    Config("tiny-2p-ours-grouped-dropless", 2, "ours", TINY + ("--plugin", "ep", "--use_kernel", "--dropless"),
+           timeout_s=150),
+    Config("tiny-2p-ours-overlap", 2, "ours", TINY + ("--plugin", "ep", "--comm_overlap", "2"), timeout_s=150),
+    Config("tiny-2p-fsdp", 2, "fsdp", TINY + ("--grad_accum", "2", "--dropless"), timeout_s=150),
     Config("tiny-micro", 1, "micro", ("--model", "tiny", "--tokens", "128", "--iters", "1", "--warmup", "1"),
            timeout_s=150),
 ]
@@ -278,7 +304,7 @@ def main(argv=None) -> int:
     p.add_argument("--list", action="store_true")
     p.add_argument("--jobs", type=int, default=1, help="with --tiny: configurations run at a time (CPU smoke only)")
     a = p.parse_args(argv)
-    configs = select(TINY_CONFIGS if a.tiny else GPU_CONFIGS, a.only)
+    configs = select(TINY_CONFIGS if a.tiny else GPU_CONFIGS + FULL_CONFIGS, a.only)
     if a.list:
         for c in configs:
             print(f"{c.name:36} {c.nproc} proc  ~{c.est_s:3d} s (timeout {c.timeout_s} s)  {' '.join(c.args)}")

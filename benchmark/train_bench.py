@@ -51,7 +51,7 @@ from benchmark import flops as F  # noqa: E402
 from benchmark import timing  # noqa: E402
 from openmoe.config import OpenMoeConfig, preset  # noqa: E402
 
-KINDS = ("ours", "mixtral", "naive")
+KINDS = ("ours", "mixtral", "naive", "fsdp")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -79,6 +79,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--use_kernel", action="store_true", help="grouped-GEMM experts (ep_size 1 only)")
     p.add_argument("--dropless", action="store_true", help="route every token (no capacity)")
     p.add_argument("--activation_checkpointing", action="store_true")
+    p.add_argument("--comm_overlap", type=int, default=0,
+                   help="ours, capacity mode: pipeline the expert all-to-all with expert compute in N chunks; 0: off")
+    p.add_argument("--hierarchical_alltoall", action="store_true", help="ours, capacity mode: two-level all-to-all")
     p.add_argument("--lm_loss_impl", choices=("fused", "fused_compiled", "chunked"), default="fused",
                    help="ours: LM head + loss implementation (run option of the same name)")
     p.add_argument("--grad_accum", type=int, default=1,
@@ -95,8 +98,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=42)
     a = p.parse_args(argv)
-    if a.kind != "ours" and (a.use_kernel or a.dropless or a.activation_checkpointing or a.family != "openmoe"):
-        p.error("--use_kernel/--dropless/--activation_checkpointing/--family are options of --kind ours")
+    if a.kind != "ours" and (a.use_kernel or a.activation_checkpointing or a.family != "openmoe" or a.comm_overlap
+                             or a.hierarchical_alltoall):
+        p.error("--use_kernel/--activation_checkpointing/--family/--comm_overlap/--hierarchical_alltoall are options "
+                "of --kind ours")
+    if a.dropless and a.kind not in ("ours", "fsdp"):
+        p.error("--dropless is an option of --kind ours and fsdp (mixtral is dropless anyway; naive needs capacity)")
     if a.kind == "mixtral" and a.plugin != "ep":
         p.error("--kind mixtral runs ColossalAI's Mixtral policy with ep_size = world (--plugin ep) only")
     return a
@@ -212,12 +219,13 @@ def ours_layout(a, cfg: OpenMoeConfig, world: int):
                       ep_size=a.ep_size if a.plugin == "hybrid" else None, microbatch_size=a.pp_microbatch,
                       batch_size=a.batch_size, max_length=a.seq, use_kernel=a.use_kernel, dropless=a.dropless,
                       activation_checkpointing=a.activation_checkpointing, lm_loss_impl=a.lm_loss_impl,
-                      grad_accum=a.grad_accum, precision="bf16", zero_stage=1, lr=a.lr,
+                      grad_accum=a.grad_accum, comm_overlap=a.comm_overlap,
+                      hierarchical_alltoall=a.hierarchical_alltoall, precision="bf16", zero_stage=1, lr=a.lr,
                       warmup_steps=1, grad_clip=1.0, seed=a.seed, tensorboard=False)
     sizes = resolve_sizes(run, cfg, world)
-    if a.use_kernel and sizes.ep > 1:
-        raise ValueError(f"--use_kernel applies where a MoE layer is not expert-parallel; this layout has ep_size "
-                         f"{sizes.ep} (drop --use_kernel or use ep_zero/hybrid with ep 1)")
+    if a.use_kernel and sizes.ep > 1 and not a.dropless:
+        raise ValueError(f"--use_kernel with ep_size {sizes.ep} changes the dropless expert-parallel path only "
+                         f"(capacity buffers run as a bmm); add --dropless or drop --use_kernel")
     return run, sizes
 
 
@@ -251,10 +259,13 @@ def build_ours(a, cfg, world: int, device) -> Bench:
         return {**_openmoe_routing(state["outs"]), "skipped_steps": state["skipped"],
                 "capacity_factor": 0.0 if a.dropless else cfg.router_capacity_factor_train}
 
-    impl = "grouped GEMM" if a.use_kernel else ("bmm" if sizes.ep == 1 else "EP all-to-all + bmm")
+    impl = ("grouped GEMM" if a.use_kernel else "bmm") if sizes.ep == 1 else (
+        "EP all-to-all + " + ("grouped GEMM" if a.use_kernel else "bmm"))
     routing_mode = "dropless" if a.dropless else f"capacity {cfg.router_capacity_factor_train}"
     family = "" if a.family == "openmoe" else f" {a.family} (Mixtral's architecture)"
-    label = f"ours{family} ({impl}, {routing_mode})"
+    comm = (f", all-to-all overlapped in {a.comm_overlap} chunks" if a.comm_overlap else "") + (
+        ", hierarchical all-to-all" if a.hierarchical_alltoall else "")
+    label = f"ours{family} ({impl}, {routing_mode}{comm})"
     layout = {"plugin": a.plugin, "ep": sizes.ep, "pp": sizes.pp, "dp": sizes.dp, "moe_dp": sizes.moe_dp}
     return Bench(step, flops, layout, a.batch_size * a.seq * sizes.dp * a.grad_accum, sizes.ep > 1, routing, label)
 
@@ -344,7 +355,58 @@ def build_naive(a, cfg, world: int, device) -> Bench:
     return Bench(step, flops, layout, a.batch_size * a.seq * world * a.grad_accum, False, routing, label)
 
 
-BUILDERS = {"ours": build_ours, "mixtral": build_mixtral, "naive": build_naive}
+def build_fsdp(a, cfg, world: int, device) -> Bench:
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.tensor import DTensor
+
+    from benchmark.naive_moe import loop_model_
+    from openmoe.model import OpenMoeForCausalLM
+    from openmoe.moe import OpenMoeSparseMLP
+
+    torch.manual_seed(a.seed)
+    with build_on(device, torch.float32):  # fp32 master weights: fully_shard keeps 1/world of them per rank
+        model = OpenMoeForCausalLM(cfg)
+        if a.dropless:
+            for m in model.modules():
+                if isinstance(m, OpenMoeSparseMLP):
+                    m.capacity_factor_train = m.capacity_factor_eval = 0.0
+        model = loop_model_(model)
+    flops = F.openmoe_flops(model, a.seq)
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for layer in model.model.layers:
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    model.train()
+    optimizer = torch.optim.AdamW(decay_groups(model), lr=a.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+    batches = synthetic_batches(cfg.vocab_size, a.batch_size, a.seq, seed=1000 * dist.get_rank() + 7,
+                                mask=not a.no_attention_mask)
+    state = {"outs": None}
+
+    def step(i):
+        n = a.grad_accum
+        for j in range(n):
+            batch = {k: v.to(device) for k, v in batches[(i * n + j) % len(batches)].items()}
+            out = model(**batch)
+            (out.loss / n).backward()
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads, 2.0)
+        norm = norm.full_tensor() if isinstance(norm, DTensor) else norm  # the global norm over all shards
+        torch.nn.utils.clip_grads_with_norm_(model.parameters(), 1.0, norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        state["outs"] = [out]
+
+    def routing():
+        return {**_openmoe_routing(state["outs"]),
+                "capacity_factor": 0.0 if a.dropless else cfg.router_capacity_factor_train}
+
+    layout = {"plugin": "torch FSDP2 (fully_shard)", "ep": 1, "pp": 1, "dp": world, "moe_dp": world}
+    mode = "dropless" if a.dropless else f"capacity {cfg.router_capacity_factor_train}"
+    label = f"baseline c: per-expert loop, FSDP2 bf16/fp32 master ({mode})"
+    return Bench(step, flops, layout, a.batch_size * a.seq * world * a.grad_accum, False, routing, label)
+
+
+BUILDERS = {"ours": build_ours, "mixtral": build_mixtral, "naive": build_naive, "fsdp": build_fsdp}
 
 
 def init(kind: str, seed: int) -> tuple[int, int, torch.device]:
@@ -467,7 +529,8 @@ def run(a) -> dict:
     t_init = time.time()
     gemm_peak = timing.gemm_peak_tflops(device)
     cfg = model_config(a)
-    options = ("use_kernel", "dropless", "activation_checkpointing", "no_attention_mask", "lm_loss_impl", "grad_accum")
+    options = ("use_kernel", "dropless", "activation_checkpointing", "no_attention_mask", "lm_loss_impl", "grad_accum",
+               "comm_overlap", "hierarchical_alltoall")
     base.update(layers=cfg.num_hidden_layers, moe_layers=cfg.num_moe_layers, family=a.family,
                 shape=f"{a.model}-L{cfg.num_hidden_layers}", options={k: getattr(a, k) for k in options})
     bench = BUILDERS[a.kind](a, cfg, world, device)
@@ -484,6 +547,10 @@ def run(a) -> dict:
               "model_tflops_per_gpu": flops_per_s_gpu / 1e12, "mfu": F.mfu(flops_per_s_gpu),
               "peak_flops_denominator": F.HOPPER_BF16_PEAK_FLOPS, "gemm_peak_tflops": gemm_peak,
               "vs_gemm_peak": flops_per_s_gpu / 1e12 / gemm_peak if gemm_peak else None,
+              # the step's model FLOPs per GPU at the measured GEMM peak: the time the step would take if every FLOP
+              # ran as fast as one large bf16 GEMM (the floor the other step time is measured against)
+              "gemm_bound_step_s": (bench.flops.flops_per_token * bench.tokens_per_step / world / (gemm_peak * 1e12)
+                                    if gemm_peak else None),
               "has_all_to_all": bench.has_all_to_all, "a2a_frac": None, "comm_frac": None, "comm_method": "not run",
               "routing": {"mode": "real (router on the actual hidden states; not forced balanced)", **bench.routing()},
               "seconds": {"startup": t_init - T_START, "build": t_built - t_init, "measure": t_measured - t_built},
