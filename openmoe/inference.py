@@ -12,6 +12,8 @@ from openmoe.io.hf import parse_dtype
 from openmoe.config import preset
 from openmoe.data_formats import CHAT_SYSTEM, chat_prompt  # noqa: F401 (the template is shared with training)
 from openmoe.model import OpenMoeForCausalLM
+from openmoe.moe import OpenMoeSparseMLP
+
 
 def chat_stop_sequences(tokenizer) -> list[list[int]]:
     """OpenMoE-8B-Chat often ends a reply by spelling `</s>` as ordinary pieces ("▁</", "s", ">") instead of the EOS
