@@ -199,6 +199,63 @@ class OpenMoeConfig:
             return cls.from_dict(json.load(f), source=path)
 
 
+ATTN_IMPLS = ("sdpa", "eager")
+EXPERT_IMPLS = ("bmm", "grouped")
+LM_LOSS_IMPLS = ("fused", "fused_compiled", "chunked")
+AC_POLICIES = ("full", "selective")
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """How the model computes, not what it computes: kernels and memory trade-offs that a checkpoint does not need.
+
+    Given at construction (`OpenMoeForCausalLM(config, options=...)`) or applied once to a loaded model
+    (`model.apply_options(options)`, before any expert-parallel wrapping). Every default is the reference ("off")
+    behaviour, which the fast paths are tested against. Parallel sizes are not options of the model at all.
+    """
+
+    # attention kernel: "sdpa" (torch scaled_dot_product_attention, flash/efficient kernels where available) |
+    # "eager" (the fp32 softmax(q k^T) v reference). Off: "sdpa" is the default and numerically the reference.
+    attn_impl: str = "sdpa"
+    # experts: "bmm" (capacity buffer [E, C, H] and batched matmuls: the reference) | "grouped" (kept tokens sorted
+    # by expert, one torch._grouped_mm per weight, no padding FLOPs). Off: "bmm".
+    expert_impl: str = "bmm"
+    # LM head + loss in training: "fused" (gradient computed chunk by chunk in the forward pass, no [T, V] logits)
+    # | "fused_compiled" (the same, its softmax math through torch.compile) | "chunked" (checkpointed autograd
+    # reference). Without gradients (eval) every choice runs the chunked reference. Off: "chunked".
+    lm_loss_impl: str = "fused"
+    # tokens per LM-head/loss chunk; None: one pass over all tokens (materialises [T, V] fp32 logits). Off: None.
+    lm_head_chunk_size: int | None = 1024
+    # recompute each decoder layer in backward (training only). Off: False.
+    activation_checkpointing: bool = False
+    # what activation checkpointing keeps: "full" (only each layer's input; everything is recomputed) |
+    # "selective" (also the matmul and attention outputs; only elementwise ops are recomputed). Ignored when
+    # activation_checkpointing is False.
+    ac_policy: str = "full"
+    # route every token (capacity factors of train and eval forced to 0, i.e. no drops: outputs do not depend on
+    # the rest of the batch; the bmm path reads the largest expert load on the host once per layer). Off: False,
+    # the checkpoint's capacity factors.
+    dropless: bool = False
+    # every RMSNorm through NVIDIA apex's fused_rms_norm_affine (needs apex; one clear error without). Off: False.
+    fused_rmsnorm: bool = False
+
+    def __post_init__(self):
+        choices = (("attn_impl", ATTN_IMPLS), ("expert_impl", EXPERT_IMPLS), ("lm_loss_impl", LM_LOSS_IMPLS),
+                   ("ac_policy", AC_POLICIES))
+        for name, accepted in choices:
+            if getattr(self, name) not in accepted:
+                raise ValueError(f"{name} '{getattr(self, name)}' is not supported; accepted: {list(accepted)}")
+        chunk = self.lm_head_chunk_size
+        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+            raise ValueError(f"lm_head_chunk_size ({chunk!r}) must be a positive integer or None (one pass)")
+        for name in ("activation_checkpointing", "dropless", "fused_rmsnorm"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} ({getattr(self, name)!r}) must be True or False")
+
+    def replace(self, **changes) -> "ModelOptions":
+        return dataclasses.replace(self, **changes)
+
+
 _FAMILY_ACT = {"openmoe": "swiglu", "llama_moe": "silu"}  # family -> its only hidden_act
 # Combine weight of a kept choice: "prob" its softmax probability (OpenMoE/T5X), "normalized" the top-k probabilities
 # renormalised to sum to 1 (Mixtral, Qwen's norm_topk_prob: identical experts then reproduce the dense FFN), "ones"

@@ -25,9 +25,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from openmoe.config import OpenMoeConfig
+from openmoe.config import ModelOptions, OpenMoeConfig
 from openmoe.losses import fused_lm_loss, lm_loss
-from openmoe.moe import MoeAux, OpenMoeSparseMLP, swiglu
+from openmoe.moe import HAS_GROUPED_MM, MoeAux, OpenMoeSparseMLP, swiglu
 
 KVCache = list  # per layer: (k [B, N, L, D], v [B, N, L, D])
 
@@ -37,8 +37,8 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
-        # optional fused kernel with apex's fused_rms_norm_affine(x, weight, normalized_shape, eps) signature, set by
-        # openmoe/kernels.py; None = the reference below
+        # apex's fused_rms_norm_affine(x, weight, normalized_shape, eps) when ModelOptions.fused_rmsnorm is on (set by
+        # OpenMoeForCausalLM.apply_options only); None = the reference below
         self.fused = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -86,7 +86,7 @@ class OpenMoeAttention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, kv_inner, bias=False)
         self.v_proj = nn.Linear(config.hidden_size, kv_inner, bias=False)
         self.o_proj = nn.Linear(inner, config.hidden_size, bias=False)
-        self.attn_impl = "sdpa"  # "sdpa" (flash/efficient kernels where available) or "eager" (reference)
+        self.attn_impl = "sdpa"  # ModelOptions.attn_impl, set by OpenMoeForCausalLM.apply_options only
 
     def forward(self, x, cos, sin, allowed, past_kv=None):
         """x [B, S, H]; allowed: [B, 1, S, L] bool or None (= plain causal, no cache, no padding).
@@ -194,34 +194,46 @@ class OpenMoeModel(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(OpenMoeDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.gradient_checkpointing = False  # recompute each decoder layer in backward
-        # "full": keep only each layer's input and recompute everything; "selective": also keep the outputs of the
-        # matmuls and attention kernels (the FLOPs), recompute only the cheap elementwise ops (norms, RoPE, SwiGLU,
-        # routing). A memory/compute trade-off, not part of the architecture.
-        self.checkpoint_policy = "full"
+        self.options = ModelOptions()  # the OpenMoeForCausalLM's, set by its apply_options
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False):
         b, s = input_ids.shape
         past = 0 if past_key_values is None else past_key_values[0][0].shape[2]
+        position_ids, allowed, token_mask = self.layer_inputs(input_ids, attention_mask, position_ids, past)
+        h = self.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, h.dtype)
+        h, moe, cache = self.run_layers(h, cos, sin, allowed, token_mask, range(len(self.layers)), past_key_values,
+                                        use_cache)
+        return self.norm(h), cache, moe
+
+    def layer_inputs(self, input_ids, attention_mask, position_ids, past: int):
+        """(position_ids [B, S], allowed [B, 1, S, L] | None, token_mask [B, S] | None) for the decoder layers;
+        the pipeline stages build theirs here too."""
+        b, s = input_ids.shape
         if position_ids is None:
             position_ids = default_positions(attention_mask, b, s, past, input_ids.device)
         allowed = _attention_allowed(attention_mask, s, past, input_ids.device, self.config.pad_is_bos)
         token_mask = None if attention_mask is None else attention_mask[:, past:].bool()
-        h = self.embed_tokens(input_ids)
-        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, h.dtype)
+        return position_ids, allowed, token_mask
+
+    def run_layers(self, h, cos, sin, allowed, token_mask, layers: range, past_key_values=None, use_cache=False):
+        """The decoder-layer loop, shared by `forward` and the pipeline stages (which run a sub-range).
+        Returns (h [B, S, H], MoeAux per MoE layer in order, KV cache or None)."""
+        recompute = self.options.activation_checkpointing and self.training and torch.is_grad_enabled()
+        ac_kwargs = _checkpoint_kwargs(self.options.ac_policy) if recompute else {}
         cache, moe = [], []
-        for i, layer in enumerate(self.layers):
+        for i in layers:
+            layer = self.layers[i]
             layer_past = None if past_key_values is None else past_key_values[i]
-            if self.gradient_checkpointing and self.training:
-                h, kv, aux = checkpoint(layer, h, cos, sin, allowed, token_mask, use_reentrant=False,
-                                        **_checkpoint_kwargs(self.checkpoint_policy))
+            if recompute:
+                h, kv, aux = checkpoint(layer, h, cos, sin, allowed, token_mask, use_reentrant=False, **ac_kwargs)
             else:
                 h, kv, aux = layer(h, cos, sin, allowed, token_mask, layer_past)
             if use_cache:
                 cache.append(kv)
             if aux is not None:
                 moe.append(aux)
-        return self.norm(h), (cache if use_cache else None), moe
+        return h, moe, (cache if use_cache else None)
 
 
 def _saved_ops() -> set:
@@ -239,12 +251,24 @@ _SAVED_OPS = _saved_ops()
 
 
 def _checkpoint_kwargs(policy: str) -> dict:
+    """"full": keep only each layer's input and recompute everything; "selective": also keep the outputs of the
+    matmuls and attention kernels (the FLOPs), recompute only the cheap elementwise ops (norms, RoPE, SwiGLU,
+    routing). Collectives (the EP all-to-all) are not saved: they run again in the recompute either way."""
     if policy == "full":
         return {}
-    if policy == "selective":
-        # collectives (the EP all-to-all) are not saved: they run again in the recompute, as with "full"
-        return dict(context_fn=lambda: create_selective_checkpoint_contexts(_selective_policy))
-    raise ValueError(f"checkpoint policy '{policy}' is not supported; accepted: 'full', 'selective'")
+    assert policy == "selective", policy  # ModelOptions validated it
+    return dict(context_fn=lambda: create_selective_checkpoint_contexts(_selective_policy))
+
+
+def fused_rmsnorm_kernel():
+    """apex's fused_rms_norm_affine, or one clear error (the run config validation calls this up front too)."""
+    try:
+        from apex.normalization.fused_layer_norm import fused_rms_norm_affine
+    except ImportError as e:
+        raise ValueError(f"fused_rmsnorm (--use_layernorm_kernel) needs NVIDIA apex with its fused layer-norm "
+                         f"extension (apex.normalization.fused_layer_norm), which cannot be imported ({e}); install "
+                         f"apex or drop --use_layernorm_kernel") from None
+    return fused_rms_norm_affine
 
 
 def default_positions(attention_mask, b, s, past, device):
@@ -280,18 +304,43 @@ def _attention_allowed(attention_mask, s, past, device, pad_is_bos: bool = True)
 
 
 class OpenMoeForCausalLM(nn.Module):
-    def __init__(self, config: OpenMoeConfig, init: bool = True):
+    def __init__(self, config: OpenMoeConfig, options: ModelOptions | None = None, init: bool = True):
         super().__init__()
         self.config = config
         self.model = OpenMoeModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.lm_head_chunk_size: int | None = 1024  # tokens per LM-head/loss chunk in training; None = one pass
-        # "fused": head + loss with the gradient computed chunk by chunk in the forward pass (losses.fused_lm_loss);
-        # "chunked": the autograd reference, each chunk checkpointed (head recomputed in backward).
-        # "fused_compiled": fused, its per-chunk softmax math through torch.compile. Kernel switches, not config.
-        self.lm_loss_impl = "fused"
+        self.options = ModelOptions()
         if init:
             self.reset_parameters()
+        self.apply_options(options or ModelOptions())
+
+    def apply_options(self, options: ModelOptions) -> "OpenMoeForCausalLM":
+        """Switch kernels and memory trade-offs (config.ModelOptions) on this model: the one place that sets them on
+        the submodules. Call before any expert-parallel wrapping (the EP layer copies the MoE layer's settings when
+        it is built); a wrapped model is refused. Applying the defaults restores every reference path."""
+        if not isinstance(options, ModelOptions):
+            raise TypeError(f"options must be an openmoe.config.ModelOptions, got {type(options).__name__}")
+        wrapped = [i for i, layer in enumerate(self.model.layers)
+                   if layer.is_moe and not isinstance(layer.mlp, OpenMoeSparseMLP)]
+        if wrapped:
+            raise ValueError(f"apply_options must run before expert-parallel wrapping: MoE layer(s) {wrapped} are "
+                             f"{type(self.model.layers[wrapped[0]].mlp).__name__}, not OpenMoeSparseMLP")
+        if options.expert_impl == "grouped" and not HAS_GROUPED_MM:
+            raise ValueError(f"expert_impl 'grouped' (--use_kernel) needs torch._grouped_mm, which torch "
+                             f"{torch.__version__} lacks; accepted here: 'bmm'")
+        kernel = fused_rmsnorm_kernel() if options.fused_rmsnorm else None
+        cfg = self.config
+        for m in self.modules():
+            if isinstance(m, RMSNorm):
+                m.fused = kernel
+            elif isinstance(m, OpenMoeAttention):
+                m.attn_impl = options.attn_impl
+            elif isinstance(m, OpenMoeSparseMLP):
+                m.expert_impl = options.expert_impl
+                m.capacity_factor_train = 0.0 if options.dropless else cfg.router_capacity_factor_train
+                m.capacity_factor_eval = 0.0 if options.dropless else cfg.router_capacity_factor_eval
+        self.options = self.model.options = options
+        return self
 
     @torch.no_grad()
     def reset_parameters(self):
@@ -314,12 +363,6 @@ class OpenMoeForCausalLM(nn.Module):
             else:
                 p.normal_(0.0, std)
 
-    def set_attn_impl(self, impl: str):
-        if impl not in ("sdpa", "eager"):
-            raise ValueError(f"attention implementation '{impl}' is not supported; accepted: 'sdpa', 'eager'")
-        for layer in self.model.layers:
-            layer.self_attn.attn_impl = impl
-
     def forward(self, input_ids, attention_mask=None, labels=None, position_ids=None, past_key_values=None,
                 use_cache=False, return_logits=None) -> OpenMoeOutput:
         h, cache, moe = self.model(input_ids, attention_mask, position_ids, past_key_values, use_cache)
@@ -335,17 +378,13 @@ class OpenMoeForCausalLM(nn.Module):
         if labels is not None:
             cfg = self.config
             aux, rz = router_losses(moe, cfg.router_aux_loss_factor, cfg.router_z_loss_factor, h)
-            if self.lm_loss_impl not in ("fused", "fused_compiled", "chunked"):
-                raise ValueError(f"lm_loss_impl '{self.lm_loss_impl}' is not supported; accepted: 'fused', "
-                                 f"'fused_compiled', 'chunked'")
+            impl, chunk = self.options.lm_loss_impl, self.options.lm_head_chunk_size
             with torch.profiler.record_function("openmoe.lm_head_loss"):
-                if self.lm_loss_impl != "chunked" and torch.is_grad_enabled() and self.lm_head_chunk_size:
+                if impl != "chunked" and torch.is_grad_enabled() and chunk:
                     ce_z, ce, z, n = fused_lm_loss(h, self.lm_head.weight, labels, cfg.label_smoothing,
-                                                   cfg.z_loss_factor, self.lm_head_chunk_size,
-                                                   self.lm_loss_impl == "fused_compiled")
+                                                   cfg.z_loss_factor, chunk, impl == "fused_compiled")
                 else:
-                    ce, z, n = lm_loss(h, self.lm_head.weight, labels, cfg.label_smoothing, cfg.z_loss_factor,
-                                       self.lm_head_chunk_size)
+                    ce, z, n = lm_loss(h, self.lm_head.weight, labels, cfg.label_smoothing, cfg.z_loss_factor, chunk)
                     ce_z = ce + z
             out.loss, out.ce_loss, out.z_loss, out.aux_loss, out.router_z_loss, out.num_tokens = (
                 ce_z + aux + rz, ce, z, aux, rz, n)

@@ -30,9 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch.utils.checkpoint import checkpoint
-
-from openmoe.model import OpenMoeForCausalLM, OpenMoeOutput, _attention_allowed, default_positions, rope_cos_sin
+from openmoe.model import OpenMoeForCausalLM, OpenMoeOutput, rope_cos_sin
 from openmoe.moe import MoeAux
 
 GRAD_IN_FLIGHT = 2.0**-20  # router_grad's gradient is s * GRAD_IN_FLIGHT between stages: a power of two
@@ -68,32 +66,16 @@ class Stage:
 def stage_forward(self: OpenMoeForCausalLM, input_ids, attention_mask=None, labels=None, position_ids=None,
                   return_logits=None, hidden_states=None, router_grad=None, moe_stats=None, *, stage: Stage):
     """OpenMoeForCausalLM.forward restricted to one stage (bound to the model by the policy)."""
-    b, s = input_ids.shape
-    if position_ids is None:
-        position_ids = default_positions(attention_mask, b, s, 0, input_ids.device)
-    allowed = _attention_allowed(attention_mask, s, 0, input_ids.device, self.config.pad_is_bos)  # [B,1,S,S] | None
-    token_mask = None if attention_mask is None else attention_mask.bool()
+    # the same inputs and the same layer loop (incl. activation checkpointing and its policy) as the full model
+    position_ids, allowed, token_mask = self.model.layer_inputs(input_ids, attention_mask, position_ids, 0)
     h = self.model.embed_tokens(input_ids) if stage.first else hidden_states  # [B, S, H]
     cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, h.dtype)
-    h, own = _run_layers(self.model, stage.layers, h, cos, sin, allowed, token_mask)
+    h, own, _ = self.model.run_layers(h, cos, sin, allowed, token_mask, stage.layers)
     moe = _decode_stats(moe_stats) + own
     if not stage.last:
         return {"hidden_states": h, "router_grad": _add_router_grad(self.config, stage, router_grad, own, h),
                 "moe_stats": _encode_stats(moe)}
     return _head_and_loss(self, stage, self.model.norm(h), labels, return_logits, moe, router_grad)
-
-
-def _run_layers(model, layers: range, h, cos, sin, allowed, token_mask):
-    own = []
-    for i in layers:
-        layer = model.layers[i]
-        if model.gradient_checkpointing and model.training:
-            h, _, aux = checkpoint(layer, h, cos, sin, allowed, token_mask, use_reentrant=False)
-        else:
-            h, _, aux = layer(h, cos, sin, allowed, token_mask)
-        if aux is not None:
-            own.append(aux)
-    return h, own
 
 
 def _add_router_grad(cfg, stage: Stage, router_grad, own: list[MoeAux], like: torch.Tensor) -> torch.Tensor:

@@ -151,9 +151,9 @@ def test_eager_and_sdpa_attention_agree(model):
     ids = batch()
     mask = torch.ones_like(ids)
     mask[0, :2] = 0
-    model.set_attn_impl("eager")
+    model.apply_options(model.options.replace(attn_impl="eager"))
     a = model(ids, attention_mask=mask).logits
-    model.set_attn_impl("sdpa")
+    model.apply_options(model.options.replace(attn_impl="sdpa"))
     b = model(ids, attention_mask=mask).logits
     assert torch.allclose(a, b, atol=1e-4)
 

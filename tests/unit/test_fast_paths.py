@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from openmoe.config import preset
-from openmoe.model import OpenMoeForCausalLM
+from openmoe.config import ModelOptions, preset
+from openmoe.model import OpenMoeForCausalLM, RMSNorm
 
 
 class CountMatmuls(TorchDispatchMode):
@@ -22,8 +22,7 @@ class CountMatmuls(TorchDispatchMode):
 
 def run(model, ids, policy):
     model.zero_grad()
-    model.model.gradient_checkpointing = policy is not None
-    model.model.checkpoint_policy = policy or "full"
+    model.apply_options(ModelOptions(activation_checkpointing=policy is not None, ac_policy=policy or "full"))
     out = model(ids, labels=ids)
     with CountMatmuls() as counter:
         out.loss.backward()
@@ -44,10 +43,60 @@ def test_selective_checkpointing_equals_plain_and_recomputes_no_matmul():
 
 
 def test_unknown_checkpoint_policy_is_refused():
-    model = OpenMoeForCausalLM(preset("tiny")).train()
-    model.model.gradient_checkpointing, model.model.checkpoint_policy = True, "some"
-    with pytest.raises(ValueError, match="checkpoint policy 'some' is not supported; accepted: 'full', 'selective'"):
-        model(torch.randint(3, 700, (1, 4)))
+    with pytest.raises(ValueError, match=r"ac_policy 'some' is not supported; accepted: \['full', 'selective'\]"):
+        ModelOptions(activation_checkpointing=True, ac_policy="some")
+
+
+def test_pipeline_stage_keeps_the_selective_policy():
+    """The pipeline stage runs the model's own layer loop: under the selective policy its backward recomputes no
+    forward matmul (the stage used to copy the loop without the policy, i.e. ran full recompute)."""
+    from openmoe.parallel.pipeline import Stage, stage_forward
+
+    torch.manual_seed(0)
+    model = OpenMoeForCausalLM(preset("tiny")).double().train()
+    ids = torch.randint(3, 700, (2, 12))
+    stage = Stage(first=True, last=False, layers=range(0, 2), num_moe_layers=model.config.num_moe_layers,
+                  num_microbatches=1)
+    counts, grads = {}, {}
+    for policy in (None, "full", "selective"):
+        model.zero_grad()
+        model.apply_options(ModelOptions(activation_checkpointing=policy is not None, ac_policy=policy or "full"))
+        out = stage_forward(model, ids, stage=stage)
+        loss = out["hidden_states"].square().sum() + out["router_grad"]
+        with CountMatmuls() as counter:
+            loss.backward()
+        counts[policy] = counter.n
+        grads[policy] = [p.grad.clone() for p in model.model.layers[:2].parameters()]
+    assert counts["full"] > counts[None]  # full recompute runs the forward matmuls again
+    assert counts["selective"] == counts[None], counts  # selective keeps them
+    for policy in ("full", "selective"):
+        for a, b in zip(grads[policy], grads[None]):
+            assert torch.allclose(a, b, atol=1e-10)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("attn_impl", "flash", r"attn_impl 'flash' is not supported; accepted: \['sdpa', 'eager'\]"),
+    ("expert_impl", "loop", r"expert_impl 'loop' is not supported; accepted: \['bmm', 'grouped'\]"),
+    ("lm_loss_impl", "fast", r"lm_loss_impl 'fast' is not supported; accepted: \['fused', 'fused_compiled', "),
+    ("lm_head_chunk_size", 0, r"lm_head_chunk_size \(0\) must be a positive integer or None"),
+    ("dropless", 1, r"dropless \(1\) must be True or False"),
+])
+def test_model_options_are_validated_with_the_value(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        ModelOptions(**{field: value})
+
+
+def test_apply_options_sets_and_restores_every_switch():
+    model = OpenMoeForCausalLM(preset("tiny"), options=ModelOptions(attn_impl="eager", dropless=True))
+    moe = [layer.mlp for layer in model.model.layers if layer.is_moe]
+    assert {layer.self_attn.attn_impl for layer in model.model.layers} == {"eager"}
+    assert {(m.capacity_factor_train, m.capacity_factor_eval) for m in moe} == {(0.0, 0.0)}
+    model.apply_options(ModelOptions())
+    cfg = model.config
+    assert {layer.self_attn.attn_impl for layer in model.model.layers} == {"sdpa"}
+    assert {(m.capacity_factor_train, m.capacity_factor_eval) for m in moe} == {
+        (cfg.router_capacity_factor_train, cfg.router_capacity_factor_eval)}
+    assert model.options == ModelOptions()
 
 
 def fake_apex(monkeypatch, calls):
@@ -69,8 +118,6 @@ def fake_apex(monkeypatch, calls):
 
 
 def test_fused_rmsnorm_switch_runs_every_norm_and_matches_reference(monkeypatch):
-    from openmoe.kernels import use_fused_rmsnorm
-
     torch.manual_seed(0)
     model = OpenMoeForCausalLM(preset("tiny")).double().eval()
     for name, p in model.named_parameters():
@@ -80,7 +127,8 @@ def test_fused_rmsnorm_switch_runs_every_norm_and_matches_reference(monkeypatch)
     ref = model(ids).logits
     calls = []
     fake_apex(monkeypatch, calls)
-    n = use_fused_rmsnorm(model)
+    model.apply_options(ModelOptions(fused_rmsnorm=True))
+    n = sum(isinstance(m, RMSNorm) and m.fused is not None for m in model.modules())
     cfg = model.config
     moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
     assert n == 2 * cfg.num_hidden_layers + moe_layers + 1  # input + post-attention, extra-MLP pre-norm, final
@@ -92,15 +140,17 @@ def test_fused_rmsnorm_switch_runs_every_norm_and_matches_reference(monkeypatch)
 def test_fused_rmsnorm_without_apex_is_one_clear_error(monkeypatch):
     import sys
 
-    from openmoe.kernels import use_fused_rmsnorm
+    from openmoe.kernels import fused_rmsnorm_kernel
 
     monkeypatch.setitem(sys.modules, "apex", None)
-    with pytest.raises(ValueError, match="--use_layernorm_kernel needs NVIDIA apex .* install apex or drop"):
-        use_fused_rmsnorm(OpenMoeForCausalLM(preset("tiny")))
+    with pytest.raises(ValueError, match="--use_layernorm_kernel.? needs NVIDIA apex .* install apex or drop"):
+        OpenMoeForCausalLM(preset("tiny"), options=ModelOptions(fused_rmsnorm=True))
+    with pytest.raises(ValueError, match="--use_layernorm_kernel.? needs NVIDIA apex .* install apex or drop"):
+        fused_rmsnorm_kernel()
 
 
 def test_all_ones_attention_mask_is_dropped_before_the_device_and_changes_nothing():
-    from openmoe.trainer import to_device
+    from openmoe.train.step import to_device
 
     torch.manual_seed(0)
     ids = torch.randint(3, 700, (2, 10))

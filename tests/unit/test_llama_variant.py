@@ -221,7 +221,7 @@ def test_gqa_kv_cache_decoding_equals_full_forward():
         step = model(ids[:, t:t + 1], past_key_values=past, use_cache=True)
         past = step.past_key_values
         assert torch.allclose(step.logits[:, -1], full[:, t], atol=1e-5)
-    model.set_attn_impl("eager")
+    model.apply_options(model.options.replace(attn_impl="eager"))
     assert torch.allclose(model(ids).logits, full, atol=1e-5)
 
 
@@ -249,7 +249,7 @@ def test_expert_parallel_llama_layer_matches_single_device(tmp_path):
     """2 gloo ranks: outputs, seq aux loss, input/router/expert gradients equal the single-device layer run on each
     rank's tokens (capacity is per rank, as in tests/parallel/test_expert_parallel.py)."""
     from openmoe.parallel.expert_parallel import ExpertParallelMoE
-    from tests.parallel.dist_utils import launch
+    from tests.helpers import launch
     from tests.parallel.ep_workers import make_inputs
 
     launch(ep_llama_worker, 2, str(tmp_path))

@@ -82,7 +82,7 @@ def test_upcycled_logits_equal_dense_llama(tmp_path, kv_heads):
     ids = ids_batch()
     want = logits(dense, ids)
     for impl in ("sdpa", "eager"):
-        ours.set_attn_impl(impl)
+        ours.apply_options(ours.options.replace(attn_impl=impl))
         assert_same_function(logits(ours, ids), want)
     # the router really routes (different tokens, different top-2), yet identical experts make it invisible
     mlp = ours.model.layers[1].mlp
