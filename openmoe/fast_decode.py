@@ -1,0 +1,295 @@
+"""Fast decoding for a loaded OpenMoeForCausalLM with no host synchronisation per token (gpt-fast style).
+
+    dec = FastDecoder(model, max_batch_size=16, max_seq_len=2048, compile=True)   # shares the model's weights
+    ids = dec.generate(input_ids, attention_mask, max_new_tokens=64)             # model.generate's arguments/result
+
+Shapes: B batch, S prompt width, M max_seq_len (static cache length), H hidden, N heads, N_kv KV heads, D head_dim,
+E experts, K top-k, I expert width, V vocabulary, T tokens (B * S at prefill, B at decode), n new tokens.
+
+The eager `model.generate` (openmoe/generation.py) is the reference; with dropless routing on the model
+(`inference.set_dropless`) both give the same tokens (tests/unit/test_fast_decode.py). What differs, and why:
+  * KV cache: one preallocated [B_max, N_kv, M, D] pair per layer, written in place at a column index held on the
+    device; every decode step attends over all M columns under a key mask, so each step has the same shapes and can
+    be captured once as a CUDA graph. Columns follow the reference: the left-padded prompt in [0, S), new token i in
+    column S + i. A request longer than M is refused; the cache never grows.
+  * MoE at decode: dropless top-k routing (router.route, no capacity) and experts without data-dependent shapes:
+      "gather"  the chosen experts' weights gathered per token ([T, K, H, I] copies): reads only T * K experts, the
+                cheapest at batch 1;
+      "grouped" choices sorted by expert, one grouped GEMM per weight with device-side offsets (moe.grouped_experts):
+                no copies, reads only touched experts (needs torch._grouped_mm);
+      "dense"   every expert on every token, weighted by a [T, E] matrix that is zero off the top-k: reads each
+                expert once, the cheapest once most experts are touched (batch 16 of 32 experts, top-2).
+    Prefill routes dropless through the reference dispatch/combine: one host sync per MoE layer to size its buffer,
+    per request, not per token.
+  * Sampling, EOS and stop-sequence checks run on the device; the host reads `finished.all()` every `sync_every`
+    steps. The extra steps past the last stop are trimmed, so the result equals the reference's.
+  * The decode step can go through torch.compile(mode="reduce-overhead"): CUDA graphs, one launch per step.
+Built for one device: expert-parallel layers and device maps are refused (their eager paths remain).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from openmoe.generation import process_logits
+from openmoe.model import _attention_allowed, apply_rope, default_positions, repeat_kv, rope_cos_sin
+from openmoe.moe import HAS_GROUPED_MM, OpenMoeSparseMLP, combine, dispatch, grouped_experts
+from openmoe.router import RouterOutput, route
+
+MOE_IMPLS = ("auto", "gather", "grouped", "dense")
+
+
+def pick_moe_impl(impl: str, num_tokens: int, top_k: int, num_experts: int) -> str:
+    """'auto': gather while the gathered copies (written once, read once: ~3x the chosen experts' bytes) cost less
+    than reading every expert once, else dense."""
+    if impl not in MOE_IMPLS:
+        raise ValueError(f"moe_impl '{impl}' is not supported; accepted: {list(MOE_IMPLS)}")
+    if impl == "grouped" and not HAS_GROUPED_MM:
+        raise ValueError("moe_impl 'grouped' needs torch._grouped_mm, which this torch lacks; use 'gather' or 'dense'")
+    if impl != "auto":
+        return impl
+    return "gather" if 3 * num_tokens * top_k < num_experts else "dense"
+
+
+def decode_route(mlp: OpenMoeSparseMLP, x: torch.Tensor) -> RouterOutput:
+    """Dropless top-k of x [T, H] with the layer's router, bias and combine rule; no host sync (capacity left 0)."""
+    return route(x, mlp.gate_weight, mlp.top_k, 0.0, mlp.min_capacity, True, None, mlp.selection_bias,
+                 mlp.router_combine, size_dropless=False)
+
+
+def gathered_experts(experts, x: torch.Tensor, r: RouterOutput) -> torch.Tensor:
+    """x [T, H] -> [T, H]: each token through its K chosen experts, whose weights are gathered per token."""
+    wg, wu, wo = experts.wi_gate[r.expert_idx], experts.wi_up[r.expert_idx], experts.wo[r.expert_idx]  # [T, K, ., .]
+    h = experts.act(torch.einsum("th,tkhg->tkg", x, wg)) * torch.einsum("th,tkhi->tki", x, wu)  # [T, K, I]
+    y = torch.einsum("tki,tkio->tko", h, wo)  # [T, K, H]
+    return (y * r.combine_weight[..., None].to(y.dtype)).sum(dim=1)
+
+
+def dense_experts(experts, x: torch.Tensor, r: RouterOutput) -> torch.Tensor:
+    """x [T, H] -> [T, H]: every expert on every token, summed with weights that are zero off the chosen experts."""
+    num_experts = experts.num_local_experts
+    y = experts(x[None].expand(num_experts, *x.shape))  # [E, T, H]
+    w = torch.zeros(x.shape[0], num_experts, device=x.device).scatter(1, r.expert_idx, r.combine_weight)  # [T, E]
+    return torch.einsum("te,eth->th", w.to(y.dtype), y)
+
+
+class FastDecoder:
+    """Static-cache decoder over a loaded model's modules (weights shared, nothing copied, model.py untouched)."""
+
+    def __init__(self, model, max_batch_size: int, max_seq_len: int, moe_impl: str = "auto", compile: bool = False,
+                 sync_every: int = 8):
+        cfg = model.config
+        for i, layer in enumerate(model.model.layers):
+            if layer.is_moe and not isinstance(layer.mlp, OpenMoeSparseMLP):
+                raise ValueError(f"layer {i} is {type(layer.mlp).__name__}; the fast decoder runs single-device "
+                                 "OpenMoeSparseMLP layers only (expert-parallel serving uses model.generate)")
+        devices = {p.device for p in model.parameters()}
+        if len(devices) != 1 or hasattr(model, "hf_device_map"):
+            raise ValueError(f"the fast decoder needs the whole model on one device, found {sorted(map(str, devices))}")
+        for name, value in (("max_batch_size", max_batch_size), ("max_seq_len", max_seq_len),
+                            ("sync_every", sync_every)):
+            if value < 1:
+                raise ValueError(f"{name} ({value}) must be >= 1")
+        pick_moe_impl(moe_impl, 1, cfg.router_topk, cfg.num_experts)  # validate now, choose per batch size later
+        self.model, self.config, self.moe_impl, self.sync_every = model, cfg, moe_impl, sync_every
+        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+        weight = model.lm_head.weight
+        self.device, self.dtype = weight.device, weight.dtype
+        shape = (max_batch_size, cfg.num_key_value_heads, max_seq_len, cfg.head_dim)  # [B_max, N_kv, M, D]
+        self.k_cache = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in model.model.layers]
+        self.v_cache = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in model.model.layers]
+        for t in self.k_cache + self.v_cache:
+            # fixed addresses: CUDA graphs replay writes into the same memory, and compile does not copy the cache
+            torch._dynamo.mark_static_address(t)
+        self._step = self._decode_step
+        if compile:
+            self._step = torch.compile(self._decode_step, mode="reduce-overhead", fullgraph=True)
+        self._compiled = compile
+
+    # ---------------------------------------------------------------------------------------------------- layers
+    def _attention(self, i, attn, x, cos, sin, allowed, cols):
+        """x [B, S, H]; writes this step's K/V at columns cols [S] of the static cache, attends over all M columns."""
+        b, s, _ = x.shape
+        q = attn.q_proj(x).view(b, s, attn.num_heads, attn.head_dim).transpose(1, 2)  # [B, N, S, D]
+        k = attn.k_proj(x).view(b, s, attn.num_kv_heads, attn.head_dim).transpose(1, 2)  # [B, N_kv, S, D]
+        v = attn.v_proj(x).view(b, s, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k_cache, v_cache = self.k_cache[i][:b], self.v_cache[i][:b]  # [B, N_kv, M, D] views
+        k_cache.index_copy_(2, cols, k)
+        v_cache.index_copy_(2, cols, v)
+        n_rep = attn.num_heads // attn.num_kv_heads
+        out = F.scaled_dot_product_attention(q, repeat_kv(k_cache, n_rep), repeat_kv(v_cache, n_rep),
+                                             attn_mask=allowed, scale=attn.scale)  # [B, N, S, D]
+        return attn.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+
+    def _moe(self, mlp, x, token_mask, prefill: bool):
+        """x [B, S, H] -> [B, S, H], dropless."""
+        t = x.reshape(-1, x.shape[-1])  # [T, H]
+        if prefill:  # reference dispatch/combine; sizing the dropless buffer reads the max load on the host
+            r = route(t, mlp.gate_weight, mlp.top_k, 0.0, mlp.min_capacity, True, token_mask.reshape(-1),
+                      mlp.selection_bias, mlp.router_combine, size_dropless=True)
+            return combine(mlp.experts(dispatch(t, r, mlp.num_experts)), r, t.shape[0]).view(x.shape)
+        r = decode_route(mlp, t)
+        impl = pick_moe_impl(self.moe_impl, t.shape[0], mlp.top_k, mlp.num_experts)
+        experts = {"gather": gathered_experts, "dense": dense_experts, "grouped": grouped_experts}[impl]
+        return experts(mlp.experts, t, r).view(x.shape)
+
+    def _layer(self, i, layer, h, cos, sin, allowed, cols, token_mask, prefill: bool):
+        """OpenMoeDecoderLayer.forward with the static-cache attention and the dropless MoE above."""
+        h = h + self._attention(i, layer.self_attn, layer.input_layernorm(h), cos, sin, allowed, cols)
+        if not layer.is_moe:
+            return h + layer.mlp(layer.post_attention_layernorm(h))
+        n = layer.post_attention_layernorm(h)
+        m = self._moe(layer.mlp, n, token_mask, prefill)
+        if layer.has_shared:
+            m = m + layer.shared_experts(n)
+        h = h + m
+        if layer.has_extra:
+            h = h + layer.extra_mlp(layer.pre_extra_mlp_layernorm(h))
+        return h
+
+    def _logits(self, h):
+        return self.model.lm_head(self.model.model.norm(h[:, -1])).float()  # [B, V]
+
+    @torch.no_grad()
+    def _prefill(self, ids, mask, key_mask):
+        """ids, mask [B, S] -> logits [B, V] of the last column; fills cache columns [0, S) and key_mask."""
+        cfg, (b, s) = self.config, ids.shape
+        positions = default_positions(mask, b, s, 0, ids.device)  # [B, S]
+        allowed = torch.zeros(b, 1, s, self.max_seq_len, dtype=torch.bool, device=ids.device)
+        allowed[..., :s] = _attention_allowed(mask, s, 0, ids.device, cfg.pad_is_bos)  # [B, 1, S, M]
+        key_mask[:b, :s] = allowed[:, 0, -1, :s]  # keys the next tokens may see: real tokens and the <pad>-BOS
+        h = self.model.model.embed_tokens(ids)  # [B, S, H]
+        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, h.dtype)
+        cols = torch.arange(s, device=ids.device)
+        for i, layer in enumerate(self.model.model.layers):
+            h = self._layer(i, layer, h, cos, sin, allowed, cols, mask.bool(), prefill=True)
+        return self._logits(h)
+
+    def _decode_step(self, tokens, positions, col, key_mask):
+        """One token per row: tokens, positions [B], col [1] (its cache column), key_mask [B, M] -> logits [B, V].
+        Fixed shapes and no host reads: what torch.compile captures as one CUDA graph."""
+        cfg = self.config
+        h = self.model.model.embed_tokens(tokens[:, None])  # [B, 1, H]
+        cos, sin = rope_cos_sin(positions[:, None], cfg.head_dim, cfg.rope_theta, h.dtype)  # [B, 1, D]
+        columns = torch.arange(self.max_seq_len, device=tokens.device)
+        allowed = (key_mask | (columns == col))[:, None, None, :]  # [B, 1, 1, M]: a query always sees itself
+        for i, layer in enumerate(self.model.model.layers):
+            h = self._layer(i, layer, h, cos, sin, allowed, col, None, prefill=False)
+        return self._logits(h)
+
+    # ------------------------------------------------------------------------------------------------ generation
+    def check_request(self, batch_size: int, prompt_len: int, max_new_tokens: int) -> None:
+        """ValueError when a request does not fit the static cache (it is never reallocated or grown)."""
+        if batch_size > self.max_batch_size:
+            raise ValueError(f"batch size ({batch_size}) exceeds the fast decoder's max_batch_size "
+                             f"({self.max_batch_size}); build it with max_batch_size >= {batch_size}")
+        need = prompt_len + max_new_tokens
+        if need > self.max_seq_len:
+            raise ValueError(f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) = {need} exceeds the "
+                             f"static KV cache's max_seq_len ({self.max_seq_len}); shorten the request or build the "
+                             f"decoder with max_seq_len >= {need}")
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,  # [B, S]
+        attention_mask: torch.Tensor | None = None,  # [B, S], 0 = left padding
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        repetition_penalty: float = 1.0,
+        eos_token_id: int | None = None,
+        stop_sequences: Sequence[Sequence[int]] = (),
+        generator: torch.Generator | None = None,
+        on_tokens: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+        all_done: Callable[[bool], bool] | None = None,
+        vocab_limit: int | None = None,
+    ) -> torch.Tensor:
+        """model.generate's contract: [B, S + n] ids, finished rows padded after their stop. on_tokens(tokens [B],
+        finished [B]) is called once per step as in the reference, but in bursts at each host read (every
+        `sync_every` steps); all_done(local_done) is asked at those reads too."""
+        cfg = self.config
+        eos = cfg.eos_token_id if eos_token_id is None else eos_token_id
+        b, s = input_ids.shape
+        self.check_request(b, s, max_new_tokens)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        dev = input_ids.device
+        key_mask = torch.zeros(b, self.max_seq_len, dtype=torch.bool, device=dev)  # [B, M] keys later steps see
+        count = attention_mask.long().sum(1)  # [B] real tokens so far: the next token's position is count - 1 + ...
+        presence = torch.zeros(b, cfg.vocab_size, dtype=torch.bool, device=dev).scatter_(1, input_ids, True)
+        stop_len = max((len(x) for x in stop_sequences), default=0)
+        tail = torch.full((b, stop_len), -1, dtype=torch.long, device=dev)  # [B, longest stop]: last new tokens
+        stops = [torch.tensor(x, device=dev) for x in stop_sequences if len(x)]
+        out = torch.full((b, max_new_tokens), cfg.pad_token_id, dtype=torch.long, device=dev)  # [B, n]
+        done_after = torch.zeros(b, max_new_tokens, dtype=torch.bool, device=dev)  # finished after each step
+        n_steps = torch.zeros((), dtype=torch.long, device=dev)  # steps the reference would run
+        finished = torch.zeros(b, dtype=torch.bool, device=dev)
+        logits = self._prefill(input_ids, attention_mask, key_mask)
+        reported, n_run = 0, 0
+        for t in range(max_new_tokens):
+            if t > 0:  # feed the token chosen at step t - 1 (its column's key_mask entry was set then)
+                col = torch.full((1,), s + t - 1, dtype=torch.long, device=dev)
+                if self._compiled:
+                    torch.compiler.cudagraph_mark_step_begin()
+                logits = self._step(nxt, positions, col, key_mask).clone()
+            nxt = self._choose(logits, presence, do_sample, temperature, top_k, top_p, repetition_penalty,
+                               generator, vocab_limit)
+            nxt = torch.where(finished, cfg.pad_token_id, nxt)
+            n_steps += (~finished.all()).long()
+            out[:, t] = nxt
+            presence.scatter_(1, nxt[:, None], True)
+            valid = ~finished  # the reference's attention-mask entry for this token
+            key_mask[:, s + t] = valid
+            positions = (count + valid.long() - 1).clamp(min=0)
+            count = count + valid.long()
+            if stop_len:
+                tail = torch.cat([tail[:, 1:], nxt[:, None]], dim=1)
+            finished = finished | (nxt == eos) | _ends_with_any(tail, stops)
+            done_after[:, t] = finished
+            n_run = t + 1
+            if n_run % self.sync_every == 0 or n_run == max_new_tokens:
+                local_done = bool(finished.all())  # the host sync, once per sync_every steps
+                reported = self._report(on_tokens, out, done_after, reported, n_run, n_steps)
+                if all_done(local_done) if all_done is not None else local_done:
+                    break
+        n = int(n_steps)
+        return torch.cat([input_ids, out[:, :n]], dim=1)
+
+    @staticmethod
+    def _report(on_tokens, out, done_after, reported, n_run, n_steps) -> int:
+        if on_tokens is None:
+            return n_run
+        upto = min(n_run, int(n_steps))
+        for j in range(reported, upto):
+            on_tokens(out[:, j], done_after[:, j])
+        return n_run
+
+    def _choose(self, logits, presence, do_sample, temperature, top_k, top_p, repetition_penalty, generator,
+                vocab_limit):
+        """logits [B, V] fp32 -> next ids [B] on the device (the reference's sampling, with the repetition penalty
+        over a [B, V] presence mask instead of a growing id list: the same numbers)."""
+        if vocab_limit is not None:
+            logits[:, vocab_limit:] = float("-inf")
+        if repetition_penalty != 1.0:
+            penalised = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
+            logits = torch.where(presence, penalised, logits)
+        if not do_sample:
+            return logits.argmax(-1)
+        no_ids = logits.new_empty(logits.shape[0], 0, dtype=torch.long)
+        probs = process_logits(logits, no_ids, temperature, top_k, top_p, 1.0).softmax(-1)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def _ends_with_any(tail: torch.Tensor, stops: list[torch.Tensor]) -> torch.Tensor:
+    """[B] bool: the last new tokens (tail [B, L], -1 where none yet) end with one of the stop sequences."""
+    hit = torch.zeros(tail.shape[0], dtype=torch.bool, device=tail.device)
+    for stop in stops:
+        hit |= (tail[:, tail.shape[1] - len(stop):] == stop).all(dim=1)
+    return hit
