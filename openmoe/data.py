@@ -38,6 +38,7 @@ Public API:
 """
 
 import dataclasses
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,8 @@ from openmoe.data_sources import load_records, source_splits, split_name  # noqa
 IGNORE_INDEX = -100  # label value F.cross_entropy(ignore_index=-100) skips
 
 _SENTENCEPIECE_FILES = ("spiece.model", "tokenizer.model")
+
+logger = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -251,7 +254,12 @@ def _build(records, spec: DataSpec, tokenizer, where: str):
     if pack:
         examples = examples.map(_pack_batch, batched=True, batch_size=_PACK_DOCS,
                                 fn_kwargs=dict(max_length=spec.max_length))
-    if not spec.streaming and len(examples) == 0:
+    if spec.streaming:
+        return examples
+    if not pack and len(examples) < len(records):
+        logger.warning(f"{len(records) - len(examples)} of {len(records)} records of {where} have no token to train "
+                       f"on within max_length={spec.max_length} (mask_prompt={mask_prompt}) and were dropped")
+    if len(examples) == 0:
         raise ValueError(f"no examples left after tokenization of {where}: all {len(records)} records have no token "
                          f"to train on within max_length={spec.max_length} (mask_prompt={mask_prompt}); raise "
                          "max_length or check the dataset")

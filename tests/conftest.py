@@ -1,6 +1,2 @@
-import os
-import sys
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+"""pytest configuration. The package is installed in editable mode by scripts/install.sh; shared launchers and
+fixtures live in tests/helpers.py."""

@@ -1,12 +1,9 @@
-"""The only place MoeHybridParallelPlugin is built. Plugins as a small table:
+"""The only module that imports colossalai: process-group launch, the MoeHybridParallelPlugin with our shardformer
+policy, the booster, the ZeRO fixes (ZeRO-2 restore, gradient-norm fix) and accessors for the ZeRO optimizer's
+state. Every private colossalai attribute the project touches is read or written here (and in cpu_compat.py, which
+this module applies), so a colossalai upgrade is audited in this package alone.
 
-  plugin   | ep_size                   | MoE data parallel (replicas of each expert) | pipeline
-  ---------+---------------------------+---------------------------------------------+----------
-  ep       | world                     | 1                                           | no
-  ep_zero  | world / extra_dp_size     | extra_dp_size (ZeRO shards across them)     | no
-  hybrid   | --ep_size                 | world / (pp_size * ep_size)                 | pp_size
-
-Dense parameters are data-parallel over world / pp_size ranks in all three. ColossalAI lays the mesh out as
+The parallel layout (which plugin means which sizes) is openmoe/parallel/sizes.py. ColossalAI lays the mesh out as
 (moe_dp, pp, ep, tp): ranks of one EP group are adjacent, so on one node the all-to-all stays intra-node.
 With pp_size > 1 each optimizer step is one 1F1B pipeline pass over batch_size * grad_accum examples per
 data-parallel rank, cut into micro-batches of microbatch_size (the micro-batches replace gradient accumulation).
@@ -23,120 +20,148 @@ optimizer really partitions gradients and that starved experts train as under Ze
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import os
+from dataclasses import dataclass
+from typing import Callable
 
-from openmoe.config import OpenMoeConfig
-from openmoe.run_config import TrainConfig
+import torch
+import torch.distributed as dist
 
-
-@dataclass(frozen=True)
-class ParallelSizes:
-    world: int
-    ep: int
-    pp: int
-    moe_dp: int  # replicas of each expert
-    dp: int  # replicas of each dense parameter (= world / pp)
-    num_microbatches: int = 1  # pipeline micro-batches per step (1 without pipeline)
-    layers_per_stage: tuple[int, ...] = ()  # decoder layers held by each pipeline stage (empty without pipeline)
+from openmoe.parallel.sizes import ParallelSizes
 
 
-def resolve_sizes(run: TrainConfig, model: OpenMoeConfig, world: int) -> ParallelSizes:
-    """Validate every size up front; each error names the numbers involved and what would be accepted."""
-    if run.tp_size != 1 or run.sp_size != 1:
-        raise ValueError(f"tensor/sequence parallelism is not supported for OpenMoE (tp_size={run.tp_size}, "
-                         f"sp_size={run.sp_size}); accepted: 1. Use ep/ep_zero/hybrid to scale")
-    if run.plugin != "hybrid" and run.pp_size != 1:
-        raise ValueError(f"pp_size ({run.pp_size}) > 1 needs --plugin hybrid (got '{run.plugin}')")
-    if run.plugin != "ep_zero" and run.extra_dp_size != 1:
-        raise ValueError(f"extra_dp_size ({run.extra_dp_size}) is for --plugin ep_zero only (got '{run.plugin}')")
-    if run.plugin == "ep":
-        ep, pp = world, 1
-    elif run.plugin == "ep_zero":
-        if run.extra_dp_size < 1 or world % run.extra_dp_size:
-            raise ValueError(f"world size ({world}) must be divisible by extra_dp_size ({run.extra_dp_size})")
-        ep, pp = world // run.extra_dp_size, 1
-    else:
-        if run.ep_size is None:
-            raise ValueError("--plugin hybrid needs --ep_size")
-        ep, pp = run.ep_size, run.pp_size
-        if pp < 1 or world % (pp * ep):
-            raise ValueError(f"world size ({world}) must be divisible by pp_size ({pp}) * ep_size ({ep})")
-        if pp > model.num_hidden_layers:
-            raise ValueError(f"pp_size ({pp}) exceeds the number of layers ({model.num_hidden_layers})")
-        if pp > 1 and run.zero_stage > 1:
-            raise ValueError(f"zero_stage ({run.zero_stage}) must be <= 1 with pipeline parallelism")
-    if run.ep_size is not None and run.ep_size != ep:
-        raise ValueError(f"--ep_size {run.ep_size} contradicts --plugin {run.plugin} on {world} ranks, "
-                         f"which implies ep_size {ep}")
-    if model.num_experts % ep:
-        raise ValueError(f"num_experts ({model.num_experts}) must be divisible by ep_size ({ep})")
-    if ep > 1 and run.zero_stage < 1:
-        raise ValueError(f"expert parallelism (ep_size {ep}) needs zero_stage >= 1 in ColossalAI's MoE plugin "
-                         f"(got {run.zero_stage})")
-    if run.zero_stage >= 1 and run.precision == "fp32":
-        raise ValueError(f"zero_stage {run.zero_stage} needs --precision bf16 or fp16 (ColossalAI's ZeRO keeps "
-                         f"fp32 master weights itself); got fp32")
-    if run.zero_stage not in (0, 1, 2):
-        raise ValueError(f"zero_stage ({run.zero_stage}) must be 0, 1 or 2")
-    if run.overlap_communication and (run.zero_stage < 1 or pp > 1):
-        raise ValueError(f"--overlap_communication overlaps ZeRO's gradient reduction with backward: it needs "
-                         f"zero_stage >= 1 (got {run.zero_stage}) and no pipeline (pp_size {pp}; with a pipeline "
-                         f"ColossalAI reduces once after the schedule, so there is nothing to overlap)")
-    if run.comm_overlap < 0:
-        raise ValueError(f"--comm_overlap ({run.comm_overlap}) must be >= 0 (number of chunks; 0 is off)")
-    if run.comm_overlap and (run.dropless or run.hierarchical_alltoall):
-        raise ValueError("--comm_overlap works with capacity routing and the flat all-to-all: drop --dropless and "
-                         "--hierarchical_alltoall, or --comm_overlap")
-    if run.balance_mode == "bias" and pp > 1:
-        raise ValueError("--balance_mode bias is not supported with pipeline parallelism yet (pp_size "
-                         f"{pp}); use --plugin ep or ep_zero")
-    if run.hierarchical_alltoall and run.dropless:
-        raise ValueError("--hierarchical_alltoall needs equal splits (capacity routing): drop --dropless")
-    if run.use_layernorm_kernel:
-        from openmoe.kernels import fused_rmsnorm_kernel
-
-        fused_rmsnorm_kernel()  # raises the one-line error when apex is missing
-    sizes = ParallelSizes(world=world, ep=ep, pp=pp, moe_dp=world // (pp * ep), dp=world // pp)
-    return _pipeline_sizes(run, model, sizes) if pp > 1 else sizes
+def check_gpus_per_node(local_world_size: int, gpus: int) -> None:
+    """More processes per node than GPUs would share devices (and NCCL refuses); say so before launching."""
+    if gpus and local_world_size > gpus:
+        raise ValueError(f"--nproc_per_node {local_world_size} exceeds the {gpus} GPU(s) on this node; accepted: at "
+                         f"most {gpus}")
 
 
-def _pipeline_sizes(run: TrainConfig, model: OpenMoeConfig, sizes: ParallelSizes) -> ParallelSizes:
-    from openmoe.parallel.pipeline import stage_ranges
+def init_distributed(seed: int) -> tuple[int, int, torch.device]:
+    """Join the process group torchrun / `colossalai run` set up (gloo on CPU with our compat patches, NCCL on GPU);
+    returns (rank, world size, this rank's device). Idempotent: a second call returns the same."""
+    import colossalai
+    from colossalai.accelerator import get_accelerator
 
-    if run.microbatch_size < 1 or run.batch_size % run.microbatch_size:
-        raise ValueError(f"batch_size ({run.batch_size}) must be divisible by microbatch_size "
-                         f"({run.microbatch_size})")
-    num_microbatches = run.batch_size * run.grad_accum // run.microbatch_size
-    if num_microbatches < sizes.pp:
-        raise ValueError(f"batch_size ({run.batch_size}) * grad_accum ({run.grad_accum}) / microbatch_size "
-                         f"({run.microbatch_size}) = {num_microbatches} micro-batches per step, fewer than the "
-                         f"{sizes.pp} pipeline stages; the 1F1B schedule needs at least one per stage")
-    ranges = stage_ranges(model.num_hidden_layers, sizes.pp)
-    for i, layers in enumerate(ranges):
-        # ColossalAI's MoE ZeRO optimizer refuses a rank without expert parameters
-        if not any(model.is_moe_layer(j) for j in layers):
-            raise ValueError(f"pipeline stage {i} of {sizes.pp} would hold layers {layers.start}..{layers.stop - 1}, "
-                             f"none of them MoE (every {model.moe_layer_interval}th layer is); each stage needs "
-                             f"at least one: use a smaller pp_size")
-    return replace(sizes, num_microbatches=num_microbatches, layers_per_stage=tuple(len(r) for r in ranges))
+    from openmoe.backend.cpu_compat import apply_cpu_patches
+
+    apply_cpu_patches()  # no-op with CUDA
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            check_gpus_per_node(int(os.environ.get("LOCAL_WORLD_SIZE", 1)), torch.cuda.device_count())
+        colossalai.launch_from_torch(seed=seed, verbose=False)
+    return dist.get_rank(), dist.get_world_size(), get_accelerator().get_current_device()
 
 
-def build_plugin(run: TrainConfig, sizes: ParallelSizes):
+@dataclass
+class Boosted:
+    """What the booster returns, plus the plugin: the wrapped model (`.unwrap()` gives ours), the ZeRO optimizer,
+    the scheduler (or None) and the booster whose backward/execute_pipeline the step uses."""
+
+    plugin: object
+    booster: object
+    model: object
+    optimizer: object
+    scheduler: object | None
+
+
+def boost(plugin, model, optimizer, scheduler=None) -> Boosted:
+    """Wrap model and optimizer for the plugin and always apply the clipping fix (without it, clipping under expert
+    parallelism uses a wrong norm: see fix_grad_clipping)."""
+    from colossalai.booster import Booster
+
+    booster = Booster(plugin=plugin)
+    model, optimizer, _, _, scheduler = booster.boost(model, optimizer, lr_scheduler=scheduler)
+    fix_grad_clipping(optimizer)
+    return Boosted(plugin, booster, model, optimizer, scheduler)
+
+
+def is_pipeline(booster) -> bool:
+    return booster.plugin.stage_manager is not None
+
+
+def dp_rank(plugin) -> int:
+    """This rank's index among the dense data-parallel replicas (which slice of the data it reads)."""
+    return dist.get_rank(plugin.dp_group)
+
+
+# ---------------------------------------------------------------- ZeRO optimizer state
+def master_params(optimizer) -> list[torch.Tensor]:
+    """The fp32 master tensors this rank's optimizer updates (ZeRO: this rank's shard of every parameter)."""
+    return [p for group in optimizer.optim.param_groups for p in group["params"]]
+
+
+def grad_scaler(optimizer):
+    """fp16's dynamic loss scaler, or None (bf16)."""
+    return getattr(getattr(optimizer, "mixed_precision_mixin", None), "grad_scaler", None)
+
+
+def optimizer_state_dict(optimizer) -> dict:
+    """This rank's optimizer state as plain tensors: inner optimizer state, fp32 master shards, fp16 loss scaler."""
+    scaler = grad_scaler(optimizer)
+    return {"optim": optimizer.optim.state_dict(), "masters": [p.detach().cpu() for p in master_params(optimizer)],
+            "grad_scaler": scaler.state_dict() if scaler is not None else None}
+
+
+def load_optimizer_state_dict(optimizer, state: dict) -> None:
+    with torch.no_grad():
+        for p, m in zip(master_params(optimizer), state["masters"], strict=True):
+            p.copy_(m)
+    optimizer.optim.load_state_dict(state["optim"])
+    if state["grad_scaler"] is not None:
+        grad_scaler(optimizer).load_state_dict(state["grad_scaler"])
+
+
+def local_gradients(model, optimizer) -> list[torch.Tensor]:
+    """This rank's gradients after backward: ZeRO keeps the reduced ones in its stores (p.grad is cleared)."""
+    if hasattr(optimizer, "get_working_grads_by_group_id"):
+        return [g for gid in range(optimizer.num_param_groups) for g in optimizer.get_working_grads_by_group_id(gid)]
+    return [p.grad for p in model.parameters() if p.grad is not None]
+
+
+def defers_reduction(optimizer) -> bool:
+    """Whether `optimizer` is a ZeRO-1 optimizer that can hold gradient reduction back (colossalai's no_sync)."""
+    return getattr(optimizer, "_partition_grads", True) is False and hasattr(optimizer, "no_sync")
+
+
+def shard_copies(optimizer) -> Callable[[torch.nn.Parameter], list[tuple[torch.Tensor, int, object]]]:
+    """For expert moves (openmoe/parallel/load_balance.py): p -> the flat copies of p's values this rank's ZeRO
+    optimizer holds, as (tensor, offset of its first element in p's flat values, group over which the rest is
+    spread or None): its fp32 master shard (contiguous chunk `local_rank` of the padded flat parameter) and that
+    shard's moments. Empty for a frozen parameter."""
+
+    def copies(p: torch.nn.Parameter) -> list[tuple[torch.Tensor, int, object]]:
+        master = optimizer.working_to_master_param.get(id(p))
+        if master is None:  # frozen: no optimizer state
+            return []
+        store = optimizer.pid_to_bucket_store[id(p)]
+        assert not isinstance(store.torch_pg, tuple), "ZeRO over a 2-D group is not supported by expert moves"
+        lo, group = store.local_rank * master.numel(), store.torch_pg if store.world_size > 1 else None
+        state = optimizer.optim.state.get(master, {})  # Adam: exp_avg, exp_avg_sq (and a scalar step)
+        moments = [t for t in state.values() if torch.is_tensor(t) and t.shape == master.shape]
+        return [(t, lo, group) for t in [master, *moments]]
+
+    return copies
+
+
+# ---------------------------------------------------------------- plugin
+def build_plugin(run, sizes: ParallelSizes):
+    """The MoE plugin for `run` (openmoe.train.config.RunConfig) on the validated layout `sizes`."""
     from colossalai.booster.plugin import MoeHybridParallelPlugin
 
-    from openmoe.parallel.policy import OpenMoePolicy
+    from openmoe.backend.policy import OpenMoePolicy
 
     # stage <= 1 and no overlap at construction: the plugin has nothing to downgrade; restore_zero_options sets both
-    kwargs = dict(tp_size=1, pp_size=sizes.pp, ep_size=sizes.ep, zero_stage=min(run.zero_stage, 1),
-                  overlap_communication=False, precision=run.precision,
+    kwargs = dict(tp_size=1, pp_size=sizes.pp, ep_size=sizes.ep, zero_stage=min(run.parallel.zero_stage, 1),
+                  overlap_communication=False, precision=run.parallel.precision,
                   custom_policy=OpenMoePolicy(sizes.num_microbatches, ep_options=dict(
-                      comm_overlap=run.comm_overlap, hierarchical=run.hierarchical_alltoall)),
-                  max_norm=run.grad_clip, enable_flash_attention=False, enable_fused_normalization=False)
+                      comm_overlap=run.parallel.comm_overlap, hierarchical=run.parallel.hierarchical_alltoall)),
+                  max_norm=run.optim.grad_clip, enable_flash_attention=False, enable_fused_normalization=False)
     if sizes.pp > 1:
         # the schedule and the policy's last stage must agree on M (see openmoe/parallel/pipeline.py)
         kwargs.update(num_microbatches=sizes.num_microbatches, num_layers_per_stage=list(sizes.layers_per_stage))
     plugin = MoeHybridParallelPlugin(**kwargs)
-    restore_zero_options(plugin, run.zero_stage, run.overlap_communication)
+    restore_zero_options(plugin, run.parallel.zero_stage, run.parallel.overlap_communication)
     return plugin
 
 

@@ -1,7 +1,7 @@
 """Let colossalai 0.5.0's MoeHybridParallelPlugin (EP + ZeRO-1 + pipeline) and its MoE checkpoint IO run on a
 CPU-only machine over gloo, so that multi-process tests can run in CI.
 
-    from openmoe.parallel.cpu_compat import apply_cpu_patches
+    from openmoe.backend.cpu_compat import apply_cpu_patches
     apply_cpu_patches()          # in every rank, before colossalai.launch* and before building the plugin/booster
 
 On a machine with CUDA this does nothing. Each patch below covers one measured failure (see

@@ -38,7 +38,7 @@ def parse_dtype(dtype) -> torch.dtype | None:
     return _DTYPES[dtype]
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -46,29 +46,43 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def fsync_tree(path: str) -> None:
+    """fsync every file under `path` and every directory holding them."""
+    for dirpath, _, names in os.walk(path):
+        for name in names:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                os.fsync(f.fileno())
+        fsync_dir(dirpath)
+
+
+def replace_directory(tmp: str, path: str) -> None:
+    """The one commit step of every checkpoint write: move a complete, fsynced `tmp` into place as `path`.
+
+    An existing `path` is first renamed aside (never deleted before the new one is in place), then `tmp` is renamed
+    in, the parent directory fsynced, and only then the old copy deleted: a kill at any point leaves either the old
+    or the new directory under `path` (or, between the two renames, the old one under a `.old-` sibling)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    old = None
+    if os.path.exists(path):
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
+        os.replace(path, os.path.join(old, "x"))
+    os.replace(tmp, path)
+    fsync_dir(parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str) -> Iterator[str]:
-    """Yield a temporary directory; on success replace `path` by it (the old one is removed only afterwards)."""
+    """Yield a temporary directory; on success replace `path` by it (see replace_directory)."""
     path = os.path.abspath(path)
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
     try:
         yield tmp
-        for name in os.listdir(tmp):
-            full = os.path.join(tmp, name)
-            if os.path.isfile(full):
-                with open(full, "rb") as f:
-                    os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        old = None
-        if os.path.exists(path):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
-            os.replace(path, os.path.join(old, "x"))
-        os.replace(tmp, path)
-        _fsync_dir(parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        fsync_tree(tmp)
+        replace_directory(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -220,16 +220,17 @@ class LayerRebalance:
                 f"{self.max_over_mean(self.rank_loads_after):.3f}, experts swapped: {moves}")
 
 
-def rebalance(layers: list, placement: ExpertPlacement, optimizer) -> list[LayerRebalance]:
+def rebalance(layers: list, placement: ExpertPlacement, shard_copies=None) -> list[LayerRebalance]:
     """Plan from the counted load, move experts (weights, fp32 masters, optimizer moments) and router rows to
-    match, record the new placement. Collective: every rank calls it after the same step (the counts are identical
+    match, record the new placement. shard_copies: p -> the optimizer's flat copies of p (openmoe.backend's
+    shard_copies(optimizer)), or None without an optimizer. Collective: every rank calls it after the same step (the counts are identical
     everywhere, so is the plan). Call it between optimizer steps (no gradients pending)."""
     plans, counts, before = placement.plan(), placement.counts.tolist(), placement.slots.tolist()
     orders = placement.commit(plans)
     reports = []
     for layer, (module, swaps, order, loads, expert) in enumerate(zip(layers, plans, orders, counts, before)):
         if swaps:
-            move_experts(module, order, optimizer)
+            move_experts(module, order, shard_copies)
         traded = []
         for s in swaps:  # a later swap may move a slot an earlier one filled: name the experts as they go
             traded.append((expert[s.slot_a], expert[s.slot_b]))
@@ -271,7 +272,7 @@ def slot_ranges(lo: int, length: int, slot_numel: int, num_local: int) -> list[t
             for i in range(num_local)]
 
 
-def move_experts(layer, order: list[int], optimizer=None) -> None:
+def move_experts(layer, order: list[int], shard_copies=None) -> None:
     """Permute the slots of one expert-parallel MoE layer: new slot s takes the contents of old slot order[s].
 
     Experts: every flat copy this rank holds (the bf16/fp16 working tensor; with a ZeRO optimizer its fp32 master
@@ -285,29 +286,21 @@ def move_experts(layer, order: list[int], optimizer=None) -> None:
     ep_group, per = layer.ep_group, layer.num_local_experts
     src, dst = exchange_plan(order, layer.ep_size, layer.ep_rank)
     for p in layer.experts.parameters():
-        for piece, lo, _ in _flat_copies(p, optimizer):
+        for piece, lo, _ in _flat_copies(p, shard_copies):
             exchange_slots(piece, lo, p.numel() // per, src, dst, layer.ep_rank, ep_group)
     index = torch.tensor(order)
-    for piece, lo, group in _flat_copies(layer.gate_weight, optimizer):
+    for piece, lo, group in _flat_copies(layer.gate_weight, shard_copies):
         _permute_rows(piece, lo, layer.gate_weight.shape, index, group)
     if layer.selection_bias is not None:
         layer.selection_bias.copy_(layer.selection_bias[index.to(layer.selection_bias.device)])
 
 
-def _flat_copies(p: torch.nn.Parameter, optimizer) -> list[tuple[torch.Tensor, int, object]]:
+def _flat_copies(p: torch.nn.Parameter, shard_copies) -> list[tuple[torch.Tensor, int, object]]:
     """(flat tensor, offset of its first element in p's flat values, group over which the rest is spread or None)
-    for every copy of p's values this rank holds: p itself and, with a ZeRO optimizer, its fp32 master shard
-    (contiguous chunk `local_rank` of the padded flat parameter) and that shard's moments."""
+    for every copy of p's values this rank holds: p itself and the optimizer's (with ZeRO: the fp32 master shard and
+    its moments; none without an optimizer, as on resume, where masters come from the files)."""
     copies = [(p.data.view(-1), 0, None)]  # in place: ZeRO's padded all-gather buffer shares this storage
-    master = None if optimizer is None else optimizer.working_to_master_param.get(id(p))
-    if master is None:  # frozen (no optimizer state) or no optimizer (resume: masters come from the files)
-        return copies
-    store = optimizer.pid_to_bucket_store[id(p)]
-    assert not isinstance(store.torch_pg, tuple), "ZeRO over a 2-D group is not supported by expert moves"
-    lo, group = store.local_rank * master.numel(), store.torch_pg if store.world_size > 1 else None
-    state = optimizer.optim.state.get(master, {})  # Adam: exp_avg, exp_avg_sq (and a scalar step, not per element)
-    moments = [t for t in state.values() if torch.is_tensor(t) and t.shape == master.shape]
-    return copies + [(t, lo, group) for t in [master, *moments]]
+    return copies + (shard_copies(p) if shard_copies is not None else [])
 
 
 @torch.no_grad()
@@ -346,10 +339,10 @@ def _permute_rows(piece, lo, shape, index, group) -> None:
 
 def check_load_balance(run, sizes) -> None:
     """--load_balance needs experts spread over EP ranks and (for now) no pipeline. One-line errors with values."""
-    if not run.load_balance:
+    if not run.balance.load_balance:
         return
-    if run.load_balance_interval < 1:
-        raise ValueError(f"--load_balance_interval ({run.load_balance_interval}) must be >= 1 (steps between "
+    if run.balance.load_balance_interval < 1:
+        raise ValueError(f"--load_balance_interval ({run.balance.load_balance_interval}) must be >= 1 (steps between "
                          "rebalances)")
     if sizes.ep < 2:
         raise ValueError(f"--load_balance moves experts between expert-parallel ranks, but ep_size is {sizes.ep}; "

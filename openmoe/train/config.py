@@ -1,6 +1,10 @@
-"""The trainer's run configuration: everything that is not the architecture (parallel sizes, kernels, data,
-optimiser, checkpointing). One dataclass; the command line and an optional --config file (JSON or YAML, same keys)
-fill it, the command line winning. Every field documents its meaning and its "off" value.
+"""The trainer's run configuration: everything that is not the architecture, in typed sections (model, parallel,
+kernels, balance, data, optim, checkpoint, logging). Every field documents its meaning and its "off" value.
+
+The command line uses flat names (`--zero_stage 2`, grouped by section in `--help`); a `--config` file (JSON or YAML)
+takes the same flat keys or the sections as nested mappings; the command line wins. `RunConfig.validate()` is the one
+place where values and value combinations that need no world size are checked (the parallel layout is checked by
+`openmoe.parallel.sizes.resolve_sizes`, which needs it).
 """
 
 from __future__ import annotations
@@ -21,14 +25,27 @@ def _f(default, help, **kw):
 
 
 @dataclass
-class TrainConfig:
-    # --- model ---
+class ModelSection:
     model_name: str = _f("tiny", "architecture preset (tiny, base, 8b, 34b) or an HF-format checkpoint directory")
     pretrained: str | None = _f(None, "HF-format checkpoint directory to load weights (and config) from; off: None "
                                       "(random init of every parameter)")
     tokenizer: str = _f("tests/assets/tokenizer", "sentencepiece tokenizer (directory or .model file); published "
                                                   "models use the umT5 tokenizer")
-    # --- parallelism ---
+    trainable: str = _f("all", "which parameters train: all, router, experts (experts + routers), non_expert "
+                               "(everything but experts); the rest is frozen and gets no optimizer state",
+                        choices=("all", "router", "experts", "non_expert"))
+    freeze_router: bool = _f(False, "freeze the routers (with any --trainable)")
+    router_aux_loss_type: str | None = _f(None, "switch (per batch) or seq (per sequence, DeepSeek); default: the "
+                                                "checkpoint's")
+    num_shared_experts: int | None = _f(None, "always-on shared experts (architecture: must match --pretrained)")
+    router_aux_loss_factor: float | None = _f(None, "router load-balancing loss weight; default: the checkpoint's")
+    router_z_loss_factor: float | None = _f(None, "router z-loss weight; default: the checkpoint's")
+    label_smoothing: float | None = _f(None, "label smoothing of the LM cross-entropy; default: the checkpoint's")
+    z_loss_factor: float | None = _f(None, "output z-loss weight; default: the checkpoint's")
+
+
+@dataclass
+class ParallelSection:
     plugin: str = _f("ep", "ep: experts over all ranks; ep_zero: ep over world/extra_dp_size ranks, each expert "
                            "replicated extra_dp_size times and ZeRO-sharded; hybrid: pipeline x expert x data",
                      choices=PLUGINS)
@@ -38,18 +55,27 @@ class TrainConfig:
     pp_size: int = _f(1, "hybrid only: pipeline stages")
     tp_size: int = _f(1, "tensor parallel: not supported for OpenMoE, must be 1")
     sp_size: int = _f(1, "sequence parallel: not supported for OpenMoE, must be 1")
-    zero_stage: int = _f(1, "ZeRO stage for the optimizer (EP needs >= 1; hybrid with pp > 1 needs <= 1)")
-    overlap_communication: bool = _f(False, "ZeRO gradient reduction during backward from per-parameter hooks, on a "
-                                            "side stream (ColossalAI's overlap_communication); needs zero_stage >= 1 "
-                                            "and no pipeline; off: reduced after backward")
     microbatch_size: int = _f(1, "hybrid only: pipeline micro-batch size")
     precision: str = _f("bf16", "parameter/compute precision (EP requires bf16 or fp16: ColossalAI's ZeRO rejects "
                                 "fp32)", choices=PRECISIONS)
-    # --- kernels and memory ---
+    zero_stage: int = _f(1, "ZeRO stage for the optimizer (EP needs >= 1; hybrid with pp > 1 needs <= 1)")
+    overlap_communication: bool = _f(False, "ZeRO: reduce gradients during backward from per-parameter hooks, on a "
+                                            "side stream (ColossalAI's overlap_communication); needs zero_stage >= 1 "
+                                            "and no pipeline; off: reduced after backward. Not the expert "
+                                            "all-to-all: see --comm_overlap")
+    comm_overlap: int = _f(0, "expert all-to-all: overlap it with expert compute in N chunks, forward and backward "
+                              "(capacity routing); off: 0. Not ZeRO's reduction: see --overlap_communication")
+    hierarchical_alltoall: bool = _f(False, "two-level all-to-all: intra-node gather, inter-node exchange among node "
+                                            "leaders, intra-node scatter (node size from LOCAL_WORLD_SIZE)")
+
+
+@dataclass
+class KernelSection:
     use_kernel: bool = _f(False, "grouped-GEMM experts (torch._grouped_mm, no capacity padding) in MoE layers that "
                                  "are not expert-parallel (ep_size 1); off: batched matmuls over capacity buffers. "
                                  "Attention always uses PyTorch SDPA (flash kernels on GPU)")
-    use_layernorm_kernel: bool = _f(False, "apex fused RMSNorm (error if apex is absent)")
+    use_layernorm_kernel: bool = _f(False, "apex fused RMSNorm (error if apex is absent); off: PyTorch RMSNorm. Not "
+                                           "the experts: see --use_kernel")
     activation_checkpointing: bool = _f(False, "recompute each decoder layer in backward")
     ac_policy: str = _f("full", "with --activation_checkpointing: full keeps only each layer's input; selective also "
                                 "keeps matmul and attention outputs and recomputes only elementwise ops (more memory, "
@@ -59,35 +85,26 @@ class TrainConfig:
                                     "softmax math through torch.compile; chunked is the checkpointed autograd reference",
                            choices=("fused", "fused_compiled", "chunked"))
     dropless: bool = _f(False, "route every token (no capacity, uneven all-to-all); off: capacity factor drops")
-    # --- MoE balancing / overlap (issue #5) ---
+
+
+@dataclass
+class BalanceSection:
     load_balance: bool = _f(False, "expert placement rebalancing: every load_balance_interval steps, experts trade "
                                    "EP ranks (weights, fp32 masters, Adam moments and router rows move together) so "
                                    "the busiest rank gets fewer tokens; checkpoints and exports keep the logical "
-                                   "expert order. Needs ep_size >= 2 and pp_size 1; off: no moves")
+                                   "expert order. Needs ep_size >= 2 and pp_size 1; off: no moves. Not the router "
+                                   "bias: see --balance_mode")
     load_balance_interval: int = _f(1000, "with --load_balance: steps between rebalances (>= 1), each planned on the "
                                           "tokens routed since the previous one")
     balance_mode: str = _f("none", "bias: auxiliary-loss-free balancing (DeepSeek-V3): a per-expert bias on the "
                                    "routing scores for expert selection only, nudged every step toward uniform load and "
-                                   "saved in checkpoints; off: none", choices=("none", "bias"))
+                                   "saved in checkpoints; off: none. Not expert moves: see --load_balance",
+                           choices=("none", "bias"))
     bias_update_rate: float = _f(1e-3, "step of the bias balancing update")
-    comm_overlap: int = _f(0, "overlap the expert all-to-all with expert compute in N chunks, forward and backward "
-                              "(capacity routing); off: 0")
-    hierarchical_alltoall: bool = _f(False, "two-level all-to-all: intra-node gather, inter-node exchange among node "
-                                            "leaders, intra-node scatter (node size from LOCAL_WORLD_SIZE)")
-    # --- dense-to-MoE fine-tuning ---
-    trainable: str = _f("all", "which parameters train: all, router, experts (experts + routers), non_expert "
-                               "(everything but experts); the rest is frozen and gets no optimizer state",
-                        choices=("all", "router", "experts", "non_expert"))
-    freeze_router: bool = _f(False, "freeze the routers (with any --trainable)")
-    router_aux_loss_type: str | None = _f(None, "switch (per batch) or seq (per sequence, DeepSeek); default: the "
-                                                "checkpoint's")
-    num_shared_experts: int | None = _f(None, "always-on shared experts (architecture: must match --pretrained)")
-    # --- loss factors (default: the checkpoint's config) ---
-    router_aux_loss_factor: float | None = _f(None, "router load-balancing loss weight")
-    router_z_loss_factor: float | None = _f(None, "router z-loss weight")
-    label_smoothing: float | None = _f(None, "label smoothing of the LM cross-entropy")
-    z_loss_factor: float | None = _f(None, "output z-loss weight")
-    # --- data ---
+
+
+@dataclass
+class DataSection:
     dataset: str = _f("data/sample/train.jsonl", "local .json/.jsonl/.parquet file or directory, or a hub id "
                                                  "(e.g. yizhongw/self_instruct)")
     task_name: str | None = _f(None, "dataset config name for hub datasets (e.g. super_natural_instructions)")
@@ -97,7 +114,10 @@ class TrainConfig:
     mask_prompt: bool = _f(False, "no loss on prompt tokens")
     pack: bool = _f(False, "pack examples into max_length blocks")
     max_length: int = _f(64, "tokens per example (truncate); at most the model's max_position_embeddings")
-    # --- optimisation ---
+
+
+@dataclass
+class OptimSection:
     batch_size: int = _f(4, "examples per GPU (per data-parallel rank) per micro-step")
     grad_accum: int = _f(1, "micro-steps per optimizer step")
     num_epochs: int = _f(3, "passes over the data")
@@ -111,57 +131,161 @@ class TrainConfig:
     max_bad_steps: int = _f(3, "stop after this many consecutive steps with a non-finite loss (each is skipped: "
                                "no update); the last good checkpoint is left untouched")
     seed: int = _f(42, "seed for init, data order and dropout-free sampling")
-    # --- output, checkpoints, logging ---
+
+
+@dataclass
+class CheckpointSection:
     output_path: str = _f("outputs/tiny-ep", "run directory: checkpoints, metrics, final HF-format model")
     save_interval: int = _f(0, "save a resumable checkpoint every N steps; off: 0 (only at the end)")
     keep_last: int = _f(2, "resumable checkpoints kept (older ones are deleted)")
     resume: bool = _f(False, "continue from the newest complete checkpoint in output_path")
+
+
+@dataclass
+class LoggingSection:
     log_interval: int = _f(1, "steps between metric records")
     tensorboard: bool = _f(True, "also write TensorBoard events")
-    config: str | None = _f(None, "JSON or YAML file with any of these keys (command line wins)")
 
-    def __post_init__(self):
-        for f in dataclasses.fields(self):
-            choices = f.metadata.get("choices")
-            if choices and getattr(self, f.name) not in choices:
-                raise ValueError(f"--{f.name} '{getattr(self, f.name)}' is not supported; accepted: {list(choices)}")
+
+SECTIONS = {"model": ModelSection, "parallel": ParallelSection, "kernels": KernelSection,
+            "balance": BalanceSection, "data": DataSection, "optim": OptimSection, "checkpoint": CheckpointSection,
+            "logging": LoggingSection}
+SECTION_OF = {f.name: name for name, cls in SECTIONS.items() for f in dataclasses.fields(cls)}  # flat key -> section
+_TYPES = {"str": str, "int": int, "float": float, "bool": bool}
+
+
+@dataclass
+class RunConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    kernels: KernelSection = field(default_factory=KernelSection)
+    balance: BalanceSection = field(default_factory=BalanceSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+
+    @classmethod
+    def from_flat(cls, **values) -> RunConfig:
+        """Build from flat keys (`plugin="ep", lr=1e-3`), validated."""
+        unknown = sorted(set(values) - set(SECTION_OF))
+        if unknown:
+            raise ValueError(f"unknown option(s) {unknown}; accepted: {sorted(SECTION_OF)}")
+        parts = {name: {} for name in SECTIONS}
+        for key, value in values.items():
+            parts[SECTION_OF[key]][key] = value
+        run = cls(**{name: SECTIONS[name](**kw) for name, kw in parts.items()})
+        run.validate()
+        return run
+
+    def replace(self, **values) -> RunConfig:
+        """A copy with some flat keys changed, validated."""
+        return RunConfig.from_flat(**{**self.to_flat(), **values})
+
+    def to_flat(self) -> dict:
+        return {k: v for section in self.to_dict().values() for k, v in section.items()}
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        """Types, choices and ranges of single values; one line naming the option, the value and what is accepted."""
+        for name in SECTIONS:
+            section = getattr(self, name)
+            for f in dataclasses.fields(section):
+                value = getattr(section, f.name)
+                setattr(section, f.name, _checked(f, value))
+        positive = {"batch_size": self.optim.batch_size, "grad_accum": self.optim.grad_accum,
+                    "log_interval": self.logging.log_interval, "keep_last": self.checkpoint.keep_last,
+                    "max_bad_steps": self.optim.max_bad_steps}
+        for key, value in positive.items():
+            if value < 1:
+                raise ValueError(f"--{key} ({value}) must be >= 1")
+        if self.optim.max_steps is not None and self.optim.max_steps < 1:
+            raise ValueError(f"--max_steps ({self.optim.max_steps}) must be >= 1 (or unset: --num_epochs decides)")
+        for key, value in {"save_interval": self.checkpoint.save_interval, "warmup_steps": self.optim.warmup_steps,
+                           "comm_overlap": self.parallel.comm_overlap}.items():
+            if value < 0:
+                raise ValueError(f"--{key} ({value}) must be >= 0 (0 is off)")
+
+
+def _checked(f: dataclasses.Field, value):
+    """value converted to the field's type (YAML may give `1e-4` as a string, JSON an int for a float)."""
+    kinds = [t.strip() for t in str(f.type).split("|")]
+    if value is None:
+        if "None" in kinds:
+            return None
+        raise ValueError(f"--{f.name} needs a value")
+    kind = _TYPES[next(k for k in kinds if k != "None")]
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"--{f.name} '{value}' is not a boolean; accepted: true, false")
+    elif kind in (int, float):
+        try:
+            converted = kind(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"--{f.name} '{value}' is not a{'n integer' if kind is int else ' number'}") from None
+        if isinstance(value, bool) or (kind is int and isinstance(value, float) and value != converted):
+            raise ValueError(f"--{f.name} '{value}' is not a{'n integer' if kind is int else ' number'}")
+        value = converted
+    else:
+        value = str(value)
+    choices = f.metadata.get("choices")
+    if choices and value not in choices:
+        raise ValueError(f"--{f.name} '{value}' is not supported; accepted: {list(choices)}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Train OpenMoE with expert parallelism on ColossalAI. Launch: "
                                      "colossalai run --nproc_per_node N train.py [options]")
-    for f in dataclasses.fields(TrainConfig):
-        name, meta = f"--{f.name}", f.metadata
-        if f.type in ("bool", bool):
-            parser.add_argument(name, action=argparse.BooleanOptionalAction, default=None, help=meta["help"])
-        else:
-            kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0].replace("|", "").strip(), str)
-            parser.add_argument(name, type=kind, default=None, choices=meta.get("choices"), help=meta["help"])
+    parser.add_argument("--config", default=None, help="JSON or YAML file with any of these keys, flat or under "
+                                                       "their section names (command line wins)")
+    for name, cls in SECTIONS.items():
+        group = parser.add_argument_group(name)
+        for f in dataclasses.fields(cls):
+            flag, meta = f"--{f.name}", f.metadata
+            if f.type in ("bool", bool):
+                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=meta["help"])
+            else:
+                kind = _TYPES.get(str(f.type).split("|")[0].strip(), str)
+                group.add_argument(flag, type=kind, default=None, choices=meta.get("choices"), help=meta["help"])
     return parser
 
 
-def _load_file(path: str) -> dict:
+def load_config_file(path: str) -> dict:
+    """Flat keys from a JSON/YAML file whose keys are flat or nested under section names."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--config file {path} does not exist")
-    with open(path) as f:
-        if path.endswith((".yaml", ".yml")):
-            import yaml
+    try:
+        with open(path) as f:
+            if path.endswith((".yaml", ".yml")):
+                import yaml
 
-            data = yaml.safe_load(f) or {}
+                data = yaml.safe_load(f) or {}
+            else:
+                data = json.load(f)
+    except (ValueError, ImportError) as e:  # yaml.YAMLError and json.JSONDecodeError are ValueErrors / YAMLErrors
+        raise ValueError(f"--config {path} cannot be parsed: {e}") from None
+    except Exception as e:  # yaml's own errors do not derive from ValueError
+        raise ValueError(f"--config {path} cannot be parsed: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path} must hold a mapping of option names to values")
+    flat = {}
+    for key, value in data.items():
+        if key in SECTIONS and isinstance(value, dict):
+            flat.update(value)
         else:
-            data = json.load(f)
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(data) - names)
+            flat[key] = value
+    unknown = sorted(set(flat) - set(SECTION_OF))
     if unknown:
-        raise ValueError(f"--config {path} has unknown key(s) {unknown}; accepted: {sorted(names)}")
-    return data
+        raise ValueError(f"--config {path} has unknown key(s) {unknown}; accepted: {sorted(SECTION_OF)}")
+    return flat
 
 
-def parse_args(argv=None) -> TrainConfig:
+def parse_args(argv=None) -> RunConfig:
     args = vars(build_parser().parse_args(argv))
-    values = _load_file(args["config"]) if args.get("config") else {}
+    path = args.pop("config")
+    values = load_config_file(path) if path else {}
     values.update({k: v for k, v in args.items() if v is not None})
-    return TrainConfig(**values)
+    return RunConfig.from_flat(**values)

@@ -1,0 +1,114 @@
+"""The parallel layout: how many ranks hold each expert, each dense parameter and each layer. Pure and validated up
+front: every error names the numbers involved and what would be accepted. `run` is the training run configuration
+(openmoe.train.config.RunConfig; read duck-typed so that this package never imports `train`).
+
+  plugin   | ep_size                   | MoE data parallel (replicas of each expert) | pipeline
+  ---------+---------------------------+---------------------------------------------+----------
+  ep       | world                     | 1                                           | no
+  ep_zero  | world / extra_dp_size     | extra_dp_size (ZeRO shards across them)     | no
+  hybrid   | --ep_size                 | world / (pp_size * ep_size)                 | pp_size
+
+Dense parameters are data-parallel over world / pp_size ranks in all three.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from openmoe.config import OpenMoeConfig
+from openmoe.parallel.load_balance import check_load_balance
+
+
+@dataclass(frozen=True)
+class ParallelSizes:
+    world: int
+    ep: int
+    pp: int
+    moe_dp: int  # replicas of each expert
+    dp: int  # replicas of each dense parameter (= world / pp)
+    num_microbatches: int = 1  # pipeline micro-batches per step (1 without pipeline)
+    layers_per_stage: tuple[int, ...] = ()  # decoder layers held by each pipeline stage (empty without pipeline)
+
+
+def resolve_sizes(run, model: OpenMoeConfig, world: int) -> ParallelSizes:
+    """Validate every size up front; each error names the numbers involved and what would be accepted."""
+    if run.parallel.tp_size != 1 or run.parallel.sp_size != 1:
+        raise ValueError(f"tensor/sequence parallelism is not supported for OpenMoE (tp_size={run.parallel.tp_size}, "
+                         f"sp_size={run.parallel.sp_size}); accepted: 1. Use ep/ep_zero/hybrid to scale")
+    if run.parallel.plugin != "hybrid" and run.parallel.pp_size != 1:
+        raise ValueError(f"pp_size ({run.parallel.pp_size}) > 1 needs --plugin hybrid (got '{run.parallel.plugin}')")
+    if run.parallel.plugin != "ep_zero" and run.parallel.extra_dp_size != 1:
+        raise ValueError(f"extra_dp_size ({run.parallel.extra_dp_size}) is for --plugin ep_zero only (got '{run.parallel.plugin}')")
+    if run.parallel.plugin == "ep":
+        ep, pp = world, 1
+    elif run.parallel.plugin == "ep_zero":
+        if run.parallel.extra_dp_size < 1 or world % run.parallel.extra_dp_size:
+            raise ValueError(f"world size ({world}) must be divisible by extra_dp_size ({run.parallel.extra_dp_size})")
+        ep, pp = world // run.parallel.extra_dp_size, 1
+    else:
+        if run.parallel.ep_size is None:
+            raise ValueError("--plugin hybrid needs --ep_size")
+        ep, pp = run.parallel.ep_size, run.parallel.pp_size
+        if pp < 1 or world % (pp * ep):
+            raise ValueError(f"world size ({world}) must be divisible by pp_size ({pp}) * ep_size ({ep})")
+        if pp > model.num_hidden_layers:
+            raise ValueError(f"pp_size ({pp}) exceeds the number of layers ({model.num_hidden_layers})")
+        if pp > 1 and run.parallel.zero_stage > 1:
+            raise ValueError(f"zero_stage ({run.parallel.zero_stage}) must be <= 1 with pipeline parallelism")
+    if run.parallel.ep_size is not None and run.parallel.ep_size != ep:
+        raise ValueError(f"--ep_size {run.parallel.ep_size} contradicts --plugin {run.parallel.plugin} on {world} ranks, "
+                         f"which implies ep_size {ep}")
+    if model.num_experts % ep:
+        raise ValueError(f"num_experts ({model.num_experts}) must be divisible by ep_size ({ep})")
+    if ep > 1 and run.parallel.zero_stage < 1:
+        raise ValueError(f"expert parallelism (ep_size {ep}) needs zero_stage >= 1 in ColossalAI's MoE plugin "
+                         f"(got {run.parallel.zero_stage})")
+    if run.parallel.zero_stage >= 1 and run.parallel.precision == "fp32":
+        raise ValueError(f"zero_stage {run.parallel.zero_stage} needs --precision bf16 or fp16 (ColossalAI's ZeRO keeps "
+                         f"fp32 master weights itself); got fp32")
+    if run.parallel.zero_stage not in (0, 1, 2):
+        raise ValueError(f"zero_stage ({run.parallel.zero_stage}) must be 0, 1 or 2")
+    if run.parallel.overlap_communication and (run.parallel.zero_stage < 1 or pp > 1):
+        raise ValueError(f"--overlap_communication overlaps ZeRO's gradient reduction with backward: it needs "
+                         f"zero_stage >= 1 (got {run.parallel.zero_stage}) and no pipeline (pp_size {pp}; with a pipeline "
+                         f"ColossalAI reduces once after the schedule, so there is nothing to overlap)")
+    if run.parallel.comm_overlap < 0:
+        raise ValueError(f"--comm_overlap ({run.parallel.comm_overlap}) must be >= 0 (number of chunks; 0 is off)")
+    if run.parallel.comm_overlap and (run.kernels.dropless or run.parallel.hierarchical_alltoall):
+        raise ValueError("--comm_overlap works with capacity routing and the flat all-to-all: drop --dropless and "
+                         "--hierarchical_alltoall, or --comm_overlap")
+    if run.balance.balance_mode == "bias" and pp > 1:
+        raise ValueError("--balance_mode bias is not supported with pipeline parallelism yet (pp_size "
+                         f"{pp}); use --plugin ep or ep_zero")
+    if run.parallel.hierarchical_alltoall and run.kernels.dropless:
+        raise ValueError("--hierarchical_alltoall needs equal splits (capacity routing): drop --dropless")
+    if run.kernels.use_layernorm_kernel:
+        from openmoe.kernels import fused_rmsnorm_kernel
+
+        fused_rmsnorm_kernel()  # raises the one-line error when apex is missing
+    sizes = ParallelSizes(world=world, ep=ep, pp=pp, moe_dp=world // (pp * ep), dp=world // pp)
+    check_load_balance(run, sizes)
+    return _pipeline_sizes(run, model, sizes) if pp > 1 else sizes
+
+
+def _pipeline_sizes(run, model: OpenMoeConfig, sizes: ParallelSizes) -> ParallelSizes:
+    from openmoe.parallel.pipeline import stage_ranges
+
+    if run.parallel.microbatch_size < 1 or run.optim.batch_size % run.parallel.microbatch_size:
+        raise ValueError(f"batch_size ({run.optim.batch_size}) must be divisible by microbatch_size "
+                         f"({run.parallel.microbatch_size})")
+    num_microbatches = run.optim.batch_size * run.optim.grad_accum // run.parallel.microbatch_size
+    if num_microbatches < sizes.pp:
+        raise ValueError(f"batch_size ({run.optim.batch_size}) * grad_accum ({run.optim.grad_accum}) / microbatch_size "
+                         f"({run.parallel.microbatch_size}) = {num_microbatches} micro-batches per step, fewer than the "
+                         f"{sizes.pp} pipeline stages; the 1F1B schedule needs at least one per stage")
+    ranges = stage_ranges(model.num_hidden_layers, sizes.pp)
+    for i, layers in enumerate(ranges):
+        # ColossalAI's MoE ZeRO optimizer refuses a rank without expert parameters
+        if not any(model.is_moe_layer(j) for j in layers):
+            raise ValueError(f"pipeline stage {i} of {sizes.pp} would hold layers {layers.start}..{layers.stop - 1}, "
+                             f"none of them MoE (every {model.moe_layer_interval}th layer is); each stage needs "
+                             f"at least one: use a smaller pp_size")
+    return replace(sizes, num_microbatches=num_microbatches, layers_per_stage=tuple(len(r) for r in ranges))
+
+
