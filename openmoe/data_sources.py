@@ -89,10 +89,12 @@ def _load_file(path: Path, split: str, cache_dir, streaming):
 
 
 def _load_directory(path: Path, dataset_config, split: str, cache_dir, streaming):
-    builder = datasets.load_dataset_builder(str(path), dataset_config, cache_dir=cache_dir)
+    try:
+        builder = datasets.load_dataset_builder(str(path), dataset_config, cache_dir=cache_dir)
+    except datasets.exceptions.DataFilesNotFoundError:
+        raise FileNotFoundError(f"no data files under directory {path}; expected "
+                                f"{' / '.join(BUILDER_BY_SUFFIX)} files") from None
     files = builder.config.data_files  # {split: [file, ...]}, resolved by datasets' own naming rules
-    if not files:
-        raise FileNotFoundError(f"no data files under directory {path}; expected {', '.join(BUILDER_BY_SUFFIX)}")
     if split_name(split) not in files:
         raise ValueError(f"split '{split_name(split)}' not found in {path}: it has {[str(s) for s in files]} "
                          "(splits come from file names such as train.jsonl, test.jsonl, data/validation-*.parquet)")
