@@ -34,10 +34,13 @@ Public API:
     collate(examples, pad_id, max_length, pad_to_multiple_of)  examples -> dict of [B, S] CPU tensors
     ShardedBatches(examples, batch_size, dp_rank, dp_size, seed, drop_last, ...)
                                                    seeded, resumable, dp-sharded batches; state_dict/load_state_dict
+    StreamingBatches(examples, batch_size, dp_rank, dp_size, seed, shuffle_buffer, ...)
+                                                   the same for a streaming corpus (no len); state_dict/load_state_dict
     eval_batches(examples, batch_size, dp_rank, dp_size, ...)   every eval example once, equal shapes on all ranks
 """
 
 import dataclasses
+import itertools
 import logging
 import math
 from dataclasses import dataclass
@@ -538,3 +541,79 @@ def eval_batches(examples, batch_size: int, dp_rank: int = 0, dp_size: int = 1, 
         first = start + dp_rank * batch_size
         rows = [examples[i] if i < n else filler for i in range(first, first + batch_size)]
         yield collate(rows, pad_id=pad_id, max_length=max_length)
+
+
+class StreamingBatches:
+    """ShardedBatches for a streaming corpus (an IterableDataset from build_examples with streaming=True): the same
+    batches per rank, read in order instead of by index, for data larger than RAM or the disk cache.
+
+    Every rank reads the same stream (optionally through a seeded shuffle buffer, reseeded per epoch) and keeps its
+    rows [r*batch_size, (r+1)*batch_size) of each global batch of G = batch_size * dp_size examples: the ranks'
+    slices are disjoint and their concatenation is the batch a single process with batch_size * dp_size gets. Each
+    rank therefore reads (and tokenizes) the whole stream, which costs CPU and input bandwidth, not accelerator time.
+    An epoch's last partial global batch is dropped, so all ranks run the same steps. The stream's length is not
+    known in advance: there is no len(); bound training by steps.
+
+    state_dict() is the position (epoch, next batch); load_state_dict + iterating resumes exactly there by reading
+    the epoch again up to that batch (exact with or without the shuffle buffer; the cost grows with the position).
+    """
+
+    def __init__(self, examples, batch_size: int, dp_rank: int = 0, dp_size: int = 1, seed: int = 0,
+                 shuffle_buffer: int = 0, pad_id: int = 0, max_length: int | None = None,
+                 pad_to_multiple_of: int | None = None):
+        if batch_size < 1:
+            raise ValueError(f"batch_size ({batch_size}) must be >= 1")
+        if dp_size < 1 or not 0 <= dp_rank < dp_size:
+            raise ValueError(f"dp_rank ({dp_rank}) must be in [0, dp_size) with dp_size ({dp_size}) >= 1")
+        if shuffle_buffer < 0:
+            raise ValueError(f"shuffle_buffer ({shuffle_buffer}) must be >= 0 (0: stream order)")
+        self.examples = examples
+        self.batch_size = batch_size
+        self.dp_rank = dp_rank
+        self.seed = seed
+        self.shuffle_buffer = shuffle_buffer
+        self.collate_kwargs = dict(pad_id=pad_id, max_length=max_length, pad_to_multiple_of=pad_to_multiple_of)
+        self.global_batch_size = batch_size * dp_size
+        self.epoch, self.batch_index = 0, 0  # position of the next batch to yield
+
+    def epoch_stream(self, epoch: int):
+        """The epoch's examples in order (shuffled through the buffer with seed + epoch when shuffle_buffer > 0)."""
+        if not self.shuffle_buffer:
+            return iter(self.examples)
+        return iter(self.examples.shuffle(seed=self.seed + epoch, buffer_size=self.shuffle_buffer))
+
+    def epoch_batches(self, epoch: int, start_batch: int = 0):
+        """Yield this rank's collated batches of `epoch`, starting at batch index start_batch."""
+        G, first = self.global_batch_size, self.dp_rank * self.batch_size
+        stream = itertools.islice(self.epoch_stream(epoch), start_batch * G, None)  # resume: read up to the position
+        rows, b = [], start_batch
+        for i, example in enumerate(stream):
+            if first <= i % G < first + self.batch_size:
+                rows.append(example)
+            if i % G == G - 1:
+                self.epoch, self.batch_index = epoch, b + 1
+                yield collate(rows, **self.collate_kwargs)
+                rows, b = [], b + 1
+        if b == 0:
+            raise ValueError(f"the stream does not fill one global batch of {G} examples "
+                             f"(batch_size {self.batch_size} x dp_size {G // self.batch_size}) in epoch {epoch}")
+        self.epoch, self.batch_index = epoch + 1, 0
+
+    def __iter__(self):
+        epoch, start = self.epoch, self.batch_index
+        while True:
+            yield from self.epoch_batches(epoch, start)
+            epoch, start = epoch + 1, 0
+
+    def state_dict(self) -> dict:
+        """Position of the next batch plus what must match for it to mean the same data on resume."""
+        return {"epoch": self.epoch, "batch_index": self.batch_index, "seed": self.seed,
+                "global_batch_size": self.global_batch_size, "shuffle_buffer": self.shuffle_buffer}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume at state's position. dp_size may change if the global batch size does not."""
+        for key, mine in [("seed", self.seed), ("global_batch_size", self.global_batch_size),
+                          ("shuffle_buffer", self.shuffle_buffer)]:
+            if state[key] != mine:
+                raise ValueError(f"cannot resume data position: saved {key}={state[key]} but this run has {mine}")
+        self.epoch, self.batch_index = state["epoch"], state["batch_index"]

@@ -12,8 +12,8 @@ import pytest
 import torch
 from datasets.packaged_modules.json import json as json_builder
 
-from openmoe.data import (IGNORE_INDEX, DataSpec, ShardedBatches, build_eval_examples, build_examples, encode,
-                          eval_batches, load_records, load_tokenizer)
+from openmoe.data import (IGNORE_INDEX, DataSpec, ShardedBatches, StreamingBatches, build_eval_examples,
+                          build_examples, encode, eval_batches, load_records, load_tokenizer)
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKENIZER_DIR = ROOT / "tests" / "assets" / "tokenizer"
@@ -159,3 +159,38 @@ def test_eval_batches_cover_every_example_once_on_equal_shapes():
     last = per_rank[1][1]
     assert last["input_ids"][:, :3].tolist() == [[0, 106, 1], [0, 100, 1]]
     assert last["labels"][1].tolist() == [IGNORE_INDEX] * 4
+
+
+def test_streaming_matches_prepared_and_resumes(tok, tmp_path):
+    corpus = tmp_path / "corpus.jsonl"
+    datasets.Dataset.from_list([{"text": f"document number {i} " + "word " * (i % 5)} for i in range(30)]).to_json(
+        str(corpus))
+    spec = DataSpec(source=str(corpus), max_length=8, cache_dir=str(tmp_path / "c"))
+    prepared = build_examples(spec, tok)
+    streamed = build_examples(DataSpec(source=str(corpus), max_length=8, streaming=True), tok)
+    assert isinstance(streamed, datasets.IterableDataset)
+    assert list(streamed) == prepared.to_list()  # same tokenization and packing, read lazily
+    n = len(prepared)
+    # two ranks' slices concatenate to the single-process batch, in stream order, full batches only
+    single = StreamingBatches(streamed, 4, max_length=8)
+    ranks = [StreamingBatches(streamed, 2, r, 2, max_length=8) for r in range(2)]
+    epoch = list(single.epoch_batches(0))
+    assert len(epoch) == n // 4
+    for b, (x, y) in enumerate(zip(*[r.epoch_batches(0) for r in ranks])):
+        assert torch.equal(torch.cat([x["input_ids"], y["input_ids"]]), epoch[b]["input_ids"])
+        assert epoch[b]["input_ids"][0, :len(prepared[4 * b]["input_ids"])].tolist() == prepared[4 * b]["input_ids"]
+    # resume (shuffled stream): the batch after a saved position equals the uninterrupted run's
+    reference = [b["input_ids"] for _, b in zip(range(n // 4 + 2), StreamingBatches(streamed, 4, seed=3,
+                                                                                     shuffle_buffer=8))]
+    assert not torch.equal(reference[0], epoch[0]["input_ids"])  # the buffer shuffles
+    for stop in (2, n // 4 + 1):  # mid-epoch, and into epoch 1
+        run = StreamingBatches(streamed, 4, seed=3, shuffle_buffer=8)
+        for _ in zip(range(stop), run):
+            pass
+        resumed = StreamingBatches(streamed, 4, seed=3, shuffle_buffer=8)
+        resumed.load_state_dict(run.state_dict())
+        assert torch.equal(next(iter(resumed))["input_ids"], reference[stop])
+    with pytest.raises(ValueError, match="saved shuffle_buffer=8 but this run has 0"):
+        StreamingBatches(streamed, 4, seed=3).load_state_dict(run.state_dict())
+    with pytest.raises(ValueError, match=r"the stream does not fill one global batch of 64 examples"):
+        next(iter(StreamingBatches(streamed, 32, 0, 2)))
