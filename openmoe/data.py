@@ -163,7 +163,8 @@ class DataSpec:
     prompt_field: str = "prompt"  # prompt_completion: field holding the prompt
     completion_field: str = "completion"  # prompt_completion: field holding the completion
     text_field: str = "text"  # text: field holding the raw text
-    system_prompt: str | None = None  # chat formats: system prompt when a record has none [None: OpenMoE-8B-Chat's]
+    system_prompt: str | None = None  # chat formats: system prompt when a record has none [None: OpenMoE-8B-Chat's,
+    #                                   or the default of the tokenizer's own chat_template]
     mask_prompt: bool | None = None  # no loss on prompt/user/system tokens [None: format default, True for
     #                                  chat/sharegpt/alpaca, False for prompt_completion; text has no prompt]
     max_length: int = 64  # tokens per example: longer ones are cut (raw text that is packed is cut into blocks)

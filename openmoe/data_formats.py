@@ -6,10 +6,11 @@ always trained; the others only when the prompt is not masked). The OpenMoE-8B-C
 place shared by training (chat, ShareGPT and Alpaca records) and inference (`infer.py --chat`).
 
 Formats (`data_format`), detected from the dataset's fields in this order when "auto":
-  chat               `messages: [{role, content}]`, roles system (first, optional) / user / assistant, alternating
-                     from user and ending with assistant. Rendered with the chat template; loss on assistant turns.
-  sharegpt           `conversations: [{from, value}]`, from system / human (or user) / gpt (or assistant); rendered
-                     and masked as chat.
+  chat               `messages: [{role, content}]`, roles system (first, optional; or a top-level `system` field) /
+                     user / assistant, alternating from user and ending with assistant. Rendered with the chat
+                     template; loss on assistant turns.
+  sharegpt           `conversations: [{from, value}]`, from system / human (or user) / gpt (or assistant), optional
+                     top-level `system`; rendered and masked as chat.
   alpaca             `instruction`, `output`, optional `input` and `system`: one user turn "instruction" (followed by
                      "\n\n" + input when input is not empty), one assistant turn "output"; rendered and masked as chat.
   prompt_completion  `prompt_field`, `completion_field` (default prompt / completion): plain text prompt + completion
@@ -131,7 +132,8 @@ def record_segments(record: dict, data_format: str, *, prompt_field: str = "prom
                     completion_field: str = "completion", text_field: str = "text", system: str | None = None,
                     tokenizer=None) -> list[tuple[str, bool]]:
     """Render one record as segments (text, is_response). system: the chat system prompt when the record has none
-    (None = OpenMoE-8B-Chat's). tokenizer: used only for its chat_template, when it has one."""
+    (None: OpenMoE-8B-Chat's, or the tokenizer template's own default). tokenizer: used only for its chat_template,
+    when it has one."""
     if data_format == "prompt_completion":
         return [(_text(record, prompt_field), False), (_text(record, completion_field), True)]
     if data_format == "text":
@@ -143,10 +145,14 @@ def record_segments(record: dict, data_format: str, *, prompt_field: str = "prom
         messages = [{"role": "user", "content": user}, {"role": "assistant", "content": _text(record, "output")}]
         if record.get("system"):
             messages.insert(0, {"role": "system", "content": _text(record, "system")})
-    elif data_format == "chat":
-        messages = _messages(record, "messages", "role", "content", {r: r for r in ("system", "user", "assistant")})
-    elif data_format == "sharegpt":
-        messages = _messages(record, "conversations", "from", "value", _SHAREGPT_ROLES)
+    elif data_format in ("chat", "sharegpt"):
+        if data_format == "chat":
+            roles = {r: r for r in ("system", "user", "assistant")}
+            messages = _messages(record, "messages", "role", "content", roles)
+        else:
+            messages = _messages(record, "conversations", "from", "value", _SHAREGPT_ROLES)
+        if record.get("system") and messages[0]["role"] != "system":  # a top-level system field (LLaMA-Factory)
+            messages.insert(0, {"role": "system", "content": _text(record, "system")})
     else:
         raise ValueError(f"data_format '{data_format}' is not supported; accepted: {list(FORMATS[1:])}")
     return _render_chat(messages, system, tokenizer)

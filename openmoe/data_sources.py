@@ -12,9 +12,10 @@ Sources (`load_records(source, ...)`):
                    `DatasetDict.save_to_disk` (split chosen by name).
   Hub id           "owner/name" (+ config name), through `datasets.load_dataset`; offline (HF_HUB_OFFLINE=1) it
                    loads a copy prepared earlier in cache_dir.
-`split` may carry a slice ("train[:100]", "train[10%:]"). Local text files are checked before loading: an empty file,
-bytes that are not UTF-8 (pyarrow would otherwise load them and fail later, far from the cause) and malformed JSON
-each raise one ValueError naming the file and line.
+`split` may carry a slice ("train[:100]", "train[10%:]"). Local text files are checked once, before datasets first
+prepares them (not on later runs, which read the prepared cache, nor when streaming): an empty file, bytes that are
+not UTF-8 (pyarrow would otherwise load them and fail later, far from the cause) and malformed JSON each raise one
+ValueError naming the file and line.
 """
 
 from __future__ import annotations
@@ -75,39 +76,43 @@ def source_splits(dataset: str, dataset_config: str | None = None, cache_dir: st
 
 
 def _load_file(path: Path, split: str, cache_dir, streaming):
-    builder = BUILDER_BY_SUFFIX.get(path.suffix)
-    if builder is None:
+    builder_name = BUILDER_BY_SUFFIX.get(path.suffix)
+    if builder_name is None:
         raise ValueError(f"unsupported dataset file {path}; expected one of {', '.join(BUILDER_BY_SUFFIX)}")
-    check_text_file(path)
-    try:
-        return datasets.load_dataset(builder, data_files={split_name(split): [str(path)]}, split=split,
-                                     cache_dir=cache_dir, streaming=streaming)
-    except datasets.exceptions.DatasetGenerationError:
-        if builder == "json":
-            raise_on_bad_json(path)
-        raise
+    data_files = {split_name(split): [str(path)]}
+    builder = datasets.load_dataset_builder(builder_name, data_files=data_files, cache_dir=cache_dir)
+    return _load_checked(builder, [path], streaming, lambda: datasets.load_dataset(
+        builder_name, data_files=data_files, split=split, cache_dir=cache_dir, streaming=streaming))
 
 
 def _load_directory(path: Path, dataset_config, split: str, cache_dir, streaming):
     try:
         builder = datasets.load_dataset_builder(str(path), dataset_config, cache_dir=cache_dir)
-    except datasets.exceptions.DataFilesNotFoundError:
+    except (datasets.exceptions.DataFilesNotFoundError, datasets.data_files.EmptyDatasetError):
         raise FileNotFoundError(f"no data files under directory {path}; expected "
                                 f"{' / '.join(BUILDER_BY_SUFFIX)} files") from None
     files = builder.config.data_files  # {split: [file, ...]}, resolved by datasets' own naming rules
     if split_name(split) not in files:
         raise ValueError(f"split '{split_name(split)}' not found in {path}: it has {[str(s) for s in files]} "
                          "(splits come from file names such as train.jsonl, test.jsonl, data/validation-*.parquet)")
-    for name in files:
-        for f in files[name]:
-            check_text_file(Path(f))
+    all_files = [Path(f) for name in files for f in files[name]]  # datasets prepares every split at once
+    return _load_checked(builder, all_files, streaming, lambda: datasets.load_dataset(
+        str(path), dataset_config, split=split, cache_dir=cache_dir, streaming=streaming))
+
+
+def _load_checked(builder, files: list[Path], streaming: bool, load):
+    """load(), with local text files checked first unless datasets will not read them (already prepared in the
+    cache, keyed by the files' paths and modification times) or reads them lazily (streaming: a bad byte then fails
+    where it is read); a JSON syntax error is located by file and line."""
+    if not streaming and not Path(builder.cache_dir).is_dir():
+        for f in files:
+            check_text_file(f)
     try:
-        return datasets.load_dataset(str(path), dataset_config, split=split, cache_dir=cache_dir, streaming=streaming)
+        return load()
     except datasets.exceptions.DatasetGenerationError:
-        for name in files:
-            for f in files[name]:
-                if Path(f).suffix in (".json", ".jsonl"):
-                    raise_on_bad_json(Path(f))
+        for f in files:
+            if f.suffix in (".json", ".jsonl"):
+                raise_on_bad_json(f)
         raise
 
 

@@ -161,7 +161,8 @@ def test_forced_format_and_field_names(tok, tmp_path):
     with pytest.raises(ValueError) as err:
         build(tok, tmp_path, "alpaca.jsonl", data_format="chat")
     message = str(err.value)
-    assert message.startswith("record 0 of ") and "does not fit the chat format: field 'messages' is NoneType" in message
+    assert message.startswith("record 0 of ")
+    assert "does not fit the chat format: field 'messages' is NoneType" in message
     assert message.endswith("fields found: ['instruction', 'input', 'output']") and "\n" not in message
 
 
@@ -186,3 +187,13 @@ def test_record_that_fits_no_format_names_record_and_fields(tok, tmp_path):
         build_examples(DataSpec(source=str(odd), cache_dir=str(tmp_path / "c")), tok)
     with pytest.raises(ValueError, match=r"data_format 'xml' is not supported; accepted: \['auto', 'chat'"):
         build_examples(DataSpec(source=str(odd), data_format="xml"), tok)
+
+
+def test_top_level_system_field():
+    record = {"system": "Be terse.",
+              "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}]}
+    assert record_segments(record, "sharegpt", system="ignored")[0] == ("<<SYS>>\nBe terse.\n<</SYS>>\n\n", False)
+    record = {"system": "Be terse.",
+              "messages": [{"role": "system", "content": "Own."}, {"role": "user", "content": "Hi"},
+                           {"role": "assistant", "content": "Yo"}]}
+    assert record_segments(record, "chat")[0] == ("<<SYS>>\nOwn.\n<</SYS>>\n\n", False)  # a system turn wins

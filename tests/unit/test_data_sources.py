@@ -5,6 +5,7 @@ eval batches. Fixtures are written under tmp_path; the shipped test tokenizer to
     OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/unit/test_data_sources.py -q
 """
 
+import os
 from pathlib import Path
 
 import datasets
@@ -113,7 +114,10 @@ def test_file_errors_name_file_and_line(tmp_path):
     with pytest.raises(ValueError, match=r"^\S*empty\.jsonl: the file is empty; expected at least one record$"):
         load_records(str(empty), cache_dir=cache)
     latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_text('{"prompt": "a", "completion": "b"}\n')
+    assert len(load_records(str(latin1), cache_dir=cache)) == 1  # prepared and cached: later loads skip the checks
     latin1.write_bytes(b'{"prompt": "a", "completion": "b"}\n{"prompt": "caf\xe9", "completion": "b"}\n')
+    os.utime(latin1, ns=(latin1.stat().st_atime_ns, latin1.stat().st_mtime_ns + 10**9))  # a later modification
     with pytest.raises(ValueError, match=r"latin1\.jsonl:2: not UTF-8 \(byte 0xe9 at column 16\); re-encode"):
         load_records(str(latin1), cache_dir=cache)
     folder = tmp_path / "folder"
@@ -121,8 +125,10 @@ def test_file_errors_name_file_and_line(tmp_path):
     (folder / "train.jsonl").write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "c", "completion": \n')
     with pytest.raises(ValueError, match=r"train\.jsonl:2: invalid JSON line"):
         load_records(str(folder), cache_dir=cache)
-    with pytest.raises(FileNotFoundError, match=r"no data files under directory"):
-        load_records(str(tmp_path / "cache"), cache_dir=str(tmp_path / "cache2"))
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "README.md").write_text("no data here\n")
+    with pytest.raises(FileNotFoundError, match=r"no data files under directory \S*notes; expected \.json / \.jsonl"):
+        load_records(str(tmp_path / "notes"), cache_dir=cache)
 
 
 def test_eval_examples_from_a_split_or_a_file(tok, snapshot, tmp_path):
