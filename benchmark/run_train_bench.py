@@ -133,6 +133,20 @@ FULL_CONFIGS = [
             "--lm_loss_impl", "fused_compiled") + F8_STEPS, timeout_s=220, est_s=110),
 ]
 
+# ---- emulated slow link (issue 19, item 3): run with NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1 (NCCL's socket transport
+# between the two GPUs of one host, as between nodes): capacity routing (equal splits, what --comm_overlap needs),
+# plain all-to-all vs --comm_overlap 4, at OpenMoE-base (12 layers, MoE every 4th; 8 x 2,048 tokens per GPU per step)
+# and at the full 8B (the step above, capacity 1.25 instead of dropless). scripts/gpu_slow_link.sh runs them.
+S8 = ("--model", "8b", "--seq", "2048", "--batch_size", "2", "--grad_accum", "8", "--plugin", "ep", "--lm_loss_impl",
+      "fused_compiled", "--warmup", "1", "--steps", "2", "--profile_steps", "1")
+SB = BASE + B8 + ("--plugin", "ep", "--warmup", "2", "--steps", "5", "--profile_steps", "1")
+SLOW_CONFIGS = [
+    Config("slow-base-2gpu-ours-ep", 2, "ours", SB, timeout_s=120, est_s=40),
+    Config("slow-base-2gpu-ours-ep-overlap4", 2, "ours", SB + ("--comm_overlap", "4"), timeout_s=120, est_s=40),
+    Config("slow-8bfull-2gpu-ours-ep", 2, "ours", S8, timeout_s=170, est_s=90),
+    Config("slow-8bfull-2gpu-ours-ep-overlap4", 2, "ours", S8 + ("--comm_overlap", "4"), timeout_s=170, est_s=90),
+]
+
 TINY = ("--model", "tiny", "--seq", "64", "--batch_size", "2", "--warmup", "1", "--steps", "2", "--profile_steps", "1")
 TINY_MIXTRAL = TINY + ("--moe_layer_interval", "1")
 TINY_CONFIGS = [
@@ -304,7 +318,7 @@ def main(argv=None) -> int:
     p.add_argument("--list", action="store_true")
     p.add_argument("--jobs", type=int, default=1, help="with --tiny: configurations run at a time (CPU smoke only)")
     a = p.parse_args(argv)
-    configs = select(TINY_CONFIGS if a.tiny else GPU_CONFIGS + FULL_CONFIGS, a.only)
+    configs = select(TINY_CONFIGS if a.tiny else GPU_CONFIGS + FULL_CONFIGS + SLOW_CONFIGS, a.only)
     if a.list:
         for c in configs:
             print(f"{c.name:36} {c.nproc} proc  ~{c.est_s:3d} s (timeout {c.timeout_s} s)  {' '.join(c.args)}")

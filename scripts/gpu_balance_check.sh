@@ -4,14 +4,15 @@
 #   a router skewed towards EP rank 0's experts (benchmark/skewed_router.py), dropless: no balancing vs
 #   --load_balance (placement rebalancing every 5 steps) vs --balance_mode bias.
 #   source scripts/offline_env.sh && bash scripts/gpu_balance_check.sh
+# VARIANTS (space-separated subset of the five below) and MAX_STEPS (default 30) select a shorter run.
 set -uo pipefail
 LOGS=${OUT:-outputs/gpu-balance}
 mkdir -p "$LOGS"
 python3 benchmark/skewed_router.py --model base --out /tmp/skewed-base > "$LOGS/skew.log" 2>&1 || cat "$LOGS/skew.log"
 tail -1 "$LOGS/skew.log"
-common=(--model_name base --plugin ep --pack --max_length 1024 --batch_size 4 --lr 3e-4 --max_steps 30
-        --no-tensorboard)
-variants=(capacity overlap4 skew-dropless skew-dropless-lb5 skew-dropless-bias)
+common=(--model_name base --plugin ep --pack --max_length 1024 --batch_size 4 --lr 3e-4
+        --max_steps "${MAX_STEPS:-30}" --no-tensorboard)
+read -r -a variants <<< "${VARIANTS:-capacity overlap4 skew-dropless skew-dropless-lb5 skew-dropless-bias}"
 port=29800
 for v in "${variants[@]}"; do
   case $v in
@@ -23,7 +24,7 @@ for v in "${variants[@]}"; do
   esac
   rm -f "$LOGS/$v.metrics.jsonl"
   port=$((port + 1))
-  timeout 300 colossalai run --nproc_per_node 2 --master_port $port train.py "${common[@]}" "${extra[@]}" \
+  timeout "${VARIANT_TIMEOUT_S:-300}" colossalai run --nproc_per_node 2 --master_port $port train.py "${common[@]}" "${extra[@]}" \
     --output_path /tmp/bal-$v > "$LOGS/$v.log" 2>&1 || echo "$v: failed or timed out, see $LOGS/$v.log"
   cp /tmp/bal-$v/metrics.jsonl "$LOGS/$v.metrics.jsonl" 2>/dev/null
   grep -h "expert rebalance" "$LOGS/$v.log" | head -2
