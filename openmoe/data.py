@@ -174,7 +174,7 @@ class DataSpec:
     cache_dir: str | None = None  # datasets' Arrow cache [None: ~/.cache/huggingface/datasets]
     eval_source: str | None = None  # evaluation data [None: `source` when eval_split is set, else no evaluation]
     eval_split: str | None = None  # split of the evaluation data [None: "train" of eval_source; no eval without it]
-    eval_samples: int | None = None  # evaluate on the first N records [None: all]
+    eval_samples: int | None = None  # evaluate on the first N records [None: all; the first 10,000 when streaming]
 
     def validate(self) -> None:
         if self.data_format not in FORMATS:
@@ -248,7 +248,7 @@ def _build(records, spec: DataSpec, tokenizer, where: str):
     # Raw text that is packed is cut into blocks by packing, never truncated (a long document keeps its tail).
     max_length = None if pack and data_format == "text" else spec.max_length
     render = dict(data_format=data_format, prompt_field=spec.prompt_field, completion_field=spec.completion_field,
-                  text_field=spec.text_field, system=spec.system_prompt, tokenizer=tokenizer)
+                  text_field=spec.text_field, system=spec.system_prompt)
     kwargs = dict(batched=True, with_indices=True, remove_columns=fields,
                   fn_kwargs=dict(tokenizer=tokenizer, render=render, mask_prompt=mask_prompt,
                                  max_length=max_length, where=where))
@@ -276,7 +276,7 @@ def _tokenize_batch(batch: dict, indices: list[int], *, tokenizer, render: dict,
     for row, index in enumerate(indices):
         record = {k: v[row] for k, v in batch.items()}
         try:
-            segments = record_segments(record, **render)
+            segments = record_segments(record, **render, tokenizer=tokenizer)  # tokenizer: its chat_template
         except RecordError as err:
             found = [k for k, v in record.items() if v is not None]
             raise ValueError(f"record {index} of {where} does not fit the {render['data_format']} format: {err}; "

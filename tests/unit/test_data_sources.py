@@ -200,3 +200,17 @@ def test_streaming_matches_prepared_and_resumes(tok, tmp_path):
         StreamingBatches(streamed, 4, seed=3).load_state_dict(run.state_dict())
     with pytest.raises(ValueError, match=r"the stream does not fill one global batch of 64 examples"):
         next(iter(StreamingBatches(streamed, 32, 0, 2)))
+
+
+def test_tokenized_examples_are_cached_on_disk(tok, tmp_path):
+    """A second build (a later run, or another rank after the first) reads datasets' cache file instead of
+    tokenizing again; a different rendering gets its own file."""
+    spec = DataSpec(source=str(ROOT / "data" / "sample" / "eval.jsonl"), cache_dir=str(tmp_path / "c"))
+    first = build_examples(spec, tok)
+    [cache_file] = {f["filename"] for f in first.cache_files} - {f["filename"] for f in load_records(
+        spec.source, cache_dir=spec.cache_dir).cache_files}
+    written = os.stat(cache_file).st_mtime_ns
+    again = build_examples(spec, tok)
+    assert [f["filename"] for f in again.cache_files] == [cache_file] and os.stat(cache_file).st_mtime_ns == written
+    masked = build_examples(DataSpec(source=spec.source, cache_dir=spec.cache_dir, mask_prompt=True), tok)
+    assert [f["filename"] for f in masked.cache_files] != [cache_file] and masked.to_list() != first.to_list()
