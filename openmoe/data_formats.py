@@ -21,7 +21,8 @@ Formats (`data_format`), detected from the dataset's fields in this order when "
 
 Chat template: the tokenizer's own `chat_template` when it has one (the response segments are found by rendering the
 conversation up to each assistant turn; the template must render a conversation as a prefix of its continuation),
-else OpenMoE-8B-Chat's (LLaMA-2 style, see `chat_segments`). The `</s>` text that closes each assistant turn is
+else OpenMoE-8B-Chat's (LLaMA-2 style, see `chat_segments`); `generation_prompt` renders the matching inference
+prompt for either. The `</s>` text that closes each assistant turn is
 umT5's EOS token (the tokenizer parses special tokens in text), so the model learns to stop.
 """
 
@@ -71,6 +72,16 @@ def chat_prompt(turns: list[tuple[str, str]], system: str = CHAT_SYSTEM) -> str:
     if not turns or turns[-1][0] != "user":
         raise ValueError("a chat prompt must end with a user turn")
     return "".join(text for text, _ in chat_segments(turns, system))
+
+
+def generation_prompt(tokenizer, turns: list[tuple[str, str]], system: str | None = None) -> str:
+    """The inference prompt for `turns` in the template training used for this tokenizer: its own chat_template
+    when it has one, else OpenMoE-8B-Chat's (system None: the template's default system prompt)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return chat_prompt(turns, CHAT_SYSTEM if system is None else system)
+    messages = ([{"role": "system", "content": system}] if system is not None else []) + [
+        {"role": role, "content": content} for role, content in turns]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 def template_segments(tokenizer, messages: list[dict]) -> list[tuple[str, bool]]:

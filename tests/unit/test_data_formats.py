@@ -12,7 +12,7 @@ import pytest
 
 from openmoe.data import (IGNORE_INDEX, DataSpec, build_examples, encode, load_records, load_tokenizer,
                           tokenize_examples)
-from openmoe.data_formats import CHAT_SYSTEM, chat_prompt, detect_format, record_segments
+from openmoe.data_formats import CHAT_SYSTEM, chat_prompt, detect_format, generation_prompt, record_segments
 
 ROOT = Path(__file__).resolve().parents[2]
 ASSETS = ROOT / "tests" / "assets" / "data"
@@ -124,6 +124,10 @@ def test_tokenizer_chat_template_is_used(tok, tmp_path):
     assert segments == [("User: Hi\nBot:", False), (" Yo</s>", True), ("User: Bye\nBot:", False), (" Ciao</s>", True)]
     ex = build_examples(DataSpec(source=str(ASSETS / "chat.jsonl"), cache_dir=str(tmp_path / "c")), templated)[1]
     assert trained_runs(tok, ex) == ["5</s>"]
+    # the inference prompt for the same conversation is the masked prefix training used
+    assert generation_prompt(templated, [("user", "Hi"), ("assistant", "Yo"), ("user", "Bye")]) == (
+        "User: Hi\nBot: Yo</s>User: Bye\nBot:")
+    assert generation_prompt(tok, [("user", "Hi")], "Be brief.") == chat_prompt([("user", "Hi")], "Be brief.")
 
 
 def test_prompt_completion_equals_list_reference(tok, tmp_path):
