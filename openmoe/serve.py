@@ -65,13 +65,14 @@ class GenOptions:
         return ("sample", self.temperature, self.top_p, self.top_k, self.repetition_penalty)
 
 
-def generate_batch(model, tokenizer, prompts: list[str], options: GenOptions, on_step=None,
-                   stop_now=None) -> list[list[int]]:
+def generate_batch(model, tokenizer, prompts: list[str], options: GenOptions, on_step=None, stop_now=None,
+                   decoder=None) -> list[list[int]]:
     """The model's one entry point: prompts -> new token ids per row (EOS and padding removed).
 
     on_step(tokens: list[int], finished: list[bool]) after every decode step; stop_now(local_done) -> bool is asked
     after every step and ends the call when True (under expert parallelism it must give the same answer on every
-    rank, because each step's all-to-all needs all of them)."""
+    rank, because each step's all-to-all needs all of them). decoder: a fast_decode.FastDecoder over `model` (same
+    contract as model.generate; it reports steps in bursts every sync_every steps), None for model.generate."""
     from openmoe import inference
 
     ids, mask = inference.encode_batch(tokenizer, prompts)  # [B, S] left-padded, <pad>-BOS first
@@ -80,10 +81,11 @@ def generate_batch(model, tokenizer, prompts: list[str], options: GenOptions, on
     seed = options.seed if options.seed is not None else 0
     generator = torch.Generator(device=device).manual_seed(seed)
     step = None if on_step is None else (lambda t, f: on_step(t.tolist(), f.tolist()))  # a host read per step
-    out = model.generate(ids.to(device), mask.to(device), max_new_tokens=options.max_tokens,
-                         do_sample=options.temperature > 0, temperature=options.temperature or 1.0,
-                         top_k=options.top_k, top_p=options.top_p, repetition_penalty=options.repetition_penalty,
-                         generator=generator, on_tokens=step, all_done=stop_now, vocab_limit=len(tokenizer))
+    generate = model.generate if decoder is None else decoder.generate
+    out = generate(ids.to(device), mask.to(device), max_new_tokens=options.max_tokens,
+                   do_sample=options.temperature > 0, temperature=options.temperature or 1.0,
+                   top_k=options.top_k, top_p=options.top_p, repetition_penalty=options.repetition_penalty,
+                   generator=generator, on_tokens=step, all_done=stop_now, vocab_limit=len(tokenizer))
     eos, pad = model.config.eos_token_id, model.config.pad_token_id
     rows = []
     for row in out[:, ids.shape[1]:].tolist():
@@ -190,8 +192,8 @@ class Engine:
     """Bounded waiting list + one thread that batches compatible sequences into generate_batch calls."""
 
     def __init__(self, model, tokenizer, max_batch_size: int = 8, max_queue: int = 64, batch_window_s: float = 0.01,
-                 distributed: bool = False):
-        self.model, self.tokenizer = model, tokenizer
+                 distributed: bool = False, decoder=None):
+        self.model, self.tokenizer, self.decoder = model, tokenizer, decoder
         self.max_batch_size, self.max_queue, self.batch_window_s = max_batch_size, max_queue, batch_window_s
         self.distributed = distributed  # rank 0 of an expert-parallel group: broadcast every batch and stop flag
         self.eos = model.config.eos_token_id
@@ -269,7 +271,7 @@ class Engine:
         try:
             if self.distributed:
                 _broadcast_object((prompts, options))
-            generate_batch(self.model, self.tokenizer, prompts, options, on_step, stop_now)
+            generate_batch(self.model, self.tokenizer, prompts, options, on_step, stop_now, self.decoder)
             for s in batch:
                 if s.finish_reason is None:
                     s.finish("length")
@@ -642,6 +644,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--capacity_routing", action="store_true",
                    help="keep the checkpoint's eval capacity factor (tokens may be dropped, and a row's output then "
                         "depends on the other rows of its batch); default: dropless routing")
+    p.add_argument("--decode", default="auto", choices=["auto", "eager", "fast", "compiled"],
+                   help="eager: model.generate (the reference); fast: openmoe/fast_decode.py (static KV cache, no "
+                        "host sync per token); compiled: fast + torch.compile CUDA graphs; auto: compiled on one "
+                        "GPU, eager otherwise (CPU, --ep_size > 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights of a preset --model")
     p.add_argument("--verbose", action="store_true", help="log every HTTP request")
     return p
@@ -653,6 +659,8 @@ def _check_args(a) -> None:
             raise ValueError(f"--{name} ({getattr(a, name)}) must be >= 1")
     if not 0 <= a.port <= 65535:
         raise ValueError(f"--port ({a.port}) must be in [0, 65535]")
+    if a.decode in ("fast", "compiled") and a.ep_size > 1:
+        raise ValueError(f"--decode {a.decode} runs on one device; with --ep_size {a.ep_size} use --decode eager")
     if a.batch_window_ms < 0:
         raise ValueError(f"--batch_window_ms ({a.batch_window_ms}) must be >= 0")
 
@@ -695,11 +703,21 @@ def load(a):
 
 def start(model, tokenizer, host="127.0.0.1", port=0, model_name="openmoe", max_model_len=None,
           default_max_tokens=64, max_batch_size=8, max_queue=64, batch_window_s=0.01, distributed=False,
-          verbose=False) -> Server:
-    """Engine + HTTP server, serving from a background thread; `stop(server)` ends both."""
-    engine = Engine(model, tokenizer, max_batch_size, max_queue, batch_window_s, distributed)
-    server = Server((host, port), engine, model_name, max_model_len or model.config.max_position_embeddings,
-                    default_max_tokens, verbose)  # binds the port: fails before the engine thread starts
+          verbose=False, decode="eager") -> Server:
+    """Engine + HTTP server, serving from a background thread; `stop(server)` ends both.
+    decode: "eager" (model.generate), "fast" or "compiled" (fast_decode.FastDecoder, compiled: CUDA graphs)."""
+    max_model_len = max_model_len or model.config.max_position_embeddings
+    decoder = None
+    if decode not in ("eager", "fast", "compiled"):
+        raise ValueError(f"decode '{decode}' is not supported; accepted: 'eager', 'fast', 'compiled'")
+    if decode != "eager":
+        from openmoe.fast_decode import FastDecoder
+
+        # +2: the adapter's extra padding columns (_no_single_pad)
+        decoder = FastDecoder(model, max_batch_size, max_model_len + 2, compile=decode == "compiled")
+    engine = Engine(model, tokenizer, max_batch_size, max_queue, batch_window_s, distributed, decoder)
+    server = Server((host, port), engine, model_name, max_model_len, default_max_tokens,
+                    verbose)  # binds the port: fails before the engine thread starts
     engine.start()
     threading.Thread(target=server.serve_forever, name="openmoe-http", daemon=True).start()
     return server
@@ -724,9 +742,13 @@ def main(argv=None) -> int:
         torch.distributed.destroy_process_group()
         return 0
     name = a.served_model_name or os.path.basename(os.path.normpath(a.model))
+    decode = a.decode
+    if decode == "auto":
+        decode = "compiled" if torch.cuda.is_available() and a.ep_size == 1 else "eager"
     server = start(model, tokenizer, a.host, a.port, name, a.max_model_len, a.max_new_tokens, a.max_batch_size,
-                   a.max_queue, a.batch_window_ms / 1000, a.ep_size > 1, a.verbose)
-    print(f"serving {name} on {server.url}/v1 (max_batch_size {a.max_batch_size}, queue {a.max_queue})", flush=True)
+                   a.max_queue, a.batch_window_ms / 1000, a.ep_size > 1, a.verbose, decode)
+    print(f"serving {name} on {server.url}/v1 (decode {decode}, max_batch_size {a.max_batch_size}, queue "
+          f"{a.max_queue})", flush=True)
     try:
         threading.Event().wait()
     except KeyboardInterrupt:

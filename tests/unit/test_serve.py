@@ -115,6 +115,24 @@ def test_eight_concurrent_requests_are_batched_and_each_equals_its_single_result
     assert sum(sizes) == 8 and max(sizes) > 1, sizes  # one left-padded generate call served several requests
 
 
+def test_fast_decoder_server_equals_single_results(ckpt, direct):
+    """--decode fast: the static-cache decoder behind the same adapter; batched and streamed answers unchanged."""
+    model, tok, _ = serve.load(serve.build_parser().parse_args(["--model", ckpt]))
+    srv = serve.start(model, tok, port=0, model_name="tiny", batch_window_s=0.2, decode="fast")
+    c = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="none", max_retries=0)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(c.completions.create, model="tiny", prompt=p, max_tokens=10 + i, temperature=0)
+                       for i, p in enumerate(PROMPTS)]
+            texts = [f.result().choices[0].text for f in futures]
+        assert texts == [direct(p, 10 + i) for i, p in enumerate(PROMPTS)]
+        assert max(srv.engine.batches) > 1
+        chunks = c.completions.create(model="tiny", prompt=PROMPTS[2], max_tokens=16, temperature=0, stream=True)
+        assert "".join(ch.choices[0].text for ch in chunks) == direct(PROMPTS[2], 16)
+    finally:
+        serve.stop(srv)
+
+
 def test_bad_requests_get_400_naming_the_field_and_serving_continues(client, server, direct):
     cases = [
         (dict(prompt="x", max_tokens=-3), "'max_tokens' must be an integer >= 1, got -3"),
@@ -180,6 +198,9 @@ def test_collective_engine_with_one_rank(ckpt, direct):
 def test_cli_serves_and_refuses_bad_options(ckpt, capsys):
     assert serve.main(["--model", ckpt, "--max_batch_size", "0"]) == 2
     assert capsys.readouterr().err.strip() == "error: --max_batch_size (0) must be >= 1"
+    assert serve.main(["--model", ckpt, "--ep_size", "2", "--decode", "fast"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: --decode fast runs on one device; with --ep_size 2 use "
+                                               "--decode eager")
     proc = subprocess.Popen([sys.executable, "-m", "openmoe.serve", "--model", ckpt, "--port", "0"], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
