@@ -1,0 +1,210 @@
+"""Decode speed of the eager `model.generate` against the fast path (openmoe/fast_decode.py), same process, same
+weights, against the memory-bandwidth bound of a decode step.
+
+    python benchmark/infer_fast_bench.py --model 8b --batch_sizes 1 16 --compile          # one H200, bf16
+    python benchmark/infer_fast_bench.py --model tiny --batch_sizes 1 2 --new_tokens 8     # CPU smoke run
+
+Random weights (routing real, not forced balanced), prompt --prompt_len tokens, --new_tokens greedy tokens (no EOS).
+Rows: eager generate (the checkpoint's eval capacity routing, as infer.py runs), fast path eager for each MoE
+implementation, fast path through torch.compile(mode="reduce-overhead") with the automatic MoE choice.
+  tokens/s     batch x new tokens / wall time of one generate call (prefill included), after warm-up calls
+  decode ms    per decode step: (t(new_tokens) - t(short)) / (new_tokens - short), prefill cancelled out
+  of bound     decode tokens/s / the bandwidth bound below
+Bandwidth bound of one decode step (bytes that must cross HBM once, bf16 = 2 bytes per parameter):
+  bytes(B) = 2 * [P_dense + L_moe * E_hit(B) * P_expert] + KV(B)
+    P_dense   every matmul weight a token passes (attention, dense and extra MLPs, router gates, LM head, norms);
+              the embedding table is excluded (B rows are read)
+    E_hit(B)  expected distinct experts per MoE layer when B tokens each pick top_k of E uniformly:
+              E * (1 - (1 - k/E)^B) (= k at B = 1); "all" rows use E (the issue's 23.8 GB figure counts all experts)
+    KV(B)     2 (K, V) * layers * B * N_kv * head_dim * mean context * 2 bytes, mean context = prompt + new / 2
+  bound tokens/s = B / (bytes(B) / HBM bandwidth), HBM 4.8 TB/s (H200 datasheet); the measured device-to-device
+  copy bandwidth is printed beside it. TTFT: one prompt of --ttft_prompt_len tokens, time to the first new token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from openmoe import OpenMoeForCausalLM, preset  # noqa: E402
+from openmoe.fast_decode import FastDecoder  # noqa: E402
+
+H200_HBM_BYTES_PER_S = 4.8e12
+
+
+def param_counts(model) -> dict:
+    """Parameters by role: expert weights (all experts, all MoE layers), embedding table, everything else."""
+    experts = embed = rest = 0
+    for name, p in model.named_parameters():
+        if ".experts." in name:
+            experts += p.numel()
+        elif name.endswith("embed_tokens.weight"):
+            embed += p.numel()
+        else:
+            rest += p.numel()
+    return {"expert": experts, "embedding": embed, "dense": rest}
+
+
+def experts_hit(num_experts: int, top_k: int, batch: int) -> float:
+    """Expected distinct experts of one MoE layer touched by `batch` tokens choosing top_k of E uniformly."""
+    return num_experts * (1 - (1 - top_k / num_experts) ** batch)
+
+
+def decode_step_bytes(config, counts: dict, batch: int, context: float, all_experts: bool = False,
+                      bytes_per_param: int = 2) -> float:
+    """Bytes one decode step must read: touched weights once plus the KV cache of `context` tokens per row."""
+    moe_layers = config.num_moe_layers
+    per_expert = counts["expert"] / (moe_layers * config.num_experts)
+    hit = config.num_experts if all_experts else experts_hit(config.num_experts, config.router_topk, batch)
+    weights = counts["dense"] + moe_layers * hit * per_expert
+    kv = 2 * config.num_hidden_layers * batch * config.num_key_value_heads * config.head_dim * context
+    return bytes_per_param * (weights + kv)
+
+
+def build_model(name: str, device: torch.device, dtype: torch.dtype):
+    """Random weights initialised on the device in `dtype` (no fp32 copy of an 8B model on the host)."""
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with device:
+            model = OpenMoeForCausalLM(preset(name))
+    finally:
+        torch.set_default_dtype(default)
+    return model.eval()
+
+
+def copy_bandwidth(device: torch.device) -> float | None:
+    """Measured device-to-device copy, bytes read + written per second (None on CPU)."""
+    if device.type != "cuda":
+        return None
+    x = torch.empty(2**30, dtype=torch.float32, device=device)  # 4 GiB
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    bw = 10 * 2 * x.numel() * 4 / (time.perf_counter() - t0)
+    del x, y
+    torch.cuda.empty_cache()
+    return bw
+
+
+def wall(fn, device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def measure(generate, ids, new_tokens: int, short: int, device, warmup: int) -> tuple[float, float, torch.Tensor]:
+    """(seconds for new_tokens, seconds per decode step, output ids)."""
+    out = None
+    for _ in range(warmup):
+        out = generate(ids, new_tokens)
+        generate(ids, short)
+    t_long = wall(lambda: generate(ids, new_tokens), device)
+    t_short = wall(lambda: generate(ids, short), device)
+    return t_long, (t_long - t_short) / (new_tokens - short), out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="8b")
+    p.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--prompt_len", type=int, default=128)
+    p.add_argument("--new_tokens", type=int, default=64)
+    p.add_argument("--short_tokens", type=int, default=8, help="second, shorter run that cancels the prefill")
+    p.add_argument("--moe_impls", nargs="+", default=["gather", "grouped", "dense"],
+                   help="MoE implementations of the uncompiled fast path")
+    p.add_argument("--compile", action="store_true", help="also the torch.compile(reduce-overhead) fast path")
+    p.add_argument("--skip_eager", action="store_true", help="leave out the eager model.generate rows")
+    p.add_argument("--ttft_prompt_len", type=int, default=2048, help="0: skip the time-to-first-token rows")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--out", default=os.environ.get("OUT", "."))
+    a = p.parse_args(argv)
+    if a.short_tokens >= a.new_tokens:
+        raise SystemExit(f"error: --short_tokens ({a.short_tokens}) must be < --new_tokens ({a.new_tokens})")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = build_model(a.model, device, dtype)
+    cfg, counts = model.config, param_counts(model)
+    gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    bw = copy_bandwidth(device)
+    rows, max_b = [], max(a.batch_sizes)
+    head = {"model": a.model, "device": gpu, "dtype": str(dtype), "torch": torch.__version__, "params": counts,
+            "copy_bandwidth_TBps": bw and bw / 1e12, "prompt_len": a.prompt_len, "new_tokens": a.new_tokens}
+    print(json.dumps(head), flush=True)
+    dump = lambda: json.dump({**head, "rows": rows}, open(os.path.join(a.out, "infer_fast_bench.json"), "w"),  # noqa: E731
+                             indent=2)
+    context = a.prompt_len + a.new_tokens / 2
+    fast = {impl: FastDecoder(model, max_b, a.prompt_len + a.new_tokens, moe_impl=impl) for impl in a.moe_impls}
+    if a.compile:
+        fast["auto+compile"] = FastDecoder(model, max_b, a.prompt_len + a.new_tokens, compile=True)
+    for b in a.batch_sizes:
+        ids = torch.randint(3, min(32000, cfg.vocab_size), (b, a.prompt_len), device=device)
+        ids[:, 0] = 0  # <pad>-BOS
+        bound_bytes = decode_step_bytes(cfg, counts, b, context)
+        bound = b * H200_HBM_BYTES_PER_S / bound_bytes
+        bound_all = b * H200_HBM_BYTES_PER_S / decode_step_bytes(cfg, counts, b, context, all_experts=True)
+        runs = [] if a.skip_eager else [("eager generate", lambda x, n: model.generate(x, max_new_tokens=n,
+                                                                                         eos_token_id=-1))]
+        runs += [(f"fast {name}", (lambda d: lambda x, n: d.generate(x, max_new_tokens=n, eos_token_id=-1))(d))
+                 for name, d in fast.items()]
+        outputs = {}
+        for name, gen in runs:
+            t0 = time.perf_counter()
+            try:
+                t_long, per_step, out = measure(gen, ids, a.new_tokens, a.short_tokens, device, a.warmup)
+            except Exception as e:  # record and go on: the other rows still count
+                rows.append({"batch": b, "path": name, "error": f"{type(e).__name__}: {e}"[:500]})
+                print(f"batch {b:3d} {name:24s} ERROR {rows[-1]['error']}", flush=True)
+                dump()
+                continue
+            # greedy tokens equal to the first fast row's (bf16 rounding may flip near-ties; eager routes with
+            # capacity, so it may drop tokens the dropless fast path keeps)
+            first_fast = next((o for n, o in outputs.items() if n.startswith("fast")), None)
+            same = None if first_fast is None else (out == first_fast).float().mean().item()
+            same_eager = None if "eager generate" not in outputs or name == "eager generate" else (
+                (out == outputs["eager generate"]).float().mean().item())
+            outputs[name] = out
+            row = {"batch": b, "path": name, "tokens_per_s": b * a.new_tokens / t_long,
+                   "decode_ms_per_step": 1000 * per_step, "decode_tokens_per_s": b / per_step,
+                   "bound_tokens_per_s": bound, "bound_all_experts_tokens_per_s": bound_all,
+                   "bound_GB_per_step": bound_bytes / 1e9, "of_bound": b / per_step / bound,
+                   "token_agreement_with_first_fast_row": same, "token_agreement_with_eager": same_eager,
+                   "setup_and_measure_s": time.perf_counter() - t0}
+            rows.append(row)
+            print(f"batch {b:3d} {name:24s} {row['tokens_per_s']:9.1f} tok/s  decode {row['decode_ms_per_step']:7.2f}"
+                  f" ms/step = {row['decode_tokens_per_s']:9.1f} tok/s = {100 * row['of_bound']:5.1f}% of bound "
+                  f"{bound:8.1f} (all experts {bound_all:8.1f})  agree fast {same} eager {same_eager}", flush=True)
+            dump()
+    if a.ttft_prompt_len:
+        ids = torch.randint(3, min(32000, cfg.vocab_size), (1, a.ttft_prompt_len), device=device)
+        ids[:, 0] = 0
+        dec = FastDecoder(model, 1, a.ttft_prompt_len + 1)
+        for name, gen in (("eager generate", lambda: model.generate(ids, max_new_tokens=1, eos_token_id=-1)),
+                          ("fast (SDPA prefill)", lambda: dec.generate(ids, max_new_tokens=1, eos_token_id=-1))):
+            gen()
+            t = wall(gen, device)
+            rows.append({"batch": 1, "path": name, "ttft_prompt_len": a.ttft_prompt_len, "ttft_ms": 1000 * t})
+            print(f"TTFT {a.ttft_prompt_len}-token prompt, {name}: {1000 * t:.1f} ms", flush=True)
+        dump()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
