@@ -17,6 +17,7 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
 fi
 "$PY" -m pip install -q -r requirements.txt
 "$PY" -m pip install -q --no-deps colossalai==0.5.0 contexttimer==0.3.3
+"$PY" -m pip install -q --no-deps -e .   # the openmoe package itself (pyproject.toml); its dependencies are above
 # The multi-node test (tests/parallel/test_multinode.py) runs sshd inside network namespaces: needs openssh-server.
 if [ ! -x /usr/sbin/sshd ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server) >/dev/null

@@ -73,7 +73,7 @@ class OpenMoePolicy(Policy):
         return self.model
 
     def stage(self) -> Stage:
-        """This rank's stage; the layer split is the plugin's num_layers_per_stage (plugins.build_plugin)."""
+        """This rank's stage; the layer split is the plugin's num_layers_per_stage (colossal.build_plugin)."""
         sm, cfg = self.pipeline_stage_manager, self.model.config
         lo, hi = sm.get_stage_index(sm.distribute_layers(cfg.num_hidden_layers))
         return Stage(first=sm.is_first_stage(), last=sm.is_last_stage(), layers=range(int(lo), int(hi)),

@@ -32,75 +32,96 @@ class ParallelSizes:
 
 def resolve_sizes(run, model: OpenMoeConfig, world: int) -> ParallelSizes:
     """Validate every size up front; each error names the numbers involved and what would be accepted."""
-    if run.parallel.tp_size != 1 or run.parallel.sp_size != 1:
-        raise ValueError(f"tensor/sequence parallelism is not supported for OpenMoE (tp_size={run.parallel.tp_size}, "
-                         f"sp_size={run.parallel.sp_size}); accepted: 1. Use ep/ep_zero/hybrid to scale")
-    if run.parallel.plugin != "hybrid" and run.parallel.pp_size != 1:
-        raise ValueError(f"pp_size ({run.parallel.pp_size}) > 1 needs --plugin hybrid (got '{run.parallel.plugin}')")
-    if run.parallel.plugin != "ep_zero" and run.parallel.extra_dp_size != 1:
-        raise ValueError(f"extra_dp_size ({run.parallel.extra_dp_size}) is for --plugin ep_zero only (got '{run.parallel.plugin}')")
-    if run.parallel.plugin == "ep":
-        ep, pp = world, 1
-    elif run.parallel.plugin == "ep_zero":
-        if run.parallel.extra_dp_size < 1 or world % run.parallel.extra_dp_size:
-            raise ValueError(f"world size ({world}) must be divisible by extra_dp_size ({run.parallel.extra_dp_size})")
-        ep, pp = world // run.parallel.extra_dp_size, 1
-    else:
-        if run.parallel.ep_size is None:
-            raise ValueError("--plugin hybrid needs --ep_size")
-        ep, pp = run.parallel.ep_size, run.parallel.pp_size
-        if pp < 1 or world % (pp * ep):
-            raise ValueError(f"world size ({world}) must be divisible by pp_size ({pp}) * ep_size ({ep})")
-        if pp > model.num_hidden_layers:
-            raise ValueError(f"pp_size ({pp}) exceeds the number of layers ({model.num_hidden_layers})")
-        if pp > 1 and run.parallel.zero_stage > 1:
-            raise ValueError(f"zero_stage ({run.parallel.zero_stage}) must be <= 1 with pipeline parallelism")
-    if run.parallel.ep_size is not None and run.parallel.ep_size != ep:
-        raise ValueError(f"--ep_size {run.parallel.ep_size} contradicts --plugin {run.parallel.plugin} on {world} ranks, "
+    par = run.parallel
+    ep, pp = _plugin_sizes(par, model, world)
+    if par.ep_size is not None and par.ep_size != ep:
+        raise ValueError(f"--ep_size {par.ep_size} contradicts --plugin {par.plugin} on {world} ranks, "
                          f"which implies ep_size {ep}")
     if model.num_experts % ep:
         raise ValueError(f"num_experts ({model.num_experts}) must be divisible by ep_size ({ep})")
-    if ep > 1 and run.parallel.zero_stage < 1:
+    moe_dp = world // (pp * ep)
+    if par.dp_size is not None and par.dp_size != moe_dp:
+        raise ValueError(f"--dp_size {par.dp_size} contradicts the layout: {world} ranks / (pp_size {pp} * ep_size "
+                         f"{ep}) gives {moe_dp} replicas of each expert; accepted: --dp_size {moe_dp} or none")
+    _check_zero(par, ep, pp)
+    _check_moe_options(run, pp)
+    sizes = ParallelSizes(world=world, ep=ep, pp=pp, moe_dp=moe_dp, dp=world // pp)
+    check_load_balance(run, sizes)
+    return _pipeline_sizes(run, model, sizes) if pp > 1 else sizes
+
+
+def _plugin_sizes(par, model: OpenMoeConfig, world: int) -> tuple[int, int]:
+    """(ep, pp) that --plugin implies on `world` ranks."""
+    if par.tp_size != 1 or par.sp_size != 1:
+        raise ValueError(f"tensor/sequence parallelism is not supported for OpenMoE (tp_size={par.tp_size}, "
+                         f"sp_size={par.sp_size}); accepted: 1. Use ep/ep_zero/hybrid to scale")
+    if par.plugin != "hybrid" and par.pp_size != 1:
+        raise ValueError(f"pp_size ({par.pp_size}) > 1 needs --plugin hybrid (got '{par.plugin}')")
+    if par.plugin != "ep_zero" and par.extra_dp_size != 1:
+        raise ValueError(f"extra_dp_size ({par.extra_dp_size}) is for --plugin ep_zero only (got '{par.plugin}')")
+    if par.plugin == "ep":
+        return world, 1
+    if par.plugin == "ep_zero":
+        if par.extra_dp_size < 1 or world % par.extra_dp_size:
+            raise ValueError(f"world size ({world}) must be divisible by extra_dp_size ({par.extra_dp_size})")
+        return world // par.extra_dp_size, 1
+    if par.ep_size is None:
+        raise ValueError("--plugin hybrid needs --ep_size")
+    ep, pp = par.ep_size, par.pp_size
+    if pp < 1 or world % (pp * ep):
+        raise ValueError(f"world size ({world}) must be divisible by pp_size ({pp}) * ep_size ({ep})")
+    if pp > model.num_hidden_layers:
+        raise ValueError(f"pp_size ({pp}) exceeds the number of layers ({model.num_hidden_layers})")
+    if pp > 1 and par.zero_stage > 1:
+        raise ValueError(f"zero_stage ({par.zero_stage}) must be <= 1 with pipeline parallelism")
+    return ep, pp
+
+
+def _check_zero(par, ep: int, pp: int) -> None:
+    if ep > 1 and par.zero_stage < 1:
         raise ValueError(f"expert parallelism (ep_size {ep}) needs zero_stage >= 1 in ColossalAI's MoE plugin "
-                         f"(got {run.parallel.zero_stage})")
-    if run.parallel.zero_stage >= 1 and run.parallel.precision == "fp32":
-        raise ValueError(f"zero_stage {run.parallel.zero_stage} needs --precision bf16 or fp16 (ColossalAI's ZeRO keeps "
+                         f"(got {par.zero_stage})")
+    if par.zero_stage >= 1 and par.precision == "fp32":
+        raise ValueError(f"zero_stage {par.zero_stage} needs --precision bf16 or fp16 (ColossalAI's ZeRO keeps "
                          f"fp32 master weights itself); got fp32")
-    if run.parallel.zero_stage not in (0, 1, 2):
-        raise ValueError(f"zero_stage ({run.parallel.zero_stage}) must be 0, 1 or 2")
-    if run.parallel.overlap_communication and (run.parallel.zero_stage < 1 or pp > 1):
+    if par.zero_stage not in (0, 1, 2):
+        raise ValueError(f"zero_stage ({par.zero_stage}) must be 0, 1 or 2")
+    if par.overlap_communication and (par.zero_stage < 1 or pp > 1):
         raise ValueError(f"--overlap_communication overlaps ZeRO's gradient reduction with backward: it needs "
-                         f"zero_stage >= 1 (got {run.parallel.zero_stage}) and no pipeline (pp_size {pp}; with a pipeline "
+                         f"zero_stage >= 1 (got {par.zero_stage}) and no pipeline (pp_size {pp}; with a pipeline "
                          f"ColossalAI reduces once after the schedule, so there is nothing to overlap)")
-    if run.parallel.comm_overlap < 0:
-        raise ValueError(f"--comm_overlap ({run.parallel.comm_overlap}) must be >= 0 (number of chunks; 0 is off)")
-    if run.parallel.comm_overlap and (run.kernels.dropless or run.parallel.hierarchical_alltoall):
+
+
+def _check_moe_options(run, pp: int) -> None:
+    par, dropless = run.parallel, run.kernels.dropless
+    if par.comm_overlap < 0:
+        raise ValueError(f"--comm_overlap ({par.comm_overlap}) must be >= 0 (number of chunks; 0 is off)")
+    if par.comm_overlap and (dropless or par.hierarchical_alltoall):
         raise ValueError("--comm_overlap works with capacity routing and the flat all-to-all: drop --dropless and "
                          "--hierarchical_alltoall, or --comm_overlap")
     if run.balance.balance_mode == "bias" and pp > 1:
         raise ValueError("--balance_mode bias is not supported with pipeline parallelism yet (pp_size "
                          f"{pp}); use --plugin ep or ep_zero")
-    if run.parallel.hierarchical_alltoall and run.kernels.dropless:
+    if par.hierarchical_alltoall and dropless:
         raise ValueError("--hierarchical_alltoall needs equal splits (capacity routing): drop --dropless")
     if run.kernels.use_layernorm_kernel:
         from openmoe.kernels import fused_rmsnorm_kernel
 
         fused_rmsnorm_kernel()  # raises the one-line error when apex is missing
-    sizes = ParallelSizes(world=world, ep=ep, pp=pp, moe_dp=world // (pp * ep), dp=world // pp)
-    check_load_balance(run, sizes)
-    return _pipeline_sizes(run, model, sizes) if pp > 1 else sizes
 
 
 def _pipeline_sizes(run, model: OpenMoeConfig, sizes: ParallelSizes) -> ParallelSizes:
     from openmoe.parallel.pipeline import stage_ranges
 
-    if run.parallel.microbatch_size < 1 or run.optim.batch_size % run.parallel.microbatch_size:
-        raise ValueError(f"batch_size ({run.optim.batch_size}) must be divisible by microbatch_size "
-                         f"({run.parallel.microbatch_size})")
-    num_microbatches = run.optim.batch_size * run.optim.grad_accum // run.parallel.microbatch_size
+    par, opt = run.parallel, run.optim
+
+    if par.microbatch_size < 1 or opt.batch_size % par.microbatch_size:
+        raise ValueError(f"batch_size ({opt.batch_size}) must be divisible by microbatch_size "
+                         f"({par.microbatch_size})")
+    num_microbatches = opt.batch_size * opt.grad_accum // par.microbatch_size
     if num_microbatches < sizes.pp:
-        raise ValueError(f"batch_size ({run.optim.batch_size}) * grad_accum ({run.optim.grad_accum}) / microbatch_size "
-                         f"({run.parallel.microbatch_size}) = {num_microbatches} micro-batches per step, fewer than the "
+        raise ValueError(f"batch_size ({opt.batch_size}) * grad_accum ({opt.grad_accum}) / microbatch_size "
+                         f"({par.microbatch_size}) = {num_microbatches} micro-batches per step, fewer than the "
                          f"{sizes.pp} pipeline stages; the 1F1B schedule needs at least one per stage")
     ranges = stage_ranges(model.num_hidden_layers, sizes.pp)
     for i, layers in enumerate(ranges):

@@ -13,10 +13,10 @@ from typing import Callable
 import torch
 
 from openmoe.backend.colossal import Boosted, boost, build_plugin, dp_rank, init_distributed
-from openmoe.config import OpenMoeConfig, preset
+from openmoe.config import ModelOptions, OpenMoeConfig, preset
 from openmoe.finetune import trainable_parameters
 from openmoe.model import OpenMoeForCausalLM
-from openmoe.moe import HAS_GROUPED_MM, OpenMoeSparseMLP
+from openmoe.moe import OpenMoeSparseMLP
 from openmoe.parallel.expert_parallel import ExpertParallelMoE
 from openmoe.parallel.load_balance import BiasBalancer, ExpertPlacement
 from openmoe.parallel.sizes import ParallelSizes, resolve_sizes
@@ -39,6 +39,7 @@ class TrainState:
     total_steps: int = 0
     balancer: BiasBalancer | None = None  # --balance_mode bias
     placement: ExpertPlacement | None = None  # --load_balance
+    eval_examples: object | None = None  # the eval set (input_ids/labels rows), or None without evaluation
     start_step: int = 0  # > 0 after a resume
     data_state: dict | None = None  # the resumed data position (already applied to batches)
 
@@ -118,6 +119,14 @@ def check_output_path(path: str) -> None:
         raise ValueError(f"--output_path {path} is not writable: {e.strerror}") from None
 
 
+def model_options(run: RunConfig) -> ModelOptions:
+    """The run's kernel and memory switches as the model's options (the one place they are set on the model)."""
+    k = run.kernels
+    return ModelOptions(expert_impl="grouped" if k.use_kernel else "bmm", lm_loss_impl=k.lm_loss_impl,
+                        activation_checkpointing=k.activation_checkpointing, ac_policy=k.ac_policy,
+                        dropless=k.dropless, fused_rmsnorm=k.use_layernorm_kernel)
+
+
 def build_model(run: RunConfig, cfg: OpenMoeConfig) -> OpenMoeForCausalLM:
     """Full model on every rank, same seed everywhere (dense replicas agree; the EP policy slices experts)."""
     torch.manual_seed(run.optim.seed)
@@ -126,25 +135,9 @@ def build_model(run: RunConfig, cfg: OpenMoeConfig) -> OpenMoeForCausalLM:
         model.config = cfg  # run overrides of the loss factors
     else:
         model = OpenMoeForCausalLM(cfg)
-    if run.kernels.use_kernel:
-        if not HAS_GROUPED_MM:
-            raise ValueError(f"--use_kernel needs torch._grouped_mm, which torch {torch.__version__} lacks")
-        for m in model.modules():
-            if isinstance(m, OpenMoeSparseMLP):
-                m.expert_impl = "grouped"
-    model.model.gradient_checkpointing = run.kernels.activation_checkpointing
-    model.model.checkpoint_policy = run.kernels.ac_policy
-    model.lm_loss_impl = run.kernels.lm_loss_impl
-    if run.kernels.use_layernorm_kernel:
-        from openmoe.kernels import use_fused_rmsnorm
-
-        use_fused_rmsnorm(model)
+    model.apply_options(model_options(run))
     # frozen parameters get requires_grad False before the optimizer exists, so they never get optimizer state
     trainable_parameters(model, run.model.trainable, run.model.freeze_router)
-    if run.kernels.dropless:
-        for m in model.modules():
-            if isinstance(m, OpenMoeSparseMLP):
-                m.capacity_factor_train = m.capacity_factor_eval = 0.0
     return model
 
 

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 PLUGINS = ("ep", "ep_zero", "hybrid")
 PRECISIONS = ("bf16", "fp16", "fp32")
 SCHEDULES = ("cosine", "linear", "constant")
+FORMATS = ("auto", "chat", "sharegpt", "alpaca", "prompt_completion", "text")  # openmoe.data_formats.FORMATS
+COMM_OVERLAP_CHUNKS = 4  # --comm_overlap given without a value, as upstream's switch
 
 
 def _f(default, help, **kw):
@@ -52,6 +54,9 @@ class ParallelSection:
     ep_size: int | None = _f(None, "expert-parallel size (ep: world size; ep_zero: world/extra_dp_size; "
                                    "hybrid: required)")
     extra_dp_size: int = _f(1, "ep_zero only: MoE data-parallel replicas of each expert")
+    dp_size: int | None = _f(None, "upstream's hybrid option: MoE data-parallel replicas of each expert (world / "
+                                   "(pp_size * ep_size)); only checked against the layout the other sizes imply; "
+                                   "off: None")
     pp_size: int = _f(1, "hybrid only: pipeline stages")
     tp_size: int = _f(1, "tensor parallel: not supported for OpenMoE, must be 1")
     sp_size: int = _f(1, "sequence parallel: not supported for OpenMoE, must be 1")
@@ -64,7 +69,8 @@ class ParallelSection:
                                             "and no pipeline; off: reduced after backward. Not the expert "
                                             "all-to-all: see --comm_overlap")
     comm_overlap: int = _f(0, "expert all-to-all: overlap it with expert compute in N chunks, forward and backward "
-                              "(capacity routing); off: 0. Not ZeRO's reduction: see --overlap_communication")
+                              f"(capacity routing); given alone (upstream's switch): {COMM_OVERLAP_CHUNKS} chunks; "
+                              "off: 0. Not ZeRO's reduction: see --overlap_communication", const=COMM_OVERLAP_CHUNKS)
     hierarchical_alltoall: bool = _f(False, "two-level all-to-all: intra-node gather, inter-node exchange among node "
                                             "leaders, intra-node scatter (node size from LOCAL_WORLD_SIZE)")
 
@@ -82,7 +88,8 @@ class KernelSection:
                                 "no matmul recompute)", choices=("full", "selective"))
     lm_loss_impl: str = _f("fused", "LM head + loss: fused computes the gradient chunk by chunk in the forward pass "
                                     "(no logits kept, no head recompute); fused_compiled also runs the per-chunk "
-                                    "softmax math through torch.compile; chunked is the checkpointed autograd reference",
+                                    "softmax math through torch.compile; chunked is the checkpointed autograd "
+                                    "reference",
                            choices=("fused", "fused_compiled", "chunked"))
     dropless: bool = _f(False, "route every token (no capacity, uneven all-to-all); off: capacity factor drops")
 
@@ -97,30 +104,46 @@ class BalanceSection:
     load_balance_interval: int = _f(1000, "with --load_balance: steps between rebalances (>= 1), each planned on the "
                                           "tokens routed since the previous one")
     balance_mode: str = _f("none", "bias: auxiliary-loss-free balancing (DeepSeek-V3): a per-expert bias on the "
-                                   "routing scores for expert selection only, nudged every step toward uniform load and "
-                                   "saved in checkpoints; off: none. Not expert moves: see --load_balance",
+                                   "routing scores for expert selection only, nudged every step toward uniform load "
+                                   "and saved in checkpoints; off: none. Not expert moves: see --load_balance",
                            choices=("none", "bias"))
     bias_update_rate: float = _f(1e-3, "step of the bias balancing update")
 
 
 @dataclass
 class DataSection:
-    dataset: str = _f("data/sample/train.jsonl", "local .json/.jsonl/.parquet file or directory, or a hub id "
-                                                 "(e.g. yizhongw/self_instruct)")
+    dataset: str = _f("data/sample/train.jsonl", "local .json/.jsonl/.parquet/.csv/.txt file or directory "
+                                                 "(split-aware), a datasets.save_to_disk directory, or a hub id "
+                                                 "(e.g. yizhongw/self_instruct)", aliases=("-d",))
     task_name: str | None = _f(None, "dataset config name for hub datasets (e.g. super_natural_instructions)")
-    split: str = _f("train", "dataset split")
-    prompt_field: str = _f("prompt", "field holding the prompt")
-    completion_field: str = _f("completion", "field holding the completion")
-    mask_prompt: bool = _f(False, "no loss on prompt tokens")
-    pack: bool = _f(False, "pack examples into max_length blocks")
+    split: str = _f("train", "dataset split (a slice like train[:1000] works)")
+    data_format: str = _f("auto", "how records become text and loss masks: prompt_completion, alpaca (instruction/"
+                                  "input/output), chat (messages), sharegpt (conversations), text (raw, packed); "
+                                  "auto: detected from the fields", choices=FORMATS)
+    prompt_field: str = _f("prompt", "prompt_completion: field holding the prompt")
+    completion_field: str = _f("completion", "prompt_completion: field holding the completion")
+    text_field: str = _f("text", "text: field holding the raw text (continued pre-training)")
+    mask_prompt: bool | None = _f(None, "no loss on prompt/user/system tokens; default: the format's (on for chat, "
+                                        "sharegpt and alpaca, off for prompt_completion)")
+    pack: bool | None = _f(None, "pack examples into max_length blocks; default: raw text only")
     max_length: int = _f(64, "tokens per example (truncate); at most the model's max_position_embeddings")
+    streaming: bool = _f(False, "read the corpus as it is consumed (larger than RAM or disk); needs --max_steps")
+    num_proc: int | None = _f(None, "processes tokenizing with datasets.map (tokenized once, cached); off: None "
+                                    "(this process)")
+    cache_dir: str | None = _f(None, "datasets' cache for the tokenized data; default: ~/.cache/huggingface/datasets")
+    eval_dataset: str | None = _f(None, "evaluation data (same kinds as --dataset); default: --dataset when "
+                                        "--eval_split is given; off: no evaluation")
+    eval_split: str | None = _f(None, "split of the evaluation data; off: None (no evaluation unless --eval_dataset)")
+    eval_samples: int | None = _f(None, "evaluate on the first N records; off: None (all)")
+    eval_interval: int = _f(0, "evaluate every N steps (and after the last); off: 0 (only after the last)")
+    eval_only: bool = _f(False, "evaluate the model (--pretrained or the newest checkpoint with --resume) and exit")
 
 
 @dataclass
 class OptimSection:
     batch_size: int = _f(4, "examples per GPU (per data-parallel rank) per micro-step")
     grad_accum: int = _f(1, "micro-steps per optimizer step")
-    num_epochs: int = _f(3, "passes over the data")
+    num_epochs: int = _f(3, "passes over the data", aliases=("--num_epoch",))
     max_steps: int | None = _f(None, "stop after this many optimizer steps; off: None (num_epochs decides)")
     lr: float = _f(1e-3, "peak learning rate (AdamW)")
     weight_decay: float = _f(0.0, "AdamW weight decay")
@@ -136,9 +159,15 @@ class OptimSection:
 @dataclass
 class CheckpointSection:
     output_path: str = _f("outputs/tiny-ep", "run directory: checkpoints, metrics, final HF-format model")
-    save_interval: int = _f(0, "save a resumable checkpoint every N steps; off: 0 (only at the end)")
+    save_interval: int = _f(0, "save a resumable checkpoint every N steps; off: 0 (only at the end)",
+                            aliases=("-i",))
     keep_last: int = _f(2, "resumable checkpoints kept (older ones are deleted)")
     resume: bool = _f(False, "continue from the newest complete checkpoint in output_path")
+    overwrite: bool = _f(False, "start a new run in an output_path that holds an earlier run's checkpoints, deleting "
+                                "them (its checkpoints, hf export, metrics); off: such a directory is refused")
+    preempt_grace_s: float = _f(120.0, "on SIGTERM/SIGINT every rank finishes its current step, saves a checkpoint "
+                                       "and exits (code 143/130); if that takes longer than this many seconds the "
+                                       "rank exits without saving")
 
 
 @dataclass
@@ -201,10 +230,16 @@ class RunConfig:
         for key, value in positive.items():
             if value < 1:
                 raise ValueError(f"--{key} ({value}) must be >= 1")
+        if self.data.streaming and self.optim.max_steps is None:
+            raise ValueError("--streaming reads a corpus of unknown length: give --max_steps")
         if self.optim.max_steps is not None and self.optim.max_steps < 1:
             raise ValueError(f"--max_steps ({self.optim.max_steps}) must be >= 1 (or unset: --num_epochs decides)")
+        if self.checkpoint.overwrite and self.checkpoint.resume:
+            raise ValueError("--overwrite deletes the checkpoints that --resume would continue; accepted: one of them")
+        if self.checkpoint.preempt_grace_s <= 0:
+            raise ValueError(f"--preempt_grace_s ({self.checkpoint.preempt_grace_s}) must be > 0")
         for key, value in {"save_interval": self.checkpoint.save_interval, "warmup_steps": self.optim.warmup_steps,
-                           "comm_overlap": self.parallel.comm_overlap}.items():
+                           "eval_interval": self.data.eval_interval}.items():
             if value < 0:
                 raise ValueError(f"--{key} ({value}) must be >= 0 (0 is off)")
 
@@ -244,12 +279,14 @@ def build_parser() -> argparse.ArgumentParser:
     for name, cls in SECTIONS.items():
         group = parser.add_argument_group(name)
         for f in dataclasses.fields(cls):
-            flag, meta = f"--{f.name}", f.metadata
-            if f.type in ("bool", bool):
-                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=meta["help"])
-            else:
-                kind = _TYPES.get(str(f.type).split("|")[0].strip(), str)
-                group.add_argument(flag, type=kind, default=None, choices=meta.get("choices"), help=meta["help"])
+            flags, meta = (f"--{f.name}", *f.metadata.get("aliases", ())), f.metadata
+            if str(f.type).split("|")[0].strip() == "bool":
+                group.add_argument(*flags, action=argparse.BooleanOptionalAction, default=None, help=meta["help"])
+                continue
+            kind = _TYPES.get(str(f.type).split("|")[0].strip(), str)
+            optional_value = dict(nargs="?", const=meta["const"]) if "const" in meta else {}
+            group.add_argument(*flags, dest=f.name, type=kind, default=None, choices=meta.get("choices"),
+                               help=meta["help"], **optional_value)
     return parser
 
 

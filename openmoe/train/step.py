@@ -82,7 +82,7 @@ def forward_backward(model, booster, optimizer, batches: list[dict]) -> list:
 
 def _pipeline_forward_backward(model, booster, optimizer, batches: list[dict]) -> list:
     """One 1F1B pass over the batches concatenated: its micro-batches replace gradient accumulation (the schedule
-    averages the micro-batch losses; the plugin was built for exactly this many, see plugins.resolve_sizes)."""
+    averages the micro-batch losses; the plugin was built for exactly this many, see parallel/sizes.resolve_sizes)."""
     from openmoe.parallel.pipeline import detached
 
     batch = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}

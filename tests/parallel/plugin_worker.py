@@ -17,11 +17,12 @@ import sys
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-
-from openmoe import trainer  # noqa: E402
-from openmoe.parallel.plugins import build_plugin, fix_grad_clipping, resolve_sizes  # noqa: E402
-from openmoe.run_config import parse_args  # noqa: E402
+from openmoe.backend.colossal import dp_rank, grad_scaler
+from openmoe.moe import OpenMoeSparseMLP
+from openmoe.parallel.gather import gather_full
+from openmoe.train.builder import build, build_model
+from openmoe.train.config import parse_args
+from openmoe.train.step import forward_backward, reduce_stats
 
 B, S = 2, 12  # rows per data-parallel rank unless the case sets --batch_size; tokens per row
 ROUTER_SCALE = 10.0
@@ -32,14 +33,16 @@ def build_test_model(run, cfg):
     """The trainer's model with router weights scaled up: at init the router is nearly uniform, so bf16 rounding
     flips near-tie top-k choices against an fp32 reference; well-separated logits make the comparison test the
     arithmetic rather than tie-breaking."""
-    from openmoe.moe import OpenMoeSparseMLP
+    model = build_model(run, cfg)
+    scale_router(model)
+    return model
 
-    model = trainer.build_model(run, cfg)
+
+def scale_router(model):
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, OpenMoeSparseMLP):
                 m.gate_weight.mul_(ROUTER_SCALE)
-    return model
 
 
 def global_batch(rows: int, vocab: int) -> dict[str, torch.Tensor]:
@@ -71,38 +74,32 @@ def main():
     clip = float(os.environ.get("OPENMOE_TEST_CLIP", "0"))
     run = parse_args(["--batch_size", str(B), *argv, "--grad_clip", str(clip or 1e9),
                       "--output_path", os.path.dirname(out_file)])
-    from colossalai.booster import Booster
-
-    rank, world, device = trainer.init_distributed(run.seed)
-    cfg = trainer.model_config(run)
-    sizes = resolve_sizes(run, cfg, world)
-    plugin = build_plugin(run, sizes)
-    model = build_test_model(run, cfg)
-    optimizer = torch.optim.SGD(model.parameters(), lr=LR_CLIPPED if clip else 0.0)
-    booster = Booster(plugin=plugin)
-    model, optimizer, *_ = booster.boost(model, optimizer)
-    fix_grad_clipping(optimizer)
-    dp_rank = dist.get_rank(plugin.dp_group)
-    per_rank = run.batch_size * run.grad_accum  # rows this rank runs in the step
-    rows = slice(dp_rank * per_rank, (dp_rank + 1) * per_rank)
+    st = build(run, training=False, customize_model=scale_router,
+               make_optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=LR_CLIPPED if clip else 0.0))
+    rank, device, cfg, sizes = st.rank, st.device, st.cfg, st.sizes
+    model, optimizer, booster = st.model, st.optimizer, st.booster
+    dp = dp_rank(st.boosted.plugin)
+    per_rank = run.optim.batch_size * run.optim.grad_accum  # rows this rank runs in the step
+    rows = slice(dp * per_rank, (dp + 1) * per_rank)
     batch = {k: v[rows].to(device) for k, v in global_batch(sizes.dp * per_rank, cfg.vocab_size).items()}
-    micro = [{k: v[i:i + run.batch_size] for k, v in batch.items()} for i in range(0, per_rank, run.batch_size)]
+    rows_per_micro = run.optim.batch_size
+    micro = [{k: v[i:i + rows_per_micro] for k, v in batch.items()} for i in range(0, per_rank, rows_per_micro)]
     reductions = count_calls(optimizer, "_sync_grad")
-    outs = trainer.forward_backward(model, booster, optimizer, micro)
+    outs = forward_backward(model, booster, optimizer, micro)
     # ZeRO keeps reduced grads in its own store; with a MoE data-parallel group of one rank (plugin ep), expert
     # grads need no reduction and stay in p.grad.
-    scaler = getattr(optimizer.mixed_precision_mixin, "grad_scaler", None)  # fp16 gradients carry the loss scale
+    scaler = grad_scaler(optimizer)  # fp16 gradients carry the loss scale
     scale = scaler.scale.item() if scaler is not None else 1.0
     grads = {}
     for name, p in model.unwrap().named_parameters():  # with a pipeline: this stage's parameters only
         g = optimizer.get_param_grad(p)
         grads[name] = (p.grad if g is None else g).float() / scale
-    grads = trainer.gather_full(model, grads)
-    before = trainer.gather_full(model, {n: p.detach().float().clone() for n, p in model.unwrap().named_parameters()})
+    grads = gather_full(model, grads)
+    before = gather_full(model, {n: p.detach().float().clone() for n, p in model.unwrap().named_parameters()})
     optimizer.step()  # lr 0: computes the clipping norm, leaves the weights; else w -= lr * clipped gradient
     grad_norm = optimizer.get_grad_norm()
-    after = trainer.gather_full(model, {n: p.detach().float().clone() for n, p in model.unwrap().named_parameters()})
-    stats = trainer.reduce_stats(outs, cfg, device)
+    after = gather_full(model, {n: p.detach().float().clone() for n, p in model.unwrap().named_parameters()})
+    stats = reduce_stats(outs, cfg, device)
     if rank == 0:
         torch.save({"loss": stats.loss, "stats": stats, "grads": grads, "grad_norm": grad_norm, "sizes": sizes,
                     "zero_reductions": reductions[0], "update": {n: after[n] - before[n] for n in after}}, out_file)

@@ -11,11 +11,11 @@ import sys
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-
-from openmoe import trainer  # noqa: E402
-from openmoe.parallel.plugins import build_plugin, fix_grad_clipping, resolve_sizes  # noqa: E402
-from openmoe.run_config import parse_args  # noqa: E402
+from openmoe.backend.colossal import dp_rank
+from openmoe.train.builder import build
+from openmoe.train.checkpointing import export_hf
+from openmoe.train.config import parse_args
+from openmoe.train.trainer import Trainer
 
 
 def probe_batch(vocab: int) -> torch.Tensor:
@@ -27,28 +27,13 @@ def probe_batch(vocab: int) -> torch.Tensor:
 def main():
     out_dir, argv = sys.argv[1], sys.argv[2:]
     run = parse_args(argv + ["--output_path", out_dir, "--no-tensorboard"])
-    from colossalai.booster import Booster
-
-    rank, world, device = trainer.init_distributed(run.seed)
-    cfg = trainer.model_config(run)
-    sizes = resolve_sizes(run, cfg, world)
-    plugin = build_plugin(run, sizes)
-    tokenizer, batches = trainer.build_data(run, cfg, dist.get_rank(plugin.dp_group), sizes.dp)
-    model = trainer.build_model(run, cfg)
-    optimizer, scheduler = trainer.build_optimizer(run, model, run.max_steps)
-    booster = Booster(plugin=plugin)
-    model, optimizer, _, _, scheduler = booster.boost(model, optimizer, lr_scheduler=scheduler)
-    fix_grad_clipping(optimizer)
-    it = iter(batches)
-    model.train()
-    for _ in range(run.max_steps):
-        trainer.train_step(model, booster, optimizer, it, 1, device)  # (outputs, applied)
-        scheduler.step()
-    model.eval()
+    st = build(run)  # data, model, optimizer and boost exactly as train.py
+    Trainer(st, hooks=[]).train()  # train.py's loop, without logging and checkpoints
+    st.model.eval()
     with torch.no_grad():
-        logits = probe_logits(model, booster, probe_batch(cfg.vocab_size).to(device))
-    trainer.export_hf(model, cfg, tokenizer, os.path.join(out_dir, "hf"))
-    if logits is not None and dist.get_rank(plugin.dp_group) == 0:
+        logits = probe_logits(st.model, st.booster, probe_batch(st.cfg.vocab_size).to(st.device))
+    export_hf(st, os.path.join(out_dir, "hf"))
+    if logits is not None and dp_rank(st.boosted.plugin) == 0:
         torch.save(logits, os.path.join(out_dir, "logits.pt"))
     dist.destroy_process_group()
 

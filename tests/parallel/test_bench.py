@@ -21,7 +21,7 @@ import torch
 from benchmark.naive_moe import NaiveSparseMLP
 from openmoe import preset
 from openmoe.moe import OpenMoeSparseMLP
-from tests.parallel.test_plugins import ROOT
+from tests.helpers import ROOT
 from tests.unit.test_bench_flops import hand_mixtral_flops_per_token, hand_openmoe_flops_per_token
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU/gloo smoke test of the GPU benchmark")
@@ -109,7 +109,8 @@ def test_every_kind_on_one_and_two_processes_gives_sane_records(tiny_run):
         if c.kind == "naive" or (c.kind == "ours" and c.nproc == 1):
             assert r["a2a_frac"] == 0.0
     ranges = records["tiny-2p-ours"]["profile_breakdown"]["ranges_ms"]  # the trainer's named ranges, per step
-    for name in ("openmoe.forward", "openmoe.backward", "openmoe.optimizer_step", "openmoe.moe", "openmoe.lm_head_loss"):
+    for name in ("openmoe.forward", "openmoe.backward", "openmoe.optimizer_step", "openmoe.moe",
+                 "openmoe.lm_head_loss"):
         assert ranges[name] > 0, (name, ranges)
     assert ranges["openmoe.forward"] > ranges["openmoe.moe"]  # nested: MoE layers run inside the forward
     assert records["tiny-2p-ours"]["layout"] == {"plugin": "ep", "ep": 2, "pp": 1, "dp": 2, "moe_dp": 1}

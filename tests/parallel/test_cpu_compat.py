@@ -20,8 +20,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from openmoe.parallel.cpu_compat import apply_cpu_patches
-from tests.parallel.dist_utils import launch
+from openmoe.backend.cpu_compat import apply_cpu_patches
+from tests.helpers import launch
 
 colossalai = pytest.importorskip("colossalai")
 from colossalai.shardformer.policies.base_policy import (  # noqa: E402

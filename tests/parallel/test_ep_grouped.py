@@ -12,7 +12,7 @@ import torch.distributed as dist
 from openmoe.config import preset
 from openmoe.moe import OpenMoeSparseMLP, moe_aux, reference_moe_forward
 from openmoe.parallel.expert_parallel import ExpertParallelMoE
-from tests.parallel.dist_utils import launch
+from tests.helpers import launch
 
 WORLD, E = 2, 4
 CASES = ("random", "all_to_rank0")

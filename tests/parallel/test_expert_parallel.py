@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tests.parallel.dist_utils import launch
+from tests.helpers import launch
 from tests.parallel.ep_workers import ep_layer_worker, make_inputs, make_layer
 
 WORLD = 2

@@ -11,7 +11,7 @@ import torch
 from openmoe import OpenMoeForCausalLM, preset
 from openmoe.data import load_tokenizer
 from openmoe.inference import encode_batch
-from tests.parallel.dist_utils import free_port
+from tests.helpers import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PROMPTS = ["Reverse the word: apple. Output:", "Write the word in capital letters. Input: ocean"]

@@ -12,15 +12,12 @@
 import os
 import shutil
 import sys
-from dataclasses import replace
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, ROOT)
-
-from openmoe import OpenMoeForCausalLM, preset  # noqa: E402
-from openmoe.moe import OpenMoeSparseMLP  # noqa: E402
+from openmoe import OpenMoeForCausalLM, preset
+from openmoe.moe import OpenMoeSparseMLP
+from tests.helpers import ROOT
 
 ARGS = ["--load_balance", "--load_balance_interval", "3", "--max_steps", "5", "--save_interval", "1",
         "--keep_last", "10", "--no-tensorboard", "--batch_size", "4", "--max_length", "48", "--warmup_steps", "2",
@@ -54,8 +51,7 @@ def skewed_checkpoint(directory, batch) -> None:
 
 
 def test_rebalance_moves_experts_with_their_optimizer_state_and_survives_resume(tmp_path):
-    from tests.parallel.test_plugins import torchrun
-    from tests.parallel.test_train_cli import colossalai_run, metrics
+    from tests.helpers import colossalai_run, metrics, torchrun
 
     batch = sample_batch()
     skewed_checkpoint(tmp_path / "skewed", batch)
@@ -121,41 +117,32 @@ def test_rebalance_moves_experts_with_their_optimizer_state_and_survives_resume(
 # ---------------------------------------------------------------- torchrun worker (launch 2)
 def worker(work: str, full: str, argv: list[str]) -> None:
     import torch.distributed as dist
-    from colossalai.booster import Booster
 
-    from openmoe import trainer
-    from openmoe.parallel.load_balance import check_load_balance
-    from openmoe.parallel.plugins import build_plugin, fix_grad_clipping, resolve_sizes
-    from openmoe.run_config import parse_args
+    from openmoe.backend.colossal import master_params, shard_copies
+    from openmoe.parallel.gather import full_state_dict, moe_layers
+    from openmoe.parallel.load_balance import rebalance
+    from openmoe.train.builder import build
+    from openmoe.train.checkpointing import load_checkpoint, save_checkpoint
+    from openmoe.train.config import parse_args
+    from openmoe.train.trainer import Trainer
     from tests.parallel.roundtrip_worker import probe_batch
 
     run = parse_args([*argv, "--output_path", os.path.join(work, "pre")])
-    rank, world, device = trainer.init_distributed(run.seed)
-    cfg = trainer.model_config(run)
-    sizes = resolve_sizes(run, cfg, world)
-    check_load_balance(run, sizes)
-    plugin = build_plugin(run, sizes)
-    _, batches = trainer.build_data(run, cfg, dist.get_rank(plugin.dp_group), sizes.dp)
-    model = trainer.build_model(run, cfg)
-    optimizer, scheduler = trainer.build_optimizer(run, model, run.max_steps)
-    booster = Booster(plugin=plugin)
-    model, optimizer, _, _, scheduler = booster.boost(model, optimizer, lr_scheduler=scheduler)
-    fix_grad_clipping(optimizer)
-    placement = trainer.build_placement(model, cfg, sizes.ep)
-    layers = trainer.moe_layers(model)
+    st = build(run)  # train.py's setup
+    rank, device, cfg, batches, placement = st.rank, st.device, st.cfg, st.batches, st.placement
+    model, optimizer = st.model, st.optimizer
+    layers = moe_layers(model)
+    loop = Trainer(st, hooks=[])
 
     def resume(name):
-        _, data_state, _ = trainer.load_resumable(model, optimizer, scheduler, replace(run, output_path=name),
-                                                  None, placement)
+        _, data_state, _ = load_checkpoint(st, output_path=name)
         batches.load_state_dict(data_state)
         return iter(batches)
 
-    def step(it) -> float:  # what train.py's loop does for one step
-        outs, applied = trainer.train_step(model, booster, optimizer, it, run.grad_accum, device, check_grads=True)
-        assert applied
-        scheduler.step()
-        trainer.count_expert_load(outs, device, None, placement)
-        return trainer.reduce_stats(outs, cfg, device, placement).loss
+    def step(it) -> float:  # train.py's step (its hooks aside)
+        result = loop.step(1, it)
+        assert result.applied
+        return result.stats.loss
 
     def probe():
         ids = probe_batch(cfg.vocab_size).to(device)
@@ -178,23 +165,22 @@ def worker(work: str, full: str, argv: list[str]) -> None:
     base = os.path.join(work, "base")
     it = resume(os.path.join(work, "pre"))
     step3 = step(it)
-    trainer.save_resumable(model, optimizer, scheduler, cfg, replace(run, output_path=base), 3,
-                           batches.state_dict(), None, placement)
+    save_checkpoint(st, 3, output_path=base)
     plain = [step(it) for _ in range(2)]  # baseline: no rebalance
 
     it = resume(base)  # back to the end of step 3, placement counts included
     probe_before, phys_before = probe(), physical()
-    sd_before = trainer.full_state_dict(model, placement)
-    trainer.rebalance_experts(model, optimizer, placement)
+    sd_before = full_state_dict(model, placement)
+    rebalance(layers, placement, shard_copies(optimizer))
     probe_after, phys_after = probe(), physical()
-    sd_after = trainer.full_state_dict(model, placement)
+    sd_after = full_state_dict(model, placement)
     slots = placement.slots.tolist()
     moved_exactly = {key: torch.equal(phys_after[key], phys_before[key][torch.tensor(slots[key[0]])])
                      for key in phys_before}
     local_after = {k: v.clone() for k, v in model.unwrap().state_dict().items()}
     saved = torch.load(os.path.join(full, "checkpoints", "step-00000003", f"optimizer-rank{rank:05d}.pt"),
                        weights_only=False)
-    same_shards = all(torch.equal(a, b) for a, b in zip(trainer._master_params(optimizer), saved["masters"],
+    same_shards = all(torch.equal(a, b) for a, b in zip(master_params(optimizer), saved["masters"],
                                                         strict=True))
     state = optimizer.optim.state_dict()["state"]
     same_shards &= all(torch.equal(state[i][k], saved["optim"]["state"][i][k]) for i in state

@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from openmoe.hostfile import read_hosts
-from tests.parallel.dist_utils import free_port
+from tests.helpers import free_port
 from tests.parallel.netns_hosts import NamespaceHosts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -11,7 +11,7 @@ from openmoe.config import preset
 from openmoe.moe import OpenMoeSparseMLP
 from openmoe.parallel.overlap import chunk_bounds
 from openmoe.router import capacity
-from tests.parallel.dist_utils import launch
+from tests.helpers import launch
 from tests.parallel.ep_workers import hierarchical_worker, make_inputs, make_layer, overlap_worker
 
 TIGHT = dict(rtol=1e-12, atol=1e-12)

@@ -15,41 +15,29 @@ on that layer's gate) or reaches it with a wrong 1/M (200% for M = 3).
 """
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from openmoe import OpenMoeForCausalLM, preset, trainer
+from openmoe import OpenMoeForCausalLM, preset
 from openmoe.parallel.pipeline import Stage, stage_forward
-from openmoe.parallel.plugins import resolve_sizes
-from openmoe.run_config import TrainConfig, parse_args
-from tests.parallel.dist_utils import free_port
+from openmoe.parallel.sizes import resolve_sizes
+from openmoe.train.builder import model_config
+from openmoe.train.config import RunConfig, parse_args
+from tests.helpers import torchrun
 from tests.parallel.plugin_worker import LR_CLIPPED, B, build_test_model, global_batch
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def torchrun(nproc: int, script: str, *args: str, timeout: int = 240) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env["PATH"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_port", str(free_port()), script, *args]
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
-    return res
 
 
 def reference(args: list[str], sizes):
     """Single fp32 process: the mean loss over every data-parallel rank's slice, each cut into its pipeline
     micro-batches (routing capacity and loss normalisation are per micro-batch, as in the parallel run)."""
     run = parse_args(["--batch_size", str(B)] + args)
-    cfg = trainer.model_config(run)
+    cfg = model_config(run)
     model = build_test_model(run, cfg)
-    total = sizes.dp * run.batch_size * run.grad_accum
+    total = sizes.dp * run.optim.batch_size * run.optim.grad_accum
     batch = global_batch(total, cfg.vocab_size)
-    rows = run.batch_size * run.grad_accum // sizes.num_microbatches if sizes.pp > 1 else run.batch_size
+    per_step = run.optim.batch_size * run.optim.grad_accum
+    rows = per_step // sizes.num_microbatches if sizes.pp > 1 else run.optim.batch_size
     outs = [model(**{k: v[i:i + rows] for k, v in batch.items()}) for i in range(0, total, rows)]
     loss = sum(o.loss for o in outs) / len(outs)
     loss.backward()
@@ -168,12 +156,12 @@ def test_router_losses_cross_pipeline_stages_exactly():
     (10, dict(pp_size=5), r"pp_size \(5\) exceeds the number of layers \(4\)"),
 ])
 def test_bad_pipeline_sizes_name_the_numbers(world, kw, message):
-    run = TrainConfig(**{"plugin": "hybrid", "pp_size": 2, "ep_size": 2, **kw})
+    run = RunConfig.from_flat(**{"plugin": "hybrid", "pp_size": 2, "ep_size": 2, **kw})
     with pytest.raises(ValueError, match=message):
         resolve_sizes(run, preset("tiny"), world)
 
 
 def test_pipeline_micro_batches_include_gradient_accumulation():
-    run = TrainConfig(plugin="hybrid", pp_size=2, ep_size=2, batch_size=4, microbatch_size=2, grad_accum=3)
+    run = RunConfig.from_flat(plugin="hybrid", pp_size=2, ep_size=2, batch_size=4, microbatch_size=2, grad_accum=3)
     sizes = resolve_sizes(run, preset("tiny"), 4)
     assert (sizes.num_microbatches, sizes.layers_per_stage) == (6, (2, 2))

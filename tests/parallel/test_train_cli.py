@@ -1,33 +1,14 @@
 """train.py end to end through the real launcher, checkpoint round trips, resume, and bad-input errors."""
 
-import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from openmoe import OpenMoeForCausalLM, preset
-from tests.parallel.dist_utils import free_port
+from tests.helpers import colossalai_run, metrics, torchrun
 from tests.parallel.roundtrip_worker import probe_batch
-from tests.parallel.test_plugins import ROOT, torchrun
-
-BIN = os.path.dirname(sys.executable)
-
-
-def colossalai_run(nproc: int, *args: str, timeout: int = 300, env: dict | None = None
-                   ) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PATH=BIN + os.pathsep + os.environ["PATH"], OMP_NUM_THREADS="1", **(env or {}))
-    cmd = [os.path.join(BIN, "colossalai"), "run", "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
-           "train.py", *args]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def metrics(path) -> list[dict]:
-    return [json.loads(line) for line in open(os.path.join(path, "metrics.jsonl"))]
-
 
 COMMON = ["--no-tensorboard", "--batch_size", "4", "--max_length", "48", "--warmup_steps", "2", "--lr", "3e-3"]
 

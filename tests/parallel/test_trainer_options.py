@@ -7,7 +7,8 @@ import os
 import torch
 
 from openmoe import OpenMoeForCausalLM, preset
-from tests.parallel.test_train_cli import COMMON, colossalai_run, metrics
+from tests.helpers import colossalai_run, metrics
+from tests.parallel.test_train_cli import COMMON
 
 
 def run_ok(nproc, out, *args):

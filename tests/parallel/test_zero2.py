@@ -1,7 +1,7 @@
 """ZeRO-2 and ColossalAI's overlap_communication with expert parallelism, with experts that receive no tokens.
 
 colossalai 0.5.0's MoE plugin downgrades both (they reduce gradients from per-parameter hooks, and an expert without
-tokens used to get no gradient: see openmoe/parallel/plugins.py guard_gradient_hooks); our plugin builder restores
+tokens used to get no gradient: see openmoe/backend/colossal.py guard_gradient_hooks); our plugin builder restores
 them. One launch of 2 processes (this file is also the worker):
 
     torchrun --nproc_per_node 2 tests/parallel/test_zero2.py OUT_DIR
@@ -27,13 +27,10 @@ import sys
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, ROOT)
-
-from openmoe import OpenMoeForCausalLM, preset  # noqa: E402
-from openmoe.moe import OpenMoeSparseMLP  # noqa: E402
-from openmoe.parallel.plugins import graph_leaves  # noqa: E402
-from tests.parallel.dist_utils import free_port  # noqa: E402
+from openmoe import OpenMoeForCausalLM, preset
+from openmoe.backend.colossal import graph_leaves
+from openmoe.moe import OpenMoeSparseMLP
+from tests.helpers import ROOT, free_port
 
 STEPS, B, S = 4, 2, 12  # optimizer steps; rows per data-parallel rank; tokens per row
 CASES = {
@@ -91,7 +88,7 @@ def test_zero2_with_starved_experts_matches_zero1(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env["PATH"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "tests/parallel/test_zero2.py", str(tmp_path)]
+           "-m", "tests.parallel.test_zero2", str(tmp_path)]
     # own session: on a hang the whole process group (torchrun and its workers) is killed, not just torchrun
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
@@ -152,7 +149,7 @@ def moe_layers(model):
 def zero_flags(plugin, optimizer) -> dict:
     """What the built optimizer does; `partitions`: gradient slices a rank keeps for a dense parameter after
     backward (ZeRO-1: every rank's slice of the all-reduced gradient; ZeRO-2: its own only)."""
-    norm_group = 1  # trainer.build_optimizer: group 0 matrices, group 1 norm weights (dense, over all dp ranks)
+    norm_group = 1  # train.builder.build_optimizer: group 0 matrices, group 1 norm weights (dense, over all dp ranks)
     norm = optimizer._working_param_groups[norm_group][0]
     return dict(zero_stage=plugin.zero_stage, partition_grad=optimizer._partition_grads,
                 overlap_communication=optimizer._overlap_communication, hooks=len(optimizer.grad_handles),
@@ -161,26 +158,22 @@ def zero_flags(plugin, optimizer) -> dict:
 
 def train(argv: list[str], zero: int, unused_probe: bool = False) -> dict:
     import torch.distributed as dist
-    from colossalai.booster import Booster
 
-    from openmoe import trainer
-    from openmoe.parallel.plugins import build_plugin, fix_grad_clipping, resolve_sizes
-    from openmoe.run_config import parse_args
+    from openmoe.train.builder import build
+    from openmoe.train.config import parse_args
+    from openmoe.train.step import forward_backward, reduce_stats
 
     run = parse_args(["--batch_size", str(B), "--zero_stage", str(zero), "--precision", "bf16", "--lr", "1e-3",
-                      "--warmup_steps", "1", "--lr_schedule", "constant", *argv])
-    run.overlap_communication = zero == 2
+                      "--warmup_steps", "1", "--lr_schedule", "constant", "--max_steps", str(STEPS), *argv])
+    run.parallel.overlap_communication = zero == 2
     rank = dist.get_rank()
-    cfg = trainer.model_config(run)
-    sizes = resolve_sizes(run, cfg, dist.get_world_size())
-    plugin = build_plugin(run, sizes)
-    model = trainer.build_model(run, cfg)
-    if unused_probe:
+
+    def add_unused_probe(model):
         model.unused_probe = torch.nn.Parameter(torch.zeros(8))
-    optimizer, scheduler = trainer.build_optimizer(run, model, STEPS)
-    booster = Booster(plugin=plugin)
-    model, optimizer, _, _, scheduler = booster.boost(model, optimizer, lr_scheduler=scheduler)
-    fix_grad_clipping(optimizer)
+
+    st = build(run, training=False, customize_model=add_unused_probe if unused_probe else None)
+    cfg, sizes, plugin = st.cfg, st.sizes, st.boosted.plugin
+    model, optimizer, booster, scheduler = st.model, st.optimizer, st.booster, st.scheduler
     for i, layer in enumerate(moe_layers(model)):
         layer.selection_bias = starving_bias(i, rank)
     device = next(model.parameters()).device
@@ -190,7 +183,7 @@ def train(argv: list[str], zero: int, unused_probe: bool = False) -> dict:
     for step in range(STEPS):
         batch = step_batch(step, sizes.dp * B, cfg.vocab_size)
         batch = {k: v[dp_rank * B:(dp_rank + 1) * B].to(device) for k, v in batch.items()}
-        outs = trainer.forward_backward(model, booster, optimizer, [batch])
+        outs = forward_backward(model, booster, optimizer, [batch])
         if step == 0:
             got["zero"] = zero_flags(plugin, optimizer)
         got["reduced"].append(sum(bool(optimizer.get_partitioned_gradients_by_param_id(g, id(p)))
@@ -198,7 +191,7 @@ def train(argv: list[str], zero: int, unused_probe: bool = False) -> dict:
         optimizer.step()
         optimizer.zero_grad()
         scheduler.step()
-        got["loss"].append(trainer.reduce_stats(outs, cfg, device).loss)
+        got["loss"].append(reduce_stats(outs, cfg, device).loss)
         got["grad_norm"].append(optimizer.get_grad_norm())
         got["local_tokens"].append([m.tokens_per_expert.tolist() for m in outs[0].moe])
     return got
@@ -208,9 +201,9 @@ def main():
     out_dir = sys.argv[1]
     import torch.distributed as dist
 
-    from openmoe import trainer
+    from openmoe.backend.colossal import init_distributed
 
-    rank, _, _ = trainer.init_distributed(seed=42)
+    rank, _, _ = init_distributed(seed=42)
     results = {}
     for case, argv in CASES.items():
         for zero in (1, 2):

@@ -1,10 +1,10 @@
-"""divide_gradients (openmoe/parallel/plugins.py): the clipping / fp16-unscaling divisor applied inside the fused
+"""divide_gradients (openmoe/backend/colossal.py): the clipping / fp16-unscaling divisor applied inside the fused
 AdamW kernel gives the update of dividing the gradients first; other optimizers get the gradients divided in place."""
 
 import pytest
 import torch
 
-from openmoe.parallel.plugins import divide_gradients
+from openmoe.backend.colossal import divide_gradients
 
 
 def _params(seed: int):

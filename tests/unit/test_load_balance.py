@@ -7,10 +7,20 @@ import torch
 from openmoe.config import preset
 from openmoe.moe import OpenMoeSparseMLP
 from openmoe.parallel import load_balance
-from openmoe.parallel.load_balance import (BiasBalancer, ExpertPlacement, LayerRebalance, Swap, apply_swaps,
-                                           check_load_balance, exchange_plan, plan_swaps, rank_loads, slot_ranges)
-from openmoe.parallel.plugins import ParallelSizes
-from openmoe.run_config import TrainConfig
+from openmoe.parallel.load_balance import (
+    BiasBalancer,
+    ExpertPlacement,
+    LayerRebalance,
+    Swap,
+    apply_swaps,
+    check_load_balance,
+    exchange_plan,
+    plan_swaps,
+    rank_loads,
+    slot_ranges,
+)
+from openmoe.parallel.sizes import ParallelSizes
+from openmoe.train.config import RunConfig
 
 
 def test_plan_swaps_evens_out_a_skewed_placement():
@@ -215,6 +225,6 @@ def test_check_load_balance_names_the_values(args, sizes, message):
     world = sizes["ep"] * sizes["pp"]
     parallel = ParallelSizes(world=world, moe_dp=1, dp=world // sizes["pp"], **sizes)
     with pytest.raises(ValueError, match=message):
-        check_load_balance(TrainConfig(load_balance=True, **args), parallel)
-    check_load_balance(TrainConfig(load_balance=False, load_balance_interval=0), parallel)  # off: not checked
-    check_load_balance(TrainConfig(load_balance=True), ParallelSizes(world=4, ep=2, pp=1, moe_dp=2, dp=4))
+        check_load_balance(RunConfig.from_flat(load_balance=True, **args), parallel)
+    check_load_balance(RunConfig.from_flat(load_balance=False, load_balance_interval=0), parallel)  # off: not checked
+    check_load_balance(RunConfig.from_flat(load_balance=True), ParallelSizes(world=4, ep=2, pp=1, moe_dp=2, dp=4))

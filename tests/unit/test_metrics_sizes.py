@@ -4,8 +4,8 @@ import pytest
 
 from openmoe.config import preset
 from openmoe.metrics import MetricsWriter, main, read_metrics
-from openmoe.parallel.plugins import resolve_sizes
-from openmoe.run_config import TrainConfig, parse_args
+from openmoe.parallel.sizes import resolve_sizes
+from openmoe.train.config import RunConfig, parse_args
 
 
 def test_metrics_jsonl_and_png(tmp_path):
@@ -25,7 +25,7 @@ def test_metrics_jsonl_and_png(tmp_path):
 
 
 def sizes(world, **kw):
-    return resolve_sizes(TrainConfig(**kw), preset("tiny"), world)
+    return resolve_sizes(RunConfig.from_flat(**kw), preset("tiny"), world)
 
 
 def test_plugin_table():
@@ -60,8 +60,8 @@ def test_zero2_and_overlap_communication_are_accepted_where_they_take_effect():
     assert sizes(2, plugin="ep_zero", extra_dp_size=2, zero_stage=2).moe_dp == 2
 
     def with_overlap(world, **kw):
-        run = TrainConfig(**kw)
-        run.overlap_communication = True
+        run = RunConfig.from_flat(**kw)
+        run.parallel.overlap_communication = True
         return resolve_sizes(run, preset("tiny"), world)
 
     assert with_overlap(2, plugin="ep", zero_stage=1).ep == 2
@@ -87,25 +87,26 @@ def test_config_file_and_cli_precedence(tmp_path):
     f = tmp_path / "run.json"
     f.write_text(json.dumps({"lr": 0.5, "plugin": "ep_zero", "extra_dp_size": 2}))
     run = parse_args(["--config", str(f), "--lr", "0.1"])
-    assert (run.lr, run.plugin, run.extra_dp_size) == (0.1, "ep_zero", 2)
+    assert (run.optim.lr, run.parallel.plugin, run.parallel.extra_dp_size) == (0.1, "ep_zero", 2)
     f.write_text(json.dumps({"learning_rate": 0.5}))
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['learning_rate'\]"):
         parse_args(["--config", str(f)])
     with pytest.raises(ValueError, match=r"--plugin 'tp' is not supported; accepted: \['ep', 'ep_zero', 'hybrid'\]"):
-        TrainConfig(plugin="tp")
+        RunConfig.from_flat(plugin="tp")
 
 
 def test_more_processes_than_gpus_is_refused():
-    from openmoe.trainer import check_gpus_per_node
+    from openmoe.backend.colossal import check_gpus_per_node
 
     check_gpus_per_node(2, 2)
     check_gpus_per_node(4, 0)  # CPU: gloo processes, no GPUs to share
-    with pytest.raises(ValueError, match=r"--nproc_per_node 4 exceeds the 2 GPU\(s\) on this node; accepted: at most 2"):
+    with pytest.raises(ValueError, match=r"--nproc_per_node 4 exceeds the 2 GPU\(s\) on this node; "
+                                         r"accepted: at most 2"):
         check_gpus_per_node(4, 2)
 
 
 def test_output_path_and_max_length_are_checked_before_training(tmp_path):
-    from openmoe.trainer import check_output_path, model_config
+    from openmoe.train.builder import check_output_path, model_config
 
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
@@ -113,4 +114,4 @@ def test_output_path_and_max_length_are_checked_before_training(tmp_path):
         check_output_path(str(blocker / "run"))
     check_output_path(str(tmp_path / "fine"))
     with pytest.raises(ValueError, match=r"--max_length \(4096\) exceeds the model's max_position_embeddings \(512\)"):
-        model_config(TrainConfig(max_length=4096))
+        model_config(RunConfig.from_flat(max_length=4096))
