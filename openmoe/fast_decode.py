@@ -42,15 +42,18 @@ from openmoe.router import RouterOutput, route
 MOE_IMPLS = ("auto", "gather", "grouped", "dense")
 
 
-def pick_moe_impl(impl: str, num_tokens: int, top_k: int, num_experts: int) -> str:
-    """'auto': gather while the gathered copies (written once, read once: ~3x the chosen experts' bytes) cost less
-    than reading every expert once, else dense."""
+def pick_moe_impl(impl: str, num_tokens: int, top_k: int, num_experts: int, grouped_ok: bool = False) -> str:
+    """'auto': grouped where the grouped GEMM runs (CUDA, bf16): it reads only the touched experts and copies
+    nothing. Else gather while the gathered copies (written once, read once: ~3x the chosen experts' bytes) cost
+    less than reading every expert once, then dense."""
     if impl not in MOE_IMPLS:
         raise ValueError(f"moe_impl '{impl}' is not supported; accepted: {list(MOE_IMPLS)}")
     if impl == "grouped" and not HAS_GROUPED_MM:
         raise ValueError("moe_impl 'grouped' needs torch._grouped_mm, which this torch lacks; use 'gather' or 'dense'")
     if impl != "auto":
         return impl
+    if grouped_ok and HAS_GROUPED_MM:
+        return "grouped"
     return "gather" if 3 * num_tokens * top_k < num_experts else "dense"
 
 
@@ -106,7 +109,8 @@ class FastDecoder:
             torch._dynamo.mark_static_address(t)
         self._step = self._decode_step
         if compile:
-            self._step = torch.compile(self._decode_step, mode="reduce-overhead", fullgraph=True)
+            # static shapes: one graph per batch size, never a dynamic-shape recompile
+            self._step = torch.compile(self._decode_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
         self._compiled = compile
 
     # ---------------------------------------------------------------------------------------------------- layers
@@ -133,7 +137,8 @@ class FastDecoder:
                       mlp.selection_bias, mlp.router_combine, size_dropless=True)
             return combine(mlp.experts(dispatch(t, r, mlp.num_experts)), r, t.shape[0]).view(x.shape)
         r = decode_route(mlp, t)
-        impl = pick_moe_impl(self.moe_impl, t.shape[0], mlp.top_k, mlp.num_experts)
+        grouped_ok = t.is_cuda and t.dtype == torch.bfloat16  # torch._grouped_mm's CUDA kernel takes bf16
+        impl = pick_moe_impl(self.moe_impl, t.shape[0], mlp.top_k, mlp.num_experts, grouped_ok)
         experts = {"gather": gathered_experts, "dense": dense_experts, "grouped": grouped_experts}[impl]
         return experts(mlp.experts, t, r).view(x.shape)
 
