@@ -6,7 +6,8 @@ weights, against the memory-bandwidth bound of a decode step.
 
 Random weights (routing real, not forced balanced), prompt --prompt_len tokens, --new_tokens greedy tokens (no EOS).
 Rows: eager generate (the checkpoint's eval capacity routing, as infer.py runs), fast path eager for each MoE
-implementation, fast path through torch.compile(mode="reduce-overhead") with the automatic MoE choice.
+implementation, fast path through torch.compile(mode="reduce-overhead") for each of --compile_impls (auto: the
+grouped GEMM on CUDA bf16).
   tokens/s     batch x new tokens / wall time of one generate call (prefill included), after warm-up calls
   decode ms    per decode step: (t(new_tokens) - t(short)) / (new_tokens - short), prefill cancelled out
   of bound     decode tokens/s / the bandwidth bound below
@@ -131,6 +132,7 @@ def main(argv=None) -> int:
     p.add_argument("--moe_impls", nargs="+", default=["gather", "grouped", "dense"],
                    help="MoE implementations of the uncompiled fast path")
     p.add_argument("--compile", action="store_true", help="also the torch.compile(reduce-overhead) fast path")
+    p.add_argument("--compile_impls", nargs="+", default=["auto"], help="MoE implementations compiled with --compile")
     p.add_argument("--skip_eager", action="store_true", help="leave out the eager model.generate rows")
     p.add_argument("--ttft_prompt_len", type=int, default=2048, help="0: skip the time-to-first-token rows")
     p.add_argument("--warmup", type=int, default=2)
@@ -153,7 +155,9 @@ def main(argv=None) -> int:
     context = a.prompt_len + a.new_tokens / 2
     fast = {impl: FastDecoder(model, max_b, a.prompt_len + a.new_tokens, moe_impl=impl) for impl in a.moe_impls}
     if a.compile:
-        fast["auto+compile"] = FastDecoder(model, max_b, a.prompt_len + a.new_tokens, compile=True)
+        for impl in a.compile_impls:
+            fast[f"{impl}+compile"] = FastDecoder(model, max_b, a.prompt_len + a.new_tokens, moe_impl=impl,
+                                                  compile=True)
     for b in a.batch_sizes:
         ids = torch.randint(3, min(32000, cfg.vocab_size), (b, a.prompt_len), device=device)
         ids[:, 0] = 0  # <pad>-BOS
