@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 
 from openmoe.backend.colossal import Boosted, boost, build_plugin, dp_rank, init_distributed
 from openmoe.config import ModelOptions, OpenMoeConfig, preset
@@ -69,11 +71,11 @@ def build(run: RunConfig, *, training: bool = True, customize_model: Callable[[O
     cfg = model_config(run)
     sizes = resolve_sizes(run, cfg, world)
     plugin = build_plugin(run, sizes)
-    tokenizer = batches = None
+    tokenizer = batches = eval_examples = None
     total_steps = run.optim.max_steps or 0
     if training:
         check_output_path(run.checkpoint.output_path)
-        tokenizer, batches = build_data(run, cfg, dp_rank(plugin), sizes.dp)
+        tokenizer, batches, eval_examples = build_data(run, cfg, dp_rank(plugin), sizes.dp)
         total_steps = run.optim.max_steps or run.optim.num_epochs * (len(batches) // run.optim.grad_accum)
     model = build_model(run, cfg)
     if customize_model is not None:
@@ -86,7 +88,7 @@ def build(run: RunConfig, *, training: bool = True, customize_model: Callable[[O
     balancer = attach_bias_balancer(boosted.model, cfg, run, device) if run.balance.balance_mode == "bias" else None
     placement = build_placement(boosted.model, cfg, sizes.ep) if run.balance.load_balance else None
     state = TrainState(run, cfg, sizes, rank, world, device, boosted, tokenizer, batches, total_steps, balancer,
-                       placement)
+                       placement, eval_examples)
     if training and run.checkpoint.resume:
         from openmoe.train.checkpointing import resume
 
@@ -141,21 +143,47 @@ def build_model(run: RunConfig, cfg: OpenMoeConfig) -> OpenMoeForCausalLM:
     return model
 
 
+def data_spec(run: RunConfig):
+    """The run's data options as the data layer's DataSpec."""
+    from openmoe.data import DataSpec
+
+    d = run.data
+    return DataSpec(source=d.dataset, task_name=d.task_name, split=d.split, data_format=d.data_format,
+                    prompt_field=d.prompt_field, completion_field=d.completion_field, text_field=d.text_field,
+                    mask_prompt=d.mask_prompt, max_length=d.max_length, pack=d.pack, streaming=d.streaming,
+                    num_proc=d.num_proc, cache_dir=d.cache_dir, eval_source=d.eval_dataset, eval_split=d.eval_split,
+                    eval_samples=d.eval_samples)
+
+
 def build_data(run: RunConfig, cfg: OpenMoeConfig, dp_rank: int, dp_size: int):
+    """(tokenizer, this rank's training batches, eval examples or None). Records are tokenized once with
+    datasets.map and cached: the first process of each node tokenizes, the others then read its cache."""
     from openmoe import data
 
     tokenizer = data.load_tokenizer(run.model.tokenizer)
     data.check_vocab(tokenizer, cfg.vocab_size)
-    records = data.load_records(run.data.dataset, run.data.task_name, run.data.split)
-    data.check_fields(records, [run.data.prompt_field, run.data.completion_field])
-    examples = data.tokenize_examples(records, tokenizer, run.data.max_length, prompt_field=run.data.prompt_field,
-                                      completion_field=run.data.completion_field, mask_prompt=run.data.mask_prompt)
-    if run.data.pack:
-        examples = data.pack_examples(examples, run.data.max_length)
+    spec = data_spec(run)
+    with _node_leader_first():
+        examples = data.build_examples(spec, tokenizer)
+        eval_examples = data.build_eval_examples(spec, tokenizer)
     # Fixed [B, max_length] shapes: every EP rank then computes the same capacity, so all-to-all splits are equal.
-    batches = data.ShardedBatches(examples, run.optim.batch_size, dp_rank, dp_size, seed=run.optim.seed,
-                                  pad_id=cfg.pad_token_id, max_length=run.data.max_length)
-    return tokenizer, batches
+    batches_cls = data.StreamingBatches if spec.streaming else data.ShardedBatches
+    batches = batches_cls(examples, run.optim.batch_size, dp_rank, dp_size, seed=run.optim.seed,
+                          pad_id=cfg.pad_token_id, max_length=run.data.max_length)
+    return tokenizer, batches, eval_examples
+
+
+@contextmanager
+def _node_leader_first():
+    """Run the body on each node's local rank 0 first, then on the node's other ranks (which find its caches)."""
+    leader = int(os.environ.get("LOCAL_RANK", 0)) == 0
+    if not leader:
+        dist.barrier()
+    try:
+        yield
+    finally:  # on an error too: the others then meet it themselves and report the same one line
+        if leader:
+            dist.barrier()
 
 
 def lr_lambda(run: RunConfig, total_steps: int):

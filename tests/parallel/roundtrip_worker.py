@@ -1,5 +1,6 @@
 """Train a few steps with a plugin, then export the HF-format checkpoint and save the parallel model's eval logits
-on a fixed batch (data-parallel rank 0; with a pipeline, its last stage), for tests/parallel/test_train_cli.py:
+on a fixed batch (data-parallel rank 0; with a pipeline, its last stage) and, when the run has an eval set, its
+eval metrics, for tests/parallel/test_train_cli.py:
 
     torchrun --nproc_per_node 2 tests/parallel/roundtrip_worker.py OUT_DIR --plugin ep [train.py options]
     torchrun --nproc_per_node 4 tests/parallel/roundtrip_worker.py OUT_DIR --plugin hybrid --pp_size 2 --ep_size 2
@@ -15,6 +16,7 @@ from openmoe.backend.colossal import dp_rank
 from openmoe.train.builder import build
 from openmoe.train.checkpointing import export_hf
 from openmoe.train.config import parse_args
+from openmoe.train.evaluate import evaluate
 from openmoe.train.trainer import Trainer
 
 
@@ -32,9 +34,12 @@ def main():
     st.model.eval()
     with torch.no_grad():
         logits = probe_logits(st.model, st.booster, probe_batch(st.cfg.vocab_size).to(st.device))
+    metrics = evaluate(st) if st.eval_examples is not None else None  # collective
     export_hf(st, os.path.join(out_dir, "hf"))
     if logits is not None and dp_rank(st.boosted.plugin) == 0:
         torch.save(logits, os.path.join(out_dir, "logits.pt"))
+    if metrics is not None and st.rank == 0:
+        torch.save(metrics, os.path.join(out_dir, "eval.pt"))
     dist.destroy_process_group()
 
 

@@ -1,5 +1,6 @@
 """train.py end to end through the real launcher, checkpoint round trips, resume, and bad-input errors."""
 
+import math
 import os
 import shutil
 
@@ -84,10 +85,14 @@ def test_hybrid_resume_continues_like_an_uninterrupted_run(hybrid_run, tmp_path)
     check_resumed(full, part, train(4, part, *HYBRID_RUN, "--resume"), 6, 12)
 
 
+EVAL = ["--eval_dataset", "data/sample/eval.jsonl", "--eval_samples", "11"]  # 11: the last eval batch is padded
+
+
 @pytest.mark.parametrize("plugin,nproc,extra", [("ep", 2, []), ("hybrid", 4, HYBRID)])
 def test_export_loads_on_one_device_with_same_logits(plugin, nproc, extra, tmp_path):
     torchrun(nproc, "tests/parallel/roundtrip_worker.py", str(tmp_path), "--plugin", plugin, *extra, "--max_steps", "3",
-             *COMMON)
+             *COMMON, *EVAL)
+    check_eval_loss(tmp_path)
     parallel_logits = torch.load(tmp_path / "logits.pt")
     model = OpenMoeForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()  # bf16 weights, as trained
     assert next(model.parameters()).dtype == torch.bfloat16
@@ -102,6 +107,32 @@ def test_export_loads_on_one_device_with_same_logits(plugin, nproc, extra, tmp_p
         moved = (model.model.layers[layer].mlp.experts.wi_up.float()
                  - init.model.layers[layer].mlp.experts.wi_up.bfloat16().float()).abs().max()
         assert moved > 1e-3, layer
+
+
+def check_eval_loss(out) -> None:
+    """The parallel run's eval loss == a single-process fp32 reference on the exported weights: label-smoothed
+    cross-entropy (the config's smoothing, torch's formula) summed over every target token of the eval set, one
+    unpadded example at a time, divided by the token count. At the tiny shape (4 experts, top-2, eval capacity factor
+    2) no token is dropped, so batching does not change routing."""
+    from openmoe.data import DataSpec, build_eval_examples, load_tokenizer
+
+    got = torch.load(out / "eval.pt")
+    model = OpenMoeForCausalLM.from_pretrained(str(out / "hf")).float().eval()
+    spec = DataSpec(source="data/sample/train.jsonl", eval_source="data/sample/eval.jsonl", eval_samples=11,
+                    max_length=48)
+    examples = build_eval_examples(spec, load_tokenizer("tests/assets/tokenizer"))
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for ex in examples:
+            ids, labels = torch.tensor([ex["input_ids"]]), torch.tensor(ex["labels"])
+            logits = model(ids).logits[0, :-1].float()  # [S-1, V]: position t predicts token t+1
+            target = labels[1:]
+            total += torch.nn.functional.cross_entropy(logits, target, ignore_index=-100, reduction="sum",
+                                                       label_smoothing=model.config.label_smoothing).item()
+            tokens += int((target != -100).sum())
+    assert got["eval_tokens"] == tokens
+    assert abs(got["eval_loss"] - total / tokens) < 1e-2 * total / tokens, (got, total / tokens)
+    assert abs(got["eval_ppl"] - math.exp(got["eval_loss"])) < 1e-6 * got["eval_ppl"]
 
 
 def test_resume_continues_like_an_uninterrupted_run(tmp_path):
