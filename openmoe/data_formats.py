@@ -22,8 +22,8 @@ Formats (`data_format`), detected from the dataset's fields in this order when "
 Chat template: the tokenizer's own `chat_template` when it has one (the response segments are found by rendering the
 conversation up to each assistant turn; the template must render a conversation as a prefix of its continuation),
 else OpenMoE-8B-Chat's (LLaMA-2 style, see `chat_segments`); `generation_prompt` renders the matching inference
-prompt for either. The `</s>` text that closes each assistant turn is
-umT5's EOS token (the tokenizer parses special tokens in text), so the model learns to stop.
+prompt for either. The `</s>` text that closes each assistant turn is umT5's EOS token (the tokenizer parses special
+tokens in text), so the model learns to stop.
 """
 
 from __future__ import annotations
