@@ -31,6 +31,7 @@ import json
 import os
 import queue
 import random
+import signal
 import sys
 import threading
 import time
@@ -72,7 +73,8 @@ def generate_batch(model, tokenizer, prompts: list[str], options: GenOptions, on
     on_step(tokens: list[int], finished: list[bool]) after every decode step; stop_now(local_done) -> bool is asked
     after every step and ends the call when True (under expert parallelism it must give the same answer on every
     rank, because each step's all-to-all needs all of them). decoder: a fast_decode.FastDecoder over `model` (same
-    contract as model.generate; it reports steps in bursts every sync_every steps), None for model.generate."""
+    contract as generation.generate; it reports steps in bursts every sync_every steps), None for the eager
+    reference generation.generate."""
     from openmoe import inference
 
     ids, mask = inference.encode_batch(tokenizer, prompts)  # [B, S] left-padded, <pad>-BOS first
@@ -81,7 +83,9 @@ def generate_batch(model, tokenizer, prompts: list[str], options: GenOptions, on
     seed = options.seed if options.seed is not None else 0
     generator = torch.Generator(device=device).manual_seed(seed)
     step = None if on_step is None else (lambda t, f: on_step(t.tolist(), f.tolist()))  # a host read per step
-    generate = model.generate if decoder is None else decoder.generate
+    from openmoe.generation import generate as eager_generate  # model.generate is transformers' (issue 16)
+
+    generate = (lambda *a, **k: eager_generate(model, *a, **k)) if decoder is None else decoder.generate
     out = generate(ids.to(device), mask.to(device), max_new_tokens=options.max_tokens,
                    do_sample=options.temperature > 0, temperature=options.temperature or 1.0,
                    top_k=options.top_k, top_p=options.top_p, repetition_penalty=options.repetition_penalty,
@@ -645,7 +649,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the checkpoint's eval capacity factor (tokens may be dropped, and a row's output then "
                         "depends on the other rows of its batch); default: dropless routing")
     p.add_argument("--decode", default="auto", choices=["auto", "eager", "fast", "compiled"],
-                   help="eager: model.generate (the reference); fast: openmoe/fast_decode.py (static KV cache, no "
+                   help="eager: generation.generate (the reference); fast: openmoe/fast_decode.py (static KV cache, no "
                         "host sync per token); compiled: fast + torch.compile CUDA graphs; auto: compiled on one "
                         "GPU, eager otherwise (CPU, --ep_size > 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights of a preset --model")
@@ -705,7 +709,7 @@ def start(model, tokenizer, host="127.0.0.1", port=0, model_name="openmoe", max_
           default_max_tokens=64, max_batch_size=8, max_queue=64, batch_window_s=0.01, distributed=False,
           verbose=False, decode="eager") -> Server:
     """Engine + HTTP server, serving from a background thread; `stop(server)` ends both.
-    decode: "eager" (model.generate), "fast" or "compiled" (fast_decode.FastDecoder, compiled: CUDA graphs)."""
+    decode: "eager" (generation.generate), "fast" or "compiled" (fast_decode.FastDecoder, compiled: CUDA graphs)."""
     max_model_len = max_model_len or model.config.max_position_embeddings
     decoder = None
     if decode not in ("eager", "fast", "compiled"):
@@ -748,9 +752,11 @@ def main(argv=None) -> int:
     server = start(model, tokenizer, a.host, a.port, name, a.max_model_len, a.max_new_tokens, a.max_batch_size,
                    a.max_queue, a.batch_window_ms / 1000, a.ep_size > 1, a.verbose, decode)
     print(f"serving {name} on {server.url}/v1 (decode {decode}, max_batch_size {a.max_batch_size}, queue "
-          f"{a.max_queue})", flush=True)
+          f"{a.max_queue}, pid {os.getpid()})", flush=True)
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())  # a clean stop, which also releases the following ranks
     try:
-        threading.Event().wait()
+        done.wait()
     except KeyboardInterrupt:
         pass
     finally:

@@ -17,6 +17,7 @@ import openai
 import pytest
 import torch
 
+from openmoe.generation import generate
 from openmoe import OpenMoeForCausalLM, preset
 from openmoe import serve
 from openmoe.data import decode, load_tokenizer
@@ -47,7 +48,7 @@ def direct(ckpt):
 
     def complete(prompt, max_tokens, stop=()):
         ids, mask = encode_batch(tok, [prompt])
-        new = model.generate(ids, mask, max_new_tokens=max_tokens, vocab_limit=len(tok))[0, ids.shape[1]:].tolist()
+        new = generate(model, ids, mask, max_new_tokens=max_tokens, vocab_limit=len(tok))[0, ids.shape[1]:].tolist()
         new = new[: new.index(1)] if 1 in new else new  # </s>
         text = decode(tok, new).lstrip()
         cuts = [text.find(s) for s in stop if s in text]

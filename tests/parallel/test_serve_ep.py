@@ -1,0 +1,63 @@
+"""The server under expert parallelism: 2 gloo ranks with sharded experts (`torch.distributed.run -m openmoe.serve
+--ep_size 2`), rank 0 answering HTTP, rank 1 following its broadcasts; answers == single-process greedy generation,
+including a stop string that ends the batch early (rank 0's per-step stop decision reaches rank 1); SIGTERM to
+rank 0 stops both ranks cleanly (rank 1 is released by rank 0's final broadcast)."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import openai
+import torch
+
+from openmoe import OpenMoeForCausalLM, preset
+from openmoe.data import decode, load_tokenizer
+from openmoe.generation import generate
+from openmoe.inference import encode_batch, set_dropless
+from tests.helpers import free_port
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TOKENIZER = os.path.join(ROOT, "tests", "assets", "tokenizer")
+
+
+def expected(model, tok, prompt, max_tokens):
+    ids, mask = encode_batch(tok, [prompt])
+    new = generate(model, ids, mask, max_new_tokens=max_tokens, vocab_limit=len(tok))[0, ids.shape[1]:].tolist()
+    return decode(tok, new[: new.index(1)] if 1 in new else new).lstrip()
+
+
+def test_two_rank_expert_parallel_server_equals_single_process(tmp_path):
+    torch.manual_seed(0)
+    model = OpenMoeForCausalLM(preset("tiny", initializer_range=0.2)).eval()
+    ckpt = tmp_path / "tiny"
+    model.save_pretrained(str(ckpt))
+    for f in os.listdir(TOKENIZER):
+        shutil.copy(os.path.join(TOKENIZER, f), ckpt)
+    set_dropless(model)  # the server routes dropless too
+    tok = load_tokenizer(TOKENIZER)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                             str(free_port()), "-m", "openmoe.serve", "--model", str(ckpt), "--ep_size", "2",
+                             "--port", "0", "--decode", "eager"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("serving tiny on http://127.0.0.1:"), proc.stderr.read()[-3000:] if not line else line
+        client = openai.OpenAI(base_url=line.split(" on ")[1].split()[0], api_key="none", max_retries=0, timeout=120)
+        prompts = ["Reverse the word: apple.", "Hi"]
+        res = client.completions.create(model="tiny", prompt=prompts, max_tokens=12, temperature=0)
+        assert [c.text for c in res.choices] == [expected(model, tok, p, 12) for p in prompts]
+        full = expected(model, tok, prompts[1], 24)
+        stop = full[len(full) // 3: len(full) // 3 + 2]  # cut a third of the way in: the batch ends early
+        res = client.completions.create(model="tiny", prompt=prompts[1], max_tokens=24, temperature=0, stop=stop)
+        assert res.choices[0].text == full[: full.index(stop)] and res.choices[0].finish_reason == "stop"
+        assert res.usage.completion_tokens < 24
+        os.kill(int(line.rsplit("pid ", 1)[1].rstrip(")\n")), signal.SIGTERM)  # rank 0 only
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
