@@ -105,6 +105,20 @@ def test_streaming_chunks_concatenate_to_the_plain_answer(client):
     assert chunks[-1].usage.total_tokens == plain.usage.total_tokens
 
 
+def test_seeded_sampling_is_reproducible_and_equals_direct_sampling(client, ckpt):
+    kw = dict(model="tiny", prompt=PROMPTS[4], max_tokens=12, temperature=0.7, top_p=0.9, extra_body={"top_k": 40})
+    a, b = (client.completions.create(seed=5, **kw).choices[0].text for _ in range(2))
+    c = client.completions.create(seed=6, **kw).choices[0].text
+    assert a == b and a != c
+    tok = load_tokenizer(ckpt)  # the same draw straight from generation.generate with a generator seeded 5
+    model = OpenMoeForCausalLM.from_pretrained(ckpt).eval()
+    set_dropless(model)
+    ids, mask = encode_batch(tok, [PROMPTS[4]])
+    new = generate(model, ids, mask, max_new_tokens=12, do_sample=True, temperature=0.7, top_p=0.9, top_k=40,
+                   generator=torch.Generator().manual_seed(5), vocab_limit=len(tok))[0, ids.shape[1]:].tolist()
+    assert a == decode(tok, new[: new.index(1)] if 1 in new else new).lstrip()
+
+
 def test_eight_concurrent_requests_are_batched_and_each_equals_its_single_result(client, server, direct):
     before = len(server.engine.batches)
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
