@@ -17,27 +17,44 @@ import sys
 
 import torch.distributed as dist
 
+from openmoe.backend.colossal import init_distributed
+from openmoe.io.resumable import CheckpointError
 from openmoe.train.builder import build
 from openmoe.train.checkpointing import checkpoint_root, export_hf
 from openmoe.train.config import parse_args
-from openmoe.train.trainer import Trainer, TrainingStopped
+from openmoe.train.lock import claim_output_dir
+from openmoe.train.lora import export_lora
+from openmoe.train.trainer import Preempted, Trainer, TrainingStopped, tolerate_closed_output
 
 
 def run_training(argv) -> None:
     run = parse_args(argv)
-    state = build(run)
-    Trainer(state).train()
+    init_distributed(run.optim.seed)
     out = run.checkpoint.output_path
-    export_hf(state, f"{out}/hf")
+    lock = claim_output_dir(out, resume=run.checkpoint.resume, overwrite=run.checkpoint.overwrite)
+    try:
+        state = build(run)
+        Trainer(state).train()
+        if run.lora.lora_rank:
+            export_lora(state, out)  # adapter/ (PEFT), and hf/ merged with --merge_lora
+        else:
+            export_hf(state, f"{out}/hf")
+    finally:
+        if lock is not None:
+            lock.release()
     if state.rank == 0:
         print(f"done: {state.total_steps} steps; resumable checkpoint under {checkpoint_root(out)}, "
               f"HF-format model in {out}/hf, metrics in {os.path.join(out, 'metrics.jsonl')}", flush=True)
 
 
 def main(argv=None) -> int:
+    tolerate_closed_output()
     try:
         run_training(argv)
-    except (ValueError, FileNotFoundError, NotImplementedError, TrainingStopped) as e:
+    except Preempted as e:
+        print(f"[rank {dist.get_rank()}] {e}", file=sys.stderr, flush=True)
+        return e.exit_code
+    except (ValueError, FileNotFoundError, NotImplementedError, TrainingStopped, CheckpointError) as e:
         # One clear line per bad input, from every rank that hit it: the launcher may kill the other ranks as soon as
         # the first one exits, so rank 0 cannot be relied on to report a check that failed elsewhere first.
         where = f"[rank {dist.get_rank()}] " if dist.is_initialized() else ""

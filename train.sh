@@ -6,6 +6,8 @@
 #     DATASET=yizhongw/self_instruct TASK_NAME=super_natural_instructions BATCH_SIZE=4 MAX_LENGTH=2048 bash train.sh
 #   HOSTFILE=hostfile NPROC=8 ... bash train.sh     # several nodes (passwordless ssh, same path on every host)
 # Anything else: EXTRA_ARGS="--lr 1e-4 --resume" (see `python train.py --help`).
+# Runs colossalai run through openmoe/launch.py: SIGTERM/SIGINT to this script reach the training ranks, which save a
+# checkpoint and exit (continue with --resume); nothing is left running; secrets never reach the log.
 set -euo pipefail
 cd "$(dirname "$0")"
 bash scripts/install.sh >/dev/null
@@ -38,4 +40,4 @@ if [ -n "${HOSTFILE:-}" ]; then
   hosts=(--hostfile "$clean" --master_addr "${MASTER_ADDR:-$first}")
 fi
 # shellcheck disable=SC2086
-exec colossalai run --nproc_per_node "$NPROC" --master_port "$MASTER_PORT" "${hosts[@]}" train.py "${args[@]}" ${EXTRA_ARGS:-}
+exec python -m openmoe.launch --nproc_per_node "$NPROC" --master_port "$MASTER_PORT" "${hosts[@]}" train.py "${args[@]}" ${EXTRA_ARGS:-}

@@ -91,9 +91,42 @@ def master_params(optimizer) -> list[torch.Tensor]:
     return [p for group in optimizer.optim.param_groups for p in group["params"]]
 
 
+def _fp16_mixin(optimizer):
+    """fp16's mixed-precision mixin (ZeRO optimizers: mixed_precision_mixin; the pipeline's AMP optimizer without
+    ZeRO: mixed_precision), or None (bf16/fp32)."""
+    for name in ("mixed_precision_mixin", "mixed_precision"):
+        mixin = getattr(optimizer, name, None)
+        if mixin is not None and hasattr(mixin, "grad_scaler"):
+            return mixin
+    return None
+
+
 def grad_scaler(optimizer):
     """fp16's dynamic loss scaler, or None (bf16)."""
-    return getattr(getattr(optimizer, "mixed_precision_mixin", None), "grad_scaler", None)
+    mixin = _fp16_mixin(optimizer)
+    return mixin.grad_scaler if mixin is not None else None
+
+
+@dataclass
+class LossScale:
+    """fp16 after optimizer.step(): whether the step found an overflow and skipped the update (colossalai's
+    should_skip_step does so silently; its overflow flag, all-reduced over the world, stays set until the next step),
+    the scale after the scaler's update, and whether it is at its minimum (backing off can no longer help)."""
+
+    skipped: bool
+    scale: float
+    at_minimum: bool
+
+
+def loss_scale_after_step(optimizer) -> LossScale | None:
+    """None without fp16. One host read of two scalars (the overflow flag and the scale)."""
+    mixin = _fp16_mixin(optimizer)
+    if mixin is None:
+        return None
+    scaler = mixin.grad_scaler
+    scale = float(scaler.scale.item())
+    low = scaler._min_scale
+    return LossScale(bool(mixin.found_overflow.item() > 0), scale, low is not None and scale <= float(low.item()))
 
 
 def optimizer_state_dict(optimizer) -> dict:

@@ -7,15 +7,21 @@
   manifest.json            written last: every file's size and CRC-32
 
 All ranks write into `step-N.tmp`; rank 0 then writes the manifest and commits the directory with the same
-replace step as every HF-format write (io/hf.replace_directory), so a save killed halfway leaves only a `.tmp`
-directory, which `newest()` ignores, and a corrupt checkpoint is skipped (with a warning) for the previous one.
+replace step as every HF-format write (io/hf.replace_directory: an existing step-N is renamed aside to a
+`.step-N.old-*` sibling before the new one is renamed in), so a save killed halfway leaves only a `.tmp` directory,
+which `newest()` ignores, and a corrupt checkpoint is skipped (with a warning) for the previous one. At the start of a
+run `recover_interrupted_saves` puts back a checkpoint left aside by a kill between the two renames and deletes
+leftover `.tmp`/`.old-` directories (a full disk would otherwise stay full). A save that fails (e.g. no space left)
+raises CheckpointError on every rank, naming the path, and deletes its `.tmp`: the previous checkpoints are untouched.
 Collective: every rank calls save/newest. Never imports colossalai: optimizer state arrives as plain state objects.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import shutil
 import sys
 import zlib
@@ -55,6 +61,10 @@ def verify_checkpoint(path: str) -> str | None:
     return None
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written (the message names the path and the cause); raised on every rank."""
+
+
 def rank_file(name: str, rank: int) -> str:
     return f"{name}-rank{rank:05d}.pt"
 
@@ -80,25 +90,62 @@ class CheckpointManager:
     def save(self, step: int, *, config: OpenMoeConfig, model_state: dict[str, torch.Tensor] | None,
              shared: dict[str, object], per_rank: dict[str, object], trainer_state: dict) -> str:
         """Collective. model_state: the full single-device state dict on rank 0 (None elsewhere); shared: state
-        objects identical on every rank (written by rank 0; None values skipped); per_rank: this rank's own."""
+        objects identical on every rank (written by rank 0; None values skipped); per_rank: this rank's own.
+        Raises CheckpointError on every rank when any rank's write fails; the other checkpoints stay as they were."""
         rank, final = dist.get_rank(), self.path(step)
         tmp = final + ".tmp"
+        error = None
         if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(tmp)
-        dist.barrier()
+            error = self._attempt(final, lambda: (shutil.rmtree(tmp, ignore_errors=True), os.makedirs(tmp)))
+        self._raise_any(error, tmp)
+
+        def write():
+            if rank == 0:
+                write_checkpoint(os.path.join(tmp, MODEL_DIR), config, model_state)
+                for name, state in shared.items():
+                    if state is not None:
+                        torch.save(state, os.path.join(tmp, f"{name}.pt"))
+            for name, state in per_rank.items():
+                torch.save(state, os.path.join(tmp, rank_file(name, rank)))
+
+        self._raise_any(self._attempt(final, write), tmp)
         if rank == 0:
-            write_checkpoint(os.path.join(tmp, MODEL_DIR), config, model_state)
-            for name, state in shared.items():
-                if state is not None:
-                    torch.save(state, os.path.join(tmp, f"{name}.pt"))
-        for name, state in per_rank.items():
-            torch.save(state, os.path.join(tmp, rank_file(name, rank)))
-        dist.barrier()
-        if rank == 0:
-            self._commit(tmp, final, {"step": step, "world_size": dist.get_world_size(), **trainer_state})
-        dist.barrier()
+            state = {"step": step, "world_size": dist.get_world_size(), **trainer_state}
+            error = self._attempt(final, lambda: self._commit(tmp, final, state))
+        self._raise_any(error, tmp)
         return final
+
+    def _attempt(self, final: str, fn) -> str | None:
+        """Run fn; None, or the one-line reason it failed writing `final`."""
+        try:
+            fn()
+        except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError from its zip writer
+            return self._describe_failure(final, e)
+        return None
+
+    def _describe_failure(self, final: str, e: Exception) -> str:
+        free = shutil.disk_usage(self.root).free if os.path.isdir(self.root) else 0
+        done = self.complete()
+        need = sum(os.path.getsize(os.path.join(d, f)) for d, _, names in os.walk(done[-1]) for f in names) \
+            if done else 0
+        full = getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e) or (need and free < need)
+        if full:
+            size = f"; a checkpoint needs about {need / 2**20:.1f} MiB" if need else ""
+            return (f"no space left on the device writing checkpoint {final} ({free / 2**20:.1f} MiB free{size}); "
+                    f"the earlier checkpoints under {self.root} are intact: free space, then rerun with --resume")
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+        return f"writing checkpoint {final} failed: {reason}; the earlier checkpoints under {self.root} are intact"
+
+    @staticmethod
+    def _raise_any(error: str | None, tmp: str) -> None:
+        """Collective: every rank raises the first rank's error (after rank 0 deletes the partial `tmp`)."""
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+        first = next((e for e in errors if e is not None), None)
+        if first is not None:
+            if dist.get_rank() == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(first)
 
     def _commit(self, tmp: str, final: str, trainer_state: dict) -> None:
         with open(os.path.join(tmp, TRAINER_STATE), "w") as f:
@@ -114,12 +161,17 @@ class CheckpointManager:
             f.flush()
             os.fsync(f.fileno())
         replace_directory(tmp, final)
-        self.rotate()
+        self.rotate(keep=final)
 
-    def rotate(self) -> None:
-        done = self.complete()
-        for old in done[: max(0, len(done) - self.keep_last)]:
-            shutil.rmtree(old, ignore_errors=True)
+    def rotate(self, keep: str) -> None:
+        """Delete all but `keep` (the checkpoint just written) and the newest keep_last - 1 complete ones before it.
+        Checkpoints with a higher step than `keep` are a resumed run's abandoned future (newest() found them
+        unusable): they go too, so that they never outrank the run's own newest checkpoint."""
+        before = [d for d in self.complete() if d < keep]  # zero-padded step numbers: name order is step order
+        kept = set(before[-(self.keep_last - 1):] if self.keep_last > 1 else []) | {keep}
+        for old in self.complete():
+            if old not in kept:
+                shutil.rmtree(old, ignore_errors=True)
 
     def newest(self) -> str | None:
         """Collective. Rank 0 checks the complete checkpoints newest first and falls back past corrupt ones with a
@@ -158,3 +210,27 @@ class CheckpointManager:
     @staticmethod
     def model_dir(path: str) -> str:
         return os.path.join(path, MODEL_DIR)
+
+
+def recover_interrupted_saves(output_path: str) -> list[str]:
+    """Before a run touches `output_path` (under its lock): undo what a kill during a directory replacement left in
+    it and in its `checkpoints/`. A kill between replace_directory's two renames leaves the old copy of NAME in
+    `.NAME.old-*/x` and NAME missing: it is renamed back. Then every leftover `.tmp`/`.old-` directory (a save that
+    never finished; it may be what filled the disk) is deleted. Returns one message per action."""
+    notes = []
+    for parent in (output_path, os.path.join(output_path, "checkpoints")):
+        if not os.path.isdir(parent):
+            continue
+        for entry in sorted(os.listdir(parent)):
+            full = os.path.join(parent, entry)
+            old = re.fullmatch(r"\.(.+)\.old-[^/]+", entry)
+            if old and os.path.isdir(full):
+                target = os.path.join(parent, old.group(1))
+                if not os.path.exists(target) and os.path.isdir(os.path.join(full, "x")):
+                    os.replace(os.path.join(full, "x"), target)
+                    notes.append(f"note: restored {target}, set aside by a replacement that was interrupted")
+                shutil.rmtree(full, ignore_errors=True)
+            elif os.path.isdir(full) and (entry.endswith(".tmp") or re.fullmatch(r"\..+\.tmp-[^/]+", entry)):
+                shutil.rmtree(full, ignore_errors=True)
+                notes.append(f"note: removed {full}, left by a save that did not finish")
+    return notes

@@ -168,6 +168,11 @@ class CheckpointSection:
     preempt_grace_s: float = _f(120.0, "on SIGTERM/SIGINT every rank finishes its current step, saves a checkpoint "
                                        "and exits (code 143/130); if that takes longer than this many seconds the "
                                        "rank exits without saving")
+    overwrite: bool = _f(False, "start a new run in an output_path that holds an earlier run's checkpoints, deleting "
+                                "them (its checkpoints, hf export, metrics); off: such a directory is refused")
+    preempt_grace_s: float = _f(120.0, "on SIGTERM/SIGINT every rank finishes its current step, saves a checkpoint "
+                                       "and exits (code 143/130); if that takes longer than this many seconds the "
+                                       "rank exits without saving")
 
 
 @dataclass
@@ -234,6 +239,10 @@ class RunConfig:
             raise ValueError("--streaming reads a corpus of unknown length: give --max_steps")
         if self.optim.max_steps is not None and self.optim.max_steps < 1:
             raise ValueError(f"--max_steps ({self.optim.max_steps}) must be >= 1 (or unset: --num_epochs decides)")
+        if self.checkpoint.overwrite and self.checkpoint.resume:
+            raise ValueError("--overwrite deletes the checkpoints that --resume would continue; accepted: one of them")
+        if self.checkpoint.preempt_grace_s <= 0:
+            raise ValueError(f"--preempt_grace_s ({self.checkpoint.preempt_grace_s}) must be > 0")
         if self.checkpoint.overwrite and self.checkpoint.resume:
             raise ValueError("--overwrite deletes the checkpoints that --resume would continue; accepted: one of them")
         if self.checkpoint.preempt_grace_s <= 0:

@@ -1,20 +1,33 @@
 """The training loop: `Trainer(build(run)).train()`. The loop holds only the control flow (step, skip non-finite
-steps, stop after too many); everything else is a step hook, called on every rank in order:
+and fp16-overflow steps, stop after too many); everything else is a step hook, called on every rank in order:
 
   FaultInjection  tests only, from OPENMOE_FAULT_* environment variables (NaN loss/gradient, raise, slow steps)
   Rebalancer      --load_balance: move experts every --load_balance_interval steps (collective)
   MetricsLogger   rank 0: progress bar, JSONL/TensorBoard records, rebalance reports
   Checkpointer    resumable checkpoints every --save_interval steps and at the end (collective)
+  Preemption      SIGTERM/SIGINT: every rank finishes the step, saves, and stops (collective: one flag per step)
+
+Skipped steps: a step is skipped on every rank (no update, the LR schedule does not advance) when its loss or, in
+bf16, a gradient is not finite (our vote, before the optimizer step), or when fp16's loss scaler found an overflow
+(ColossalAI's optimizer skips those silently: we read its flag after the step). A non-finite loss or bf16 gradient
+counts toward --max_bad_steps at once; an fp16 overflow only once the loss scale is at its minimum, because before
+that each overflow halves the scale, which is how dynamic loss scaling finds its level (several in a row at the start
+of a run are normal).
 """
 
 from __future__ import annotations
 
 import os
+import signal
+import sys
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 
+from openmoe.backend.colossal import LossScale, loss_scale_after_step
 from openmoe.model import OpenMoeOutput
 from openmoe.parallel.gather import moe_layers
 from openmoe.parallel.load_balance import LayerRebalance, rebalance
@@ -27,6 +40,14 @@ class TrainingStopped(RuntimeError):
     """A run ended on purpose (e.g. too many non-finite steps): reported as one line, no traceback."""
 
 
+class Preempted(RuntimeError):
+    """SIGTERM/SIGINT: the run saved a checkpoint and stops with exit code 128 + the signal number."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 @dataclass
 class StepResult:
     step: int
@@ -34,6 +55,8 @@ class StepResult:
     applied: bool
     stats: StepStats | None = None  # on logged steps
     moves: list[LayerRebalance] | None = None  # on rebalancing steps
+    loss_scale: LossScale | None = None  # fp16
+    extra: dict = field(default_factory=dict)  # further records for this step's metrics (e.g. the eval loss)
 
 
 class StepHook:
@@ -48,6 +71,8 @@ class Trainer:
     def __init__(self, state: TrainState, hooks: list[StepHook] | None = None):
         self.state = state
         self.hooks = default_hooks(state) if hooks is None else hooks
+        self.skipped = 0  # steps skipped so far in this run (non-finite or fp16 overflow)
+        self.last_saved: tuple[int, str] | None = None  # (step, path) of the newest checkpoint this run wrote
 
     def train(self) -> None:
         state = self.state
@@ -57,11 +82,15 @@ class Trainer:
             for hook in self.hooks:
                 hook.before_step(self, step)
             result = self.step(step, it)
-            bad = 0 if result.applied else bad + 1
-            if not result.applied:
+            if result.applied:
+                bad = 0
+            else:
+                self.skipped += 1
+                scale = result.loss_scale
+                counted = scale is None or not scale.skipped or scale.at_minimum
+                bad = bad + 1 if counted else 0
                 if state.rank == 0:
-                    print(f"\nwarning: step {step}: non-finite loss or gradient; step skipped ({bad} in a row)",
-                          flush=True)
+                    print(f"\nwarning: step {step}: {self.skip_reason(result, bad)}", flush=True)
                 if bad >= state.run.optim.max_bad_steps:
                     raise TrainingStopped(
                         f"stopping: {bad} consecutive steps with a non-finite loss (--max_bad_steps "
@@ -72,13 +101,25 @@ class Trainer:
         for hook in self.hooks:
             hook.on_end(self)
 
+    def skip_reason(self, result: StepResult, bad: int) -> str:
+        scale = result.loss_scale
+        if scale is None or not scale.skipped:
+            return f"non-finite loss or gradient; step skipped ({bad} in a row)"
+        if scale.at_minimum:
+            return (f"fp16 gradient overflow at the minimum loss scale {scale.scale:g}; step skipped ({bad} in a "
+                    "row)")
+        return (f"fp16 gradient overflow, loss scale now {scale.scale:g}; step skipped ({self.skipped} skipped in "
+                "this run; overflows count toward --max_bad_steps once the scale is at its minimum)")
+
     def step(self, step: int, it) -> StepResult:
         """One optimizer step; on applied steps the LR schedule advances, router choices are counted for balancing,
         and on logged steps the statistics are reduced over the ranks (with this step's expert placement)."""
         state = self.state
         outs, applied = train_step(state.model, state.booster, state.optimizer, it, state.run.optim.grad_accum,
                                    state.device, check_grads=state.run.parallel.precision == "bf16")
-        result = StepResult(step, outs, applied)
+        scale = loss_scale_after_step(state.optimizer) if applied else None  # fp16: did the scaler skip it?
+        applied = applied and not (scale is not None and scale.skipped)
+        result = StepResult(step, outs, applied, loss_scale=scale)
         if applied:
             state.scheduler.step()
             count_expert_load(outs, state.device, state.balancer, state.placement)
@@ -94,7 +135,15 @@ def default_hooks(state: TrainState) -> list[StepHook]:
         hooks.append(faults.install(state.model.unwrap()))
     if state.placement is not None:
         hooks.append(Rebalancer())
-    hooks += [MetricsLogger(state), Checkpointer()]
+    if state.eval_examples is not None:
+        from openmoe.train.evaluate import Evaluator
+
+        hooks.append(Evaluator())
+    if state.run.lora.lora_rank:
+        from openmoe.train.lora import AdapterSaver
+
+        hooks.append(AdapterSaver())
+    hooks += [MetricsLogger(state), Checkpointer(), Preemption(state)]
     return hooks
 
 
@@ -117,10 +166,75 @@ class Checkpointer(StepHook):
     def after_step(self, trainer: Trainer, result: StepResult) -> None:
         state, interval = trainer.state, trainer.state.run.checkpoint.save_interval
         if result.applied and interval and result.step % interval == 0 and result.step != state.total_steps:
-            save_checkpoint(state, result.step)
+            trainer.last_saved = result.step, save_checkpoint(state, result.step)
 
     def on_end(self, trainer: Trainer) -> None:
-        save_checkpoint(trainer.state, trainer.state.total_steps)
+        trainer.last_saved = trainer.state.total_steps, save_checkpoint(trainer.state, trainer.state.total_steps)
+
+
+class Preemption(StepHook):
+    """SIGTERM/SIGINT (a scheduler's preemption, Ctrl-C, train.sh forwarding either) on any rank: every rank finishes
+    the current step, a checkpoint of it is written, and the run raises Preempted (exit code 128 + signal). The
+    handler only sets a flag; after each step one scalar all-reduce (MAX) tells every rank whether any rank got a
+    signal. From the signal on, a watchdog thread exits the process (without a checkpoint) once --preempt_grace_s
+    has passed, so a rank never outlives the scheduler's grace period waiting on a peer that died."""
+
+    def __init__(self, state: TrainState):
+        self.grace_s, self.rank, self.device = state.run.checkpoint.preempt_grace_s, state.rank, state.device
+        self.signum = 0
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.signum:
+            return  # the launcher and the scheduler may both deliver it
+        self.signum = signum
+        timer = threading.Timer(self.grace_s, self._expire)
+        timer.daemon = True
+        timer.start()
+
+    def _expire(self) -> None:
+        print(f"[rank {self.rank}] preempted ({signal.Signals(self.signum).name}): no checkpoint within "
+              f"--preempt_grace_s {self.grace_s:g}; exiting without one", file=sys.stderr, flush=True)
+        os._exit(128 + self.signum)
+
+    def after_step(self, trainer: Trainer, result: StepResult) -> None:
+        flag = torch.tensor([float(self.signum)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # a signal on any rank stops every rank at this step
+        signum = int(flag.item())
+        if not signum:
+            return
+        step = result.step
+        if trainer.last_saved is None or trainer.last_saved[0] != step:
+            trainer.last_saved = step, save_checkpoint(trainer.state, step)
+        raise Preempted(f"preempted ({signal.Signals(signum).name}): saved {trainer.last_saved[1]} at step {step}; "
+                        "continue with --resume", 128 + signum)
+
+
+def tolerate_closed_output() -> None:
+    """Keep a rank running when whoever reads its stdout/stderr goes away (the launcher killed by the same SIGTERM
+    that asks the rank to save): writes then fail with BrokenPipeError, which would stop the rank mid-save."""
+    sys.stdout, sys.stderr = _Tolerant(sys.stdout), _Tolerant(sys.stderr)
+
+
+class _Tolerant:
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text):
+        try:
+            return self._stream.write(text)
+        except (BrokenPipeError, ValueError):  # ValueError: the stream was closed
+            return len(text)
+
+    def flush(self):
+        try:
+            self._stream.flush()
+        except (BrokenPipeError, ValueError):
+            pass
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
 
 
 class MetricsLogger(StepHook):
@@ -149,23 +263,29 @@ class MetricsLogger(StepHook):
             state = trainer.state
             if result.stats is not None:
                 rate = self.clock.update(result.stats.tokens * state.run.logging.log_interval)
-                self.log_step(result, state.scheduler.get_last_lr()[0], state.optimizer.get_grad_norm(), rate)
-            elif result.moves is not None:
-                self.writer.log(result.step, rebalance_record(result.moves))
+                self.log_step(result, state.scheduler.get_last_lr()[0], state.optimizer.get_grad_norm(), rate,
+                              trainer.skipped)
+            elif result.moves is not None or result.extra:
+                self.writer.log(result.step, {**(rebalance_record(result.moves) if result.moves else {}),
+                                              **result.extra})
             if result.moves is not None:
                 print(f"\nstep {result.step}: expert rebalance: " + "; ".join(
                     m.describe(state.placement.layer_names[m.layer]) for m in result.moves), flush=True)
         self.bar.update(1)
 
-    def log_step(self, result: StepResult, lr: float, grad_norm, tok_per_s: float) -> None:
+    def log_step(self, result: StepResult, lr: float, grad_norm, tok_per_s: float, skipped: int = 0) -> None:
         stats = result.stats
         record = {"loss": stats.loss, "ce_loss": stats.ce_loss, "z_loss": stats.z_loss, "aux_loss": stats.aux_loss,
                   "router_z_loss": stats.router_z_loss, "lr": lr, "tokens": stats.tokens, "tokens_per_s": tok_per_s,
-                  "dropped_fraction": stats.dropped_fraction, "tokens_per_expert": stats.tokens_per_expert}
+                  "dropped_fraction": stats.dropped_fraction, "tokens_per_expert": stats.tokens_per_expert,
+                  "skipped_steps": skipped}
+        if result.loss_scale is not None:
+            record["loss_scale"] = result.loss_scale.scale
         if grad_norm is not None:
             record["grad_norm"] = float(grad_norm)
         if result.moves is not None:
             record.update(rebalance_record(result.moves))
+        record.update(result.extra)
         if torch.cuda.is_available():
             record["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30  # rank 0
         self.writer.log(result.step, record)

@@ -1,0 +1,179 @@
+"""`colossalai run` with what it lacks for unattended jobs: signal forwarding, no orphans, no secrets in the log.
+
+    python -m openmoe.launch --nproc_per_node 2 [--hostfile H --master_addr A] [--master_port P] train.py [options]
+
+(train.sh runs exactly this.) The arguments are colossalai run's, unchanged. On top of it:
+- Signals: SIGTERM/SIGINT/SIGHUP to this process (a scheduler's preemption, Ctrl-C, `kill` of train.sh) are sent on
+  as SIGTERM/SIGINT to the training ranks, i.e. the processes torchrun started on this node, which finish their step,
+  save a checkpoint and exit (train.py --preempt_grace_s); colossalai run and torchrun then end on their own. Sent to
+  colossalai run itself, a SIGTERM would kill it and leave torchrun and the ranks running as orphans. Ranks on other
+  hosts of a hostfile run are reached only through their ssh sessions (not forwarded).
+- No orphans: this process is a child subreaper (Linux prctl), so processes whose parent died are reparented to it;
+  once colossalai run has exited, whatever is left of the tree gets until the grace period (+30 s) and is then
+  killed.
+- No secrets: when a node fails, colossalai run prints its command with `export K="V"` for every environment
+  variable. Every line of its output passes a filter that replaces the values of variables whose names contain
+  TOKEN, KEY, SECRET, PASSWORD, PASSWD or CREDENTIAL (HF_TOKEN, WANDB_API_KEY, ...) by *** wherever they appear,
+  and shortens that export list to a count.
+Exit code: colossalai run's, or 128 + the signal number when stopped by a signal.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import psutil
+
+SECRET_NAME = re.compile(r"TOKEN|KEY|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
+EXPORTS = re.compile(r'export (?:[A-Za-z_][A-Za-z0-9_]*="[^"\n]*"\s*)+')
+DEFAULT_GRACE_S = 120.0  # train.py's --preempt_grace_s default (openmoe/train/config.py)
+AFTER_GRACE_S = 30.0
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def secret_values(env: dict[str, str]) -> list[str]:
+    """Values to hide: those of variables named like secrets (4+ characters: shorter ones would mask ordinary
+    text), longest first so that a value containing another is hidden whole."""
+    values = {v for k, v in env.items() if SECRET_NAME.search(k) and len(v) >= 4}
+    return sorted(values, key=len, reverse=True)
+
+
+def redact(line: str, secrets: list[str]) -> str:
+    for value in secrets:
+        line = line.replace(value, "***")
+    return EXPORTS.sub(lambda m: f"export <{m.group(0).count('=')} environment variables> ", line)
+
+
+def _pump(src, dst, secrets: list[str]) -> None:
+    for line in iter(src.readline, ""):
+        dst.write(redact(line, secrets))
+        dst.flush()
+    src.close()
+
+
+def _grace_s(args: list[str]) -> float:
+    for i, arg in enumerate(args):
+        if arg == "--preempt_grace_s" and i + 1 < len(args):
+            return float(args[i + 1])
+        if arg.startswith("--preempt_grace_s="):
+            return float(arg.split("=", 1)[1])
+    return DEFAULT_GRACE_S
+
+
+def _is_torchrun(proc: psutil.Process | None) -> bool:
+    try:
+        cmd = proc.cmdline() if proc is not None else []
+    except psutil.Error:
+        return False
+    return any(part.endswith("torchrun") or part == "torch.distributed.run" for part in cmd[:3])
+
+
+def training_ranks() -> list[psutil.Process]:
+    """The processes torchrun started, among this process's descendants (orphans included: we are a subreaper)."""
+    ranks = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if _is_torchrun(proc.parent()):
+                ranks.append(proc)
+        except psutil.Error:
+            continue
+    return ranks
+
+
+class Launcher:
+    def __init__(self, args: list[str]):
+        self.args, self.grace_s = args, _grace_s(args)
+        self.signum = 0
+        self.deadline: float | None = None
+
+    def run(self) -> int:
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+        except (OSError, AttributeError):  # not Linux: orphans are then not collected
+            pass
+        exe = shutil.which("colossalai") or os.path.join(os.path.dirname(sys.executable), "colossalai")
+        secrets = secret_values(dict(os.environ))
+        # its own session: a terminal's Ctrl-C reaches only this process, which forwards it to the ranks alone
+        child = subprocess.Popen([exe, "run", *self.args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 errors="replace", start_new_session=True)
+        pumps = [threading.Thread(target=_pump, args=(child.stdout, sys.stdout, secrets), daemon=True),
+                 threading.Thread(target=_pump, args=(child.stderr, sys.stderr, secrets), daemon=True)]
+        for t in pumps:
+            t.start()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self._on_signal)
+        code = self._wait(child)
+        for t in pumps:
+            t.join(timeout=5)
+        self._collect_orphans()
+        if self.signum:
+            print(f"openmoe.launch: stopped by {signal.Signals(self.signum).name} (colossalai run exited {code})",
+                  file=sys.stderr, flush=True)
+            return 128 + self.signum
+        return code
+
+    def _on_signal(self, signum, frame) -> None:
+        if not self.signum:
+            self.signum = signum
+            self.deadline = time.monotonic() + self.grace_s + AFTER_GRACE_S
+        forward = signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM
+        for proc in training_ranks():
+            try:
+                proc.send_signal(forward)
+            except psutil.Error:
+                pass
+
+    def _wait(self, child: subprocess.Popen) -> int:
+        while True:
+            try:
+                return child.wait(timeout=0.5)
+            except subprocess.TimeoutExpired:
+                if self.deadline is not None and time.monotonic() > self.deadline:
+                    self._kill_tree()
+
+    def _collect_orphans(self) -> None:
+        """Wait for what is left of the tree (ranks still saving after colossalai run died), then kill it."""
+        deadline = self.deadline if self.deadline is not None else time.monotonic() + AFTER_GRACE_S
+        while psutil.Process().children(recursive=True):
+            self._reap()
+            if time.monotonic() > deadline:
+                self._kill_tree()
+                self._reap()
+                break
+            time.sleep(0.2)
+
+    @staticmethod
+    def _reap() -> None:
+        try:
+            while os.waitpid(-1, os.WNOHANG)[0]:
+                pass
+        except ChildProcessError:
+            pass
+
+    @staticmethod
+    def _kill_tree() -> None:
+        for proc in psutil.Process().children(recursive=True):
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help"):
+        print(__doc__.strip().splitlines()[2].strip())
+        return 2 if not args else 0
+    return Launcher(args).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

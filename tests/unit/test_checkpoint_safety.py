@@ -1,0 +1,162 @@
+"""Checkpoint and output-directory safety in one process (a gloo world of 1): the lock, rotation, an interrupted
+re-save, a full disk, and the resume flag checks. The same code paths run through the launcher in
+tests/parallel/test_reliability.py."""
+
+import errno
+import json
+import os
+import subprocess
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from openmoe import OpenMoeForCausalLM, preset
+from openmoe.io.resumable import CheckpointError, CheckpointManager, recover_interrupted_saves, verify_checkpoint
+from openmoe.train.config import RunConfig
+from openmoe.train.lock import OutputLock, claim_output_dir
+from tests.helpers import free_port
+
+
+@pytest.fixture(scope="module")
+def world1():
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def model_state():
+    torch.manual_seed(0)
+    return OpenMoeForCausalLM(preset("tiny")).state_dict()
+
+
+def save(mgr: CheckpointManager, step: int, model_state, ballast: int = 0) -> str:
+    return mgr.save(step, config=preset("tiny"), model_state=model_state, shared={"scheduler": {"step": step}},
+                    per_rank={"optimizer": {"ballast": torch.zeros(ballast, dtype=torch.uint8)}},
+                    trainer_state={"data": None, "run": {}})
+
+
+def test_lock_refuses_a_live_holder_and_takes_over_a_stale_one(tmp_path, world1, capsys):
+    first = OutputLock(str(tmp_path))
+    assert first.acquire() is None
+    with pytest.raises(ValueError, match=rf"--output_path {tmp_path} is in use by another run \(host \S+, pid "
+                                         rf"{os.getpid()}, started .*\); wait for it"):
+        OutputLock(str(tmp_path)).acquire()  # flock is per open file: a second open conflicts even in-process
+    first.release()
+    assert not (tmp_path / ".lock").exists()
+    # a lock file whose holder died (SIGKILL leaves the file, the kernel drops the flock)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (tmp_path / ".lock").write_text(json.dumps({"host": "node7", "pid": dead.pid, "started": "yesterday"}))
+    lock = claim_output_dir(str(tmp_path), resume=False, overwrite=False)
+    assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
+    assert (f"note: took over the stale lock {tmp_path}/.lock of a run that is no longer running (host node7, pid "
+            f"{dead.pid}, started yesterday)") in capsys.readouterr().out
+    lock.release()
+
+
+def test_lock_note_and_new_run_over_old_checkpoints(tmp_path, world1, model_state, capsys):
+    mgr = CheckpointManager(str(tmp_path / "checkpoints"), 2)
+    save(mgr, 120, model_state)
+    (tmp_path / "metrics.jsonl").write_text('{"step": 120}\n')
+    with pytest.raises(ValueError, match=rf"--output_path {tmp_path} holds 1 checkpoint\(s\) of an earlier run "
+                                         r"\(newest step-00000120\); continue it with --resume, replace it with "
+                                         r"--overwrite, or choose another --output_path"):
+        claim_output_dir(str(tmp_path), resume=False, overwrite=False)
+    assert not (tmp_path / ".lock").exists()  # a refused claim leaves no lock behind
+    claim_output_dir(str(tmp_path), resume=True, overwrite=False).release()
+    claim_output_dir(str(tmp_path), resume=False, overwrite=True).release()
+    assert "--overwrite: removed the earlier run's checkpoints, metrics.jsonl" in capsys.readouterr().out
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_keep_last_and_overwrite_options_are_validated():
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match=rf"^--keep_last \({bad}\) must be >= 1$"):
+            RunConfig.from_flat(keep_last=bad)
+    with pytest.raises(ValueError, match="--overwrite deletes the checkpoints that --resume would continue"):
+        RunConfig.from_flat(resume=True, overwrite=True)
+    with pytest.raises(ValueError, match=r"--preempt_grace_s \(0.0\) must be > 0"):
+        RunConfig.from_flat(preempt_grace_s=0)
+
+
+def test_rotation_never_deletes_the_checkpoint_just_written(tmp_path, world1, model_state):
+    mgr = CheckpointManager(str(tmp_path), 1)
+    save(mgr, 180, model_state)  # e.g. an abandoned future a resume fell back from
+    save(mgr, 20, model_state)
+    assert [os.path.basename(p) for p in mgr.complete()] == ["step-00000020"]
+    mgr.keep_last = 2
+    for step in (40, 60):
+        save(mgr, step, model_state)
+    assert [os.path.basename(p) for p in mgr.complete()] == ["step-00000040", "step-00000060"]
+
+
+def test_kill_between_the_two_renames_of_a_resave_leaves_a_usable_checkpoint(tmp_path, world1, model_state,
+                                                                             monkeypatch, capsys):
+    mgr = CheckpointManager(str(tmp_path / "checkpoints"), 1)
+    first = save(mgr, 4, model_state)
+    before = (tmp_path / "checkpoints" / "step-00000004" / "scheduler.pt").read_bytes()
+
+    class Killed(BaseException):
+        pass
+
+    real, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append((str(src), str(dst)))
+        if src == first + ".tmp":  # the old step-4 is aside, the new one not yet in: the process dies here
+            raise Killed()
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(Killed):
+        save(mgr, 4, model_state)
+    monkeypatch.setattr(os, "replace", real)
+    assert calls[-2][0] == first and ".step-00000004.old-" in calls[-2][1] and calls[-1] == (first + ".tmp", first)
+    assert not os.path.exists(first) and mgr.newest() is None  # what a plain resume would see: "starting fresh"
+    notes = recover_interrupted_saves(str(tmp_path))  # what the next run does first, under its lock
+    assert any(f"restored {first}" in n for n in notes) and any("step-00000004.tmp" in n for n in notes)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step-00000004"]  # no .tmp / .old- left
+    assert verify_checkpoint(first) is None and mgr.newest() == first
+    assert (tmp_path / "checkpoints" / "step-00000004" / "scheduler.pt").read_bytes() == before
+
+
+def _small_tmpfs(path, size: str) -> bool:
+    path.mkdir()
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True).returncode == 0
+
+
+def test_full_disk_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, world1, model_state,
+                                                                                 monkeypatch):
+    disk = tmp_path / "disk"
+    mounted = _small_tmpfs(disk, "8m")
+    try:
+        mgr = CheckpointManager(str(disk / "checkpoints"), 2)
+        previous = save(mgr, 2, model_state)
+        if mounted:  # a real full disk: the optimizer file does not fit
+            ballast = 6 << 20
+        else:  # no root for a tmpfs: simulate ENOSPC in the writer instead
+            ballast, real = 0, torch.save
+
+            def full(obj, f, *a, **k):
+                if "optimizer" in str(f):
+                    raise OSError(errno.ENOSPC, "No space left on device", str(f))
+                return real(obj, f, *a, **k)
+
+            monkeypatch.setattr(torch, "save", full)
+        with pytest.raises(CheckpointError) as e:
+            save(mgr, 4, model_state, ballast=ballast)
+        message = str(e.value)
+        assert "\n" not in message and message.startswith(
+            f"no space left on the device writing checkpoint {disk}/checkpoints/step-00000004 (")
+        assert "MiB free; a checkpoint needs about" in message and "are intact" in message
+        assert sorted(os.listdir(disk / "checkpoints")) == ["step-00000002"]  # the partial .tmp is gone
+        assert verify_checkpoint(previous) is None and mgr.newest() == previous
+        monkeypatch.undo()
+        save(mgr, 4, model_state)  # space is back
+        assert mgr.newest().endswith("step-00000004")
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(disk)], check=True)
