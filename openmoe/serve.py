@@ -74,8 +74,8 @@ def generate_batch(model, tokenizer, prompts: list[str], options: GenOptions, on
     after every step and ends the call when True (under expert parallelism it must give the same answer on every
     rank, because each step's all-to-all needs all of them). decoder: a fast_decode.FastDecoder over `model` (same
     contract as generation.generate; it reports steps in bursts every sync_every steps), None for the eager
-    reference generation.generate."""
-    from openmoe import inference
+    reference generation.generate (model.generate becomes transformers' with the HF-native model, issue 16)."""
+    from openmoe import generation, inference
 
     ids, mask = inference.encode_batch(tokenizer, prompts)  # [B, S] left-padded, <pad>-BOS first
     ids, mask = _no_single_pad(ids, mask)
@@ -83,9 +83,7 @@ def generate_batch(model, tokenizer, prompts: list[str], options: GenOptions, on
     seed = options.seed if options.seed is not None else 0
     generator = torch.Generator(device=device).manual_seed(seed)
     step = None if on_step is None else (lambda t, f: on_step(t.tolist(), f.tolist()))  # a host read per step
-    from openmoe.generation import generate as eager_generate  # model.generate is transformers' (issue 16)
-
-    generate = (lambda *a, **k: eager_generate(model, *a, **k)) if decoder is None else decoder.generate
+    generate = (lambda *a, **k: generation.generate(model, *a, **k)) if decoder is None else decoder.generate
     out = generate(ids.to(device), mask.to(device), max_new_tokens=options.max_tokens,
                    do_sample=options.temperature > 0, temperature=options.temperature or 1.0,
                    top_k=options.top_k, top_p=options.top_p, repetition_penalty=options.repetition_penalty,
