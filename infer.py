@@ -14,6 +14,7 @@ import os
 import sys
 
 import torch
+from transformers import TextStreamer
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,7 +91,6 @@ class Session:
             self.device = torch.device("cuda" if cuda else "cpu")
             model = model.to(self.device)
         self.model = model
-        self.stops = inference.chat_stop_sequences(self.tokenizer) if args.chat else []
 
     def _init_distributed(self, cuda: bool):
         import torch.distributed as dist
@@ -106,26 +106,27 @@ class Session:
             raise ValueError(f"--ep_size ({self.args.ep_size}) must equal the number of launched processes "
                              f"({self.world})")
 
-    def _all_done(self, local_done: bool) -> bool:
-        """EP ranks stop together: each decode step's all-to-all needs every rank."""
-        import torch.distributed as dist
-
-        flag = torch.tensor([1 if local_done else 0], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        return bool(flag.item())
-
     def generate(self, prompts: list[str], stream=None) -> list[str]:
-        from openmoe import data, inference
+        """transformers' generate (model.generate) on this rank's share of the prompts, one left-padded batch.
+        Expert-parallel ranks run it with synced_gpus: a rank whose rows are done keeps stepping (every step's MoE
+        all-to-all needs all ranks) until every rank is done."""
+        from openmoe import inference
 
         mine = list(range(self.rank, len(prompts), self.world)) or [0]  # a rank without prompts still steps
         ids, mask = inference.encode_batch(self.tokenizer, [prompts[i] for i in mine])
-        a = self.args
-        gen = torch.Generator(device=self.device).manual_seed(a.seed + self.rank)
+        a, cfg = self.args, self.model.config
+        torch.manual_seed(a.seed + self.rank)  # sampling draws from the global generator
+        extra = {}
+        if cfg.vocab_size > len(self.tokenizer):  # the embedding is padded past the tokenizer (256384 vs 256300)
+            extra["suppress_tokens"] = list(range(len(self.tokenizer), cfg.vocab_size))
+        if a.chat:  # OpenMoE-8B-Chat often spells </s> as ordinary pieces instead of emitting EOS
+            extra.update(stop_strings=["</s>"], tokenizer=self.tokenizer)
+        if a.do_sample:  # top_k 0 and top_p 1.0 are "off" for transformers too
+            extra.update(do_sample=True, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p)
         out = self.model.generate(
-            ids.to(self.device), mask.to(self.device), max_new_tokens=a.max_new_tokens, do_sample=a.do_sample,
-            temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, repetition_penalty=a.repetition_penalty,
-            stop_sequences=self.stops, generator=gen, on_tokens=stream,
-            all_done=self._all_done if self.world > 1 else None, vocab_limit=len(self.tokenizer))
+            input_ids=ids.to(self.device), attention_mask=mask.to(self.device), max_new_tokens=a.max_new_tokens,
+            repetition_penalty=a.repetition_penalty, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id,
+            streamer=stream, synced_gpus=self.world > 1, **extra)
         texts = [self._completion(row[ids.shape[1]:].tolist()) for row in out.cpu()]
         if self.world == 1:
             return texts
@@ -139,32 +140,27 @@ class Session:
     def _completion(self, new_ids: list[int]) -> str:
         from openmoe import data
 
-        eos, pad = self.model.config.eos_token_id, self.model.config.pad_token_id
+        eos = self.model.config.eos_token_id
         if eos in new_ids:
             new_ids = new_ids[: new_ids.index(eos)]
-        for stop in self.stops:  # drop a spelled-out "</s>" and what follows it
-            for i in range(len(new_ids) - len(stop) + 1):
-                if new_ids[i:i + len(stop)] == stop:
-                    new_ids = new_ids[:i]
-                    break
-        return data.decode(self.tokenizer, [t for t in new_ids if t != pad]).strip()
+        text = data.decode(self.tokenizer, new_ids)
+        return text.split("</s>")[0].strip() if self.args.chat else text.strip()  # drop a spelled-out </s>
 
 
-class Streamer:
-    """Prints the growing decoded text of row 0 (sentencepiece needs whole-sequence decoding to place spaces)."""
+class Streamer(TextStreamer):
+    """transformers' TextStreamer for the answer (batch of one), which stops printing at a spelled-out </s>."""
 
     def __init__(self, tokenizer):
-        self.tokenizer, self.ids, self.printed = tokenizer, [], ""
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.shown, self.stopped = "", False
 
-    def __call__(self, tokens, finished):
-        from openmoe import data
-
-        if finished[0] and tokens[0].item() in (0, 1):
+    def on_finalized_text(self, text: str, stream_end: bool = False):
+        if self.stopped:
             return
-        self.ids.append(int(tokens[0]))
-        text = data.decode(self.tokenizer, self.ids)
-        print(text[len(self.printed):], end="", flush=True)
-        self.printed = text
+        if "</s>" in self.shown + text:
+            text, self.stopped = (self.shown + text).split("</s>")[0][len(self.shown):], True
+        self.shown += text
+        print(text, end="" if not stream_end else "", flush=True)
 
 
 def run(args) -> int:

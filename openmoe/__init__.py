@@ -1,6 +1,15 @@
-"""openmoe-train: the OpenMoE mixture-of-experts model, its expert-parallel trainer and inference."""
+"""openmoe-train: the OpenMoE mixture-of-experts model, its expert-parallel trainer and inference.
 
-from openmoe.config import OpenMoeConfig, preset
+Importing the package registers the model with transformers' Auto classes (model_type "openmoe"), so
+`AutoConfig` / `AutoModelForCausalLM.from_pretrained(dir)` work on our exports without trust_remote_code.
+"""
+
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from openmoe.config import ModelOptions, OpenMoeConfig, preset
 from openmoe.model import OpenMoeForCausalLM
 
-__all__ = ["OpenMoeConfig", "OpenMoeForCausalLM", "preset"]
+AutoConfig.register(OpenMoeConfig.model_type, OpenMoeConfig, exist_ok=True)
+AutoModelForCausalLM.register(OpenMoeConfig, OpenMoeForCausalLM, exist_ok=True)
+
+__all__ = ["ModelOptions", "OpenMoeConfig", "OpenMoeForCausalLM", "preset"]

@@ -27,67 +27,101 @@ The hub spelling is what we write.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-import json
 import os
-from dataclasses import dataclass, field
+import shutil
+from dataclasses import dataclass
+
+from transformers import PretrainedConfig
 
 CONFIG_NAME = "config.json"
+# The model-layer files, shipped with every export so that the directory loads with trust_remote_code where only
+# torch + transformers + safetensors are installed. They import nothing but those and each other (relatively);
+# model.py imports every sibling directly because transformers copies only the auto_map module's direct relative
+# imports out of a local directory.
+MODEL_CODE_FILES = ("config.py", "router.py", "losses.py", "moe.py", "model.py")
+AUTO_MAP = {"AutoConfig": "config.OpenMoeConfig", "AutoModelForCausalLM": "model.OpenMoeForCausalLM"}
 
 
-@dataclass
-class OpenMoeConfig:
-    # --- shapes ---
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int  # I: width of the up projection; the gated projection is 2*I wide ("double-gated" SwiGLU)
-    num_hidden_layers: int
-    num_attention_heads: int
-    head_dim: int  # heads*head_dim need not equal hidden_size (8B: 24*128=3072 vs 2048)
-    num_experts: int
-    moe_layer_interval: int  # layer i (0-based) is MoE when (i + 1) % moe_layer_interval == 0
-    max_position_embeddings: int = 2048
-    rope_theta: float = 1e4
-    rms_norm_eps: float = 1e-6
-    # --- routing (ST-MoE / Switch conventions as in the T5X training runs) ---
-    router_topk: int = 2
-    router_capacity_factor_train: float = 1.25  # <= 0 means dropless (every token reaches its experts)
-    router_capacity_factor_eval: float = 2.0  # larger at eval: dropping hurts quality more than it saves there
-    router_min_capacity: int = 4
-    router_drop_tks: bool = True  # False: never drop (dropless), whatever the capacity factor
-    # --- losses ---
-    router_aux_loss_factor: float = 0.01
-    router_z_loss_factor: float = 0.0001
-    z_loss_factor: float = 0.01  # output (logits) z-loss
-    label_smoothing: float = 0.001
-    # --- tokens and init ---
-    bos_token_id: int = 0  # OpenMoE uses <pad> (id 0) as BOS
-    eos_token_id: int = 1
-    pad_token_id: int = 0
-    initializer_range: float = 0.02
-    # Fields of the published config that we carry but that have a single supported value; validated in __post_init__.
-    hidden_act: str | None = None  # None -> the family's: "swiglu" (openmoe, double-gated) or "silu" (llama_moe)
-    mlp_gated: bool = True
-    tie_word_embeddings: bool = False
-    num_key_value_heads: int | None = None  # None -> num_attention_heads (OpenMoE has no GQA; llama_moe may)
-    # --- family and MoE generalisation; each default ("off" value) is OpenMoE's behaviour ---
-    model_family: str = "openmoe"  # "openmoe" | "llama_moe": conventions that differ, see the module docstring
-    moe_start_layer: int | None = None  # first MoE layer; None -> moe_layer_interval - 1 (OpenMoE's rule)
-    moe_intermediate_size: int | None = None  # width of one expert; None -> intermediate_size (MoEfied: I / E)
-    num_shared_experts: int = 0  # always-on dense MLP of width num_shared_experts * expert width on MoE layers; 0 off
-    router_combine: str = "prob"  # "prob" raw softmax prob | "normalized" top-k renormalised | "ones" weight 1
-    router_aux_loss_type: str = "switch"  # "switch": E*sum f_e P_e over the batch | "seq": DeepSeek per sequence
+class OpenMoeConfig(PretrainedConfig):
+    """The architecture (what a checkpoint needs); every field is an __init__ argument, its default OpenMoE's
+    behaviour. Shape defaults are the `tiny` preset's; a config.json missing a shape field is refused (from_dict)."""
 
-    extra: dict = field(default_factory=dict, repr=False)  # unrecognised config.json keys, written back unchanged
+    model_type = "openmoe"
+    _auto_class = "AutoConfig"  # transformers' own save_pretrained (in an export without openmoe) copies our code
 
-    def __post_init__(self):
+    def __init__(
+        self,
+        # --- shapes ---
+        vocab_size: int = 1024,
+        hidden_size: int = 64,
+        intermediate_size: int = 128,  # I: width of the up projection; the gate is 2I wide ("double-gated" SwiGLU)
+        num_hidden_layers: int = 4,
+        num_attention_heads: int = 4,
+        head_dim: int = 16,  # heads*head_dim need not equal hidden_size (8B: 24*128=3072 vs 2048)
+        num_experts: int = 4,
+        moe_layer_interval: int = 2,  # layer i (0-based) is MoE when (i + 1) % moe_layer_interval == 0
+        max_position_embeddings: int = 2048,
+        rope_theta: float = 1e4,
+        rms_norm_eps: float = 1e-6,
+        # --- routing (ST-MoE / Switch conventions as in the T5X training runs) ---
+        router_topk: int = 2,
+        router_capacity_factor_train: float = 1.25,  # <= 0 means dropless (every token reaches its experts)
+        router_capacity_factor_eval: float = 2.0,  # larger at eval: dropping hurts quality more than it saves there
+        router_min_capacity: int = 4,
+        router_drop_tks: bool = True,  # False: never drop (dropless), whatever the capacity factor
+        # --- losses ---
+        router_aux_loss_factor: float = 0.01,
+        router_z_loss_factor: float = 0.0001,
+        z_loss_factor: float = 0.01,  # output (logits) z-loss
+        label_smoothing: float = 0.001,
+        # --- tokens and init ---
+        bos_token_id: int = 0,  # OpenMoE uses <pad> (id 0) as BOS
+        eos_token_id: int = 1,
+        pad_token_id: int = 0,
+        initializer_range: float = 0.02,
+        # Fields of the published config with a single supported value (validated below).
+        hidden_act: str | None = None,  # None -> the family's: "swiglu" (openmoe, double-gated) or "silu" (llama_moe)
+        mlp_gated: bool = True,
+        tie_word_embeddings: bool = False,
+        num_key_value_heads: int | None = None,  # None -> num_attention_heads (OpenMoE has no GQA; llama_moe may)
+        # --- family and MoE generalisation; each default ("off" value) is OpenMoE's behaviour ---
+        model_family: str = "openmoe",  # "openmoe" | "llama_moe": conventions that differ, see the module docstring
+        moe_start_layer: int | None = None,  # first MoE layer; None -> moe_layer_interval - 1 (OpenMoE's rule)
+        moe_intermediate_size: int | None = None,  # width of one expert; None -> intermediate_size (MoEfied: I / E)
+        num_shared_experts: int = 0,  # always-on dense MLP of width num_shared_experts * expert width; 0 off
+        router_combine: str = "prob",  # "prob" raw softmax prob | "normalized" top-k renormalised | "ones" weight 1
+        router_aux_loss_type: str = "switch",  # "switch": E*sum f_e P_e over the batch | "seq": DeepSeek per sequence
+        **kwargs,  # other keys of a config.json (published extras, transformers' own): kept and written back
+    ):
+        self.vocab_size, self.hidden_size, self.intermediate_size = vocab_size, hidden_size, intermediate_size
+        self.num_hidden_layers, self.num_attention_heads, self.head_dim = num_hidden_layers, num_attention_heads, head_dim
+        self.num_experts, self.moe_layer_interval = num_experts, moe_layer_interval
+        self.max_position_embeddings, self.rope_theta, self.rms_norm_eps = max_position_embeddings, rope_theta, rms_norm_eps
+        self.router_topk, self.router_min_capacity, self.router_drop_tks = router_topk, router_min_capacity, router_drop_tks
+        self.router_capacity_factor_train = router_capacity_factor_train
+        self.router_capacity_factor_eval = router_capacity_factor_eval
+        self.router_aux_loss_factor, self.router_z_loss_factor = router_aux_loss_factor, router_z_loss_factor
+        self.z_loss_factor, self.label_smoothing = z_loss_factor, label_smoothing
+        self.initializer_range = initializer_range
+        self.model_family = model_family
+        self.hidden_act = _FAMILY_ACT.get(model_family) if hidden_act is None else hidden_act
+        self.mlp_gated = mlp_gated
+        self.num_key_value_heads = num_attention_heads if num_key_value_heads is None else num_key_value_heads
+        self.moe_start_layer, self.moe_intermediate_size = moe_start_layer, moe_intermediate_size
+        self.num_shared_experts, self.router_combine = num_shared_experts, router_combine
+        self.router_aux_loss_type = router_aux_loss_type
+        for written_by_us in ("auto_map", "architectures", "model_type"):  # always ours (to_dict)
+            kwargs.pop(written_by_us, None)
+        super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                         tie_word_embeddings=tie_word_embeddings, **kwargs)
+        self.validate()
+
+    def validate(self) -> None:
         if self.model_family not in _FAMILY_ACT:
             raise ValueError(f"model_family '{self.model_family}' is not supported; accepted: {sorted(_FAMILY_ACT)}")
         act = _FAMILY_ACT[self.model_family]
-        if self.hidden_act is None:
-            self.hidden_act = act
-        if self.num_key_value_heads is None:
-            self.num_key_value_heads = self.num_attention_heads
         llama = self.model_family == "llama_moe"
         n_layers, kv, heads = self.num_hidden_layers, self.num_key_value_heads, self.num_attention_heads
         checks = [
@@ -158,34 +192,57 @@ class OpenMoeConfig:
         return sum(self.is_moe_layer(i) for i in range(self.num_hidden_layers))
 
     def replace(self, **changes) -> "OpenMoeConfig":
-        return dataclasses.replace(self, **changes)
+        """A validated copy with `changes` applied (names must be existing fields)."""
+        unknown = sorted(k for k in changes if not hasattr(self, k))
+        if unknown:
+            raise ValueError(f"unknown OpenMoeConfig field(s) {unknown}")
+        new = copy.deepcopy(self)
+        for k, v in changes.items():
+            setattr(new, k, v)
+        new.validate()
+        return new
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, OpenMoeConfig) and _comparable(self) == _comparable(other)
+
+    __hash__ = None
 
     # --- config.json ---
     def to_dict(self) -> dict:
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
-        d.update(model_type="llama", architectures=["OpenMoeForCausalLM"], rope_scaling=None, pretraining_tp=1)
-        return {**self.extra, **d}
+        d = super().to_dict()
+        d.update(model_type=self.model_type, architectures=["OpenMoeForCausalLM"], auto_map=dict(AUTO_MAP))
+        return d
+
+    def to_diff_dict(self) -> dict:
+        """transformers' config.json content: everything but its own generic defaults, and always every field of
+        ours (a reader of the published spelling needs the shapes even where they equal our defaults)."""
+        d, generic = self.to_dict(), PretrainedConfig().to_dict()
+        keep = set(_OUR_FIELDS) | {"model_type", "architectures", "auto_map", "transformers_version"}
+        return {k: v for k, v in d.items() if k in keep or k not in generic or generic[k] != v}
 
     @classmethod
-    def from_dict(cls, raw: dict, source: str = "config") -> "OpenMoeConfig":
-        d = dict(raw)
+    def from_dict(cls, config_dict: dict, **kwargs):
+        """Any spelling of the published configs: hub (`router_topk`, ...), older examples (`topk`, ...), and
+        model_type "llama" with OpenMoE fields. `source` names the file in errors."""
+        source = kwargs.pop("source", "config")
+        d = dict(config_dict)
         for old, new in _OLD_SPELLINGS.items():
             if old in d:
                 value = d.pop(old)
                 d.setdefault(new, value)
         missing = [k for k in _REQUIRED if k not in d]
         if missing:
-            raise ValueError(f"{source} is missing required field(s) {missing}; found {sorted(raw)}")
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        known = {k: v for k, v in d.items() if k in names}
-        extra = {k: v for k, v in d.items() if k not in names and k not in _WRITTEN_BY_US}
-        return cls(**known, extra=extra)
+            raise ValueError(f"{source} is missing required field(s) {missing}; found {sorted(config_dict)}")
+        for dropped in _LLAMA_LEFTOVERS:
+            d.pop(dropped, None)
+        return super().from_dict(d, **kwargs)
 
     def save(self, directory: str) -> str:
+        """config.json (with auto_map) and the model code it names; returns the config.json path."""
         os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, CONFIG_NAME)
-        with open(path, "w") as f:
-            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+        self.to_json_file(path, use_diff=True)
+        write_model_code(directory)
         return path
 
     @classmethod
@@ -195,9 +252,24 @@ class OpenMoeConfig:
             path = os.path.join(path, CONFIG_NAME)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no OpenMoE config at {path}")
-        with open(path) as f:
-            return cls.from_dict(json.load(f), source=path)
+        return cls.from_dict(cls._dict_from_json_file(path), source=path)
 
+
+def write_model_code(directory: str) -> None:
+    """Copy the model-layer files (MODEL_CODE_FILES) next to a config.json whose auto_map names them."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for name in MODEL_CODE_FILES:
+        shutil.copyfile(os.path.join(here, name), os.path.join(directory, name))
+
+
+def _comparable(config: OpenMoeConfig) -> dict:
+    d = config.to_dict()
+    for volatile in ("transformers_version", "_name_or_path", "_commit_hash", "torch_dtype", "dtype"):
+        d.pop(volatile, None)
+    return d
+
+
+_OUR_FIELDS = [name for name in OpenMoeConfig.__init__.__code__.co_varnames[1:OpenMoeConfig.__init__.__code__.co_argcount]]
 
 ATTN_IMPLS = ("sdpa", "eager")
 EXPERT_IMPLS = ("bmm", "grouped")
@@ -274,7 +346,7 @@ _OLD_SPELLINGS = {  # hpcai-tech/openmoe-* example configs -> hub spelling
     "layer_norm_epsilon": "rms_norm_eps",
     "gated": "mlp_gated",
 }
-_WRITTEN_BY_US = {"model_type", "architectures", "rope_scaling", "pretraining_tp"}
+_LLAMA_LEFTOVERS = ("rope_scaling", "pretraining_tp")  # written by our older exports (model_type "llama"); unused
 
 _VOCAB = 256384  # umT5 sentencepiece vocabulary of the published models
 PRESETS: dict[str, dict] = {

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from openmoe.generation import process_logits
-from openmoe.model import _attention_allowed, apply_rope, default_positions, repeat_kv, rope_cos_sin
+from openmoe.model import _attention_allowed, apply_rope, bos_visible_mask, default_positions, repeat_kv, rope_cos_sin
 from openmoe.moe import HAS_GROUPED_MM, OpenMoeSparseMLP, combine, dispatch, grouped_experts
 from openmoe.router import RouterOutput, route
 
@@ -163,9 +163,11 @@ class FastDecoder:
     def _prefill(self, ids, mask, key_mask):
         """ids, mask [B, S] -> logits [B, V] of the last column; fills cache columns [0, S) and key_mask."""
         cfg, (b, s) = self.config, ids.shape
+        if cfg.pad_is_bos:  # a hidden <pad> BOS is attended and routed (model.bos_visible_mask)
+            mask = bos_visible_mask(ids, mask, cfg.bos_token_id)
         positions = default_positions(mask, b, s, 0, ids.device)  # [B, S]
         allowed = torch.zeros(b, 1, s, self.max_seq_len, dtype=torch.bool, device=ids.device)
-        allowed[..., :s] = _attention_allowed(mask, s, 0, ids.device, cfg.pad_is_bos)  # [B, 1, S, M]
+        allowed[..., :s] = _attention_allowed(mask, s, 0, ids.device)  # [B, 1, S, M]
         key_mask[:b, :s] = allowed[:, 0, -1, :s]  # keys the next tokens may see: real tokens and the <pad>-BOS
         h = self.model.model.embed_tokens(ids)  # [B, S, H]
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, h.dtype)

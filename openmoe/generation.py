@@ -1,4 +1,8 @@
-"""Autoregressive generation with a KV cache. Shapes: B batch, S prompt, V vocabulary.
+"""Reference autoregressive decoding with a KV cache. Shapes: B batch, S prompt, V vocabulary.
+
+`model.generate` is transformers' GenerationMixin.generate (greedy, sampling, beams, streamers, stop strings); this
+loop is the obviously-correct reference it is tested against, and what the static-cache fast decoder reproduces:
+    ids = generate(model, input_ids, attention_mask, max_new_tokens=32)
 
 Prompts may be left-padded (attention_mask 0 on the left): positions count real tokens only, padding keys are
 masked, and padding tokens are never routed to experts, so a padded row decodes as it would alone (up to capacity
@@ -10,6 +14,8 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import torch
+
+from openmoe.model import bos_visible_mask
 
 
 def process_logits(logits, generated, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0):
@@ -70,6 +76,8 @@ def generate(
     eos = cfg.eos_token_id if eos_token_id is None else eos_token_id
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
+    if cfg.pad_is_bos:  # decoding steps see only the new token: fix the BOS rule's mask once, over the prompt
+        attention_mask = bos_visible_mask(input_ids, attention_mask, cfg.bos_token_id)
     seqs, mask = input_ids, attention_mask
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     past, step_ids = None, input_ids

@@ -60,7 +60,7 @@ def check_dtype(dtype: str) -> torch.dtype:
 def load_model(model: str, dtype: torch.dtype, seed: int = 0) -> OpenMoeForCausalLM:
     """A checkpoint directory (ours or the published layout) or, for benchmarking, a preset with random weights."""
     if os.path.isdir(model):
-        m = OpenMoeForCausalLM.from_pretrained(model, dtype=dtype)
+        m = OpenMoeForCausalLM.from_pretrained(model, torch_dtype=dtype)
     elif os.path.sep in model or model.startswith("."):
         raise FileNotFoundError(f"checkpoint directory {model} does not exist")
     else:

@@ -8,28 +8,42 @@ model_family "openmoe" (the default) is faithful to the T5X/flaxformer model tha
   * dense MLP: down(swiglu(gate(x)) * up(x)) with a 2I-wide gate projection ("double-gated").
   * MoE layers (every moe_layer_interval-th) run the sparse MLP and then an extra dense MLP with its own pre-norm,
     each with its own residual: h += attn(n(h)); h += moe(n(h)); h += extra_mlp(n(h)).
-  * BOS is <pad> (id 0) and is always attendable (see `_attention_allowed`).
+  * BOS is <pad> (id 0), an ordinary token at absolute position 0, attended and routed even where an attention
+    mask built as `input_ids != pad_id` hides it (see `bos_visible_mask`).
 model_family "llama_moe" runs the same modules with HF LLaMA's conventions (config.py's table): logits scaled by
 1/sqrt(D), grouped KV heads, 3-matrix SwiGLU, no extra MLP, no <pad>-BOS exception. Either family may add shared
 experts on MoE layers (`num_shared_experts`): h += moe(n(h)) + shared_experts(n(h)), one pre-norm for both.
 Parallelism is applied from outside (openmoe/parallel): nothing here imports colossalai or torch.distributed.
+
+This file and its siblings (config, router, losses, moe) import only torch, transformers and each other: they are
+copied into every exported checkpoint, where `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`
+runs them without the openmoe package. `OpenMoeForCausalLM` is a transformers PreTrainedModel + GenerationMixin:
+from_pretrained (torch_dtype, device_map), generate (a transformers DynamicCache as the KV cache), pipelines, PEFT.
 """
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass, field
+import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+import transformers
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.utils import ModelOutput
 
-from openmoe.config import ModelOptions, OpenMoeConfig
-from openmoe.losses import fused_lm_loss, lm_loss
-from openmoe.moe import HAS_GROUPED_MM, MoeAux, OpenMoeSparseMLP, swiglu
+# every sibling imported here directly: transformers copies only these out of an exported directory
+from .config import ModelOptions, OpenMoeConfig
+from .losses import fused_lm_loss, lm_loss
+from .moe import HAS_GROUPED_MM, MoeAux, OpenMoeSparseMLP, swiglu
+from .router import route  # noqa: F401  (see above: router.py must travel with the export)
 
-KVCache = list  # per layer: (k [B, N, L, D], v [B, N, L, D])
+_TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
 
 
 class RMSNorm(nn.Module):
@@ -76,8 +90,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class OpenMoeAttention(nn.Module):
-    def __init__(self, config: OpenMoeConfig):
+    def __init__(self, config: OpenMoeConfig, layer_idx: int = 0):
         super().__init__()
+        self.layer_idx = layer_idx  # its slot in the KV cache
         self.num_heads, self.head_dim = config.num_attention_heads, config.head_dim
         self.num_kv_heads = config.num_key_value_heads
         self.scale = config.attention_scale  # 1.0 for OpenMoE (T5 convention), 1/sqrt(D) for llama_moe
@@ -88,17 +103,17 @@ class OpenMoeAttention(nn.Module):
         self.o_proj = nn.Linear(inner, config.hidden_size, bias=False)
         self.attn_impl = "sdpa"  # ModelOptions.attn_impl, set by OpenMoeForCausalLM.apply_options only
 
-    def forward(self, x, cos, sin, allowed, past_kv=None):
-        """x [B, S, H]; allowed: [B, 1, S, L] bool or None (= plain causal, no cache, no padding).
-        Returns (out [B, S, H], (k, v) [B, N_kv, L, D]): the cache holds the N_kv heads, not their repeats."""
+    def forward(self, x, cos, sin, allowed, cache: Cache | None = None):
+        """x [B, S, H]; allowed: [B, 1, S, L] bool or None (= plain causal, no cache, no padding); cache: the
+        transformers Cache holding [B, N_kv, P, D] keys/values per layer (the N_kv heads, not their repeats),
+        extended here by this call's S positions. Returns out [B, S, H]."""
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)  # [B, N, S, D]
         k, v = (proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, N_kv, S, D]
                 for proj in (self.k_proj, self.v_proj))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if past_kv is not None:
-            k = torch.cat([past_kv[0], k], dim=2)  # [B, N_kv, L, D]
-            v = torch.cat([past_kv[1], v], dim=2)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)  # [B, N_kv, L, D]
         n_rep = self.num_heads // self.num_kv_heads
         k_all, v_all = repeat_kv(k, n_rep), repeat_kv(v, n_rep)  # [B, N, L, D]
         if self.attn_impl == "eager":
@@ -113,7 +128,7 @@ class OpenMoeAttention(nn.Module):
             out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=allowed, is_causal=allowed is None,
                                                  scale=self.scale)
         out = out.transpose(1, 2).reshape(b, s, -1)  # [B, S, N*D]
-        return self.o_proj(out), (k, v)
+        return self.o_proj(out)
 
 
 class OpenMoeMLP(nn.Module):
@@ -137,7 +152,7 @@ class OpenMoeDecoderLayer(nn.Module):
         super().__init__()
         self.is_moe = config.is_moe_layer(layer_idx)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = OpenMoeAttention(config)
+        self.self_attn = OpenMoeAttention(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.has_shared = self.is_moe and config.num_shared_experts > 0
         self.has_extra = self.is_moe and config.extra_mlp
@@ -152,10 +167,10 @@ class OpenMoeDecoderLayer(nn.Module):
             self.pre_extra_mlp_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
             self.extra_mlp = OpenMoeMLP(config)
 
-    def forward(self, h, cos, sin, allowed, token_mask, past_kv=None):
-        """Returns (h [B, S, H], (k, v), MoeAux or None)."""
+    def forward(self, h, cos, sin, allowed, token_mask, cache: Cache | None = None):
+        """Returns (h [B, S, H], MoeAux or None)."""
         with torch.profiler.record_function("openmoe.attention"):  # a named range in profiles, nothing otherwise
-            a, kv = self.self_attn(self.input_layernorm(h), cos, sin, allowed, past_kv)
+            a = self.self_attn(self.input_layernorm(h), cos, sin, allowed, cache)
         h = h + a
         aux = None
         if self.is_moe:
@@ -169,22 +184,28 @@ class OpenMoeDecoderLayer(nn.Module):
                 h = h + self.extra_mlp(self.pre_extra_mlp_layernorm(h))
         else:
             h = h + self.mlp(self.post_attention_layernorm(h))
-        return h, kv, aux
+        return h, aux
 
 
 @dataclass
-class OpenMoeOutput:
-    """Loss parts are the weighted terms that add up to `loss` (each is 0 when its factor is 0)."""
+class OpenMoeOutput(ModelOutput):
+    """Loss parts are the weighted terms that add up to `loss` (each is 0 when its factor is 0). A transformers
+    ModelOutput: loss, logits and past_key_values come first, as in CausalLMOutputWithPast."""
 
     loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None  # [B, S or logits_to_keep, V] fp32 (only when asked for or without labels)
+    past_key_values: Cache | None = None
     ce_loss: torch.Tensor | None = None  # label-smoothed cross-entropy, mean over valid tokens
     z_loss: torch.Tensor | None = None  # z_loss_factor * mean logsumexp(logits)^2
     aux_loss: torch.Tensor | None = None  # router_aux_loss_factor * mean over MoE layers
     router_z_loss: torch.Tensor | None = None  # router_z_loss_factor * mean over MoE layers
     num_tokens: torch.Tensor | None = None  # valid (label != -100) tokens
-    logits: torch.Tensor | None = None  # [B, S, V] fp32 (only when asked for or without labels)
-    past_key_values: KVCache | None = None
-    moe: list[MoeAux] = field(default_factory=list)  # per MoE layer, in layer order
+    moe: list[MoeAux] | None = None  # per MoE layer, in layer order ([] when there is none)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.moe is None:
+            self.moe = []
 
 
 class OpenMoeModel(nn.Module):
@@ -196,44 +217,51 @@ class OpenMoeModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.options = ModelOptions()  # the OpenMoeForCausalLM's, set by its apply_options
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False):
-        b, s = input_ids.shape
-        past = 0 if past_key_values is None else past_key_values[0][0].shape[2]
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values: Cache | None = None,
+                use_cache=False):
+        """Returns (final-normed h [B, S, H], the cache or None, MoeAux per MoE layer). With use_cache and no
+        past_key_values a DynamicCache is started; a given cache is extended in place."""
+        if past_key_values is not None and not isinstance(past_key_values, Cache):
+            raise TypeError(f"past_key_values must be a transformers Cache (e.g. DynamicCache), got "
+                            f"{type(past_key_values).__name__}")
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache()
+        past = 0 if past_key_values is None else past_key_values.get_seq_length()
         position_ids, allowed, token_mask = self.layer_inputs(input_ids, attention_mask, position_ids, past)
         h = self.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, h.dtype)
-        h, moe, cache = self.run_layers(h, cos, sin, allowed, token_mask, range(len(self.layers)), past_key_values,
-                                        use_cache)
-        return self.norm(h), cache, moe
+        h, moe = self.run_layers(h, cos, sin, allowed, token_mask, range(len(self.layers)), past_key_values)
+        return self.norm(h), (past_key_values if use_cache else None), moe
 
     def layer_inputs(self, input_ids, attention_mask, position_ids, past: int):
         """(position_ids [B, S], allowed [B, 1, S, L] | None, token_mask [B, S] | None) for the decoder layers;
-        the pipeline stages build theirs here too."""
+        the pipeline stages build theirs here too. Without a cache (past 0) the mask is made BOS-visible here; with
+        one, attention_mask [B, P + S] must already be (generate's prepare_inputs_for_generation does it)."""
         b, s = input_ids.shape
+        if attention_mask is not None and past == 0 and self.config.pad_is_bos:
+            attention_mask = bos_visible_mask(input_ids, attention_mask, self.config.bos_token_id)
         if position_ids is None:
             position_ids = default_positions(attention_mask, b, s, past, input_ids.device)
-        allowed = _attention_allowed(attention_mask, s, past, input_ids.device, self.config.pad_is_bos)
+        allowed = _attention_allowed(attention_mask, s, past, input_ids.device)
         token_mask = None if attention_mask is None else attention_mask[:, past:].bool()
         return position_ids, allowed, token_mask
 
-    def run_layers(self, h, cos, sin, allowed, token_mask, layers: range, past_key_values=None, use_cache=False):
+    def run_layers(self, h, cos, sin, allowed, token_mask, layers: range, cache: Cache | None = None):
         """The decoder-layer loop, shared by `forward` and the pipeline stages (which run a sub-range).
-        Returns (h [B, S, H], MoeAux per MoE layer in order, KV cache or None)."""
-        recompute = self.options.activation_checkpointing and self.training and torch.is_grad_enabled()
+        Returns (h [B, S, H], MoeAux per MoE layer in order)."""
+        recompute = (self.options.activation_checkpointing and self.training and torch.is_grad_enabled()
+                     and cache is None)
         ac_kwargs = _checkpoint_kwargs(self.options.ac_policy) if recompute else {}
-        cache, moe = [], []
+        moe = []
         for i in layers:
             layer = self.layers[i]
-            layer_past = None if past_key_values is None else past_key_values[i]
             if recompute:
-                h, kv, aux = checkpoint(layer, h, cos, sin, allowed, token_mask, use_reentrant=False, **ac_kwargs)
+                h, aux = checkpoint(layer, h, cos, sin, allowed, token_mask, use_reentrant=False, **ac_kwargs)
             else:
-                h, kv, aux = layer(h, cos, sin, allowed, token_mask, layer_past)
-            if use_cache:
-                cache.append(kv)
+                h, aux = layer(h, cos, sin, allowed, token_mask, cache)
             if aux is not None:
                 moe.append(aux)
-        return h, moe, (cache if use_cache else None)
+        return h, moe
 
 
 def _saved_ops() -> set:
@@ -271,21 +299,39 @@ def fused_rmsnorm_kernel():
     return fused_rms_norm_affine
 
 
+def bos_visible_mask(input_ids, attention_mask, bos_token_id: int):
+    """attention_mask [B, L] with each row's hidden <pad> BOS made visible (input_ids [B, L], no cache).
+
+    OpenMoE's BOS is <pad>, so the mask transformers builds (`input_ids != pad_token_id`, e.g. in generate) hides it.
+    Upstream (T5X, and the original PyTorch port) treats it as an ordinary token at absolute position 0, attended
+    and routed. The rule: where a row's first visible token is not the BOS id and the column just before it holds
+    the BOS id, that column is the row's BOS and becomes visible. Padding further left stays hidden; a mask that
+    already shows the BOS (our tokenizer's) is returned unchanged. Fixed-size index math: no host sync.
+    """
+    mask = attention_mask.bool()
+    first = mask.long().argmax(dim=1, keepdim=True)  # [B, 1] first visible column (0 when none)
+    before = (first - 1).clamp(min=0)
+    hidden_bos = ((first > 0) & mask.any(dim=1, keepdim=True)
+                  & (input_ids.gather(1, first) != bos_token_id) & (input_ids.gather(1, before) == bos_token_id))
+    mask = mask.scatter(1, before, mask.gather(1, before) | hidden_bos)
+    return mask.to(attention_mask.dtype)
+
+
 def default_positions(attention_mask, b, s, past, device):
-    """Positions count real tokens only, so a left-padded row gets the same positions as it would unpadded."""
+    """Positions count visible tokens only, so a left-padded row gets the same positions as it would unpadded
+    (the BOS, once visible, is at position 0)."""
     if attention_mask is None:
         return torch.arange(past, past + s, device=device).expand(b, s)
     pos = attention_mask.long().cumsum(-1) - 1
     return pos.clamp(min=0)[:, past:]
 
 
-def _attention_allowed(attention_mask, s, past, device, pad_is_bos: bool = True):
+def _attention_allowed(attention_mask, s, past, device):
     """[B, 1, S, L] bool (True = may attend) or None for plain causal attention.
 
-    attention_mask [B, L] marks real tokens (1) and padding (0). OpenMoE's BOS is <pad>, so a mask computed as
-    `input_ids != pad_id` would hide it; as in the original model (pad_is_bos, the openmoe family), a row that starts
-    at column 0 with content from column 1 on keeps column 0 (its BOS) attendable. Each query may always attend to
-    itself so that padding rows never become all -inf (their outputs are ignored).
+    attention_mask [B, L] marks real tokens (1) and padding (0); for the openmoe family it is BOS-visible already
+    (bos_visible_mask). Each query may always attend to itself so that padding rows never become all -inf (their
+    outputs are ignored).
     """
     if attention_mask is None and past == 0:
         return None
@@ -294,24 +340,30 @@ def _attention_allowed(attention_mask, s, past, device, pad_is_bos: bool = True)
     k_pos = torch.arange(length, device=device)[None, :]
     allowed = (k_pos <= q_pos)[None, None]  # [1, 1, S, L]
     if attention_mask is not None:
-        keys = attention_mask.bool().clone()
-        if pad_is_bos:
-            bos_hidden = ~keys[:, 0] & keys[:, 1] if keys.shape[1] > 1 else torch.zeros_like(keys[:, 0])
-            keys[:, 0] |= bos_hidden
-        allowed = allowed & keys[:, None, None, :]
+        allowed = allowed & attention_mask.bool()[:, None, None, :]
         allowed = allowed | (k_pos == q_pos)[None, None]
     return allowed  # broadcastable to [B, 1, S, L]
 
 
-class OpenMoeForCausalLM(nn.Module):
+class OpenMoeForCausalLM(PreTrainedModel, GenerationMixin):
+    config_class = OpenMoeConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["OpenMoeDecoderLayer"]  # device_map never splits a decoder layer
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_cache_class = True  # generate() starts a DynamicCache (transformers 4.x asks this)
+    _auto_class = "AutoModelForCausalLM"  # transformers' own save_pretrained (export without openmoe) copies code
+
     def __init__(self, config: OpenMoeConfig, options: ModelOptions | None = None, init: bool = True):
-        super().__init__()
-        self.config = config
+        """options: run-time switches (config.ModelOptions); init False leaves parameters uninitialised (weights
+        loaded afterwards, or a meta-device model)."""
+        super().__init__(config)
         self.model = OpenMoeModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.options = ModelOptions()
-        if init:
-            self.reset_parameters()
+        self._skip_init = not init
+        self.post_init()  # transformers' init: _init_weights per module
+        self._skip_init = False
         self.apply_options(options or ModelOptions())
 
     def apply_options(self, options: ModelOptions) -> "OpenMoeForCausalLM":
@@ -342,39 +394,86 @@ class OpenMoeForCausalLM(nn.Module):
         self.options = self.model.options = options
         return self
 
+    # --- initialisation (transformers calls _init_weights per module; children before parents) ---
     @torch.no_grad()
-    def reset_parameters(self):
-        """Initialise every parameter (no checkpoint needed to get finite outputs).
-
-        Our choice, stated: N(0, initializer_range) everywhere; queries additionally scaled by D^-0.5 when the
+    def _init_weights(self, module: nn.Module) -> None:
+        """Our choice, stated: N(0, initializer_range) everywhere; queries additionally scaled by D^-0.5 when the
         attention logits are unscaled (OpenMoE: T5's convention folds 1/sqrt(D) into the query init); output
         projections (o_proj, down_proj, experts.wo) scaled by (2 * num_layers)^-0.5 as in GPT-2; norms start at 1.
-        """
-        std = self.config.initializer_range
-        out_std = std / math.sqrt(2 * self.config.num_hidden_layers)
-        q_scaled = self.config.attention_scale == 1.0
-        for name, p in self.named_parameters():
-            if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
-                p.fill_(1.0)
-            elif name.endswith("q_proj.weight") and q_scaled:
-                p.normal_(0.0, std / math.sqrt(self.config.head_dim))
-            elif name.endswith(("o_proj.weight", "down_proj.weight", "experts.wo")):
-                p.normal_(0.0, out_std)
-            else:
-                p.normal_(0.0, std)
+        Each module initialises the parameters it owns; a parameter transformers marks as loaded is left alone."""
+        if self._skip_init:
+            return
+        cfg = self.config
+        std = cfg.initializer_range
+        out_std = std / math.sqrt(2 * cfg.num_hidden_layers)
+        if isinstance(module, RMSNorm):
+            _init(module.weight, None)
+        elif isinstance(module, nn.Embedding):
+            _init(module.weight, std)
+        elif isinstance(module, OpenMoeAttention):
+            _init(module.q_proj.weight, std / math.sqrt(cfg.head_dim) if cfg.attention_scale == 1.0 else std)
+            _init(module.k_proj.weight, std)
+            _init(module.v_proj.weight, std)
+            _init(module.o_proj.weight, out_std)
+        elif isinstance(module, OpenMoeMLP):
+            _init(module.gate_proj.weight, std)
+            _init(module.up_proj.weight, std)
+            _init(module.down_proj.weight, out_std)
+        elif isinstance(module, OpenMoeSparseMLP):
+            _init(module.gate_weight, std)
+            _init(module.experts.wi_gate, std)
+            _init(module.experts.wi_up, std)
+            _init(module.experts.wo, out_std)
+        elif module is self:
+            _init(self.lm_head.weight, std)
+
+    def reset_parameters(self) -> None:
+        """Initialise every parameter again (as at construction)."""
+        for m in self.modules():
+            self._init_weights(m)
+
+    # --- transformers plumbing ---
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None) -> None:
+        """transformers' switch, mapped onto ModelOptions (non-reentrant checkpointing, the current ac_policy)."""
+        self.apply_options(self.options.replace(activation_checkpointing=True))
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.apply_options(self.options.replace(activation_checkpointing=False))
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self.options.activation_checkpointing
 
     def forward(self, input_ids, attention_mask=None, labels=None, position_ids=None, past_key_values=None,
-                use_cache=False, return_logits=None) -> OpenMoeOutput:
-        h, cache, moe = self.model(input_ids, attention_mask, position_ids, past_key_values, use_cache)
-        out = self.head_and_loss(h, labels, return_logits, moe)
-        out.past_key_values = cache
-        return out
+                use_cache=None, return_logits=None, logits_to_keep: int = 0, inputs_embeds=None,
+                output_attentions=None, output_hidden_states=None, return_dict=None, **unused) -> OpenMoeOutput:
+        """labels [B, S] (position s predicts labels[s + 1]; -100 ignored) -> loss and its parts. Logits [B, S, V]
+        fp32 come back without labels or with return_logits; logits_to_keep k > 0 keeps only the last k positions.
+        return_dict and transformers' per-call extras (cache_position, ...) are accepted and ignored."""
+        if inputs_embeds is not None or output_attentions or output_hidden_states:
+            raise ValueError("OpenMoeForCausalLM takes input_ids only and returns neither attentions nor hidden "
+                             "states (inputs_embeds, output_attentions, output_hidden_states are not supported)")
+        h, cache, moe = self.model(input_ids, attention_mask, position_ids, past_key_values, bool(use_cache))
+        return self.head_and_loss(h, labels, return_logits, moe, cache, logits_to_keep)
 
-    def head_and_loss(self, h, labels, return_logits, moe: list[MoeAux]) -> OpenMoeOutput:
+    def head_and_loss(self, h, labels, return_logits, moe: list[MoeAux], cache=None,
+                      logits_to_keep: int = 0) -> OpenMoeOutput:
         """LM head and loss parts from the final-normed hidden states (the last pipeline stage calls this too)."""
-        out = OpenMoeOutput(moe=moe)
+        logits = loss = ce = z = aux = rz = n = None
         if return_logits or (return_logits is None and labels is None):
-            out.logits = self.lm_head(h).float()
+            logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h).float()
         if labels is not None:
             cfg = self.config
             aux, rz = router_losses(moe, cfg.router_aux_loss_factor, cfg.router_z_loss_factor, h)
@@ -386,27 +485,97 @@ class OpenMoeForCausalLM(nn.Module):
                 else:
                     ce, z, n = lm_loss(h, self.lm_head.weight, labels, cfg.label_smoothing, cfg.z_loss_factor, chunk)
                     ce_z = ce + z
-            out.loss, out.ce_loss, out.z_loss, out.aux_loss, out.router_z_loss, out.num_tokens = (
-                ce_z + aux + rz, ce, z, aux, rz, n)
-        return out
+            loss = ce_z + aux + rz
+        return OpenMoeOutput(loss=loss, logits=logits, past_key_values=cache, ce_loss=ce, z_loss=z, aux_loss=aux,
+                             router_z_loss=rz, num_tokens=n, moe=moe)
 
-    # --- HF-format checkpoints and generation live in their own modules ---
+    # --- generation (transformers' GenerationMixin.generate drives these) ---
+    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, use_cache=True,
+                                      logits_to_keep=None, **unused):
+        """input_ids [B, L] is the whole sequence so far: the BOS rule needs it, so the mask is made BOS-visible
+        here over all L columns; the model then gets only the positions the cache does not hold yet."""
+        past = 0 if past_key_values is None else past_key_values.get_seq_length()
+        if attention_mask is not None and self.config.pad_is_bos and attention_mask.shape[1] == input_ids.shape[1]:
+            attention_mask = bos_visible_mask(input_ids, attention_mask, self.config.bos_token_id)
+        # synced_gpus: a rank whose rows are done keeps stepping while its input_ids stop growing (last token again)
+        new = input_ids[:, past:] if input_ids.shape[1] > past else input_ids[:, -1:]
+        inputs = {"input_ids": new, "attention_mask": attention_mask,
+                  "past_key_values": past_key_values, "use_cache": use_cache}
+        if logits_to_keep is not None:
+            inputs["logits_to_keep"] = logits_to_keep
+        return inputs
+
+    def _reorder_cache(self, past_key_values, beam_idx):  # transformers 4.x beam search with a legacy cache
+        past_key_values.reorder_cache(beam_idx)
+        return past_key_values
+
+    # --- checkpoints ---
     @classmethod
-    def from_pretrained(cls, path: str, **kwargs) -> "OpenMoeForCausalLM":
-        from openmoe.io.hf import load_pretrained
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """transformers' from_pretrained (torch_dtype, device_map, max_memory, options=ModelOptions(...), config
+        overrides as keywords), in the stored dtype unless torch_dtype says otherwise, and strict: a checkpoint whose tensors do not match the model is one error naming
+        the keys and shapes instead of silently initialised weights (unless output_loading_info or
+        ignore_mismatched_sizes asks for transformers' own behaviour)."""
+        path = str(pretrained_model_name_or_path)
+        looks_local = os.path.isabs(path) or path.startswith(".") or path.count("/") > 1
+        if looks_local and not os.path.isdir(path):
+            raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+        if _TRANSFORMERS_MAJOR < 5:  # transformers 5 spells it dtype and loads the stored dtype by default
+            kwargs["torch_dtype"] = kwargs.pop("dtype", kwargs.get("torch_dtype", "auto"))
+        want_info = kwargs.pop("output_loading_info", False)
+        strict = not want_info and not kwargs.get("ignore_mismatched_sizes", False)
+        kwargs.setdefault("ignore_mismatched_sizes", True)  # mismatches come back in info, reported below
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True,
+                                              **kwargs)
+        problems = []
+        for key, label in (("missing_keys", "missing keys"), ("unexpected_keys", "unexpected keys")):
+            if info.get(key):
+                problems.append(f"{label} {sorted(info[key])}")
+        if info.get("mismatched_keys"):
+            names = [k if isinstance(k, str) else k[0] for k in info["mismatched_keys"]]
+            stored = _checkpoint_shapes(path, names)
+            ours = model.state_dict()
+            wrong = sorted(f"{k}: checkpoint {stored.get(k, '?')} vs model {tuple(ours[k].shape)}" for k in names)
+            problems.append(f"wrong shapes [{'; '.join(wrong)}]")
+        if strict and problems:
+            raise ValueError(f"checkpoint {path} does not match the model: " + "; ".join(problems))
+        return (model, info) if want_info else model
 
-        return load_pretrained(path, **kwargs)
+    def save_pretrained(self, save_directory, **kwargs):
+        """With the openmoe package: its atomic writer (io/hf.py: config.json with auto_map, the model code,
+        sharded safetensors). In an exported copy without openmoe: transformers' own, which copies this code too."""
+        try:
+            from openmoe.io.hf import save_pretrained as write
+        except ImportError:
+            return super().save_pretrained(save_directory, **kwargs)
+        return write(self, save_directory, **kwargs)
 
-    def save_pretrained(self, path: str, **kwargs) -> None:
-        from openmoe.io.hf import save_pretrained
 
-        save_pretrained(self, path, **kwargs)
+def _checkpoint_shapes(directory: str, names: list[str]) -> dict[str, tuple]:
+    """Stored shapes of `names` in a local checkpoint directory (safetensors headers; .bin shards memory-mapped)."""
+    shapes = {}
+    if not os.path.isdir(directory):
+        return shapes
+    for fname in sorted(os.listdir(directory)):
+        path = os.path.join(directory, fname)
+        if fname.endswith(".safetensors"):
+            with open(path, "rb") as f:  # 8-byte little-endian header length, then the JSON header
+                header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+            shapes.update({k: tuple(v["shape"]) for k, v in header.items() if k in names})
+        elif fname.endswith(".bin"):
+            shard = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            shapes.update({k: tuple(v.shape) for k, v in shard.items() if k in names})
+    return shapes
 
-    @torch.no_grad()
-    def generate(self, input_ids, attention_mask=None, **kwargs) -> torch.Tensor:
-        from openmoe.generation import generate
 
-        return generate(self, input_ids, attention_mask, **kwargs)
+def _init(p: torch.Tensor, std: float | None) -> None:
+    """N(0, std), or ones for std None; skipped for a parameter transformers 5 marks as loaded."""
+    if getattr(p, "_is_hf_initialized", False):
+        return
+    if std is None:
+        p.fill_(1.0)
+    else:
+        p.normal_(0.0, std)
 
 
 def router_losses(moe: list[MoeAux], aux_factor: float, z_factor: float, like: torch.Tensor):

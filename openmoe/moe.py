@@ -14,9 +14,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from openmoe.config import OpenMoeConfig
-from openmoe.losses import router_aux_loss, router_aux_loss_seq, router_z_loss
-from openmoe.router import RouterOutput, route
+from .config import OpenMoeConfig
+from .losses import router_aux_loss, router_aux_loss_seq, router_z_loss
+from .router import RouterOutput, route
 
 
 def swiglu(x: torch.Tensor) -> torch.Tensor:

@@ -72,6 +72,17 @@ def replace_directory(tmp: str, path: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def honour_umask(path: str) -> None:
+    """Give `path` and everything under it the modes a plain mkdir/open would have (0755 / 0644 under umask 022):
+    mkdtemp creates 0700 and some writers 0600, which would hide an export from other users."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for dirpath, _, names in os.walk(path):
+        os.chmod(dirpath, 0o777 & ~umask)
+        for name in names:
+            os.chmod(os.path.join(dirpath, name), 0o666 & ~umask)
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str) -> Iterator[str]:
     """Yield a temporary directory; on success replace `path` by it (see replace_directory)."""
@@ -81,6 +92,7 @@ def atomic_directory(path: str) -> Iterator[str]:
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
     try:
         yield tmp
+        honour_umask(tmp)
         fsync_tree(tmp)
         replace_directory(tmp, path)
     except BaseException:
@@ -144,7 +156,9 @@ class ShardWriter:
 
 def write_checkpoint(directory: str, config: OpenMoeConfig, state_dict: dict[str, torch.Tensor],
                      max_shard_bytes: int = 2 * 1024**3) -> None:
-    """Write config.json + safetensors (sharded with an index when larger than max_shard_bytes) atomically."""
+    """Write config.json (auto_map) + the model code + safetensors (sharded with an index when larger than
+    max_shard_bytes) atomically: the directory loads with AutoModelForCausalLM.from_pretrained(dir,
+    trust_remote_code=True) where openmoe is not installed."""
     with atomic_directory(directory) as tmp:
         config.save(tmp)
         writer = ShardWriter(tmp, max_shard_bytes)
@@ -153,8 +167,34 @@ def write_checkpoint(directory: str, config: OpenMoeConfig, state_dict: dict[str
         writer.finish(single_file=True)
 
 
-def save_pretrained(model, directory: str, max_shard_bytes: int = 2 * 1024**3) -> None:
-    write_checkpoint(directory, model.config, model.state_dict(), max_shard_bytes)
+def save_pretrained(model, directory: str, max_shard_bytes: int | None = None, max_shard_size: int | str = "2GB",
+                    state_dict: dict | None = None, safe_serialization: bool = True, is_main_process: bool = True,
+                    **unsupported) -> None:
+    """`model.save_pretrained`: transformers' arguments where they apply (max_shard_size "2GB"/int bytes,
+    state_dict, is_main_process); max_shard_bytes is ours (wins over max_shard_size)."""
+    if unsupported or not safe_serialization:
+        names = sorted(unsupported) + ([] if safe_serialization else ["safe_serialization=False"])
+        raise ValueError(f"save_pretrained argument(s) {names} are not supported by openmoe's writer; accepted: "
+                         "max_shard_size, max_shard_bytes, state_dict, is_main_process (push with "
+                         "huggingface_hub.upload_folder after saving)")
+    if not is_main_process:
+        return
+    limit = max_shard_bytes if max_shard_bytes is not None else parse_size(max_shard_size)
+    write_checkpoint(directory, model.config, model.state_dict() if state_dict is None else state_dict, limit)
+
+
+_SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(size: int | str) -> int:
+    """'2GB' / '500MiB' / bytes -> bytes (transformers' max_shard_size convention)."""
+    if isinstance(size, int):
+        return size
+    text = str(size).strip().upper()
+    for unit in sorted(_SIZE_UNITS, key=len, reverse=True):
+        if text.endswith(unit) and text[: -len(unit)].strip().replace(".", "", 1).isdigit():
+            return int(float(text[: -len(unit)]) * _SIZE_UNITS[unit])
+    raise ValueError(f"max_shard_size '{size}' is not a size; accepted: bytes or e.g. '2GB', '500MB', '1GiB'")
 
 
 def _weight_files(directory: str) -> tuple[list[str], bool]:
@@ -219,22 +259,8 @@ def check_state_dict(expected: dict[str, torch.Size], got: dict[str, torch.Tenso
         raise ValueError(f"checkpoint {source} does not match the model: " + "; ".join(problems))
 
 
-def load_pretrained(directory: str, dtype=None, device="cpu", **config_overrides):
-    """Build OpenMoeForCausalLM from an HF-format directory (ours or the published layout)."""
+def load_pretrained(directory: str, dtype=None, device="cpu", **kwargs):
+    """OpenMoeForCausalLM.from_pretrained (transformers', strict) with our dtype spelling ("bf16", ...)."""
     from openmoe.model import OpenMoeForCausalLM
 
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
-    config = OpenMoeConfig.load(directory)
-    if config_overrides:
-        config = config.replace(**config_overrides)
-    with torch.device("meta"):
-        model = OpenMoeForCausalLM(config, init=False)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    tensors = read_tensors(directory)
-    check_state_dict(expected, tensors, directory)
-    dtype = parse_dtype(dtype)
-    if dtype is not None:
-        tensors = {k: v.to(dtype) for k, v in tensors.items()}
-    model.load_state_dict(tensors, assign=True)
-    return model.to(device)
+    return OpenMoeForCausalLM.from_pretrained(directory, torch_dtype=parse_dtype(dtype), **kwargs).to(device)

@@ -70,7 +70,7 @@ def stage_forward(self: OpenMoeForCausalLM, input_ids, attention_mask=None, labe
     position_ids, allowed, token_mask = self.model.layer_inputs(input_ids, attention_mask, position_ids, 0)
     h = self.model.embed_tokens(input_ids) if stage.first else hidden_states  # [B, S, H]
     cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, h.dtype)
-    h, own, _ = self.model.run_layers(h, cos, sin, allowed, token_mask, stage.layers)
+    h, own = self.model.run_layers(h, cos, sin, allowed, token_mask, stage.layers)
     moe = _decode_stats(moe_stats) + own
     if not stage.last:
         return {"hidden_states": h, "router_grad": _add_router_grad(self.config, stage, router_grad, own, h),

@@ -10,6 +10,7 @@ import torch
 
 from openmoe import OpenMoeForCausalLM, preset
 from openmoe.data import load_tokenizer
+from openmoe.generation import generate
 from openmoe.inference import encode_batch
 from tests.helpers import free_port
 
@@ -22,7 +23,7 @@ def test_ep_inference_matches_single_device_with_early_eos(tmp_path):
     model = OpenMoeForCausalLM(preset("tiny")).eval()
     tok = load_tokenizer(os.path.join(ROOT, "tests", "assets", "tokenizer"))
     ids, mask = encode_batch(tok, PROMPTS)
-    free = model.generate(ids, mask, max_new_tokens=6, eos_token_id=-1, vocab_limit=len(tok))[:, ids.shape[1]:]
+    free = generate(model, ids, mask, max_new_tokens=6, eos_token_id=-1, vocab_limit=len(tok))[:, ids.shape[1]:]
     eos = int(free[0, 0])  # prompt 0 (rank 0) will stop at its first token ...
     assert eos not in free[1].tolist()  # ... prompt 1 (rank 1) never emits it
     ckpt = tmp_path / "ckpt"

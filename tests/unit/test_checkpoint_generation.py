@@ -6,6 +6,8 @@ import subprocess
 import pytest
 import torch
 
+from openmoe.config import MODEL_CODE_FILES
+from openmoe.generation import generate
 from openmoe.io.hf import BIN_INDEX, SAFE_INDEX, write_checkpoint
 from openmoe.config import preset
 from openmoe.model import OpenMoeForCausalLM
@@ -28,7 +30,8 @@ def test_save_load_identical_logits_single_and_sharded(model, tmp_path):
     ids = batch()
     want = model(ids).logits
     model.save_pretrained(str(tmp_path / "one"))
-    assert sorted(os.listdir(tmp_path / "one")) == ["config.json", "model.safetensors"]
+    # one weights file beside config.json and the model code its auto_map names (issue 16: self-contained exports)
+    assert sorted(os.listdir(tmp_path / "one")) == sorted(["config.json", "model.safetensors", *MODEL_CODE_FILES])
     model.save_pretrained(str(tmp_path / "many"), max_shard_bytes=300_000)
     index = json.load(open(tmp_path / "many" / SAFE_INDEX))
     assert len(set(index["weight_map"].values())) > 2
@@ -107,13 +110,13 @@ def test_kv_cache_greedy_equals_full_recomputation_with_left_padding(model):
     ids[1, 3], ids[2, 5] = 0, 0  # each row starts with its <pad> BOS
     want, want_logits = full_forward_greedy(model, ids, mask, 8)
     steps = []
-    got = model.generate(ids, mask, max_new_tokens=8, eos_token_id=-1,
+    got = generate(model, ids, mask, max_new_tokens=8, eos_token_id=-1,
                          on_tokens=lambda tok, fin: steps.append(tok.clone()))
     assert torch.equal(got, want)
     # and each padded row decodes exactly as it would alone (positions count real tokens; pads never routed)
     for row in (1, 2):
         start = int((mask[row] == 0).sum())
-        alone = model.generate(ids[row:row + 1, start:], max_new_tokens=8, eos_token_id=-1)
+        alone = generate(model, ids[row:row + 1, start:], max_new_tokens=8, eos_token_id=-1)
         assert torch.equal(alone[0, -8:], got[row, -8:])
 
 
@@ -131,19 +134,19 @@ def test_incremental_decoding_positions_match_full_forward(model):
 
 def test_eos_and_stop_sequence_end_rows(model):
     ids = batch(b=2, s=5)
-    free = model.generate(ids, max_new_tokens=6, eos_token_id=-1)
+    free = generate(model, ids, max_new_tokens=6, eos_token_id=-1)
     first = free[:, 5]
-    out = model.generate(ids, max_new_tokens=6, eos_token_id=int(first[0]))
+    out = generate(model, ids, max_new_tokens=6, eos_token_id=int(first[0]))
     assert out[0, 5] == first[0] and (out[0, 6:] == 0).all()
     two = free[1, 5:7].tolist()
-    out = model.generate(ids, max_new_tokens=6, eos_token_id=-1, stop_sequences=[two])
+    out = generate(model, ids, max_new_tokens=6, eos_token_id=-1, stop_sequences=[two])
     assert out[1, 5:7].tolist() == two and (out[1, 7:] == 0).all()
 
 
 def test_vocab_limit_is_never_exceeded(model):
     ids = batch(b=2, s=5)
-    out = model.generate(ids, max_new_tokens=8, eos_token_id=-1, vocab_limit=300)
-    free = model.generate(ids, max_new_tokens=8, eos_token_id=-1)
+    out = generate(model, ids, max_new_tokens=8, eos_token_id=-1, vocab_limit=300)
+    free = generate(model, ids, max_new_tokens=8, eos_token_id=-1)
     assert (out[:, 5:] < 300).all() and (free[:, 5:] >= 300).any()
 
 

@@ -57,7 +57,7 @@ def test_config_json_round_trip(name, tmp_path):
     cfg = preset(name)
     path = cfg.save(str(tmp_path))
     raw = json.load(open(path))
-    assert raw["model_type"] == "llama" and raw["router_topk"] == cfg.router_topk
+    assert raw["model_type"] == "openmoe" and raw["router_topk"] == cfg.router_topk  # issue 16: our own type
     assert OpenMoeConfig.load(str(tmp_path)) == cfg
 
 

@@ -28,6 +28,7 @@ import tensorstore as ts
 import torch
 
 from openmoe import OpenMoeForCausalLM, preset
+from openmoe.config import MODEL_CODE_FILES
 from openmoe.io.hf import SAFE_INDEX
 from openmoe.convert.__main__ import main as convert_main
 
@@ -174,7 +175,7 @@ def test_t5x_checkpoint_converts_to_identical_logits(tmp_path):
     index = json.load(open(out / SAFE_INDEX))
     files = sorted(set(index["weight_map"].values()))
     assert len(files) > 1 and files[-1] == f"model-{len(files):05d}-of-{len(files):05d}.safetensors"
-    assert sorted(os.listdir(out)) == sorted(files + [SAFE_INDEX, "config.json"])
+    assert sorted(os.listdir(out)) == sorted(files + [SAFE_INDEX, "config.json", *MODEL_CODE_FILES])  # + model code
     assert set(index["weight_map"]) == set(model.state_dict())
     for fname in files:  # a shard only exceeds the limit when it holds a single larger tensor
         keys = [k for k, f in index["weight_map"].items() if f == fname]

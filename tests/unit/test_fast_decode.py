@@ -7,6 +7,7 @@ import torch
 
 from openmoe import OpenMoeForCausalLM, preset
 from openmoe.fast_decode import FastDecoder
+from openmoe.generation import generate
 from openmoe.inference import set_dropless
 
 STEPS = 32
@@ -45,10 +46,10 @@ def stop_steps(out, prompt_width, eos):
 @pytest.mark.parametrize("moe_impl", ["gather", "dense", "grouped"])
 def test_greedy_equals_reference_with_rows_stopping_at_different_steps(model, moe_impl):
     ids, mask = padded_batch()
-    free = model.generate(ids, mask, max_new_tokens=STEPS, eos_token_id=-1)
+    free = generate(model, ids, mask, max_new_tokens=STEPS, eos_token_id=-1)
     # an "EOS" the rows reach at different steps: a token row 0 emits early and row 1 emits later (or never)
     eos = free[0, ids.shape[1] + 3].item()
-    want = model.generate(ids, mask, max_new_tokens=STEPS, eos_token_id=eos)
+    want = generate(model, ids, mask, max_new_tokens=STEPS, eos_token_id=eos)
     steps = stop_steps(want, ids.shape[1], eos)
     assert steps[0] == 3 and len(set(steps)) > 1, steps  # the batch really stops row by row
 
@@ -60,11 +61,11 @@ def test_greedy_equals_reference_with_rows_stopping_at_different_steps(model, mo
 
 def test_stop_sequences_streaming_and_vocab_limit_match_reference(model):
     ids, mask = padded_batch()
-    free = model.generate(ids, mask, max_new_tokens=STEPS, eos_token_id=-1, vocab_limit=700)
+    free = generate(model, ids, mask, max_new_tokens=STEPS, eos_token_id=-1, vocab_limit=700)
     stop = free[1, ids.shape[1] + 6: ids.shape[1] + 8].tolist()  # row 1's tokens at steps 6-7
     seen = {"ref": [], "fast": []}
     kw = dict(max_new_tokens=STEPS, eos_token_id=-1, vocab_limit=700, stop_sequences=[stop])
-    want = model.generate(ids, mask, on_tokens=lambda t, f: seen["ref"].append((t.tolist(), f.tolist())), **kw)
+    want = generate(model, ids, mask, on_tokens=lambda t, f: seen["ref"].append((t.tolist(), f.tolist())), **kw)
     dec = FastDecoder(model, max_batch_size=3, max_seq_len=48, moe_impl="gather", sync_every=4)
     got = dec.generate(ids, mask, on_tokens=lambda t, f: seen["fast"].append((t.tolist(), f.tolist())), **kw)
     assert torch.equal(got, want)
@@ -76,11 +77,11 @@ def test_sampling_with_penalty_equals_reference_from_same_generator(model):
     ids, mask = padded_batch()
     kw = dict(max_new_tokens=STEPS, do_sample=True, temperature=0.8, top_k=50, top_p=0.9, repetition_penalty=1.3,
               eos_token_id=-1)
-    want = model.generate(ids, mask, generator=torch.Generator().manual_seed(7), **kw)
+    want = generate(model, ids, mask, generator=torch.Generator().manual_seed(7), **kw)
     dec = FastDecoder(model, max_batch_size=3, max_seq_len=48, moe_impl="dense")
     got = dec.generate(ids, mask, generator=torch.Generator().manual_seed(7), **kw)
     assert torch.equal(got, want)
-    greedy = model.generate(ids, mask, max_new_tokens=STEPS, eos_token_id=-1)
+    greedy = generate(model, ids, mask, max_new_tokens=STEPS, eos_token_id=-1)
     assert not torch.equal(got, greedy)  # sampling really happened
 
 

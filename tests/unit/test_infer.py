@@ -7,6 +7,7 @@ import torch
 
 from openmoe import OpenMoeForCausalLM, preset
 from openmoe.data import decode, load_tokenizer
+from openmoe.generation import generate
 from openmoe.inference import chat_prompt, chat_stop_sequences, dispatch, encode_batch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -39,13 +40,13 @@ def test_chat_stop_sequences_spell_eos():
 def test_device_map_with_disk_offload_equals_single_device(ckpt, tmp_path):
     ids, mask = encode_batch(load_tokenizer(TOKENIZER), ["Reverse the word: apple.", "Hi"])
     plain = OpenMoeForCausalLM.from_pretrained(ckpt).eval()
-    want = plain.generate(ids, mask, max_new_tokens=6, eos_token_id=-1)
+    want = generate(plain, ids, mask, max_new_tokens=6, eos_token_id=-1)
     split = OpenMoeForCausalLM.from_pretrained(ckpt).eval()
     device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
                   "model.layers.2": "cpu", "model.layers.3": "disk", "model.norm": "cpu", "lm_head": "cpu"}
     split, device = dispatch(split, device_map, None, str(tmp_path / "offload"))
     assert os.listdir(tmp_path / "offload")  # layers 1 and 3 really live on disk
-    got = split.generate(ids.to(device), mask.to(device), max_new_tokens=6, eos_token_id=-1)
+    got = generate(split, ids.to(device), mask.to(device), max_new_tokens=6, eos_token_id=-1)
     assert torch.equal(got, want)
 
 
@@ -62,7 +63,7 @@ def test_cli_batch_greedy_matches_library(ckpt, tmp_path):
     tok = load_tokenizer(TOKENIZER)
     model = OpenMoeForCausalLM.from_pretrained(ckpt).eval()
     ids, mask = encode_batch(tok, ["Reverse the word: apple.\nOutput:", "Hi"])
-    out = model.generate(ids, mask, max_new_tokens=5, vocab_limit=len(tok))
+    out = generate(model, ids, mask, max_new_tokens=5, vocab_limit=len(tok))  # the reference decode
     want = [decode(tok, [t for t in row[ids.shape[1]:].tolist() if t not in (0, 1)]).strip() for row in out]
     assert res.stdout.splitlines() == [f"=== 0: {want[0]}", f"=== 1: {want[1]}"]
 

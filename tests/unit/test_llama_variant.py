@@ -200,8 +200,8 @@ def test_shared_experts_add_an_always_on_dense_mlp():
     assert not hasattr(model.model.layers[0], "shared_experts")  # dense layers have none
     h = torch.randn(2, 5, 32)
     cos, sin = torch.ones(2, 5, 8), torch.zeros(2, 5, 8)  # position 0 everywhere: no rotation
-    out, _, aux = layer(h, cos, sin, None, None)
-    a, _ = layer.self_attn(layer.input_layernorm(h), cos, sin, None)
+    out, aux = layer(h, cos, sin, None, None)
+    a = layer.self_attn(layer.input_layernorm(h), cos, sin, None)
     n = layer.post_attention_layernorm(h + a)
     moe, _ = layer.mlp(n)
     shared = layer.shared_experts.down_proj(F.silu(layer.shared_experts.gate_proj(n)) * layer.shared_experts.up_proj(n))
