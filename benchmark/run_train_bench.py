@@ -125,6 +125,14 @@ FULL_CONFIGS = [
            timeout_s=220, est_s=90),
     Config("8bfull-2gpu-ours-ep-bmm", 2, "ours", F8 + F8_STEPS + ("--plugin", "ep", "--lm_loss_impl", "fused_compiled"),
            timeout_s=220, est_s=110),
+    # 4-layer shape (every layer MoE) at the same 65,536-token step: ours vs baseline (a), both dropless
+    Config("8bL4acc-2gpu-ours-ep-grouped", 2, "ours",
+           E8 + ("--layers", "4", "--batch_size", "2", "--grad_accum", "8", "--dropless", "--plugin", "ep",
+                 "--use_kernel", "--lm_loss_impl", "fused_compiled", "--warmup", "2", "--steps", "3",
+                 "--profile_steps", "0"), timeout_s=80, est_s=45),
+    Config("8bL4acc-2gpu-mixtral", 2, "mixtral",
+           E8 + ("--layers", "4", "--batch_size", "2", "--grad_accum", "8", "--warmup", "2", "--steps", "3",
+                 "--profile_steps", "0"), timeout_s=80, est_s=45),
     # pipeline 2 x EP 1: 12 layers (2 MoE) per GPU, every stage holds its experts whole; 32 sequences per step in 16
     # pipeline micro-batches of 2 = the same 65,536 tokens per step
     Config("8bfull-2gpu-ours-hybrid", 2, "ours",
