@@ -451,6 +451,10 @@ class Server(ThreadingHTTPServer):
         self.default_max_tokens, self.verbose = default_max_tokens, verbose
         self.created = int(time.time())
 
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):  # a client hanging up is normal
+            super().handle_error(request, client_address)
+
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
