@@ -139,7 +139,12 @@ def build_model(run: RunConfig, cfg: OpenMoeConfig) -> OpenMoeForCausalLM:
         model = OpenMoeForCausalLM(cfg)
     model.apply_options(model_options(run))
     # frozen parameters get requires_grad False before the optimizer exists, so they never get optimizer state
-    trainable_parameters(model, run.model.trainable, run.model.freeze_router)
+    if run.lora.lora_rank:
+        from openmoe.train.lora import apply_lora
+
+        apply_lora(model, run)
+    else:
+        trainable_parameters(model, run.model.trainable, run.model.freeze_router)
     return model
 
 
@@ -150,6 +155,7 @@ def data_spec(run: RunConfig):
     d = run.data
     return DataSpec(source=d.dataset, task_name=d.task_name, split=d.split, data_format=d.data_format,
                     prompt_field=d.prompt_field, completion_field=d.completion_field, text_field=d.text_field,
+                    system_prompt=d.system_prompt,
                     mask_prompt=d.mask_prompt, max_length=d.max_length, pack=d.pack, streaming=d.streaming,
                     num_proc=d.num_proc, cache_dir=d.cache_dir, eval_source=d.eval_dataset, eval_split=d.eval_split,
                     eval_samples=d.eval_samples)
@@ -167,9 +173,12 @@ def build_data(run: RunConfig, cfg: OpenMoeConfig, dp_rank: int, dp_size: int):
         examples = data.build_examples(spec, tokenizer)
         eval_examples = data.build_eval_examples(spec, tokenizer)
     # Fixed [B, max_length] shapes: every EP rank then computes the same capacity, so all-to-all splits are equal.
-    batches_cls = data.StreamingBatches if spec.streaming else data.ShardedBatches
-    batches = batches_cls(examples, run.optim.batch_size, dp_rank, dp_size, seed=run.optim.seed,
-                          pad_id=cfg.pad_token_id, max_length=run.data.max_length)
+    shared = dict(seed=run.optim.seed, pad_id=cfg.pad_token_id, max_length=run.data.max_length)
+    if spec.streaming:
+        batches = data.StreamingBatches(examples, run.optim.batch_size, dp_rank, dp_size,
+                                        shuffle_buffer=run.data.shuffle_buffer, **shared)
+    else:
+        batches = data.ShardedBatches(examples, run.optim.batch_size, dp_rank, dp_size, **shared)
     return tokenizer, batches, eval_examples
 
 

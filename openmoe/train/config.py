@@ -123,11 +123,15 @@ class DataSection:
     prompt_field: str = _f("prompt", "prompt_completion: field holding the prompt")
     completion_field: str = _f("completion", "prompt_completion: field holding the completion")
     text_field: str = _f("text", "text: field holding the raw text (continued pre-training)")
+    system_prompt: str | None = _f(None, "chat formats: system prompt for records without one; default: "
+                                         "OpenMoE-8B-Chat's, or the tokenizer chat_template's own")
     mask_prompt: bool | None = _f(None, "no loss on prompt/user/system tokens; default: the format's (on for chat, "
                                         "sharegpt and alpaca, off for prompt_completion)")
     pack: bool | None = _f(None, "pack examples into max_length blocks; default: raw text only")
     max_length: int = _f(64, "tokens per example (truncate); at most the model's max_position_embeddings")
     streaming: bool = _f(False, "read the corpus as it is consumed (larger than RAM or disk); needs --max_steps")
+    shuffle_buffer: int = _f(10000, "with --streaming: examples shuffled through a seeded buffer of this size; "
+                                    "off: 0 (stream order)")
     num_proc: int | None = _f(None, "processes tokenizing with datasets.map (tokenized once, cached); off: None "
                                     "(this process)")
     cache_dir: str | None = _f(None, "datasets' cache for the tokenized data; default: ~/.cache/huggingface/datasets")
@@ -137,6 +141,18 @@ class DataSection:
     eval_samples: int | None = _f(None, "evaluate on the first N records; off: None (all)")
     eval_interval: int = _f(0, "evaluate every N steps (and after the last); off: 0 (only after the last)")
     eval_only: bool = _f(False, "evaluate the model (--pretrained or the newest checkpoint with --resume) and exit")
+
+
+@dataclass
+class LoraSection:
+    lora_rank: int = _f(0, "LoRA: rank of the adapters on the attention and dense MLP projections (PEFT); every other "
+                           "weight is frozen (no optimizer state); off: 0 (full fine-tuning)")
+    lora_alpha: float | None = _f(None, "LoRA scaling numerator (the update is alpha / rank * B A); default: 2 * rank")
+    lora_dropout: float = _f(0.0, "LoRA dropout on the adapter input; off: 0")
+    lora_targets: str | None = _f(None, "comma-separated linear layer names to adapt; default: q_proj,k_proj,v_proj,"
+                                        "o_proj,gate_proj,up_proj,down_proj")
+    merge_lora: bool = _f(False, "also export the merged model (W + alpha / rank * B A) in HF format under hf/; off: "
+                                 "only the PEFT adapter under adapter/")
 
 
 @dataclass
@@ -168,11 +184,6 @@ class CheckpointSection:
     preempt_grace_s: float = _f(120.0, "on SIGTERM/SIGINT every rank finishes its current step, saves a checkpoint "
                                        "and exits (code 143/130); if that takes longer than this many seconds the "
                                        "rank exits without saving")
-    overwrite: bool = _f(False, "start a new run in an output_path that holds an earlier run's checkpoints, deleting "
-                                "them (its checkpoints, hf export, metrics); off: such a directory is refused")
-    preempt_grace_s: float = _f(120.0, "on SIGTERM/SIGINT every rank finishes its current step, saves a checkpoint "
-                                       "and exits (code 143/130); if that takes longer than this many seconds the "
-                                       "rank exits without saving")
 
 
 @dataclass
@@ -182,8 +193,8 @@ class LoggingSection:
 
 
 SECTIONS = {"model": ModelSection, "parallel": ParallelSection, "kernels": KernelSection,
-            "balance": BalanceSection, "data": DataSection, "optim": OptimSection, "checkpoint": CheckpointSection,
-            "logging": LoggingSection}
+            "balance": BalanceSection, "data": DataSection, "lora": LoraSection, "optim": OptimSection,
+            "checkpoint": CheckpointSection, "logging": LoggingSection}
 SECTION_OF = {f.name: name for name, cls in SECTIONS.items() for f in dataclasses.fields(cls)}  # flat key -> section
 _TYPES = {"str": str, "int": int, "float": float, "bool": bool}
 
@@ -195,6 +206,7 @@ class RunConfig:
     kernels: KernelSection = field(default_factory=KernelSection)
     balance: BalanceSection = field(default_factory=BalanceSection)
     data: DataSection = field(default_factory=DataSection)
+    lora: LoraSection = field(default_factory=LoraSection)
     optim: OptimSection = field(default_factory=OptimSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
@@ -235,14 +247,19 @@ class RunConfig:
         for key, value in positive.items():
             if value < 1:
                 raise ValueError(f"--{key} ({value}) must be >= 1")
+        if self.lora.lora_rank < 0:
+            raise ValueError(f"--lora_rank ({self.lora.lora_rank}) must be >= 1, or 0 for full fine-tuning")
+        if self.lora.lora_rank and self.model.trainable != "all":
+            raise ValueError(f"--lora_rank trains only the adapters; --trainable {self.model.trainable} does not apply "
+                             "(accepted with LoRA: all)")
+        if (self.lora.merge_lora or self.lora.lora_targets) and not self.lora.lora_rank:
+            raise ValueError("--merge_lora / --lora_targets need --lora_rank >= 1")
+        if not 0 <= self.lora.lora_dropout < 1:
+            raise ValueError(f"--lora_dropout ({self.lora.lora_dropout}) must be in [0, 1)")
         if self.data.streaming and self.optim.max_steps is None:
             raise ValueError("--streaming reads a corpus of unknown length: give --max_steps")
         if self.optim.max_steps is not None and self.optim.max_steps < 1:
             raise ValueError(f"--max_steps ({self.optim.max_steps}) must be >= 1 (or unset: --num_epochs decides)")
-        if self.checkpoint.overwrite and self.checkpoint.resume:
-            raise ValueError("--overwrite deletes the checkpoints that --resume would continue; accepted: one of them")
-        if self.checkpoint.preempt_grace_s <= 0:
-            raise ValueError(f"--preempt_grace_s ({self.checkpoint.preempt_grace_s}) must be > 0")
         if self.checkpoint.overwrite and self.checkpoint.resume:
             raise ValueError("--overwrite deletes the checkpoints that --resume would continue; accepted: one of them")
         if self.checkpoint.preempt_grace_s <= 0:

@@ -13,10 +13,12 @@ import torch
 import torch.distributed as dist
 
 from openmoe.backend.colossal import dp_rank
+from openmoe.parallel.gather import full_state_dict
 from openmoe.train.builder import build
 from openmoe.train.checkpointing import export_hf
 from openmoe.train.config import parse_args
 from openmoe.train.evaluate import evaluate
+from openmoe.train.lora import export_lora
 from openmoe.train.trainer import Trainer
 
 
@@ -35,7 +37,13 @@ def main():
     with torch.no_grad():
         logits = probe_logits(st.model, st.booster, probe_batch(st.cfg.vocab_size).to(st.device))
     metrics = evaluate(st) if st.eval_examples is not None else None  # collective
-    export_hf(st, os.path.join(out_dir, "hf"))
+    if run.lora.lora_rank:
+        export_lora(st, out_dir)  # adapter/, and hf/ merged with --merge_lora
+        frozen = full_state_dict(st.model)
+        if st.rank == 0:  # every weight but the adapters, as trained (the test compares them with the init)
+            torch.save({k: v for k, v in frozen.items() if ".lora_" not in k}, os.path.join(out_dir, "frozen.pt"))
+    else:
+        export_hf(st, os.path.join(out_dir, "hf"))
     if logits is not None and dp_rank(st.boosted.plugin) == 0:
         torch.save(logits, os.path.join(out_dir, "logits.pt"))
     if metrics is not None and st.rank == 0:
