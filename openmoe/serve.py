@@ -40,7 +40,6 @@ from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
-import torch.nn.functional as F
 
 # ----------------------------------------------------------------------------------------------- model adapter
 
@@ -78,7 +77,6 @@ def generate_batch(model, tokenizer, prompts: list[str], options: GenOptions, on
     from openmoe import generation, inference
 
     ids, mask = inference.encode_batch(tokenizer, prompts)  # [B, S] left-padded, <pad>-BOS first
-    ids, mask = _no_single_pad(ids, mask)
     device = next(model.parameters()).device
     seed = options.seed if options.seed is not None else 0
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -94,16 +92,6 @@ def generate_batch(model, tokenizer, prompts: list[str], options: GenOptions, on
         row = row[: row.index(eos)] if eos in row else row
         rows.append([t for t in row if t != pad])
     return rows
-
-
-def _no_single_pad(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two more padding columns when some row has exactly one. The model's <pad>-as-BOS rule
-    (model._attention_allowed) takes "column 0 masked, column 1 real" for a hidden BOS and unmasks column 0: with one
-    left pad that column is padding, so the row would attend to an extra <pad> and decode differently than alone.
-    With 0 or >= 2 pads per row the rule does not fire. (Remove once the model no longer guesses from the mask.)"""
-    if not bool(((mask == 0).sum(1) == 1).any()):
-        return ids, mask
-    return F.pad(ids, (2, 0), value=0), F.pad(mask, (2, 0), value=0)
 
 
 # ------------------------------------------------------------------------------------------- requests and rows
@@ -719,8 +707,7 @@ def start(model, tokenizer, host="127.0.0.1", port=0, model_name="openmoe", max_
     if decode != "eager":
         from openmoe.fast_decode import FastDecoder
 
-        # +2: the adapter's extra padding columns (_no_single_pad)
-        decoder = FastDecoder(model, max_batch_size, max_model_len + 2, compile=decode == "compiled")
+        decoder = FastDecoder(model, max_batch_size, max_model_len, compile=decode == "compiled")
     engine = Engine(model, tokenizer, max_batch_size, max_queue, batch_window_s, distributed, decoder)
     server = Server((host, port), engine, model_name, max_model_len, default_max_tokens,
                     verbose)  # binds the port: fails before the engine thread starts
