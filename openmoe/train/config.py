@@ -247,15 +247,7 @@ class RunConfig:
         for key, value in positive.items():
             if value < 1:
                 raise ValueError(f"--{key} ({value}) must be >= 1")
-        if self.lora.lora_rank < 0:
-            raise ValueError(f"--lora_rank ({self.lora.lora_rank}) must be >= 1, or 0 for full fine-tuning")
-        if self.lora.lora_rank and self.model.trainable != "all":
-            raise ValueError(f"--lora_rank trains only the adapters; --trainable {self.model.trainable} does not apply "
-                             "(accepted with LoRA: all)")
-        if (self.lora.merge_lora or self.lora.lora_targets) and not self.lora.lora_rank:
-            raise ValueError("--merge_lora / --lora_targets need --lora_rank >= 1")
-        if not 0 <= self.lora.lora_dropout < 1:
-            raise ValueError(f"--lora_dropout ({self.lora.lora_dropout}) must be in [0, 1)")
+        self._validate_data_and_lora()
         if self.data.streaming and self.optim.max_steps is None:
             raise ValueError("--streaming reads a corpus of unknown length: give --max_steps")
         if self.optim.max_steps is not None and self.optim.max_steps < 1:
@@ -269,6 +261,19 @@ class RunConfig:
             if value < 0:
                 raise ValueError(f"--{key} ({value}) must be >= 0 (0 is off)")
 
+
+    def _validate_data_and_lora(self) -> None:
+        if self.data.eval_only and self.data.eval_dataset is None and self.data.eval_split is None:
+            raise ValueError("--eval_only needs an eval set: --eval_dataset FILE or --eval_split SPLIT")
+        if self.lora.lora_rank < 0:
+            raise ValueError(f"--lora_rank ({self.lora.lora_rank}) must be >= 1, or 0 for full fine-tuning")
+        if self.lora.lora_rank and self.model.trainable != "all":
+            raise ValueError(f"--lora_rank trains only the adapters; --trainable {self.model.trainable} does not apply "
+                             "(accepted with LoRA: all)")
+        if (self.lora.merge_lora or self.lora.lora_targets) and not self.lora.lora_rank:
+            raise ValueError("--merge_lora / --lora_targets need --lora_rank >= 1")
+        if not 0 <= self.lora.lora_dropout < 1:
+            raise ValueError(f"--lora_dropout ({self.lora.lora_dropout}) must be in [0, 1)")
 
 def _checked(f: dataclasses.Field, value):
     """value converted to the field's type (YAML may give `1e-4` as a string, JSON an int for a float)."""

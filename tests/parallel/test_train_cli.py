@@ -93,6 +93,11 @@ def test_export_loads_on_one_device_with_same_logits(plugin, nproc, extra, tmp_p
     torchrun(nproc, "tests/parallel/roundtrip_worker.py", str(tmp_path), "--plugin", plugin, *extra, "--max_steps", "3",
              *COMMON, *EVAL)
     check_eval_loss(tmp_path)
+    if plugin == "ep":  # --eval_only on the export gives the same figure (printed to 4 decimals), writing no model
+        res = colossalai_run(2, "--pretrained", str(tmp_path / "hf"), "--eval_only", *EVAL, "--max_length", "48",
+                             "--output_path", str(tmp_path / "evalonly"))
+        assert f"eval: loss {torch.load(tmp_path / 'eval.pt')['eval_loss']:.4f}," in res.stdout, res.stderr[-3000:]
+        assert not (tmp_path / "evalonly" / "hf").exists()
     parallel_logits = torch.load(tmp_path / "logits.pt")
     model = OpenMoeForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()  # bf16 weights, as trained
     assert next(model.parameters()).dtype == torch.bfloat16
