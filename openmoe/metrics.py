@@ -14,9 +14,12 @@ import os
 
 
 class MetricsWriter:
-    """Writes one JSON object per logged step. Create it on the rank that logs (rank 0) only."""
+    """Writes one JSON object per logged step, and the scalars to TensorBoard and (with a project) Weights & Biases.
+    Create it on the rank that logs (rank 0) only. W&B honours its own environment (WANDB_MODE=offline keeps the run
+    on disk under directory/wandb, for `wandb sync` later)."""
 
-    def __init__(self, directory: str, tensorboard: bool = True):
+    def __init__(self, directory: str, tensorboard: bool = True, wandb_project: str | None = None,
+                 run_config: dict | None = None):
         os.makedirs(directory, exist_ok=True)
         self.path = os.path.join(directory, "metrics.jsonl")
         self._file = open(self.path, "a", buffering=1)
@@ -28,19 +31,31 @@ class MetricsWriter:
                 SummaryWriter = None
             if SummaryWriter is not None:
                 self._tb = SummaryWriter(os.path.join(directory, "tensorboard"))
+        self._wandb = None
+        if wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                raise ValueError(f"--wandb {wandb_project} needs the wandb package (pip install wandb)") from None
+            self._wandb = wandb.init(project=wandb_project, dir=directory, config=run_config,
+                                     name=os.path.basename(os.path.abspath(directory)))
 
     def log(self, step: int, record: dict) -> None:
         record = {"step": step, **record}
         self._file.write(json.dumps(record) + "\n")
+        scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
         if self._tb is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key != "step":
-                    self._tb.add_scalar(key, value, step)
+            for key, value in scalars.items():
+                self._tb.add_scalar(key, value, step)
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=step)
 
     def close(self) -> None:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
 
 
 def read_metrics(path: str) -> list[dict]:

@@ -190,6 +190,8 @@ class CheckpointSection:
 class LoggingSection:
     log_interval: int = _f(1, "steps between metric records")
     tensorboard: bool = _f(True, "also write TensorBoard events")
+    wandb: str | None = _f(None, "also log to Weights & Biases under this project (WANDB_MODE=offline works without "
+                                 "network); off: None")
 
 
 SECTIONS = {"model": ModelSection, "parallel": ParallelSection, "kernels": KernelSection,

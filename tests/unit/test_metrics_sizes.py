@@ -115,3 +115,23 @@ def test_output_path_and_max_length_are_checked_before_training(tmp_path):
     check_output_path(str(tmp_path / "fine"))
     with pytest.raises(ValueError, match=r"--max_length \(4096\) exceeds the model's max_position_embeddings \(512\)"):
         model_config(RunConfig.from_flat(max_length=4096))
+
+
+def test_wandb_offline_run_holds_the_logged_scalars(tmp_path, monkeypatch):
+    """--wandb PROJECT with WANDB_MODE=offline (no network): the run is written under output_path/wandb with the
+    project, the logged scalar values and the run config; list-valued records (per-expert counts) stay in JSONL."""
+    import glob
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    writer = MetricsWriter(str(tmp_path), tensorboard=False, wandb_project="openmoe-ci",
+                           run_config={"optim": {"lr": 0.00123}})
+    writer.log(1, {"loss": 7.25, "tokens_per_expert": [[3, 5]]})
+    writer.log(2, {"loss": 6.5})
+    writer.close()
+    (run,) = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
+    data = open(run, "rb").read()
+    for needle in (b"openmoe-ci", b"loss", b"7.25", b"6.5", b"0.00123"):
+        assert needle in data, needle
+    assert b"tokens_per_expert" not in data
+    assert [r["loss"] for r in read_metrics(str(tmp_path))] == [7.25, 6.5]
