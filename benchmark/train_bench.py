@@ -7,8 +7,9 @@
 Kinds (all three train the same synthetic batches: random token ids in [2, vocab) after a <pad> BOS, seq tokens per
 row, attention mask all ones, labels = inputs; routing is real, i.e. the router runs on the actual hidden states with
 capacity drops where configured, never forced to balance; weights are randomly initialised):
-  ours     OpenMoeForCausalLM through the trainer's own pieces (openmoe.trainer build_model / build_optimizer /
-           train_step, openmoe.parallel.plugins resolve_sizes / build_plugin / fix_grad_clipping): ColossalAI
+  ours     OpenMoeForCausalLM through the trainer's own pieces (openmoe.train.builder build_model /
+           build_optimizer, openmoe.train.step train_step, openmoe.parallel.sizes resolve_sizes,
+           openmoe.backend.colossal build_plugin / boost): ColossalAI
            MoeHybridParallelPlugin with our policy, ZeRO-1, bf16, AdamW, grad clip 1.0. One step = train_step
            (forward, backward, finiteness check, optimizer step); no metric logging.
   mixtral  baseline (a): transformers 4.51 MixtralForCausalLM (SDPA attention) boosted by MoeHybridParallelPlugin with
@@ -212,10 +213,10 @@ def _openmoe_routing(outs) -> dict:
 
 def ours_layout(a, cfg: OpenMoeConfig, world: int):
     """The trainer's run config for these options and its validated parallel sizes (no process group needed)."""
-    from openmoe.parallel.plugins import resolve_sizes
-    from openmoe.run_config import TrainConfig
+    from openmoe.parallel.sizes import resolve_sizes
+    from openmoe.train.config import RunConfig
 
-    run = TrainConfig(model_name=a.model, plugin=a.plugin, extra_dp_size=a.extra_dp_size, pp_size=a.pp_size,
+    run = RunConfig.from_flat(model_name=a.model, plugin=a.plugin, extra_dp_size=a.extra_dp_size, pp_size=a.pp_size,
                       ep_size=a.ep_size if a.plugin == "hybrid" else None, microbatch_size=a.pp_microbatch,
                       batch_size=a.batch_size, max_length=a.seq, use_kernel=a.use_kernel, dropless=a.dropless,
                       activation_checkpointing=a.activation_checkpointing, lm_loss_impl=a.lm_loss_impl,
@@ -230,20 +231,20 @@ def ours_layout(a, cfg: OpenMoeConfig, world: int):
 
 
 def build_ours(a, cfg, world: int, device) -> Bench:
-    from colossalai.booster import Booster
+    from openmoe.backend.colossal import boost, build_plugin
+    from openmoe.train.builder import build_model, build_optimizer
+    from openmoe.train.step import train_step
 
-    from openmoe import trainer
-    from openmoe.parallel.plugins import build_plugin, fix_grad_clipping
-
+    # openmoe.train.builder.build's sequence, except that the model is created on the GPU in bf16 (build() creates
+    # it on the CPU in fp32: minutes for 11.9B parameters) and no data/output directory is set up
     run, sizes = ours_layout(a, cfg, world)
     plugin = build_plugin(run, sizes)
     with build_on(device, torch.bfloat16):
-        model = trainer.build_model(run, cfg)
+        model = build_model(run, cfg)
     flops = F.openmoe_flops(model, a.seq)
-    optimizer, _ = trainer.build_optimizer(run, model, total_steps=10**6)
-    booster = Booster(plugin=plugin)
-    model, optimizer, *_ = booster.boost(model, optimizer)
-    fix_grad_clipping(optimizer)
+    optimizer, _ = build_optimizer(run, model, total_steps=10**6)
+    boosted = boost(plugin, model, optimizer)  # booster.boost + the clipping fix
+    booster, model, optimizer = boosted.booster, boosted.model, boosted.optimizer
     model.train()
     batches = synthetic_batches(cfg.vocab_size, a.batch_size, a.seq, seed=1000 * dist.get_rank(plugin.dp_group) + 7,
                                 mask=not a.no_attention_mask)
@@ -251,8 +252,7 @@ def build_ours(a, cfg, world: int, device) -> Bench:
 
     def step(i):
         micro = [batches[(i * a.grad_accum + j) % len(batches)] for j in range(a.grad_accum)]
-        outs, applied = trainer.train_step(model, booster, optimizer, iter(micro), a.grad_accum, device,
-                                           check_grads=True)
+        outs, applied = train_step(model, booster, optimizer, iter(micro), a.grad_accum, device, check_grads=True)
         state["outs"], state["skipped"] = outs, state["skipped"] + (not applied)
 
     def routing():
@@ -411,9 +411,9 @@ BUILDERS = {"ours": build_ours, "mixtral": build_mixtral, "naive": build_naive, 
 
 def init(kind: str, seed: int) -> tuple[int, int, torch.device]:
     if kind in ("ours", "mixtral"):
-        from openmoe import trainer
+        from openmoe.backend.colossal import init_distributed
 
-        return trainer.init_distributed(seed)  # colossalai launch (+ the CPU compatibility patches without CUDA)
+        return init_distributed(seed)  # colossalai launch (+ the CPU compatibility patches without CUDA)
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
