@@ -92,8 +92,9 @@ class Trainer:
                 if state.rank == 0:
                     print(f"\nwarning: step {step}: {self.skip_reason(result, bad)}", flush=True)
                 if bad >= state.run.optim.max_bad_steps:
+                    overflow = " or fp16 gradient overflow" if scale is not None and scale.skipped else ""
                     raise TrainingStopped(
-                        f"stopping: {bad} consecutive steps with a non-finite loss (--max_bad_steps "
+                        f"stopping: {bad} consecutive steps with a non-finite loss{overflow} (--max_bad_steps "
                         f"{state.run.optim.max_bad_steps}); the last checkpoint under "
                         f"{checkpoint_root(state.run.checkpoint.output_path)} is untouched")
             for hook in self.hooks:
@@ -246,8 +247,9 @@ class MetricsLogger(StepHook):
         from openmoe.metrics import MetricsWriter
 
         self.rank0 = state.rank == 0
-        self.writer = MetricsWriter(state.run.checkpoint.output_path, state.run.logging.tensorboard) \
-            if self.rank0 else None
+        log = state.run.logging
+        self.writer = MetricsWriter(state.run.checkpoint.output_path, log.tensorboard, log.wandb,
+                                    state.run.to_dict()) if self.rank0 else None
         self.bar = tqdm(total=state.total_steps, initial=state.start_step, disable=not self.rank0, desc="train",
                         dynamic_ncols=True)
         self.clock = Throughput()

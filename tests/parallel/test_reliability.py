@@ -1,12 +1,47 @@
 """Reliability through the real launcher: corrupt checkpoints are detected and skipped on resume; non-finite
-steps are skipped and a run with too many in a row stops cleanly, leaving the last good checkpoint untouched."""
+steps are skipped and a run with too many in a row stops cleanly, leaving the last good checkpoint untouched; fp16
+overflow steps are skipped visibly; an output directory belongs to one run; resume reports and applies changed flags;
+SIGTERM to the launcher (openmoe.launch, as train.sh runs it) saves, exits non-zero, leaves nothing running, and the
+resumed run continues bitwise; the launch never prints a planted secret."""
 
+import json
 import math
 import os
 import shutil
+import signal
+import subprocess
+import time
 
-from tests.parallel.test_train_cli import COMMON, colossalai_run, metrics
-from openmoe.trainer import verify_checkpoint
+import pytest
+
+from openmoe.io.resumable import verify_checkpoint
+from tests.helpers import BIN, ROOT, colossalai_run, free_port, metrics
+from tests.parallel.test_train_cli import COMMON
+
+KILL_ARGS = ["--max_steps", "10", "--save_interval", "2", "--keep_last", "5", *COMMON]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The 10-step run that the interrupted runs below must reproduce."""
+    full = tmp_path_factory.mktemp("uninterrupted") / "full"
+    res = colossalai_run(2, *KILL_ARGS, "--output_path", str(full))
+    assert "done: 10 steps" in res.stdout + res.stderr
+    return full
+
+
+def launcher(*args: str, env: dict | None = None) -> subprocess.Popen:
+    """train.py through `python -m openmoe.launch` (what train.sh runs) in its own session, output captured."""
+    env = dict(os.environ, PATH=BIN + os.pathsep + os.environ["PATH"], OMP_NUM_THREADS="1", **(env or {}))
+    cmd = [os.path.join(BIN, "python"), "-m", "openmoe.launch", "--nproc_per_node", "2", "--master_port",
+           str(free_port()), "train.py", *args]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def processes_mentioning(text: str) -> list[str]:
+    ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout.splitlines()
+    return [line for line in ps if text in line and "ps -eo" not in line]
 
 
 def test_corrupt_checkpoint_is_detected_and_resume_falls_back(tmp_path):
@@ -62,21 +97,11 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path):
     assert verify_checkpoint(str(out / "checkpoints" / "step-00000002")) is None
 
 
-def test_kill_9_mid_run_then_resume_matches_uninterrupted(tmp_path):
+def test_kill_9_mid_run_then_resume_matches_uninterrupted(tmp_path, uninterrupted):
     """SIGKILL the whole job (launcher and ranks) once checkpoints exist; a fake half-written save is left too.
     Resume must pick the newest complete checkpoint and reproduce the uninterrupted losses bitwise."""
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    from tests.parallel.dist_utils import free_port
-    from tests.parallel.test_train_cli import BIN, ROOT
-
-    args = ["--max_steps", "10", "--save_interval", "2", "--keep_last", "5", *COMMON]
-    full = tmp_path / "full"
-    res = colossalai_run(2, *args, "--output_path", str(full))
-    assert "done: 10 steps" in res.stdout + res.stderr
+    args = KILL_ARGS
+    full = uninterrupted
     out = tmp_path / "killed"
     env = dict(os.environ, PATH=BIN + os.pathsep + os.environ["PATH"], OMP_NUM_THREADS="1",
                OPENMOE_FAULT_SLOW_STEP_S="0.5")  # slow steps down so the kill lands mid-run
@@ -101,6 +126,97 @@ def test_kill_9_mid_run_then_resume_matches_uninterrupted(tmp_path):
     assert start >= 4
     resumed = {r["step"]: r["loss"] for r in metrics(out)}
     assert [resumed[s] for s in range(start + 1, 11)] == [r["loss"] for r in metrics(full)[start:]]
+
+
+def test_sigterm_to_the_launcher_saves_stops_everything_and_resumes_bitwise(tmp_path, uninterrupted):
+    """SIGTERM to `python -m openmoe.launch` (a scheduler preempting train.sh): every rank finishes its step and
+    saves it, the job exits non-zero well within --preempt_grace_s, no process is left, and --resume reproduces the
+    uninterrupted losses bitwise. A planted HF_TOKEN never reaches the output of this failing launch (colossalai run
+    prints every environment variable when a node fails)."""
+    out, secret = tmp_path / "preempted", "hf_PLANTEDsecretVALUE42"
+    proc = launcher(*KILL_ARGS, "--output_path", str(out), "--preempt_grace_s", "60",
+                    env={"OPENMOE_FAULT_SLOW_STEP_S": "0.5", "HF_TOKEN": secret})
+    deadline = time.time() + 240
+    while not (out / "metrics.jsonl").exists() or len((out / "metrics.jsonl").read_text().splitlines()) < 3:
+        assert time.time() < deadline and proc.poll() is None, "run ended before step 3"
+        time.sleep(0.2)
+    t0 = time.time()
+    proc.send_signal(signal.SIGTERM)
+    log = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 143 and time.time() - t0 < 60, (proc.returncode, log[-3000:])
+    assert not processes_mentioning(str(out)), processes_mentioning(str(out))
+    step = int(log.split("[rank 0] preempted (SIGTERM): saved ")[1].split(" at step ")[1].split(";")[0])
+    assert 3 <= step < 10 and f"[rank 1] preempted (SIGTERM): saved {out}/checkpoints/step-{step:08d}" in log
+    assert verify_checkpoint(str(out / "checkpoints" / f"step-{step:08d}")) is None
+    assert "127.0.0.1: failure" in log and "export <" in log and secret not in log
+    res = colossalai_run(2, *KILL_ARGS, "--output_path", str(out), "--resume")
+    log = res.stdout + res.stderr
+    assert f"step-{step:08d} at step {step}" in log and "done: 10 steps" in log, log[-3000:]
+    resumed = {r["step"]: r["loss"] for r in metrics(out)}
+    assert [resumed[s] for s in range(step + 1, 11)] == [r["loss"] for r in metrics(uninterrupted)[step:]]
+
+
+def test_output_directory_belongs_to_one_run_and_resume_is_honest(tmp_path):
+    from openmoe.train.builder import lr_lambda
+    from openmoe.train.config import RunConfig
+    from openmoe.train.lock import OutputLock
+
+    out = tmp_path / "run"
+    args = [*COMMON, "--output_path", str(out)]
+    res = colossalai_run(2, *args, "--max_steps", "2")
+    assert "done: 2 steps" in res.stdout + res.stderr
+    # a new run (no --resume) over the old one's checkpoints: refused, nothing touched
+    res = colossalai_run(2, *args, "--max_steps", "4", "--save_interval", "1")
+    assert (f"[rank 0] error: --output_path {out} holds 1 checkpoint(s) of an earlier run (newest step-00000002); "
+            "continue it with --resume, replace it with --overwrite, or choose another --output_path") in res.stderr
+    assert "127.0.0.1: failure" in res.stdout and sorted(os.listdir(out / "checkpoints")) == ["step-00000002"]
+    # a live run holds the directory (here: this test process holds its lock)
+    lock = OutputLock(str(out))
+    lock.acquire()
+    res = colossalai_run(2, *args, "--max_steps", "4", "--resume")
+    lock.release()
+    assert (f"error: --output_path {out} is in use by another run (host " in res.stderr
+            and f", pid {os.getpid()}, started " in res.stderr), res.stderr[-3000:]
+    # a stale lock (its holder died) is taken over; --max_steps below the checkpoint is refused
+    (out / ".lock").write_text(json.dumps({"host": "gone", "pid": 999999999, "started": "earlier"}))
+    res = colossalai_run(2, *args, "--max_steps", "1", "--resume")
+    assert "took over the stale lock" in res.stdout and "(host gone, pid 999999999, started earlier)" in res.stdout
+    assert (f"error: --resume: checkpoint {out}/checkpoints/step-00000002 is at step 2, beyond --max_steps 1; "
+            "accepted: --max_steps >= 2") in res.stderr, res.stderr[-3000:]
+    assert not (out / ".lock").exists()
+    # changed flags on --resume: listed and applied (the new LR from step 3 on, in the rebuilt schedule)
+    res = colossalai_run(2, *args, "--max_steps", "4", "--resume", "--lr", "1e-3")
+    log = res.stdout + res.stderr
+    assert ("--resume: options changed since the checkpoint, applied from step 3: --max_steps 2 -> 4; --lr 0.003 -> "
+            "0.001") in log and "done: 4 steps" in log, log[-3000:]
+    f = lr_lambda(RunConfig.from_flat(warmup_steps=2, lr=1e-3), 4)
+    assert [(r["step"], r["lr"]) for r in metrics(out)[2:]] == [(3, 1e-3 * f(3)), (4, 1e-3 * f(4))]
+
+
+def test_fp16_overflow_steps_are_skipped_visibly_and_max_bad_steps_fires(tmp_path):
+    """fp16 + NaN gradients (finite loss): ColossalAI's loss scaler skips those updates silently; here each is
+    reported, the LR schedule does not advance on it, the loss scale is in the metrics, and once the scale is at its
+    minimum --max_bad_steps stops the run."""
+    from openmoe.train.builder import lr_lambda
+    from openmoe.train.config import RunConfig
+
+    out = tmp_path / "fp16"
+    bad = "3,4," + ",".join(str(s) for s in range(8, 41))
+    res = colossalai_run(2, *COMMON, "--precision", "fp16", "--max_steps", "40", "--max_bad_steps", "2",
+                         "--output_path", str(out), env={"OPENMOE_FAULT_NAN_GRAD_STEPS": bad})
+    log = res.stdout + res.stderr
+    assert ("warning: step 3: fp16 gradient overflow, loss scale now 65536; step skipped (1 skipped in this run; "
+            "overflows count toward --max_bad_steps once the scale is at its minimum)") in log, log[-3000:]
+    assert "step 4: fp16 gradient overflow, loss scale now 32768" in log
+    assert "step 22: fp16 gradient overflow at the minimum loss scale 1; step skipped (1 in a row)" in log
+    assert ("error: stopping: 2 consecutive steps with a non-finite loss or fp16 gradient overflow (--max_bad_steps "
+            "2)") in log and "127.0.0.1: failure" in log
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 5, 6, 7]
+    f = lr_lambda(RunConfig.from_flat(warmup_steps=2, lr=3e-3, max_steps=40), 40)
+    assert [r["lr"] for r in rows] == [3e-3 * f(n) for n in range(1, 6)]  # the schedule counts applied steps only
+    assert [r["skipped_steps"] for r in rows] == [0, 0, 2, 2, 2]
+    assert [r["loss_scale"] for r in rows] == [65536.0, 65536.0, 32768.0, 32768.0, 32768.0]
 
 
 def test_a_dying_rank_ends_the_job_quickly_and_names_itself(tmp_path):

@@ -160,3 +160,35 @@ def test_full_disk_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(t
     finally:
         if mounted:
             subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_resume_lists_changed_options_and_refuses_layout_and_architecture_changes():
+    from openmoe.train.checkpointing import changed_options, check_architecture
+
+    saved = RunConfig.from_flat(lr=3e-3, max_steps=6).to_dict()
+    now = RunConfig.from_flat(lr=1e-3, max_steps=12, resume=True, output_path="elsewhere")
+    assert changed_options(saved, now, "ck/step-6") == ["--max_steps 6 -> 12", "--lr 0.003 -> 0.001"]
+    for flags, shown in [({"freeze_router": True}, "--freeze_router False; this run asks for --freeze_router True"),
+                         ({"plugin": "hybrid", "ep_size": 1, "pp_size": 2},
+                          "--plugin ep, --ep_size None, --pp_size 1; this run asks for --plugin hybrid, --ep_size 1, "
+                          "--pp_size 2")]:
+        with pytest.raises(ValueError, match=rf"^--resume: checkpoint ck/step-6 was trained with {shown}, which a "
+                                             r"resume cannot change .* --pretrained ck/step-6/model$"):
+            changed_options(saved, RunConfig.from_flat(max_steps=6, lr=3e-3, **flags), "ck/step-6")
+    check_architecture(preset("tiny"), preset("tiny").replace(z_loss_factor=0.5), "ck")  # a loss weight: fine
+    with pytest.raises(ValueError, match=r"^--resume: checkpoint ck holds another architecture \(num_experts 4 -> "
+                                         r"8\); resume with the checkpoint's --model_name/--pretrained"):
+        check_architecture(preset("tiny").replace(num_experts=8), preset("tiny"), "ck")
+
+
+def test_launcher_redacts_secret_values_and_the_export_list():
+    from openmoe.launch import redact, secret_values
+
+    env = {"HF_TOKEN": "hf_abcdef123", "WANDB_API_KEY": "wk-999999", "MY_PASSWORD": "hunter22", "PATH": "/usr/bin",
+           "SHORT_KEY": "ab"}
+    secrets = secret_values(env)
+    line = ('Command: \'cd /w && export PATH="/usr/bin" HF_TOKEN="hf_abcdef123" WANDB_API_KEY="wk-999999"  && '
+            'torchrun x.py\' token hf_abcdef123 and hunter22 in a message; ab stays')
+    out = redact(line, secrets)
+    assert all(v not in out for v in ("hf_abcdef123", "wk-999999", "hunter22"))
+    assert "export <3 environment variables> && torchrun x.py" in out and "ab stays" in out
