@@ -2,7 +2,7 @@
 
     python infer.py --model outputs/tiny-ep/hf --prompt "Reverse the word: apple. Output:"
     python infer.py --model outputs/tiny-ep/hf --prompt_file prompts.txt --do_sample --top_p 0.9 --temperature 0.7
-    python infer.py --model /ckpt/openmoe-8b-chat --tokenizer /ckpt/umt5 --chat --interactive --dtype bf16
+    python infer.py --model OrionZheng/openmoe-8b-chat --chat --interactive --dtype bf16   # hub id, its own tokenizer
     python infer.py --model /ckpt/openmoe-34b --device_map auto --max_memory 0=70GiB,1=70GiB,cpu=200GiB
     colossalai run --nproc_per_node 2 infer.py --model /ckpt/openmoe-8b --ep_size 2 --prompt_file prompts.txt
 """
@@ -19,10 +19,11 @@ from transformers import TextStreamer
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Generate text with an OpenMoE checkpoint")
-    p.add_argument("--model", required=True, help="HF-format checkpoint directory, or a preset (tiny/base/8b/34b) "
-                                                  "with random weights for benchmarking")
-    p.add_argument("--tokenizer", default=None, help="sentencepiece tokenizer (default: the checkpoint directory if "
-                                                     "it holds one, else tests/assets/tokenizer)")
+    p.add_argument("--model", required=True, help="HF-format checkpoint directory (ours or the published layout), a "
+                                                  "hub id (read through the HF cache; HF_HUB_OFFLINE=1 works), or "
+                                                  "a preset (tiny/base/8b/34b) with random weights for benchmarking")
+    p.add_argument("--tokenizer", default=None, help="sentencepiece .model, tokenizer directory or hub id (default: "
+                                                     "the model's own; the shipped test tokenizer for tiny only)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", action="append", help="a prompt (repeatable; \\n stands for a newline)")
     src.add_argument("--prompt_file", help="one prompt per line (write \\n for a newline inside a prompt); prompts "
@@ -52,20 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def pick_tokenizer(args) -> str:
-    if args.tokenizer:
-        return args.tokenizer
-    if os.path.isdir(args.model) and any(os.path.exists(os.path.join(args.model, f))
-                                         for f in ("spiece.model", "tokenizer.model", "tokenizer_config.json")):
-        return args.model
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests", "assets", "tokenizer")
-
-
 class Session:
     """Everything one generation needs; `generate(prompts)` returns completions in order (on every rank)."""
 
     def __init__(self, args):
-        from openmoe import data, inference
+        from openmoe import data, hub, inference
+        from openmoe.tokenizer import load_tokenizer
 
         self.args = args
         self.rank, self.world = 0, 1
@@ -73,8 +66,9 @@ class Session:
         dtype = inference.check_dtype(args.dtype or ("bf16" if cuda else "fp32"))
         if args.ep_size > 1:
             self._init_distributed(cuda)
-        self.tokenizer = data.load_tokenizer(pick_tokenizer(args))
-        model = inference.load_model(args.model, dtype, args.seed)
+        model_dir = hub.resolve_model(args.model)  # a directory, a hub id (HF cache) or None for a preset
+        self.tokenizer = load_tokenizer(hub.tokenizer_path(model_dir, args.model, args.tokenizer))
+        model = inference.load_model(model_dir or args.model, dtype, args.seed)
         data.check_vocab(self.tokenizer, model.config.vocab_size)
         if args.dropless:
             inference.set_dropless(model)

@@ -112,10 +112,11 @@ class OpenMoeConfig(PretrainedConfig):
         self.moe_start_layer, self.moe_intermediate_size = moe_start_layer, moe_intermediate_size
         self.num_shared_experts, self.router_combine = num_shared_experts, router_combine
         self.router_aux_loss_type = router_aux_loss_type
-        for written_by_us in ("auto_map", "architectures", "model_type"):  # always ours (to_dict)
+        for written_by_us in ("auto_map", "architectures", "model_type"):  # always ours, whatever was read
             kwargs.pop(written_by_us, None)
         super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
                          tie_word_embeddings=tie_word_embeddings, **kwargs)
+        self.auto_map = dict(AUTO_MAP)  # this code, not the one a published config.json named
         self.validate()
 
     def validate(self) -> None:

@@ -23,6 +23,7 @@ from_pretrained (torch_dtype, device_map), generate (a transformers DynamicCache
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -44,6 +45,10 @@ from .moe import HAS_GROUPED_MM, MoeAux, OpenMoeSparseMLP, swiglu
 from .router import route  # noqa: F401  (see above: router.py must travel with the export)
 
 _TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
+# What generate() calls the KV cache in model inputs and outputs: "past_key_values" (transformers 4) or "cache"
+# (transformers 5.2x, which renames the old name in every ModelOutput constructor).
+CACHE_NAME = ("cache" if "cache" in inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
+              else "past_key_values")
 
 
 class RMSNorm(nn.Module):
@@ -194,7 +199,10 @@ class OpenMoeOutput(ModelOutput):
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None  # [B, S or logits_to_keep, V] fp32 (only when asked for or without labels)
-    past_key_values: Cache | None = None
+    if CACHE_NAME == "cache":  # transformers 5: `past_key_values` stays readable as ModelOutput's alias of `cache`
+        cache: Cache | None = None
+    else:
+        past_key_values: Cache | None = None
     ce_loss: torch.Tensor | None = None  # label-smoothed cross-entropy, mean over valid tokens
     z_loss: torch.Tensor | None = None  # z_loss_factor * mean logsumexp(logits)^2
     aux_loss: torch.Tensor | None = None  # router_aux_loss_factor * mean over MoE layers
@@ -457,14 +465,16 @@ class OpenMoeForCausalLM(PreTrainedModel, GenerationMixin):
         return self.options.activation_checkpointing
 
     def forward(self, input_ids, attention_mask=None, labels=None, position_ids=None, past_key_values=None,
-                use_cache=None, return_logits=None, logits_to_keep: int = 0, inputs_embeds=None,
+                use_cache=None, return_logits=None, logits_to_keep: int = 0, cache=None, inputs_embeds=None,
                 output_attentions=None, output_hidden_states=None, return_dict=None, **unused) -> OpenMoeOutput:
         """labels [B, S] (position s predicts labels[s + 1]; -100 ignored) -> loss and its parts. Logits [B, S, V]
         fp32 come back without labels or with return_logits; logits_to_keep k > 0 keeps only the last k positions.
-        return_dict and transformers' per-call extras (cache_position, ...) are accepted and ignored."""
+        cache is transformers 5's name for past_key_values. return_dict and transformers' per-call extras
+        (cache_position, ...) are accepted and ignored."""
         if inputs_embeds is not None or output_attentions or output_hidden_states:
             raise ValueError("OpenMoeForCausalLM takes input_ids only and returns neither attentions nor hidden "
                              "states (inputs_embeds, output_attentions, output_hidden_states are not supported)")
+        past_key_values = cache if cache is not None else past_key_values
         h, cache, moe = self.model(input_ids, attention_mask, position_ids, past_key_values, bool(use_cache))
         return self.head_and_loss(h, labels, return_logits, moe, cache, logits_to_keep)
 
@@ -486,21 +496,22 @@ class OpenMoeForCausalLM(PreTrainedModel, GenerationMixin):
                     ce, z, n = lm_loss(h, self.lm_head.weight, labels, cfg.label_smoothing, cfg.z_loss_factor, chunk)
                     ce_z = ce + z
             loss = ce_z + aux + rz
-        return OpenMoeOutput(loss=loss, logits=logits, past_key_values=cache, ce_loss=ce, z_loss=z, aux_loss=aux,
-                             router_z_loss=rz, num_tokens=n, moe=moe)
+        return OpenMoeOutput(loss=loss, logits=logits, ce_loss=ce, z_loss=z, aux_loss=aux, router_z_loss=rz,
+                             num_tokens=n, moe=moe, **{CACHE_NAME: cache})
 
     # --- generation (transformers' GenerationMixin.generate drives these) ---
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, use_cache=True,
-                                      logits_to_keep=None, **unused):
+                                      logits_to_keep=None, cache=None, **unused):
         """input_ids [B, L] is the whole sequence so far: the BOS rule needs it, so the mask is made BOS-visible
         here over all L columns; the model then gets only the positions the cache does not hold yet."""
+        past_key_values = cache if cache is not None else past_key_values
         past = 0 if past_key_values is None else past_key_values.get_seq_length()
         if attention_mask is not None and self.config.pad_is_bos and attention_mask.shape[1] == input_ids.shape[1]:
             attention_mask = bos_visible_mask(input_ids, attention_mask, self.config.bos_token_id)
         # synced_gpus: a rank whose rows are done keeps stepping while its input_ids stop growing (last token again)
         new = input_ids[:, past:] if input_ids.shape[1] > past else input_ids[:, -1:]
-        inputs = {"input_ids": new, "attention_mask": attention_mask,
-                  "past_key_values": past_key_values, "use_cache": use_cache}
+        inputs = {"input_ids": new, "attention_mask": attention_mask, CACHE_NAME: past_key_values,
+                  "use_cache": use_cache}
         if logits_to_keep is not None:
             inputs["logits_to_keep"] = logits_to_keep
         return inputs

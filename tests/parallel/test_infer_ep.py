@@ -11,6 +11,7 @@ import torch
 from openmoe import OpenMoeForCausalLM, preset
 from openmoe.data import load_tokenizer
 from openmoe.generation import generate
+from openmoe.tokenizer import save_tokenizer
 from openmoe.inference import encode_batch
 from tests.helpers import free_port
 
@@ -28,6 +29,7 @@ def test_ep_inference_matches_single_device_with_early_eos(tmp_path):
     assert eos not in free[1].tolist()  # ... prompt 1 (rank 1) never emits it
     ckpt = tmp_path / "ckpt"
     model.save_pretrained(str(ckpt))
+    save_tokenizer(tok, str(ckpt))  # infer.py reads the model's own tokenizer
     cfg = json.loads((ckpt / "config.json").read_text())
     cfg["eos_token_id"] = eos
     (ckpt / "config.json").write_text(json.dumps(cfg))

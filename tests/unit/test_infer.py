@@ -8,6 +8,7 @@ import torch
 from openmoe import OpenMoeForCausalLM, preset
 from openmoe.data import decode, load_tokenizer
 from openmoe.generation import generate
+from openmoe.tokenizer import save_tokenizer
 from openmoe.inference import chat_prompt, chat_stop_sequences, dispatch, encode_batch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -19,6 +20,7 @@ def ckpt(tmp_path_factory):
     torch.manual_seed(0)
     d = tmp_path_factory.mktemp("ckpt") / "tiny"
     OpenMoeForCausalLM(preset("tiny")).save_pretrained(str(d))
+    save_tokenizer(load_tokenizer(TOKENIZER), str(d))  # infer.py reads the model's own tokenizer
     return str(d)
 
 
