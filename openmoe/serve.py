@@ -12,16 +12,18 @@ names it; a full queue a 429; a stopped engine a 503.
 How a request flows:
   HTTP thread   validates and tokenizes, queues one `Sequence` per prompt (bounded: 429 when full), then waits on
                 its events (streaming: writes each text delta as it arrives).
-  engine thread takes the oldest waiting sequence plus every other waiting one with the same sampling options (up to
-                --max_batch_size, after waiting --batch_window_ms for more), and runs them as ONE left-padded call of
-                `generate_batch`; per-step tokens update each sequence (stop strings, max_tokens, EOS), and the call
-                ends early once every row is done (or its client went away).
+  engine thread (--decode eager / static) takes the oldest waiting sequence plus every other waiting one with the
+                same sampling options (up to --max_batch_size, after waiting --batch_window_ms for more), and runs
+                them as ONE left-padded call of `generate_batch`; per-step tokens update each sequence (stop strings,
+                max_tokens, EOS), and the call ends early once every row is done (or its client went away).
+                (--decode continuous) keeps a continuous.SlotDecoder's slots busy instead: a sequence with the running
+                options joins at the next host read (every few steps) and leaves when done (ContinuousEngine).
 Routing is dropless by default, so a row's tokens do not depend on which requests share its batch (with capacity
 routing a busy expert drops tokens depending on the other rows).
 Expert parallelism: every rank runs the engine loop's `generate_batch` calls together. Rank 0 broadcasts each batch
 (prompts and options) and, at every decode step, its stop decision; other ranks only follow (`follow`). Every rank
 decodes the whole batch: simple agreement on streaming and stops, at the cost of experts seeing ep_size copies.
-`generate_batch` is the only function that touches the model.
+`generate_batch` and the SlotDecoder (admit / step / release) are the only ways the engine touches the model.
 """
 
 from __future__ import annotations
@@ -275,6 +277,94 @@ class Engine:
         return next(self.model.parameters()).device
 
 
+class ContinuousEngine(Engine):
+    """Continuous batching over a continuous.SlotDecoder: a waiting sequence with the running sampling options takes
+    a free slot at the next host read (every `sync_every` decode steps) and gives it back when done, so a short
+    request does not wait for a long one. Sampling with a seed runs alone through the decoder's static path (the same
+    tokens as generation.generate with that seed), once no slot is busy. One device, no expert parallelism."""
+
+    def __init__(self, model, tokenizer, decoder, max_queue: int = 64, batch_window_s: float = 0.01,
+                 sync_every: int = 4):
+        super().__init__(model, tokenizer, decoder.max_batch_size, max_queue, batch_window_s, False, decoder)
+        self.sync_every = sync_every
+        self.active: dict[int, Sequence] = {}  # slot -> its sequence
+        self.running_key = None  # batch_key of the sequences in the slots
+        self.admissions: list[int] = []  # busy slots at each admission (logs and tests)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._waiting and not self.active and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    break
+            if not self.active:
+                time.sleep(self.batch_window_s)  # an idle engine lets concurrent requests arrive together
+            with self._cond:
+                alone, admit = self._take()
+            try:
+                if alone is not None:
+                    self._run([alone])
+                    continue
+                for slot, seq in admit:
+                    self._admit(slot, seq)
+                if self.active:
+                    self._decode()
+            except Exception as e:  # answer the sequences in flight, keep serving
+                for slot, seq in list(self.active.items()) + admit:
+                    self._fail(seq, 500, f"generation failed: {type(e).__name__}: {e}")
+                    self.decoder.release(slot)
+                self.active.clear()
+        for slot, seq in self.active.items():
+            self._fail(seq, 503, "the server is stopping")
+
+    def _take(self) -> tuple[Sequence | None, list[tuple[int, Sequence]]]:
+        """(a sequence to run alone, or None; [(free slot, sequence)] to admit). Called under the lock."""
+        self._waiting = [s for s in self._waiting if not s.cancelled.is_set()]
+        if not self._waiting:
+            return None, []
+        if not self.active:
+            first = self._waiting[0]
+            if first.options.batch_key() is None:
+                return self._waiting.pop(0), []
+            self.running_key = first.options.batch_key()
+            o = first.options
+            generator = torch.Generator(device=self.decoder.device).manual_seed(random.randrange(2**63))
+            self.decoder.configure(o.temperature > 0, o.temperature or 1.0, o.top_k, o.top_p, o.repetition_penalty,
+                                   generator)
+        free = [i for i in range(self.decoder.max_batch_size) if i not in self.active]
+        take = [s for s in self._waiting if s.options.batch_key() == self.running_key][: len(free)]
+        taken = set(map(id, take))
+        self._waiting = [s for s in self._waiting if id(s) not in taken]
+        return None, list(zip(free, take))
+
+    def _admit(self, slot: int, seq: Sequence) -> None:
+        self.admissions.append(len(self.active))
+        first = self.decoder.admit(slot, _encode(self.tokenizer, seq.prompt), seq.options.max_tokens)
+        seq.on_token(first, first == self.eos, self.eos)
+        if seq.done:
+            self.decoder.release(slot)
+        else:
+            self.active[slot] = seq
+
+    def _decode(self) -> None:
+        tokens = self.decoder.step(self.sync_every)  # [B][n]: the one host read of these steps
+        for slot, seq in list(self.active.items()):
+            for t in tokens[slot]:
+                seq.on_token(t, t == self.eos, self.eos)
+                if seq.done:
+                    break
+            if seq.done:  # finished, stopped by a stop string, or its client went away
+                self.decoder.release(slot)
+                del self.active[slot]
+
+    @staticmethod
+    def _fail(seq: Sequence, status: int, message: str) -> None:
+        if seq.finish_reason is None:
+            seq.finish_reason = "error"
+            seq.events.put(("error", status, message))
+
+
 def _broadcast_object(obj):
     import torch.distributed as dist
 
@@ -302,6 +392,7 @@ def follow(model, tokenizer) -> None:
 
 # ------------------------------------------------------------------------------------------ request validation
 
+DECODE_MODES = ("eager", "static", "continuous")
 _SAMPLING_FIELDS = {"max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "stop", "seed", "n",
                     "stream", "stream_options", "user", "model", "presence_penalty", "frequency_penalty",
                     "logit_bias", "logprobs"}
@@ -638,10 +729,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--capacity_routing", action="store_true",
                    help="keep the checkpoint's eval capacity factor (tokens may be dropped, and a row's output then "
                         "depends on the other rows of its batch); default: dropless routing")
-    p.add_argument("--decode", default="auto", choices=["auto", "eager", "fast", "compiled"],
-                   help="eager: generation.generate (the reference); fast: openmoe/fast_decode.py (static KV cache, no "
-                        "host sync per token); compiled: fast + torch.compile CUDA graphs; auto: compiled on one "
-                        "GPU, eager otherwise (CPU, --ep_size > 1)")
+    p.add_argument("--decode", default="auto", choices=["auto", *DECODE_MODES],
+                   help="eager: static batches through generation.generate (the reference); static: static batches "
+                        "through openmoe/fast_decode.py (static KV cache, no host sync per token); continuous: "
+                        "sequences join and leave the running batch (openmoe/continuous.py); auto: continuous with "
+                        "--compile on one GPU, eager otherwise (CPU, --ep_size > 1)")
+    p.add_argument("--compile", action="store_true", help="torch.compile(mode='reduce-overhead') the decode step of "
+                                                          "--decode static/continuous (CUDA graphs)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights of a preset --model")
     p.add_argument("--verbose", action="store_true", help="log every HTTP request")
     return p
@@ -653,7 +747,7 @@ def _check_args(a) -> None:
             raise ValueError(f"--{name} ({getattr(a, name)}) must be >= 1")
     if not 0 <= a.port <= 65535:
         raise ValueError(f"--port ({a.port}) must be in [0, 65535]")
-    if a.decode in ("fast", "compiled") and a.ep_size > 1:
+    if a.decode in ("static", "continuous") and a.ep_size > 1:
         raise ValueError(f"--decode {a.decode} runs on one device; with --ep_size {a.ep_size} use --decode eager")
     if a.batch_window_ms < 0:
         raise ValueError(f"--batch_window_ms ({a.batch_window_ms}) must be >= 0")
@@ -697,18 +791,25 @@ def load(a):
 
 def start(model, tokenizer, host="127.0.0.1", port=0, model_name="openmoe", max_model_len=None,
           default_max_tokens=64, max_batch_size=8, max_queue=64, batch_window_s=0.01, distributed=False,
-          verbose=False, decode="eager") -> Server:
+          verbose=False, decode="eager", compile=False) -> Server:
     """Engine + HTTP server, serving from a background thread; `stop(server)` ends both.
-    decode: "eager" (generation.generate), "fast" or "compiled" (fast_decode.FastDecoder, compiled: CUDA graphs)."""
+    decode: "eager" (static batches through generation.generate), "static" (static batches through
+    fast_decode.FastDecoder), "continuous" (continuous.SlotDecoder); compile: CUDA graphs for the latter two."""
     max_model_len = max_model_len or model.config.max_position_embeddings
-    decoder = None
-    if decode not in ("eager", "fast", "compiled"):
-        raise ValueError(f"decode '{decode}' is not supported; accepted: 'eager', 'fast', 'compiled'")
-    if decode != "eager":
-        from openmoe.fast_decode import FastDecoder
+    if decode not in DECODE_MODES:
+        raise ValueError(f"decode '{decode}' is not supported; accepted: {list(DECODE_MODES)}")
+    if decode == "continuous":
+        from openmoe.continuous import SlotDecoder
 
-        decoder = FastDecoder(model, max_batch_size, max_model_len, compile=decode == "compiled")
-    engine = Engine(model, tokenizer, max_batch_size, max_queue, batch_window_s, distributed, decoder)
+        slots = SlotDecoder(model, max_batch_size, max_model_len, compile=compile, vocab_limit=len(tokenizer))
+        engine = ContinuousEngine(model, tokenizer, slots, max_queue, batch_window_s)
+    else:
+        decoder = None
+        if decode == "static":
+            from openmoe.fast_decode import FastDecoder
+
+            decoder = FastDecoder(model, max_batch_size, max_model_len, compile=compile)
+        engine = Engine(model, tokenizer, max_batch_size, max_queue, batch_window_s, distributed, decoder)
     server = Server((host, port), engine, model_name, max_model_len, default_max_tokens,
                     verbose)  # binds the port: fails before the engine thread starts
     engine.start()
@@ -735,12 +836,13 @@ def main(argv=None) -> int:
         torch.distributed.destroy_process_group()
         return 0
     name = a.served_model_name or os.path.basename(os.path.normpath(a.model))
-    decode = a.decode
+    decode, compile = a.decode, a.compile
     if decode == "auto":
-        decode = "compiled" if torch.cuda.is_available() and a.ep_size == 1 else "eager"
+        gpu = torch.cuda.is_available() and a.ep_size == 1
+        decode, compile = ("continuous", True) if gpu else ("eager", False)
     server = start(model, tokenizer, a.host, a.port, name, a.max_model_len, a.max_new_tokens, a.max_batch_size,
-                   a.max_queue, a.batch_window_ms / 1000, a.ep_size > 1, a.verbose, decode)
-    print(f"serving {name} on {server.url}/v1 (decode {decode}, max_batch_size {a.max_batch_size}, queue "
+                   a.max_queue, a.batch_window_ms / 1000, a.ep_size > 1, a.verbose, decode, compile)
+    print(f"serving {name} on {server.url}/v1 (decode {decode}{' compiled' if compile else ''}, max_batch_size {a.max_batch_size}, queue "
           f"{a.max_queue}, pid {os.getpid()})", flush=True)
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())  # a clean stop, which also releases the following ranks

@@ -131,9 +131,9 @@ def test_eight_concurrent_requests_are_batched_and_each_equals_its_single_result
 
 
 def test_fast_decoder_server_equals_single_results(ckpt, direct):
-    """--decode fast: the static-cache decoder behind the same adapter; batched and streamed answers unchanged."""
+    """--decode static: the static-cache decoder behind the same adapter; batched and streamed answers unchanged."""
     model, tok, _ = serve.load(serve.build_parser().parse_args(["--model", ckpt]))
-    srv = serve.start(model, tok, port=0, model_name="tiny", batch_window_s=0.2, decode="fast")
+    srv = serve.start(model, tok, port=0, model_name="tiny", batch_window_s=0.2, decode="static")
     c = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="none", max_retries=0)
     try:
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
@@ -144,6 +144,45 @@ def test_fast_decoder_server_equals_single_results(ckpt, direct):
         assert max(srv.engine.batches) > 1
         chunks = c.completions.create(model="tiny", prompt=PROMPTS[2], max_tokens=16, temperature=0, stream=True)
         assert "".join(ch.choices[0].text for ch in chunks) == direct(PROMPTS[2], 16)
+    finally:
+        serve.stop(srv)
+
+
+def test_continuous_batching_short_request_overtakes_long_one(ckpt, direct, client):
+    """--decode continuous: a short request sent while a long one streams joins the running batch and finishes first;
+    every answer (also of 8 concurrent requests, and seeded sampling, run alone) equals the single-prompt result."""
+    import threading
+    import time
+
+    model, tok, _ = serve.load(serve.build_parser().parse_args(["--model", ckpt]))
+    srv = serve.start(model, tok, port=0, model_name="tiny", max_batch_size=4, decode="continuous")
+    c = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="none", max_retries=0, timeout=60)
+    try:
+        started, finished, long_text = threading.Event(), {}, []
+
+        def long_request():
+            for chunk in c.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=300, temperature=0,
+                                              stream=True):
+                long_text.append(chunk.choices[0].text)
+                started.set()
+            finished["long"] = time.monotonic()
+
+        worker = threading.Thread(target=long_request)
+        worker.start()
+        assert started.wait(30)
+        short = c.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=4, temperature=0).choices[0].text
+        finished["short"] = time.monotonic()
+        worker.join(60)
+        assert finished["short"] < finished["long"] and srv.engine.admissions[:2] == [0, 1]
+        assert short == direct(PROMPTS[1], 4) and "".join(long_text) == direct(PROMPTS[0], 300)
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:  # 8 requests through 4 slots
+            futures = [pool.submit(c.completions.create, model="tiny", prompt=p, max_tokens=10 + i, temperature=0)
+                       for i, p in enumerate(PROMPTS)]
+            assert [f.result().choices[0].text for f in futures] == [direct(p, 10 + i) for i, p in enumerate(PROMPTS)]
+        assert max(srv.engine.admissions[2:]) >= 1  # admitted beside busy slots
+        kw = dict(model="tiny", prompt=PROMPTS[4], max_tokens=12, temperature=0.7, top_p=0.9, seed=5)
+        assert c.completions.create(**kw).choices[0].text == client.completions.create(**kw).choices[0].text
     finally:
         serve.stop(srv)
 
@@ -213,8 +252,8 @@ def test_collective_engine_with_one_rank(ckpt, direct):
 def test_cli_serves_and_refuses_bad_options(ckpt, capsys):
     assert serve.main(["--model", ckpt, "--max_batch_size", "0"]) == 2
     assert capsys.readouterr().err.strip() == "error: --max_batch_size (0) must be >= 1"
-    assert serve.main(["--model", ckpt, "--ep_size", "2", "--decode", "fast"]) == 2
-    assert capsys.readouterr().err.strip() == ("error: --decode fast runs on one device; with --ep_size 2 use "
+    assert serve.main(["--model", ckpt, "--ep_size", "2", "--decode", "continuous"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: --decode continuous runs on one device; with --ep_size 2 use "
                                                "--decode eager")
     proc = subprocess.Popen([sys.executable, "-m", "openmoe.serve", "--model", ckpt, "--port", "0"], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
