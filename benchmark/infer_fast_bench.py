@@ -1,11 +1,12 @@
-"""Decode speed of the eager `model.generate` against the fast path (openmoe/fast_decode.py), same process, same
-weights, against the memory-bandwidth bound of a decode step.
+"""Decode speed of HF transformers' `model.generate` against the fast path (openmoe/fast_decode.py), same process,
+same weights, against the memory-bandwidth bound of a decode step.
 
     python benchmark/infer_fast_bench.py --model 8b --batch_sizes 1 16 --compile          # one H200, bf16
     python benchmark/infer_fast_bench.py --model tiny --batch_sizes 1 2 --new_tokens 8     # CPU smoke run
 
 Random weights (routing real, not forced balanced), prompt --prompt_len tokens, --new_tokens greedy tokens (no EOS).
-Rows: eager generate (the checkpoint's eval capacity routing, as infer.py runs), fast path eager for each MoE
+Rows: hf generate (transformers' GenerationMixin with its DynamicCache, the checkpoint's eval capacity routing, as
+infer.py runs; the model does not support transformers' static cache), fast path uncompiled for each MoE
 implementation, fast path through torch.compile(mode="reduce-overhead") for each of --compile_impls (auto: the
 grouped GEMM on CUDA bf16).
   tokens/s     batch x new tokens / wall time of one generate call (prefill included), after warm-up calls
@@ -122,6 +123,28 @@ def measure(generate, ids, new_tokens: int, short: int, device, warmup: int) -> 
     return t_long, (t_long - t_short) / (new_tokens - short), out
 
 
+def continuous_row(model, ids, a, bound, device) -> dict:
+    """Decode steps of a SlotDecoder with all len(ids) slots busy: per step = (t(new) - t(short)) / (new - short)."""
+    from openmoe.continuous import SlotDecoder
+
+    b, name = ids.shape[0], "continuous" + ("+compile" if a.compile else "")
+    try:
+        dec = SlotDecoder(model, b, a.prompt_len + 2 * a.new_tokens + a.warmup * (a.new_tokens + a.short_tokens),
+                          compile=a.compile)
+        for slot in range(b):
+            dec.admit(slot, ids[slot].tolist(), dec.max_seq_len - a.prompt_len)
+        for _ in range(a.warmup):
+            dec.step(a.new_tokens)
+            dec.step(a.short_tokens)
+        t_long = wall(lambda: dec.step(a.new_tokens), device)
+        t_short = wall(lambda: dec.step(a.short_tokens), device)
+    except Exception as e:
+        return {"batch": b, "path": name, "error": f"{type(e).__name__}: {e}"[:500]}
+    per_step = (t_long - t_short) / (a.new_tokens - a.short_tokens)
+    return {"batch": b, "path": name, "decode_ms_per_step": 1000 * per_step, "decode_tokens_per_s": b / per_step,
+            "bound_tokens_per_s": bound, "of_bound": b / per_step / bound}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="8b")
@@ -133,6 +156,8 @@ def main(argv=None) -> int:
                    help="MoE implementations of the uncompiled fast path")
     p.add_argument("--compile", action="store_true", help="also the torch.compile(reduce-overhead) fast path")
     p.add_argument("--compile_impls", nargs="+", default=["auto"], help="MoE implementations compiled with --compile")
+    p.add_argument("--continuous", action="store_true",
+                   help="also continuous.SlotDecoder decode steps with every slot busy (compiled with --compile)")
     p.add_argument("--skip_eager", action="store_true", help="leave out the eager model.generate rows")
     p.add_argument("--ttft_prompt_len", type=int, default=2048, help="0: skip the time-to-first-token rows")
     p.add_argument("--warmup", type=int, default=2)
@@ -164,7 +189,7 @@ def main(argv=None) -> int:
         bound_bytes = decode_step_bytes(cfg, counts, b, context)
         bound = b * H200_HBM_BYTES_PER_S / bound_bytes
         bound_all = b * H200_HBM_BYTES_PER_S / decode_step_bytes(cfg, counts, b, context, all_experts=True)
-        runs = [] if a.skip_eager else [("eager generate", lambda x, n: model.generate(x, max_new_tokens=n,
+        runs = [] if a.skip_eager else [("hf generate", lambda x, n: model.generate(x, max_new_tokens=n,
                                                                                          eos_token_id=-1))]
         runs += [(f"fast {name}", (lambda d: lambda x, n: d.generate(x, max_new_tokens=n, eos_token_id=-1))(d))
                  for name, d in fast.items()]
@@ -182,8 +207,8 @@ def main(argv=None) -> int:
             # capacity, so it may drop tokens the dropless fast path keeps)
             first_fast = next((o for n, o in outputs.items() if n.startswith("fast")), None)
             same = None if first_fast is None else (out == first_fast).float().mean().item()
-            same_eager = None if "eager generate" not in outputs or name == "eager generate" else (
-                (out == outputs["eager generate"]).float().mean().item())
+            same_eager = None if "hf generate" not in outputs or name == "hf generate" else (
+                (out == outputs["hf generate"]).float().mean().item())
             outputs[name] = out
             row = {"batch": b, "path": name, "tokens_per_s": b * a.new_tokens / t_long,
                    "decode_ms_per_step": 1000 * per_step, "decode_tokens_per_s": b / per_step,
@@ -196,11 +221,16 @@ def main(argv=None) -> int:
                   f" ms/step = {row['decode_tokens_per_s']:9.1f} tok/s = {100 * row['of_bound']:5.1f}% of bound "
                   f"{bound:8.1f} (all experts {bound_all:8.1f})  agree fast {same} eager {same_eager}", flush=True)
             dump()
+        if a.continuous:
+            rows.append(continuous_row(model, ids, a, bound, device))
+            print(f"batch {b:3d} {rows[-1]['path']:24s} decode {rows[-1].get('decode_ms_per_step', 0):7.2f} ms/step "
+                  f"= {100 * rows[-1].get('of_bound', 0):5.1f}% of bound {rows[-1].get('error', '')}", flush=True)
+            dump()
     if a.ttft_prompt_len:
         ids = torch.randint(3, min(32000, cfg.vocab_size), (1, a.ttft_prompt_len), device=device)
         ids[:, 0] = 0
         dec = FastDecoder(model, 1, a.ttft_prompt_len + 1)
-        for name, gen in (("eager generate", lambda: model.generate(ids, max_new_tokens=1, eos_token_id=-1)),
+        for name, gen in (("hf generate", lambda: model.generate(ids, max_new_tokens=1, eos_token_id=-1)),
                           ("fast (SDPA prefill)", lambda: dec.generate(ids, max_new_tokens=1, eos_token_id=-1))):
             gen()
             t = wall(gen, device)

@@ -38,6 +38,6 @@ def test_cpu_smoke_run_fast_rows_decode_the_eager_tokens(tmp_path):
     rows = json.loads((tmp_path / "infer_fast_bench.json").read_text())["rows"]
     decode = [r for r in rows if "decode_ms_per_step" in r]
     assert [(r["batch"], r["path"]) for r in decode] == [(b, p) for b in (1, 2) for p in
-                                                         ("eager generate", "fast gather", "fast dense")]
-    assert all(r["token_agreement_with_eager"] == 1.0 for r in decode if r["path"] != "eager generate")
-    assert [r["path"] for r in rows if "ttft_ms" in r] == ["eager generate", "fast (SDPA prefill)"]
+                                                         ("hf generate", "fast gather", "fast dense")]
+    assert all(r["token_agreement_with_eager"] == 1.0 for r in decode if r["path"] != "hf generate")
+    assert [r["path"] for r in rows if "ttft_ms" in r] == ["hf generate", "fast (SDPA prefill)"]
