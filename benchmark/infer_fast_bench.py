@@ -152,10 +152,10 @@ def main(argv=None) -> int:
     p.add_argument("--prompt_len", type=int, default=128)
     p.add_argument("--new_tokens", type=int, default=64)
     p.add_argument("--short_tokens", type=int, default=8, help="second, shorter run that cancels the prefill")
-    p.add_argument("--moe_impls", nargs="+", default=["gather", "grouped", "dense"],
+    p.add_argument("--moe_impls", nargs="*", default=["gather", "grouped", "dense"],
                    help="MoE implementations of the uncompiled fast path")
     p.add_argument("--compile", action="store_true", help="also the torch.compile(reduce-overhead) fast path")
-    p.add_argument("--compile_impls", nargs="+", default=["auto"], help="MoE implementations compiled with --compile")
+    p.add_argument("--compile_impls", nargs="*", default=["auto"], help="MoE implementations compiled with --compile")
     p.add_argument("--continuous", action="store_true",
                    help="also continuous.SlotDecoder decode steps with every slot busy (compiled with --compile)")
     p.add_argument("--skip_eager", action="store_true", help="leave out the eager model.generate rows")
