@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 
 from transformers import PreTrainedTokenizerFast, T5Tokenizer
 
@@ -55,7 +56,9 @@ def to_fast(tokenizer) -> PreTrainedTokenizerFast:
     if not isinstance(tokenizer, T5Tokenizer):
         raise ValueError(f"cannot export a {type(tokenizer).__name__} with OpenMoE's conventions; accepted: the "
                          "sentencepiece T5Tokenizer that openmoe.data.load_tokenizer builds")
-    converter = T5Converter(tokenizer)
+    with warnings.catch_warnings():  # "byte fallback is not implemented": it is, two lines below
+        warnings.simplefilter("ignore", UserWarning)
+        converter = T5Converter(tokenizer)
     converter.handle_byte_fallback = bool(converter.proto.trainer_spec.byte_fallback)  # what sentencepiece does
     tok = converter.converted()
     pad, eos = tokenizer.pad_token, tokenizer.eos_token
@@ -68,6 +71,7 @@ def to_fast(tokenizer) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=pad, eos_token=eos, unk_token=tokenizer.unk_token, pad_token=pad,
         padding_side="left", chat_template=CHAT_TEMPLATE, clean_up_tokenization_spaces=False,
+        model_input_names=["input_ids", "attention_mask"],  # what the model takes (no token_type_ids)
         model_max_length=tokenizer.model_max_length)
 
 
