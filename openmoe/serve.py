@@ -1,7 +1,7 @@
 """OpenAI-compatible HTTP server for OpenMoE checkpoints (standard library HTTP, no web framework).
 
     python -m openmoe.serve --model outputs/tiny-ep/hf --port 8000
-    colossalai run --nproc_per_node 2 -m openmoe.serve --model /ckpt/openmoe-8b --ep_size 2   # rank 0 serves
+    torchrun --nproc_per_node 2 -m openmoe.serve --model /ckpt/openmoe-8b --ep_size 2   # experts sharded, rank 0 serves
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions (the tokenizer's chat_template, else the OpenMoE-8B-Chat
 template), both with `"stream": true` as server-sent events; GET /v1/models; GET /health.
@@ -765,7 +765,7 @@ def load(a):
 
         if "WORLD_SIZE" not in os.environ:
             raise ValueError(f"--ep_size {a.ep_size} needs a distributed launch: "
-                             f"colossalai run --nproc_per_node {a.ep_size} -m openmoe.serve ...")
+                             f"torchrun --nproc_per_node {a.ep_size} -m openmoe.serve ...")
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group("nccl" if cuda else "gloo")
