@@ -219,6 +219,10 @@ class Engine:
             self._stopping = True
             self._cond.notify()
         self._thread.join()
+        with self._cond:  # nobody will run these: answer them rather than leave their clients waiting
+            for seq in self._waiting:
+                _fail(seq, 503, "the server is stopping")
+            self._waiting = []
 
     def _next_batch(self) -> list[Sequence] | None:
         with self._cond:
@@ -269,9 +273,7 @@ class Engine:
                     s.finish("length")
         except Exception as e:  # answer the batch, keep serving
             for s in batch:
-                if s.finish_reason is None:
-                    s.finish_reason = "error"
-                    s.events.put(("error", 500, f"generation failed: {type(e).__name__}: {e}"))
+                _fail(s, 500, f"generation failed: {type(e).__name__}: {e}")
 
     def _device(self):
         return next(self.model.parameters()).device
@@ -312,11 +314,11 @@ class ContinuousEngine(Engine):
                     self._decode()
             except Exception as e:  # answer the sequences in flight, keep serving
                 for slot, seq in list(self.active.items()) + admit:
-                    self._fail(seq, 500, f"generation failed: {type(e).__name__}: {e}")
+                    _fail(seq, 500, f"generation failed: {type(e).__name__}: {e}")
                     self.decoder.release(slot)
                 self.active.clear()
         for slot, seq in self.active.items():
-            self._fail(seq, 503, "the server is stopping")
+            _fail(seq, 503, "the server is stopping")
 
     def _take(self) -> tuple[Sequence | None, list[tuple[int, Sequence]]]:
         """(a sequence to run alone, or None; [(free slot, sequence)] to admit). Called under the lock."""
@@ -358,11 +360,13 @@ class ContinuousEngine(Engine):
                 self.decoder.release(slot)
                 del self.active[slot]
 
-    @staticmethod
-    def _fail(seq: Sequence, status: int, message: str) -> None:
-        if seq.finish_reason is None:
-            seq.finish_reason = "error"
-            seq.events.put(("error", status, message))
+
+
+def _fail(seq: Sequence, status: int, message: str) -> None:
+    """End a sequence with an HTTP error for its client (unless it already finished)."""
+    if seq.finish_reason is None:
+        seq.finish_reason = "error"
+        seq.events.put(("error", status, message))
 
 
 def _broadcast_object(obj):
