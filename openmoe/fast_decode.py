@@ -163,8 +163,6 @@ class FastDecoder:
     def _prefill(self, ids, mask, key_mask):
         """ids, mask [B, S] -> logits [B, V] of the last column; fills cache columns [0, S) and key_mask."""
         cfg, (b, s) = self.config, ids.shape
-        if cfg.pad_is_bos:  # a hidden <pad> BOS is attended and routed (model.bos_visible_mask)
-            mask = bos_visible_mask(ids, mask, cfg.bos_token_id)
         positions = default_positions(mask, b, s, 0, ids.device)  # [B, S]
         allowed = torch.zeros(b, 1, s, self.max_seq_len, dtype=torch.bool, device=ids.device)
         allowed[..., :s] = _attention_allowed(mask, s, 0, ids.device)  # [B, 1, S, M]
@@ -227,6 +225,8 @@ class FastDecoder:
         self.check_request(b, s, max_new_tokens)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        if cfg.pad_is_bos:  # a hidden <pad> BOS is attended, routed and counted in positions, as in the reference
+            attention_mask = bos_visible_mask(input_ids, attention_mask, cfg.bos_token_id)
         dev = input_ids.device
         key_mask = torch.zeros(b, self.max_seq_len, dtype=torch.bool, device=dev)  # [B, M] keys later steps see
         count = attention_mask.long().sum(1)  # [B] real tokens so far: the next token's position is count - 1 + ...

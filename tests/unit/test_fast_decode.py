@@ -73,6 +73,17 @@ def test_stop_sequences_streaming_and_vocab_limit_match_reference(model):
     assert (got[:, ids.shape[1]:] < 700).all()
 
 
+def test_mask_hiding_the_pad_bos_matches_reference(model):
+    """transformers-style masks (input_ids != pad) hide OpenMoE's <pad> BOS; the reference makes it visible, counted
+    in the positions of every later token."""
+    ids, _ = padded_batch()
+    mask = (ids != 0).long()
+    want = generate(model, ids, mask, max_new_tokens=STEPS, eos_token_id=-1)
+    got = FastDecoder(model, max_batch_size=3, max_seq_len=48).generate(ids, mask, max_new_tokens=STEPS,
+                                                                        eos_token_id=-1)
+    assert torch.equal(got, want)
+
+
 def test_sampling_with_penalty_equals_reference_from_same_generator(model):
     ids, mask = padded_batch()
     kw = dict(max_new_tokens=STEPS, do_sample=True, temperature=0.8, top_k=50, top_p=0.9, repetition_penalty=1.3,
