@@ -1,0 +1,130 @@
+"""transformers' generate on our model against references written here, and the <pad>-BOS mask rule against
+upstream's: the BOS is an ordinary token at absolute position 0, attended and routed, whatever mask hides it."""
+
+import pytest
+import torch
+
+from openmoe import ModelOptions, OpenMoeForCausalLM, preset
+from openmoe.generation import generate
+from openmoe.model import bos_visible_mask
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    # dropless: a row's routing must not depend on the rest of the batch for "row alone == row in a batch"
+    # larger weights than the default init, so that positions and routing visibly matter
+    return OpenMoeForCausalLM(preset("tiny", initializer_range=0.2), options=ModelOptions(dropless=True)).eval()
+
+
+def rows(*contents, width=None):
+    """Left-padded [B, L] ids from per-row contents (each starting with its <pad> BOS, id 0) and the mask
+    transformers builds for them (`input_ids != pad_token_id`), which hides every BOS."""
+    width = width or max(len(c) for c in contents)
+    ids = torch.zeros(len(contents), width, dtype=torch.long)
+    for i, c in enumerate(contents):
+        ids[i, width - len(c):] = torch.tensor(c)
+    return ids, (ids != 0).long()
+
+
+def test_bos_visible_mask_follows_the_rule():
+    ids = torch.tensor([[0, 5, 6, 7, 8], [0, 0, 0, 5, 6], [0, 0, 5, 6, 7], [5, 6, 7, 8, 9], [0, 0, 0, 0, 0],
+                        [7, 0, 5, 6, 8]])
+    mask = torch.tensor([[0, 1, 1, 1, 1],  # BOS at column 0 hidden -> shown
+                         [0, 0, 0, 1, 1],  # left padding, BOS at column 2 hidden -> only column 2 shown
+                         [0, 1, 1, 1, 1],  # BOS already visible (our tokenizer's mask) -> unchanged
+                         [1, 1, 1, 1, 1],  # no padding -> unchanged
+                         [0, 0, 0, 0, 0],  # empty row -> unchanged
+                         [0, 0, 1, 1, 1]])  # the id before the first token is a pad id -> it is the BOS
+    want = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1], [0, 1, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0],
+                         [0, 1, 1, 1, 1]])
+    assert torch.equal(bos_visible_mask(ids, mask, 0), want)
+
+
+def test_hidden_bos_and_left_padding_equal_each_row_alone(model):
+    """Upstream's rule, by hand: a row alone, unpadded, unmasked (BOS at position 0, every token routed)."""
+    contents = [[0, 17, 300, 45, 9, 77], [0, 5, 6], [0, 400, 12, 13, 14, 15, 16]]
+    ids, hf_mask = rows(*contents)
+    with torch.no_grad():
+        batched = model(ids, attention_mask=hf_mask).logits
+        for i, c in enumerate(contents):
+            alone = model(torch.tensor([c])).logits[0]
+            assert torch.allclose(batched[i, -len(c):], alone, atol=1e-5), i
+    # what the old rule (positions clamped at 0, BOS not routed) gave differs from upstream by far more
+    old_positions = (hf_mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        old = model(ids, attention_mask=hf_mask, position_ids=old_positions).logits
+    assert (old[0] - batched[0]).abs().max() > 0.1
+
+
+def test_generate_with_transformers_mask_equals_rows_alone(model):
+    contents = [[0, 17, 300, 45], [0, 5, 6, 7, 8, 9, 10]]
+    ids, _ = rows(*contents)
+    out = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0, eos_token_id=1,
+                         suppress_tokens=[1])  # no attention_mask: transformers builds ids != pad (BOS hidden)
+    for i, c in enumerate(contents):
+        alone = model.generate(torch.tensor([c]), attention_mask=torch.ones(1, len(c), dtype=torch.long),
+                               max_new_tokens=5, do_sample=False, suppress_tokens=[1])
+        assert out[i, -5:].tolist() == alone[0, -5:].tolist(), i
+
+
+def test_greedy_and_sampling_equal_the_reference_decode(model):
+    ids, mask = rows([0, 17, 300, 45, 9], [0, 5, 6])
+    mask = bos_visible_mask(ids, mask, 0)  # our tokenizer's mask shows the BOS
+    want = generate(model, ids, mask, max_new_tokens=6, eos_token_id=-1)
+    got = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, eos_token_id=None)
+    assert torch.equal(got, want)
+    want = generate(model, ids, mask, max_new_tokens=6, eos_token_id=-1, do_sample=True, temperature=0.7, top_k=50,
+                    generator=torch.Generator().manual_seed(11))
+    torch.manual_seed(11)  # transformers samples from the global generator
+    got = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=True, temperature=0.7, top_k=50,
+                         top_p=1.0, eos_token_id=None)
+    assert torch.equal(got, want)
+
+
+def beam_search(model, ids, beams, steps, banned):
+    """Textbook beam search over full recomputation (no cache): keep the `beams` best continuations by summed
+    log-probability. No hypothesis ever ends (the EOS is banned), so no length normalisation can reorder them."""
+    hyps = [(0.0, ids)]
+    for _ in range(steps):
+        candidates = []
+        for score, seq in hyps:
+            with torch.no_grad():
+                logp = model(seq[None]).logits[0, -1].log_softmax(-1)
+            logp[banned] = float("-inf")
+            top = logp.topk(beams)
+            candidates += [(score + v.item(), torch.cat([seq, t.view(1)])) for v, t in zip(top.values, top.indices)]
+        hyps = sorted(candidates, key=lambda c: -c[0])[:beams]
+    return hyps[0][1]
+
+
+def test_beam_search_equals_a_textbook_beam_search(model):
+    ids = torch.tensor([0, 17, 300, 45, 9])
+    got = model.generate(ids[None], attention_mask=torch.ones(1, 5, dtype=torch.long), num_beams=3,
+                         max_new_tokens=4, do_sample=False, eos_token_id=1, suppress_tokens=[1], length_penalty=0.0)
+    assert got[0].tolist() == beam_search(model, ids, 3, 4, banned=[1]).tolist()
+
+
+def test_generation_config_streamer_and_stop_strings(model):
+    from transformers import GenerationConfig
+
+    ids, mask = rows([0, 17, 300, 45, 9])
+    free = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, eos_token_id=None)
+    config = GenerationConfig(max_new_tokens=3, do_sample=False, eos_token_id=int(free[0, -5]), pad_token_id=0)
+    out = model.generate(ids, attention_mask=mask, generation_config=config)
+    assert out[0, 5:].tolist() == [free[0, 5].item(), free[0, 6].item()]  # stopped at the chosen EOS
+
+    class Collect:
+        def __init__(self):
+            self.chunks = []
+
+        def put(self, value):
+            self.chunks.append(value.flatten().tolist())
+
+        def end(self):
+            self.chunks.append("end")
+
+    streamer = Collect()
+    model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, eos_token_id=None, streamer=streamer)
+    assert streamer.chunks[0] == ids[0].tolist() and streamer.chunks[-1] == "end"
+    assert sum(streamer.chunks[1:-1], []) == free[0, 5:9].tolist()
