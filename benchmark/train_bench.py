@@ -222,7 +222,7 @@ def ours_layout(a, cfg: OpenMoeConfig, world: int):
                       activation_checkpointing=a.activation_checkpointing, lm_loss_impl=a.lm_loss_impl,
                       grad_accum=a.grad_accum, comm_overlap=a.comm_overlap,
                       hierarchical_alltoall=a.hierarchical_alltoall, precision="bf16", zero_stage=1, lr=a.lr,
-                      warmup_steps=1, grad_clip=1.0, seed=a.seed, tensorboard=False)
+                      warmup_steps=1, grad_clip=1.0, seed=a.seed, tensorboard=False, max_steps=10**6)
     sizes = resolve_sizes(run, cfg, world)
     if a.use_kernel and sizes.ep > 1 and not a.dropless:
         raise ValueError(f"--use_kernel with ep_size {sizes.ep} changes the dropless expert-parallel path only "
@@ -231,20 +231,19 @@ def ours_layout(a, cfg: OpenMoeConfig, world: int):
 
 
 def build_ours(a, cfg, world: int, device) -> Bench:
-    from openmoe.backend.colossal import boost, build_plugin
-    from openmoe.train.builder import build_model, build_optimizer
+    from openmoe.train.builder import build
     from openmoe.train.step import train_step
 
-    # openmoe.train.builder.build's sequence, except that the model is created on the GPU in bf16 (build() creates
-    # it on the CPU in fp32: minutes for 11.9B parameters) and no data/output directory is set up
     run, sizes = ours_layout(a, cfg, world)
-    plugin = build_plugin(run, sizes)
-    with build_on(device, torch.bfloat16):
-        model = build_model(run, cfg)
-    flops = F.openmoe_flops(model, a.seq)
-    optimizer, _ = build_optimizer(run, model, total_steps=10**6)
-    boosted = boost(plugin, model, optimizer)  # booster.boost + the clipping fix
-    booster, model, optimizer = boosted.booster, boosted.model, boosted.optimizer
+    counted = {}
+
+    def count_flops(model):  # the single-device model, before expert-parallel wrapping
+        counted["flops"] = F.openmoe_flops(model, a.seq)
+
+    # the trainer's setup sequence, without data or output directory, the model created on the GPU in bf16
+    st = build(run, training=False, customize_model=count_flops, init_context=lambda: build_on(device, torch.bfloat16))
+    flops, plugin = counted["flops"], st.boosted.plugin
+    booster, model, optimizer = st.booster, st.model, st.optimizer
     model.train()
     batches = synthetic_batches(cfg.vocab_size, a.batch_size, a.seq, seed=1000 * dist.get_rank(plugin.dp_group) + 7,
                                 mask=not a.no_attention_mask)

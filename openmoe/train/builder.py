@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import os
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Callable
 
@@ -63,10 +63,12 @@ class TrainState:
 
 
 def build(run: RunConfig, *, training: bool = True, customize_model: Callable[[OpenMoeForCausalLM], None] | None = None,
-          make_optimizer: Callable[[OpenMoeForCausalLM], torch.optim.Optimizer] | None = None) -> TrainState:
-    """Set up a run on this rank. training=False skips the data, the output directory and resume (tests that feed
-    their own batches); customize_model runs on the single-device model before boosting; make_optimizer replaces
-    AdamW + the LR schedule (then there is no scheduler)."""
+          make_optimizer: Callable[[OpenMoeForCausalLM], torch.optim.Optimizer] | None = None,
+          init_context: Callable[[], AbstractContextManager] = nullcontext) -> TrainState:
+    """Set up a run on this rank. training=False skips the data, the output directory and resume (tests and
+    benchmarks that feed their own batches); customize_model runs on the single-device model before boosting;
+    make_optimizer replaces AdamW + the LR schedule (then there is no scheduler); the model is created inside
+    init_context() (e.g. directly on the GPU in bf16: an 8B model initialises in seconds there, minutes on the CPU)."""
     rank, world, device = init_distributed(run.optim.seed)
     cfg = model_config(run)
     sizes = resolve_sizes(run, cfg, world)
@@ -77,7 +79,8 @@ def build(run: RunConfig, *, training: bool = True, customize_model: Callable[[O
         check_output_path(run.checkpoint.output_path)
         tokenizer, batches, eval_examples = build_data(run, cfg, dp_rank(plugin), sizes.dp)
         total_steps = run.optim.max_steps or run.optim.num_epochs * (len(batches) // run.optim.grad_accum)
-    model = build_model(run, cfg)
+    with init_context():
+        model = build_model(run, cfg)
     if customize_model is not None:
         customize_model(model)
     if make_optimizer is not None:
