@@ -145,6 +145,25 @@ def continuous_row(model, ids, a, bound, device) -> dict:
             "bound_tokens_per_s": bound, "of_bound": b / per_step / bound}
 
 
+def profile_row(name: str, dec, ids, a, device) -> dict:
+    """Device time of the kernels of one generate call, per decode step, against its wall time per step: a wall
+    time well above the kernel time means the step waits on the host (launches, syncs)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    dec.generate(ids, max_new_tokens=a.new_tokens, eos_token_id=-1)  # warm (and compiled)
+    with profile(activities=activities) as prof:
+        t = wall(lambda: dec.generate(ids, max_new_tokens=a.new_tokens, eos_token_id=-1), device)
+    events = prof.key_averages()
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    kernel_us = sum(getattr(e, attr) for e in events if device.type != "cuda" or e.device_type.name == "CUDA")
+    table = events.table(sort_by=attr, row_limit=25)
+    with open(os.path.join(a.out, f"profile_{name.replace(' ', '_').replace('+', '_')}.txt"), "w") as f:
+        f.write(table)
+    return {"batch": 1, "path": f"profile {name}", "wall_ms_per_step_profiled": 1000 * t / a.new_tokens,
+            "kernel_ms_per_step": kernel_us / 1000 / a.new_tokens}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="8b")
@@ -161,6 +180,9 @@ def main(argv=None) -> int:
                         "(compiled with --compile)")
     p.add_argument("--skip_eager", action="store_true", help="leave out the eager model.generate rows")
     p.add_argument("--ttft_prompt_len", type=int, default=2048, help="0: skip the time-to-first-token rows")
+    p.add_argument("--profile", action="store_true",
+                   help="profile --new_tokens steps of every fast decoder at batch 1: kernel time per step and the "
+                        "top kernels (profile_<path>.txt in --out)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     a = p.parse_args(argv)
@@ -226,6 +248,12 @@ def main(argv=None) -> int:
             rows.append(continuous_row(model, ids, a, bound, device))
             print(f"batch {b:3d} {rows[-1]['path']:24s} decode {rows[-1].get('decode_ms_per_step', 0):7.2f} ms/step "
                   f"= {100 * rows[-1].get('of_bound', 0):5.1f}% of bound {rows[-1].get('error', '')}", flush=True)
+            dump()
+    if a.profile:
+        ids = torch.randint(3, min(32000, cfg.vocab_size), (1, a.prompt_len), device=device)
+        for name, dec in fast.items():
+            rows.append(profile_row(name, dec, ids, a, device))
+            print(f"profile batch 1 {name}: {rows[-1]}", flush=True)
             dump()
     if a.ttft_prompt_len:
         ids = torch.randint(3, min(32000, cfg.vocab_size), (1, a.ttft_prompt_len), device=device)
