@@ -737,7 +737,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="eager: static batches through generation.generate (the reference); static: static batches "
                         "through openmoe/fast_decode.py (static KV cache, no host sync per token); continuous: "
                         "sequences join and leave the running batch (openmoe/continuous.py); auto: continuous with "
-                        "--compile on one GPU, eager otherwise (CPU, --ep_size > 1)")
+                        "--compile on one GPU, eager otherwise (CPU, --ep_size > 1, --capacity_routing)")
     p.add_argument("--compile", action="store_true", help="torch.compile(mode='reduce-overhead') the decode step of "
                                                           "--decode static/continuous (CUDA graphs)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights of a preset --model")
@@ -751,6 +751,9 @@ def _check_args(a) -> None:
             raise ValueError(f"--{name} ({getattr(a, name)}) must be >= 1")
     if not 0 <= a.port <= 65535:
         raise ValueError(f"--port ({a.port}) must be in [0, 65535]")
+    if a.decode in ("static", "continuous") and a.capacity_routing:
+        raise ValueError(f"--decode {a.decode} routes dropless (no data-dependent shapes); --capacity_routing needs "
+                         "--decode eager")
     if a.decode in ("static", "continuous") and a.ep_size > 1:
         raise ValueError(f"--decode {a.decode} runs on one device; with --ep_size {a.ep_size} use --decode eager")
     if a.batch_window_ms < 0:
@@ -842,7 +845,7 @@ def main(argv=None) -> int:
     name = a.served_model_name or os.path.basename(os.path.normpath(a.model))
     decode, compile = a.decode, a.compile
     if decode == "auto":
-        gpu = torch.cuda.is_available() and a.ep_size == 1
+        gpu = torch.cuda.is_available() and a.ep_size == 1 and not a.capacity_routing
         decode, compile = ("continuous", True) if gpu else ("eager", False)
     server = start(model, tokenizer, a.host, a.port, name, a.max_model_len, a.max_new_tokens, a.max_batch_size,
                    a.max_queue, a.batch_window_ms / 1000, a.ep_size > 1, a.verbose, decode, compile)

@@ -252,6 +252,9 @@ def test_collective_engine_with_one_rank(ckpt, direct):
 def test_cli_serves_and_refuses_bad_options(ckpt, capsys):
     assert serve.main(["--model", ckpt, "--max_batch_size", "0"]) == 2
     assert capsys.readouterr().err.strip() == "error: --max_batch_size (0) must be >= 1"
+    assert serve.main(["--model", ckpt, "--capacity_routing", "--decode", "static"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: --decode static routes dropless (no data-dependent shapes); "
+                                               "--capacity_routing needs --decode eager")
     assert serve.main(["--model", ckpt, "--ep_size", "2", "--decode", "continuous"]) == 2
     assert capsys.readouterr().err.strip() == ("error: --decode continuous runs on one device; with --ep_size 2 use "
                                                "--decode eager")
