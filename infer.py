@@ -57,7 +57,7 @@ class Session:
     """Everything one generation needs; `generate(prompts)` returns completions in order (on every rank)."""
 
     def __init__(self, args):
-        from openmoe import data, hub, inference
+        from openmoe import ModelOptions, data, hub, inference
         from openmoe.tokenizer import load_tokenizer
 
         self.args = args
@@ -68,10 +68,10 @@ class Session:
             self._init_distributed(cuda)
         model_dir = hub.resolve_model(args.model)  # a directory, a hub id (HF cache) or None for a preset
         self.tokenizer = load_tokenizer(hub.tokenizer_path(model_dir, args.model, args.tokenizer))
-        model = inference.load_model(model_dir or args.model, dtype, args.seed)
+        model = inference.load_model(model_dir or args.model, dtype, args.seed, args.device_map,
+                                     inference.parse_max_memory(args.max_memory), args.offload_dir,
+                                     ModelOptions(dropless=args.dropless))
         data.check_vocab(self.tokenizer, model.config.vocab_size)
-        if args.dropless:
-            inference.set_dropless(model)
         if args.ep_size > 1:
             import torch.distributed as dist
 
@@ -79,8 +79,7 @@ class Session:
             self.device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
             model = model.to(self.device)
         elif args.device_map:
-            model, self.device = inference.dispatch(model, args.device_map, inference.parse_max_memory(args.max_memory),
-                                                    args.offload_dir)
+            self.device = inference.input_device(model)
         else:
             self.device = torch.device("cuda" if cuda else "cpu")
             model = model.to(self.device)

@@ -9,7 +9,7 @@ import os
 import torch
 
 from openmoe.io.hf import parse_dtype
-from openmoe.config import preset
+from openmoe.config import ModelOptions, preset
 from openmoe.data_formats import CHAT_SYSTEM, chat_prompt  # noqa: F401 (the template is shared with training)
 from openmoe.model import OpenMoeForCausalLM
 from openmoe.moe import OpenMoeSparseMLP
@@ -57,39 +57,32 @@ def check_dtype(dtype: str) -> torch.dtype:
     return parse_dtype(dtype)
 
 
-def load_model(model: str, dtype: torch.dtype, seed: int = 0) -> OpenMoeForCausalLM:
-    """A checkpoint directory (ours or the published layout) or, for benchmarking, a preset with random weights."""
+def load_model(model: str, dtype: torch.dtype, seed: int = 0, device_map: str | dict | None = None,
+               max_memory: dict | None = None, offload_dir: str | None = None,
+               options: ModelOptions | None = None) -> OpenMoeForCausalLM:
+    """A checkpoint directory (ours or the published layout) or, for benchmarking, a preset with random weights.
+
+    device_map ("auto" or {module: device}) places whole decoder layers over the visible GPUs, then CPU RAM, then
+    disk beyond `max_memory` (transformers' from_pretrained with accelerate; a decoder layer is never split)."""
     if os.path.isdir(model):
-        m = OpenMoeForCausalLM.from_pretrained(model, torch_dtype=dtype)
+        placement = {} if device_map is None else dict(device_map=device_map, max_memory=max_memory,
+                                                        offload_folder=offload_dir)
+        m = OpenMoeForCausalLM.from_pretrained(model, torch_dtype=dtype, options=options, **placement)
     elif os.path.sep in model or model.startswith("."):
         raise FileNotFoundError(f"checkpoint directory {model} does not exist")
+    elif device_map is not None:
+        raise ValueError(f"--device_map needs a checkpoint directory; '{model}' is a preset with random weights")
     else:
         torch.manual_seed(seed)
-        m = OpenMoeForCausalLM(preset(model)).to(dtype)
+        m = OpenMoeForCausalLM(preset(model), options=options).to(dtype)
     return m.eval()
 
 
-def set_dropless(model: OpenMoeForCausalLM) -> None:
-    """Route every token: no capacity drops, so outputs do not depend on what else is in the batch (costs a
-    device->host sync per MoE layer to size the buffers). Shorthand for ModelOptions(dropless=True)."""
-    model.apply_options(model.options.replace(dropless=True))
-
-
-def dispatch(model: OpenMoeForCausalLM, device_map: str | dict, max_memory: dict | None, offload_dir: str | None
-             ) -> tuple[OpenMoeForCausalLM, torch.device]:
-    """Place whole decoder layers over the visible devices (HF accelerate conventions), offloading to CPU RAM and
-    then disk beyond `max_memory`. A decoder layer is never split."""
-    from accelerate import dispatch_model, infer_auto_device_map
-
-    if device_map == "auto":
-        device_map = infer_auto_device_map(model, max_memory=max_memory,
-                                           no_split_module_classes=["OpenMoeDecoderLayer"],
-                                           dtype=next(model.parameters()).dtype)
-    if "disk" in device_map.values() and offload_dir is None:
-        raise ValueError("the device map offloads to disk: pass --offload_dir DIR")
-    main = next((d for d in device_map.values() if d not in ("cpu", "disk")), "cpu")
-    model = dispatch_model(model, device_map=device_map, main_device=main, offload_dir=offload_dir)
-    return model, torch.device(f"cuda:{main}" if isinstance(main, int) else main)  # where inputs go
+def input_device(model: OpenMoeForCausalLM) -> torch.device:
+    """Where input ids go: the first accelerator a device map uses, else the CPU (offloaded layers run there)."""
+    placed = getattr(model, "hf_device_map", None) or {"": next(model.parameters()).device}
+    main = next((d for d in placed.values() if d not in ("cpu", "disk")), "cpu")
+    return torch.device(f"cuda:{main}" if isinstance(main, int) else main)
 
 
 def parse_max_memory(spec: str | None) -> dict | None:

@@ -9,7 +9,7 @@ from openmoe import OpenMoeForCausalLM, preset
 from openmoe.data import decode, load_tokenizer
 from openmoe.generation import generate
 from openmoe.tokenizer import save_tokenizer
-from openmoe.inference import chat_prompt, chat_stop_sequences, dispatch, encode_batch
+from openmoe.inference import chat_prompt, chat_stop_sequences, encode_batch, input_device, load_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOKENIZER = os.path.join(ROOT, "tests", "assets", "tokenizer")
@@ -43,11 +43,13 @@ def test_device_map_with_disk_offload_equals_single_device(ckpt, tmp_path):
     ids, mask = encode_batch(load_tokenizer(TOKENIZER), ["Reverse the word: apple.", "Hi"])
     plain = OpenMoeForCausalLM.from_pretrained(ckpt).eval()
     want = generate(plain, ids, mask, max_new_tokens=6, eos_token_id=-1)
-    split = OpenMoeForCausalLM.from_pretrained(ckpt).eval()
     device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
                   "model.layers.2": "cpu", "model.layers.3": "disk", "model.norm": "cpu", "lm_head": "cpu"}
-    split, device = dispatch(split, device_map, None, str(tmp_path / "offload"))
-    assert os.listdir(tmp_path / "offload")  # layers 1 and 3 really live on disk
+    split = load_model(ckpt, torch.float32, device_map=device_map, offload_dir=str(tmp_path / "offload"))
+    device = input_device(split)
+    # layers 1 and 3 really live on disk: their weights are read from the checkpoint file when they run
+    assert {split.model.layers[i].self_attn.q_proj.weight.device.type for i in (1, 3)} == {"meta"}
+    assert split.model.layers[0].self_attn.q_proj.weight.device.type == "cpu"
     got = generate(split, ids.to(device), mask.to(device), max_new_tokens=6, eos_token_id=-1)
     assert torch.equal(got, want)
 
