@@ -76,8 +76,10 @@ def to_fast(tokenizer) -> PreTrainedTokenizerFast:
 
 
 def save_tokenizer(tokenizer, directory: str) -> None:
-    """Write the tokenizer files of an export (module docstring) into `directory`."""
-    to_fast(tokenizer).save_pretrained(directory)
+    """Write the tokenizer files of an export (module docstring) into `directory`. A tokenizer that is not the
+    umT5-style sentencepiece one (a llama_moe model's LLaMA tokenizer, or one loaded from an export) is saved as is:
+    its own conventions already load back through AutoTokenizer."""
+    (to_fast(tokenizer) if isinstance(tokenizer, T5Tokenizer) else tokenizer).save_pretrained(directory)
 
 
 def load_tokenizer(path):

@@ -155,16 +155,21 @@ class ShardWriter:
 
 
 def write_checkpoint(directory: str, config: OpenMoeConfig, state_dict: dict[str, torch.Tensor],
-                     max_shard_bytes: int = 2 * 1024**3) -> None:
+                     max_shard_bytes: int = 2 * 1024**3, tokenizer=None) -> None:
     """Write config.json (auto_map) + the model code + safetensors (sharded with an index when larger than
     max_shard_bytes) atomically: the directory loads with AutoModelForCausalLM.from_pretrained(dir,
-    trust_remote_code=True) where openmoe is not installed."""
+    trust_remote_code=True) where openmoe is not installed. With `tokenizer`, its export (openmoe.tokenizer: what
+    AutoTokenizer needs to encode as training did) is written into the same atomic directory."""
     with atomic_directory(directory) as tmp:
         config.save(tmp)
         writer = ShardWriter(tmp, max_shard_bytes)
         for name, t in state_dict.items():
             writer.add(name, t.detach().contiguous().cpu())
         writer.finish(single_file=True)
+        if tokenizer is not None:
+            from openmoe.tokenizer import save_tokenizer
+
+            save_tokenizer(tokenizer, tmp)
 
 
 def save_pretrained(model, directory: str, max_shard_bytes: int | None = None, max_shard_size: int | str = "2GB",

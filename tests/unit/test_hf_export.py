@@ -45,3 +45,19 @@ def test_auto_classes_resolve_our_type_without_remote_code(tmp_path):
     assert type(loaded) is OpenMoeForCausalLM
     ids = torch.tensor([[0, 5, 9, 13]])
     assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_write_checkpoint_writes_the_tokenizer_into_the_same_directory(tmp_path):
+    from transformers import AutoTokenizer
+
+    from openmoe.data import encode, load_tokenizer
+    from openmoe.hub import SHIPPED_TOKENIZER
+    from openmoe.io.hf import write_checkpoint
+
+    model = OpenMoeForCausalLM(preset("tiny", num_hidden_layers=2))
+    tok = load_tokenizer(SHIPPED_TOKENIZER)
+    write_checkpoint(str(tmp_path / "hf"), model.config, model.state_dict(), tokenizer=tok)
+    exported = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    text = "Input: naïve 🙂"
+    assert exported(text)["input_ids"] == encode(tok, text) and exported.padding_side == "left"
+    assert sorted(os.listdir(tmp_path)) == ["hf"]  # written atomically, no temporary left behind
