@@ -7,7 +7,7 @@ Shapes: B batch, S prompt width, M max_seq_len (static cache length), H hidden, 
 E experts, K top-k, I expert width, V vocabulary, T tokens (B * S at prefill, B at decode), n new tokens.
 
 The eager `model.generate` (openmoe/generation.py) is the reference; with dropless routing on the model
-(`inference.set_dropless`) both give the same tokens (tests/unit/test_fast_decode.py). What differs, and why:
+(`ModelOptions(dropless=True)`) both give the same tokens (tests/unit/test_fast_decode.py). What differs, and why:
   * KV cache: one preallocated [B_max, N_kv, M, D] pair per layer, written in place at a column index held on the
     device; every decode step attends over all M columns under a key mask, so each step has the same shapes and can
     be captured once as a CUDA graph. Columns follow the reference: the left-padded prompt in [0, S), new token i in

@@ -763,6 +763,7 @@ def _check_args(a) -> None:
 def load(a):
     """(model, tokenizer, rank) on this process's device; experts sharded over ranks when --ep_size > 1."""
     from openmoe import data, inference
+    from openmoe.config import ModelOptions
 
     cuda = torch.cuda.is_available()
     dtype = inference.check_dtype(a.dtype or ("bf16" if cuda else "fp32"))
@@ -784,10 +785,9 @@ def load(a):
     if not os.path.isdir(tokenizer_path) and not os.path.isfile(tokenizer_path):
         raise ValueError(f"--model {a.model} is not a directory holding a tokenizer: pass --tokenizer PATH")
     tokenizer = data.load_tokenizer(tokenizer_path)
-    model = inference.load_model(a.model, dtype, a.seed)
+    options = None if a.capacity_routing else ModelOptions(dropless=True)
+    model = inference.load_model(a.model, dtype, a.seed, options=options)
     data.check_vocab(tokenizer, model.config.vocab_size)
-    if not a.capacity_routing:
-        inference.set_dropless(model)
     device = torch.device(f"cuda:{torch.cuda.current_device()}" if cuda else "cpu")
     if a.ep_size > 1:
         import torch.distributed as dist

@@ -15,7 +15,7 @@ import torch
 from openmoe import OpenMoeForCausalLM, preset
 from openmoe.data import decode, load_tokenizer
 from openmoe.generation import generate
-from openmoe.inference import encode_batch, set_dropless
+from openmoe.inference import encode_batch
 from tests.helpers import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -35,7 +35,7 @@ def test_two_rank_expert_parallel_server_equals_single_process(tmp_path):
     model.save_pretrained(str(ckpt))
     for f in os.listdir(TOKENIZER):
         shutil.copy(os.path.join(TOKENIZER, f), ckpt)
-    set_dropless(model)  # the server routes dropless too
+    model.apply_options(model.options.replace(dropless=True))  # the server routes dropless too
     tok = load_tokenizer(TOKENIZER)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",

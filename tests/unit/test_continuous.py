@@ -8,7 +8,6 @@ import torch
 from openmoe import OpenMoeForCausalLM, preset
 from openmoe.continuous import SlotDecoder
 from openmoe.generation import generate
-from openmoe.inference import set_dropless
 
 PROMPTS = [[0, 17, 260, 95, 4, 33, 710], [0, 321], [0, 44, 45, 46, 47], [0, 512, 8, 9]]
 
@@ -17,7 +16,7 @@ PROMPTS = [[0, 17, 260, 95, 4, 33, 710], [0, 321], [0, 44, 45, 46, 47], [0, 512,
 def model():
     torch.manual_seed(0)
     m = OpenMoeForCausalLM(preset("tiny", initializer_range=0.2)).eval()  # sharp: wrong columns change tokens
-    set_dropless(m)
+    m.apply_options(m.options.replace(dropless=True))
     return m
 
 

@@ -21,7 +21,7 @@ from openmoe.generation import generate
 from openmoe import OpenMoeForCausalLM, preset
 from openmoe import serve
 from openmoe.data import decode, load_tokenizer
-from openmoe.inference import CHAT_SYSTEM, chat_prompt, encode_batch, set_dropless
+from openmoe.inference import CHAT_SYSTEM, chat_prompt, encode_batch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOKENIZER = os.path.join(ROOT, "tests", "assets", "tokenizer")
@@ -44,7 +44,7 @@ def direct(ckpt):
     """Greedy completion of one prompt, alone, straight from the model."""
     tok = load_tokenizer(ckpt)
     model = OpenMoeForCausalLM.from_pretrained(ckpt).eval()
-    set_dropless(model)
+    model.apply_options(model.options.replace(dropless=True))
 
     def complete(prompt, max_tokens, stop=()):
         ids, mask = encode_batch(tok, [prompt])
@@ -112,7 +112,7 @@ def test_seeded_sampling_is_reproducible_and_equals_direct_sampling(client, ckpt
     assert a == b and a != c
     tok = load_tokenizer(ckpt)  # the same draw straight from generation.generate with a generator seeded 5
     model = OpenMoeForCausalLM.from_pretrained(ckpt).eval()
-    set_dropless(model)
+    model.apply_options(model.options.replace(dropless=True))
     ids, mask = encode_batch(tok, [PROMPTS[4]])
     new = generate(model, ids, mask, max_new_tokens=12, do_sample=True, temperature=0.7, top_p=0.9, top_k=40,
                    generator=torch.Generator().manual_seed(5), vocab_limit=len(tok))[0, ids.shape[1]:].tolist()
