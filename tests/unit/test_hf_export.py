@@ -61,3 +61,13 @@ def test_write_checkpoint_writes_the_tokenizer_into_the_same_directory(tmp_path)
     text = "Input: naïve 🙂"
     assert exported(text)["input_ids"] == encode(tok, text) and exported.padding_side == "left"
     assert sorted(os.listdir(tmp_path)) == ["hf"]  # written atomically, no temporary left behind
+
+
+def test_dtype_and_resized_embeddings_through_transformers(tmp_path):
+    model = OpenMoeForCausalLM(preset("tiny", num_hidden_layers=2))
+    model.save_pretrained(str(tmp_path / "m"))
+    half = OpenMoeForCausalLM.from_pretrained(str(tmp_path / "m"), torch_dtype=torch.bfloat16)
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    model.resize_token_embeddings(1100)
+    assert model.config.vocab_size == 1100 and model.lm_head.weight.shape == (1100, 64)
+    assert model(torch.tensor([[0, 1099]])).logits.shape == (1, 2, 1100)

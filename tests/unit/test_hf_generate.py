@@ -128,3 +128,21 @@ def test_generation_config_streamer_and_stop_strings(model):
     model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, eos_token_id=None, streamer=streamer)
     assert streamer.chunks[0] == ids[0].tolist() and streamer.chunks[-1] == "end"
     assert sum(streamer.chunks[1:-1], []) == free[0, 5:9].tolist()
+
+
+def test_stop_strings_end_generation(model):
+    from openmoe.data import decode, load_tokenizer
+    from openmoe.hub import SHIPPED_TOKENIZER
+    from openmoe.tokenizer import to_fast
+
+    tok = to_fast(load_tokenizer(SHIPPED_TOKENIZER))
+    ids, mask = rows([0, 17, 300, 45, 9])
+    mask = bos_visible_mask(ids, mask, 0)
+    banned = list(range(len(tok), model.config.vocab_size)) + [1]
+    free = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, suppress_tokens=banned)
+    new = free[0, 5:].tolist()
+    stop = decode(tok, new[:3]).strip()[-2:]  # the last characters of the first three tokens' text
+    assert stop and stop not in decode(tok, new[:2])
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, suppress_tokens=banned,
+                         stop_strings=[stop], tokenizer=tok)
+    assert out[0, 5:].tolist() == new[:3]  # stopped right after the token that completes the stop string
