@@ -21,8 +21,8 @@ How a request flows:
 Routing is dropless by default, so a row's tokens do not depend on which requests share its batch (with capacity
 routing a busy expert drops tokens depending on the other rows).
 Expert parallelism: every rank runs the engine loop's `generate_batch` calls together. Rank 0 broadcasts each batch
-(prompts and options) and, at every decode step, its stop decision; other ranks only follow (`follow`). Every rank
-decodes the whole batch: simple agreement on streaming and stops, at the cost of experts seeing ep_size copies.
+(prompts and options); rank r decodes rows r, r + ep, ...; after every step the ranks all-gather the new tokens and
+rank 0 broadcasts its stop decision (SplitRows); the other ranks only follow (`follow`).
 `generate_batch` and the SlotDecoder (admit / step / release) are the only ways the engine touches the model.
 """
 
@@ -261,13 +261,16 @@ class Engine:
                 s.on_token(t, f, self.eos)
 
         def stop_now(local_done: bool) -> bool:
-            stop = local_done or all(s.done for s in batch)
-            return _broadcast_flag(stop, self._device()) if self.distributed else stop
+            return local_done or all(s.done for s in batch)
 
         try:
             if self.distributed:
                 _broadcast_object((prompts, options))
-            generate_batch(self.model, self.tokenizer, prompts, options, on_step, stop_now, self.decoder)
+                rows = SplitRows(len(prompts), self._device())
+                generate_batch(self.model, self.tokenizer, rows.local(prompts), options, rows.keep,
+                               lambda local_done: rows.exchange(on_step, lambda: stop_now(False)))
+            else:
+                generate_batch(self.model, self.tokenizer, prompts, options, on_step, stop_now, self.decoder)
             for s in batch:
                 if s.finish_reason is None:
                     s.finish("length")
@@ -386,12 +389,54 @@ def _broadcast_flag(flag: bool, device) -> bool:
     return bool(t.item())
 
 
+class SplitRows:
+    """Expert parallelism: rank r decodes rows r, r + ep, r + 2 ep, ... of a batch (a rank without rows decodes a copy
+    of row 0 and discards it: every rank must step, each step's all-to-all needs all of them). After every step the
+    ranks all-gather their new tokens (one [2, ceil(B / ep)] tensor each), rank 0 updates the sequences and
+    broadcasts whether to stop: two small collectives and a host read per step, on the eager path that has them."""
+
+    def __init__(self, batch_size: int, device):
+        import torch.distributed as dist
+
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.batch_size, self.device = batch_size, device
+        self.rows = list(range(self.rank, batch_size, self.world))
+        self.width = -(-batch_size // self.world)  # rows per rank, the last ranks padded
+        self.last = ([], [])
+
+    def local(self, prompts: list[str]) -> list[str]:
+        return [prompts[i] for i in self.rows] or prompts[:1]
+
+    def keep(self, tokens: list[int], finished: list[bool]) -> None:
+        self.last = (tokens, finished)  # this rank's rows of the step; exchanged when generate asks to stop
+
+    def exchange(self, on_step=None, stop=None) -> bool:
+        """All ranks: gather the step's tokens; rank 0 runs on_step over the whole batch and decides with stop()."""
+        import torch.distributed as dist
+
+        n = len(self.rows)
+        mine = torch.full((2, self.width), -1, dtype=torch.long, device=self.device)  # [tokens; finished]
+        mine[0, :n] = torch.tensor(self.last[0][:n], dtype=torch.long)
+        mine[1, :n] = torch.tensor(self.last[1][:n], dtype=torch.long)
+        parts = [torch.empty_like(mine) for _ in range(self.world)]
+        dist.all_gather(parts, mine)
+        decision = False
+        if self.rank == 0:
+            parts = [p.tolist() for p in parts]
+            rows = [(parts[i % self.world][0][i // self.world], parts[i % self.world][1][i // self.world])
+                    for i in range(self.batch_size)]  # batch row i lives on rank i % ep, at i // ep
+            on_step([t for t, _ in rows], [bool(f) for _, f in rows])
+            decision = stop()
+        return _broadcast_flag(decision, self.device)
+
+
 def follow(model, tokenizer) -> None:
-    """Ranks other than 0: run every batch rank 0 broadcasts, with its stop decisions, until it sends None."""
+    """Ranks other than 0: run their rows of every batch rank 0 broadcasts, until it sends None."""
     device = next(model.parameters()).device
     while (msg := _broadcast_object(None)) is not None:
         prompts, options = msg
-        generate_batch(model, tokenizer, prompts, options, None, lambda local: _broadcast_flag(False, device))
+        rows = SplitRows(len(prompts), device)
+        generate_batch(model, tokenizer, rows.local(prompts), options, rows.keep, lambda local: rows.exchange())
 
 
 # ------------------------------------------------------------------------------------------ request validation

@@ -1,6 +1,7 @@
 """The server under expert parallelism: 2 gloo ranks with sharded experts (`torch.distributed.run -m openmoe.serve
---ep_size 2`), rank 0 answering HTTP, rank 1 following its broadcasts; answers == single-process greedy generation,
-including a stop string that ends the batch early (rank 0's per-step stop decision reaches rank 1); SIGTERM to
+--ep_size 2`), rank 0 answering HTTP, rank 1 following its broadcasts; answers == single-process greedy generation
+for a batch split unevenly over the ranks and for a single prompt (rank 1 decodes a dummy row), including a stop
+string that ends the batch early (rank 0's per-step stop decision reaches rank 1); SIGTERM to
 rank 0 stops both ranks cleanly (rank 1 is released by rank 0's final broadcast)."""
 
 import os
@@ -46,7 +47,7 @@ def test_two_rank_expert_parallel_server_equals_single_process(tmp_path):
         line = proc.stdout.readline()
         assert line.startswith("serving tiny on http://127.0.0.1:"), proc.stderr.read()[-3000:] if not line else line
         client = openai.OpenAI(base_url=line.split(" on ")[1].split()[0], api_key="none", max_retries=0, timeout=120)
-        prompts = ["Reverse the word: apple.", "Hi"]
+        prompts = ["Reverse the word: apple.", "Hi", "The sky is"]  # rows 0, 2 on rank 0, row 1 on rank 1
         res = client.completions.create(model="tiny", prompt=prompts, max_tokens=12, temperature=0)
         assert [c.text for c in res.choices] == [expected(model, tok, p, 12) for p in prompts]
         full = expected(model, tok, prompts[1], 24)
