@@ -20,6 +20,8 @@ optimizer really partitions gradients and that starved experts train as under Ze
 
 from __future__ import annotations
 
+import datetime
+import functools
 import os
 from dataclasses import dataclass
 from typing import Callable
@@ -37,9 +39,11 @@ def check_gpus_per_node(local_world_size: int, gpus: int) -> None:
                          f"most {gpus}")
 
 
-def init_distributed(seed: int) -> tuple[int, int, torch.device]:
+def init_distributed(seed: int, timeout_s: float | None = None) -> tuple[int, int, torch.device]:
     """Join the process group torchrun / `colossalai run` set up (gloo on CPU with our compat patches, NCCL on GPU);
-    returns (rank, world size, this rank's device). Idempotent: a second call returns the same."""
+    returns (rank, world size, this rank's device). Idempotent: a second call returns the same. timeout_s: how long
+    a collective (and the process-group rendezvous) waits for the other ranks; None: torch's default.
+    colossalai.launch takes no timeout, so it is added to its dist.init_process_group call."""
     import colossalai
     from colossalai.accelerator import get_accelerator
 
@@ -49,7 +53,13 @@ def init_distributed(seed: int) -> tuple[int, int, torch.device]:
     if not dist.is_initialized():
         if torch.cuda.is_available():
             check_gpus_per_node(int(os.environ.get("LOCAL_WORLD_SIZE", 1)), torch.cuda.device_count())
-        colossalai.launch_from_torch(seed=seed, verbose=False)
+        init = dist.init_process_group
+        if timeout_s is not None:
+            dist.init_process_group = functools.partial(init, timeout=datetime.timedelta(seconds=timeout_s))
+        try:
+            colossalai.launch_from_torch(seed=seed, verbose=False)
+        finally:
+            dist.init_process_group = init
     return dist.get_rank(), dist.get_world_size(), get_accelerator().get_current_device()
 
 
@@ -155,6 +165,19 @@ def local_gradients(model, optimizer) -> list[torch.Tensor]:
 def defers_reduction(optimizer) -> bool:
     """Whether `optimizer` is a ZeRO-1 optimizer that can hold gradient reduction back (colossalai's no_sync)."""
     return getattr(optimizer, "_partition_grads", True) is False and hasattr(optimizer, "no_sync")
+
+
+def master_shard_ranges(optimizer, names: dict[int, str]) -> list[tuple[str, int, int, int]]:
+    """Per fp32 master shard, in the optimizer's order: (working parameter name, [start, stop) of the working
+    parameter's flattened values that the shard holds, padding excluded, the working parameter's numel). ZeRO pads
+    each flattened parameter to a multiple of its group size and keeps chunk `local_rank`
+    (low_level_optim.py _create_master_param_current_rank)."""
+    out = []
+    for master in master_params(optimizer):
+        p = optimizer.master_to_working_param[id(master)]
+        lo = optimizer.pid_to_bucket_store[id(p)].local_rank * master.numel()
+        out.append((names[id(p)], lo, min(lo + master.numel(), p.numel()), p.numel()))
+    return out
 
 
 def shard_copies(optimizer) -> Callable[[torch.nn.Parameter], list[tuple[torch.Tensor, int, object]]]:

@@ -28,6 +28,7 @@ from openmoe.parallel.gather import full_state_dict, load_model_weights, moe_lay
 from openmoe.parallel.load_balance import BiasBalancer, ExpertPlacement, apply_placement
 from openmoe.train.builder import TrainState, lr_lambda
 from openmoe.train.config import RunConfig
+from openmoe.train.reshard import LAYOUT, layout_key, load_resharded_optimizer, logical_ranges
 
 PLACEMENT = "expert_placement"  # --load_balance: which expert each physical slot holds (ExpertPlacement)
 ROUTER_BIAS = "router_bias"
@@ -75,7 +76,8 @@ def save_checkpoint(state: TrainState, step: int, output_path: str | None = None
               PLACEMENT: placement.state_dict() if placement is not None else None}
     return manager(state, output_path).save(
         step, config=state.cfg, model_state=full_state_dict(state.model, placement), shared=shared,
-        per_rank={"optimizer": optimizer_state_dict(state.optimizer), "rng": rng_state()},
+        per_rank={"optimizer": {**optimizer_state_dict(state.optimizer),
+                                LAYOUT: logical_ranges(state.model, state.optimizer)}, "rng": rng_state()},
         trainer_state={"data": state.batches.state_dict() if state.batches is not None else None,
                        "run": state.run.to_dict()})
 
@@ -90,23 +92,31 @@ def load_checkpoint(state: TrainState, output_path: str | None = None, path: str
     if path is None:
         return None
     saved = mgr.read_trainer_state(path)
-    if saved["world_size"] != dist.get_world_size():
-        raise ValueError(f"checkpoint {path} was written by {saved['world_size']} ranks; this run has "
-                         f"{dist.get_world_size()} (resume needs the same parallel layout)")
     check_architecture(state.cfg, OpenMoeConfig.load(mgr.model_dir(path)), path)
     load_model_weights(state.model.unwrap(), mgr.model_dir(path))
-    load_optimizer_state_dict(state.optimizer, mgr.read_rank(path, "optimizer", state.rank))
+    old_world = saved["world_size"]
+    if layout_key(saved["run"], old_world) == layout_key(state.run, dist.get_world_size()):
+        load_optimizer_state_dict(state.optimizer, mgr.read_rank(path, "optimizer", state.rank))
+    else:  # another parallel layout: the optimizer shards are read back by logical coordinates
+        if mgr.read_shared(path, PLACEMENT) is not None:
+            raise ValueError(f"checkpoint {path} was trained with --load_balance (experts moved between ranks); "
+                             "it resumes only on the layout it was written with")
+        files = [mgr.read_rank(path, "optimizer", r) for r in range(old_world)]
+        load_resharded_optimizer(state.model, state.optimizer, files)
+        if state.rank == 0:
+            print(f"resharded {path}: written by {old_world} ranks, loaded onto {dist.get_world_size()}", flush=True)
     if state.scheduler is not None:
         state.scheduler.load_state_dict(mgr.read_shared(path, "scheduler"))
-    set_rng_state(mgr.read_rank(path, "rng", state.rank))
+    if state.rank < old_world:  # a rank the old layout did not have keeps its freshly seeded generators
+        set_rng_state(mgr.read_rank(path, "rng", state.rank))
     _load_balancing(state, mgr, path)
     return saved["step"], saved["data"], path
 
 
-# Run options that a resume cannot change: they shaped the saved optimizer state (which parameters train, ZeRO's
-# partitions, fp16's scaler) or the parallel layout the per-rank files were written for.
-FIXED_ON_RESUME = ("plugin", "ep_size", "extra_dp_size", "dp_size", "pp_size", "tp_size", "sp_size", "precision",
-                   "zero_stage", "trainable", "freeze_router", "num_shared_experts")
+# Run options that a resume cannot change: they shaped the saved optimizer state (which parameters train, fp16's
+# scaler, ZeRO's partition of gradients). The parallel layout itself (world size, plugin, ep/pp/extra-dp sizes) may
+# change: the optimizer shards are then read back by logical coordinates (train/reshard.py).
+FIXED_ON_RESUME = ("tp_size", "sp_size", "precision", "zero_stage", "trainable", "freeze_router", "num_shared_experts")
 # Options of one invocation, not of the run.
 NOT_COMPARED = ("output_path", "resume", "overwrite")
 # OpenMoeConfig fields that the run may override (the loss weights); every other field is the architecture.
