@@ -240,6 +240,7 @@ class FastDecoder:
         finished = torch.zeros(b, dtype=torch.bool, device=dev)
         logits = self._prefill(input_ids, attention_mask, key_mask)
         reported, n_run = 0, 0
+        nxt = positions = None  # set by step 0, fed from step 1 on
         for t in range(max_new_tokens):
             if t > 0:  # feed the token chosen at step t - 1 (its column's key_mask entry was set then)
                 col = torch.full((1,), s + t - 1, dtype=torch.long, device=dev)

@@ -17,10 +17,9 @@ import openai
 import pytest
 import torch
 
-from openmoe.generation import generate
-from openmoe import OpenMoeForCausalLM, preset
-from openmoe import serve
+from openmoe import OpenMoeForCausalLM, preset, serve
 from openmoe.data import decode, load_tokenizer
+from openmoe.generation import generate
 from openmoe.inference import CHAT_SYSTEM, chat_prompt, encode_batch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -89,7 +88,7 @@ def test_completion_and_chat_equal_direct_generate(client, direct):
 
 
 def test_streaming_chunks_concatenate_to_the_plain_answer(client):
-    for stop in (None, "ir"):  # greedy text: 'teacher\ufffd catir num? ...': the stop cuts after ' cat' 
+    for stop in (None, "ir"):  # greedy text: 'teacher\ufffd catir num? ...': the stop cuts after ' cat'
         kw = dict(model="tiny", prompt=PROMPTS[2], max_tokens=16, temperature=0, stop=stop)
         plain = client.completions.create(**kw).choices[0]
         chunks = list(client.completions.create(stream=True, **kw))

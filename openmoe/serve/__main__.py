@@ -1,0 +1,5 @@
+import sys
+
+from openmoe.serve.cli import main
+
+sys.exit(main())
