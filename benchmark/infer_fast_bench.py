@@ -216,7 +216,7 @@ def main(argv=None) -> int:
                                                                                          eos_token_id=-1))]
         runs += [(f"fast {name}", (lambda d: lambda x, n: d.generate(x, max_new_tokens=n, eos_token_id=-1))(d))
                  for name, d in fast.items()]
-        outputs = {}
+        outputs, speeds = {}, {}  # per path: greedy ids, decode tokens/s
         for name, gen in runs:
             t0 = time.perf_counter()
             try:
@@ -232,17 +232,19 @@ def main(argv=None) -> int:
             same = None if first_fast is None else (out == first_fast).float().mean().item()
             same_eager = None if "hf generate" not in outputs or name == "hf generate" else (
                 (out == outputs["hf generate"]).float().mean().item())
-            outputs[name] = out
+            outputs[name], speeds[name] = out, b / per_step
             row = {"batch": b, "path": name, "tokens_per_s": b * a.new_tokens / t_long,
                    "decode_ms_per_step": 1000 * per_step, "decode_tokens_per_s": b / per_step,
                    "bound_tokens_per_s": bound, "bound_all_experts_tokens_per_s": bound_all,
                    "bound_GB_per_step": bound_bytes / 1e9, "of_bound": b / per_step / bound,
                    "token_agreement_with_first_fast_row": same, "token_agreement_with_eager": same_eager,
+                   "x_hf_generate": None if "hf generate" not in speeds else b / per_step / speeds["hf generate"],
                    "setup_and_measure_s": time.perf_counter() - t0}
             rows.append(row)
             print(f"batch {b:3d} {name:24s} {row['tokens_per_s']:9.1f} tok/s  decode {row['decode_ms_per_step']:7.2f}"
                   f" ms/step = {row['decode_tokens_per_s']:9.1f} tok/s = {100 * row['of_bound']:5.1f}% of bound "
-                  f"{bound:8.1f} (all experts {bound_all:8.1f})  agree fast {same} eager {same_eager}", flush=True)
+                  f"{bound:8.1f} (all experts {bound_all:8.1f})  x hf {row['x_hf_generate']}  agree fast {same} "
+                  f"hf {same_eager}", flush=True)
             dump()
         if a.continuous and b == max_b:  # a serving measure: the full batch of slots
             rows.append(continuous_row(model, ids, a, bound, device))
