@@ -108,3 +108,28 @@ def test_static_cache_never_grows_and_refuses_oversized_requests(model):
         dec.generate(torch.cat([ids, ids[:1]]), torch.cat([mask, mask[:1]]), max_new_tokens=2)
     with pytest.raises(ValueError, match=r"moe_impl 'sparse' is not supported; accepted: \['auto', 'gather', "):
         FastDecoder(model, max_batch_size=1, max_seq_len=8, moe_impl="sparse")
+
+
+def test_llama_family_gqa_shared_experts_equal_reference():
+    """llama_moe: grouped KV heads (the static cache holds N_kv heads), scaled logits, normalized top-k, shared
+    experts, no extra MLP; fast == reference for a left-padded batch and a continuous-batching slot."""
+    from openmoe import OpenMoeConfig
+    from openmoe.continuous import SlotDecoder
+
+    torch.manual_seed(0)
+    cfg = OpenMoeConfig(model_family="llama_moe", vocab_size=256, hidden_size=32, intermediate_size=48,
+                        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=4,
+                        moe_layer_interval=1, moe_start_layer=0, router_combine="normalized", num_shared_experts=1,
+                        initializer_range=0.2)
+    m = OpenMoeForCausalLM(cfg).eval()
+    m.apply_options(m.options.replace(dropless=True))
+    ids = torch.tensor([[0, 0, 0, 5, 9, 77], [0, 12, 200, 31, 4, 8]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    want = generate(m, ids, mask, max_new_tokens=16, eos_token_id=-1)
+    assert FastDecoder(m, 2, 24).k_cache[0].shape == (2, 2, 24, 8)  # [B, N_kv, M, D]
+    for impl in ("gather", "dense"):
+        assert torch.equal(FastDecoder(m, 2, 24, moe_impl=impl).generate(ids, mask, max_new_tokens=16,
+                                                                          eos_token_id=-1), want)
+    slots = SlotDecoder(m, 2, 24)
+    first = slots.admit(1, ids[0, 2:].tolist(), 16)
+    assert [first] + [t[1] for t in zip(*slots.step(15))] == want[0, 6:].tolist()
