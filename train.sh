@@ -21,12 +21,12 @@ PRECISION=${PRECISION:-bf16}
 BATCH_SIZE=${BATCH_SIZE:-4}
 MAX_LENGTH=${MAX_LENGTH:-64}
 DATASET=${DATASET:-data/sample/train.jsonl}
-TOKENIZER=${TOKENIZER:-tests/assets/tokenizer}
+TOKENIZER=${TOKENIZER:-}   # default: the model's own; the shipped test tokenizer is used for MODEL=tiny only
 OUTPUT_PATH=${OUTPUT_PATH:-outputs/${MODEL}-${PLUGIN}}
 MASTER_PORT=${MASTER_PORT:-29500}
 args=(--model_name "$MODEL" --plugin "$PLUGIN" --zero_stage "$ZERO_STAGE" --precision "$PRECISION"
-      --batch_size "$BATCH_SIZE" --max_length "$MAX_LENGTH" --dataset "$DATASET" --tokenizer "$TOKENIZER"
-      --output_path "$OUTPUT_PATH")
+      --batch_size "$BATCH_SIZE" --max_length "$MAX_LENGTH" --dataset "$DATASET" --output_path "$OUTPUT_PATH")
+[ -n "$TOKENIZER" ] && args+=(--tokenizer "$TOKENIZER")
 [ "$PLUGIN" = ep_zero ] && args+=(--extra_dp_size "$EXTRA_DP_SIZE")
 [ -n "${TASK_NAME:-}" ] && args+=(--task_name "$TASK_NAME")
 [ -n "${PP_SIZE:-}" ] && args+=(--pp_size "$PP_SIZE")

@@ -10,7 +10,7 @@ LOGS=${OUT:-outputs/gpu-balance}
 mkdir -p "$LOGS"
 python3 benchmark/skewed_router.py --model base --out /tmp/skewed-base > "$LOGS/skew.log" 2>&1 || cat "$LOGS/skew.log"
 tail -1 "$LOGS/skew.log"
-common=(--model_name base --plugin ep --pack --max_length 1024 --batch_size 4 --lr 3e-4
+common=(--model_name base --tokenizer tests/assets/tokenizer --plugin ep --pack --max_length 1024 --batch_size 4 --lr 3e-4
         --max_steps "${MAX_STEPS:-30}" --no-tensorboard)
 read -r -a variants <<< "${VARIANTS:-capacity overlap4 skew-dropless skew-dropless-lb5 skew-dropless-bias}"
 port=29800

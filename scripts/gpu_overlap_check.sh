@@ -4,7 +4,7 @@
 set -uo pipefail
 LOGS=${OUT:-outputs/gpu-overlap}
 mkdir -p "$LOGS"
-common=(--model_name base --plugin ep --pack --max_length 512 --batch_size 2 --lr 3e-4 --max_steps 40
+common=(--model_name base --tokenizer tests/assets/tokenizer --plugin ep --pack --max_length 512 --batch_size 2 --lr 3e-4 --max_steps 40
         --no-tensorboard)
 port=29700
 for variant in plain overlap4 bias; do

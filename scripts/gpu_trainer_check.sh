@@ -13,7 +13,8 @@ python3 -c "import torch, colossalai, transformers; print('torch', torch.__versi
 port=29600
 for cfg in ${CONFIGS[@]}; do
   model=${cfg%%-*}; plugin=${cfg#*-}; port=$((port + 1))
-  args=(--model_name "$model" --plugin "$plugin" --output_path "/tmp/gpu-$cfg" --no-tensorboard --log_interval 1)
+  args=(--model_name "$model" --tokenizer tests/assets/tokenizer --plugin "$plugin" --output_path "/tmp/gpu-$cfg"
+        --no-tensorboard --log_interval 1)
   [ "$plugin" = ep_zero ] && args+=(--extra_dp_size "$NPROC")
   [ "$plugin" = hybrid ] && args+=(--pp_size 2 --ep_size $((NPROC / 2)) --microbatch_size 1)
   if [ "$model" = tiny ]; then args+=(--max_steps 60); else args+=(--max_steps 30 --pack --max_length 256 --batch_size 2 --lr 3e-4); fi

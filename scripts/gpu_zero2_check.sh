@@ -9,7 +9,8 @@
 set -uo pipefail
 LOGS=${OUT:-outputs/gpu-zero2}
 mkdir -p "$LOGS"
-common=(--model_name base --pack --max_length 512 --batch_size 2 --lr 3e-4 --max_steps 30 --no-tensorboard)
+common=(--model_name base --tokenizer tests/assets/tokenizer --pack --max_length 512 --batch_size 2 --lr 3e-4 --max_steps 30
+        --no-tensorboard)
 has_overlap=0
 python train.py --help 2>/dev/null | grep -q -- --overlap_communication && has_overlap=1
 variants=(ep-z1 ep-z2 ep-z2-overlap epzero-z1 epzero-z2 epzero-z2-overlap)

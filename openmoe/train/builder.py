@@ -99,9 +99,19 @@ def build(run: RunConfig, *, training: bool = True, customize_model: Callable[[O
     return state
 
 
+def model_source(run: RunConfig) -> tuple[str | None, str]:
+    """(local checkpoint directory or None for a preset, the name given): --pretrained, else --model_name, each a
+    directory, a hub id (downloaded into / read from the HF cache; HF_HUB_OFFLINE=1 reads only the cache) or a
+    preset name."""
+    from openmoe.hub import resolve_model
+
+    name = run.model.pretrained or run.model.model_name
+    return resolve_model(name), name
+
+
 def model_config(run: RunConfig) -> OpenMoeConfig:
-    source = run.model.pretrained or run.model.model_name
-    cfg = OpenMoeConfig.load(source) if os.path.isdir(source) else preset(source)
+    model_dir, name = model_source(run)
+    cfg = OpenMoeConfig.load(model_dir) if model_dir is not None else preset(name)
     overrides = {k: getattr(run.model, k) for k in ("router_aux_loss_factor", "router_z_loss_factor", "label_smoothing",
                                               "z_loss_factor", "router_aux_loss_type", "num_shared_experts")
                  if getattr(run.model, k) is not None}
@@ -136,7 +146,7 @@ def build_model(run: RunConfig, cfg: OpenMoeConfig) -> OpenMoeForCausalLM:
     """Full model on every rank, same seed everywhere (dense replicas agree; the EP policy slices experts)."""
     torch.manual_seed(run.optim.seed)
     if run.model.pretrained:
-        model = OpenMoeForCausalLM.from_pretrained(run.model.pretrained)
+        model = OpenMoeForCausalLM.from_pretrained(model_source(run)[0])
         model.config = cfg  # run overrides of the loss factors
     else:
         model = OpenMoeForCausalLM(cfg)
@@ -168,8 +178,12 @@ def build_data(run: RunConfig, cfg: OpenMoeConfig, dp_rank: int, dp_size: int):
     """(tokenizer, this rank's training batches, eval examples or None). Records are tokenized once with
     datasets.map and cached: the first process of each node tokenizes, the others then read its cache."""
     from openmoe import data
+    from openmoe.hub import tokenizer_path
+    from openmoe.tokenizer import load_tokenizer
 
-    tokenizer = data.load_tokenizer(run.model.tokenizer)
+    model_dir, name = model_source(run)
+    # --tokenizer, else the model's own; the shipped test tokenizer only for the tiny preset
+    tokenizer = load_tokenizer(tokenizer_path(model_dir, name, run.model.tokenizer))
     data.check_vocab(tokenizer, cfg.vocab_size)
     spec = data_spec(run)
     with _node_leader_first():

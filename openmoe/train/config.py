@@ -28,11 +28,14 @@ def _f(default, help, **kw):
 
 @dataclass
 class ModelSection:
-    model_name: str = _f("tiny", "architecture preset (tiny, base, 8b, 34b) or an HF-format checkpoint directory")
-    pretrained: str | None = _f(None, "HF-format checkpoint directory to load weights (and config) from; off: None "
+    model_name: str = _f("tiny", "architecture: a preset (tiny, base, 8b, 34b), an HF-format checkpoint directory or "
+                                 "a hub id (its config.json; weights random unless --pretrained)")
+    pretrained: str | None = _f(None, "weights (and config) to start from: an HF-format directory (ours or the "
+                                      "published layout) or a hub id such as OrionZheng/openmoe-8b; off: None "
                                       "(random init of every parameter)")
-    tokenizer: str = _f("tests/assets/tokenizer", "sentencepiece tokenizer (directory or .model file); published "
-                                                  "models use the umT5 tokenizer")
+    tokenizer: str | None = _f(None, "tokenizer: a sentencepiece .model file, a tokenizer directory or a hub id; "
+                                     "default: the model's own (--pretrained / --model_name directory); the "
+                                     "shipped 768-piece test tokenizer only for the tiny preset")
     trainable: str = _f("all", "which parameters train: all, router, experts (experts + routers), non_expert "
                                "(everything but experts); the rest is frozen and gets no optimizer state",
                         choices=("all", "router", "experts", "non_expert"))
@@ -73,6 +76,9 @@ class ParallelSection:
                               "off: 0. Not ZeRO's reduction: see --overlap_communication", const=COMM_OVERLAP_CHUNKS)
     hierarchical_alltoall: bool = _f(False, "two-level all-to-all: intra-node gather, inter-node exchange among node "
                                             "leaders, intra-node scatter (node size from LOCAL_WORLD_SIZE)")
+    dist_timeout: float | None = _f(None, "seconds a collective waits for the other ranks before the run fails "
+                                          "(bounds a rank that hangs alive or a peer that died); off: None (torch's "
+                                          "default: 30 min on gloo, 10 min on NCCL)")
 
 
 @dataclass
@@ -256,6 +262,8 @@ class RunConfig:
             raise ValueError(f"--max_steps ({self.optim.max_steps}) must be >= 1 (or unset: --num_epochs decides)")
         if self.checkpoint.overwrite and self.checkpoint.resume:
             raise ValueError("--overwrite deletes the checkpoints that --resume would continue; accepted: one of them")
+        if self.parallel.dist_timeout is not None and self.parallel.dist_timeout <= 0:
+            raise ValueError(f"--dist_timeout ({self.parallel.dist_timeout}) must be > 0 seconds (or unset)")
         if self.checkpoint.preempt_grace_s <= 0:
             raise ValueError(f"--preempt_grace_s ({self.checkpoint.preempt_grace_s}) must be > 0")
         for key, value in {"save_interval": self.checkpoint.save_interval, "warmup_steps": self.optim.warmup_steps,
