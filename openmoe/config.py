@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import os
 import shutil
 from dataclasses import dataclass
@@ -96,10 +97,13 @@ class OpenMoeConfig(PretrainedConfig):
         **kwargs,  # other keys of a config.json (published extras, transformers' own): kept and written back
     ):
         self.vocab_size, self.hidden_size, self.intermediate_size = vocab_size, hidden_size, intermediate_size
-        self.num_hidden_layers, self.num_attention_heads, self.head_dim = num_hidden_layers, num_attention_heads, head_dim
+        self.num_hidden_layers, self.num_attention_heads = num_hidden_layers, num_attention_heads
+        self.head_dim = head_dim
         self.num_experts, self.moe_layer_interval = num_experts, moe_layer_interval
-        self.max_position_embeddings, self.rope_theta, self.rms_norm_eps = max_position_embeddings, rope_theta, rms_norm_eps
-        self.router_topk, self.router_min_capacity, self.router_drop_tks = router_topk, router_min_capacity, router_drop_tks
+        self.max_position_embeddings, self.rope_theta = max_position_embeddings, rope_theta
+        self.rms_norm_eps = rms_norm_eps
+        self.router_topk, self.router_min_capacity = router_topk, router_min_capacity
+        self.router_drop_tks = router_drop_tks
         self.router_capacity_factor_train = router_capacity_factor_train
         self.router_capacity_factor_eval = router_capacity_factor_eval
         self.router_aux_loss_factor, self.router_z_loss_factor = router_aux_loss_factor, router_z_loss_factor
@@ -270,7 +274,7 @@ def _comparable(config: OpenMoeConfig) -> dict:
     return d
 
 
-_OUR_FIELDS = [name for name in OpenMoeConfig.__init__.__code__.co_varnames[1:OpenMoeConfig.__init__.__code__.co_argcount]]
+_OUR_FIELDS = list(inspect.signature(OpenMoeConfig.__init__).parameters)[1:-1]  # every named argument
 
 ATTN_IMPLS = ("sdpa", "eager")
 EXPERT_IMPLS = ("bmm", "grouped")

@@ -23,7 +23,8 @@ def process_logits(logits, generated, temperature=1.0, top_k=0, top_p=1.0, repet
     if repetition_penalty != 1.0 and generated.numel():
         prev = logits.gather(1, generated)
         # CTRL / HF convention: shrink positive logits, push negative ones further down
-        logits = logits.scatter(1, generated, torch.where(prev > 0, prev / repetition_penalty, prev * repetition_penalty))
+        shrunk = torch.where(prev > 0, prev / repetition_penalty, prev * repetition_penalty)
+        logits = logits.scatter(1, generated, shrunk)
     if temperature != 1.0:
         logits = logits / temperature
     if top_k and top_k < logits.shape[-1]:

@@ -49,7 +49,8 @@ def download(repo_id: str, revision: str | None, patterns: list[str] | None) -> 
         return snapshot_download(repo_id, revision=revision, allow_patterns=patterns)
     except (LocalEntryNotFoundError, RepositoryNotFoundError, OSError) as e:
         mode = "offline (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE else "online"
-        raise FileNotFoundError(f"hub model '{repo_id}' could not be resolved ({mode}, cache {constants.HF_HUB_CACHE}): "
+        raise FileNotFoundError(f"hub model '{repo_id}' could not be resolved ({mode}, cache "
+                                f"{constants.HF_HUB_CACHE}): "
                                 f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
 
 

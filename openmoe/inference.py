@@ -8,11 +8,10 @@ import os
 
 import torch
 
-from openmoe.io.hf import parse_dtype
 from openmoe.config import ModelOptions, preset
 from openmoe.data_formats import CHAT_SYSTEM, chat_prompt  # noqa: F401 (the template is shared with training)
+from openmoe.io.hf import parse_dtype
 from openmoe.model import OpenMoeForCausalLM
-from openmoe.moe import OpenMoeSparseMLP
 
 
 def chat_stop_sequences(tokenizer) -> list[list[int]]:

@@ -154,7 +154,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     """LM head + CE + output z-loss, chunk by chunk, with the gradient computed in the forward pass.
 
     Per chunk: logits = h W^T, their loss sums, the gradient g of (CE + z-loss) sums w.r.t. the logits (computed in
-    fp32, returned in the weight dtype), then grad_h[chunk] = g W and grad_W += g^T h[chunk] in the weight dtype. Neither the [T, V] logits nor any chunk's
+    fp32, returned in the weight dtype), then grad_h[chunk] = g W and grad_W += g^T h[chunk] in the weight dtype.
+    Neither the [T, V] logits nor any chunk's
     logits are kept, and the head matmul is not recomputed in backward (the checkpointed `lm_loss` runs it 4 times
     per chunk, this 3). g is NOT divided by the token count before the cast: |g| <= 1 per token stays in fp16's
     normal range, where g / T (T ~ 8k) would underflow (the autograd path avoids that through the loss scale).

@@ -32,8 +32,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 import transformers
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.utils import ModelOutput
@@ -524,7 +524,8 @@ class OpenMoeForCausalLM(PreTrainedModel, GenerationMixin):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """transformers' from_pretrained (torch_dtype, device_map, max_memory, options=ModelOptions(...), config
-        overrides as keywords), in the stored dtype unless torch_dtype says otherwise, and strict: a checkpoint whose tensors do not match the model is one error naming
+        overrides as keywords), in the stored dtype unless torch_dtype says otherwise, and strict: a checkpoint
+        whose tensors do not match the model is one error naming
         the keys and shapes instead of silently initialised weights (unless output_loading_info or
         ignore_mismatched_sizes asks for transformers' own behaviour)."""
         path = str(pretrained_model_name_or_path)

@@ -6,7 +6,8 @@ the byte fallback (unknown tokens instead of byte pieces), appends `</s>` and ad
   tokenizer.json         the sentencepiece model converted with byte fallback and a `<pad> $A` post-processor
   tokenizer_config.json  class PreTrainedTokenizerFast (plain transformers, no trust_remote_code), padding_side
                          "left" (generation), chat_template = the OpenMoE-8B-Chat template (inference.chat_prompt)
-and (no spiece.model beside them: with one, openmoe.data.load_tokenizer would prefer the slow class) `AutoTokenizer.from_pretrained(dir)(text).input_ids == data.encode(tokenizer, text)`.
+and `AutoTokenizer.from_pretrained(dir)(text).input_ids == data.encode(tokenizer, text)`. No spiece.model beside
+them: with one, openmoe.data.load_tokenizer would prefer the slow class.
 
     save_tokenizer(tokenizer, directory)   export (a training tokenizer or one loaded from an export)
     load_tokenizer(path)                   data.load_tokenizer, plus upstream's directories whose tokenizer_config.json
@@ -21,7 +22,7 @@ import warnings
 
 from transformers import PreTrainedTokenizerFast, T5Tokenizer
 
-from openmoe.inference import CHAT_SYSTEM
+from openmoe.data_formats import CHAT_SYSTEM
 
 _SENTENCEPIECE_FILES = ("spiece.model", "tokenizer.model")
 

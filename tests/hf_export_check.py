@@ -6,7 +6,8 @@ with trust_remote_code and reports logits, greedy ids, pipeline("text-generation
 apply_chat_template ids. tests/unit/test_hf_export.py runs it with our pinned transformers (4.51); for another
 transformers, point it at that interpreter (recorded in the issue-16 report for 5.x):
 
-    python3 -m venv /tmp/venv5 && /tmp/venv5/bin/pip install torch==2.13.0 "transformers>=5,<6" safetensors sentencepiece
+    python3 -m venv /tmp/venv5
+    /tmp/venv5/bin/pip install torch==2.13.0 "transformers>=5,<6" safetensors sentencepiece
     .venv/bin/python tests/hf_export_check.py /tmp/venv5/bin/python
 """
 

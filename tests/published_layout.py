@@ -37,8 +37,8 @@ def write_published_checkpoint(directory: str, model, sentencepiece_model: str |
     if sentencepiece_model is not None:
         shutil.copyfile(sentencepiece_model, os.path.join(directory, "spiece.model"))
         _write_json(os.path.join(directory, "tokenizer_config.json"), {
-            "tokenizer_class": "OpenMoeTokenizer", "auto_map": {"AutoTokenizer": ["tokenization_openmoe.OpenMoeTokenizer",
-                                                                                  None]},
+            "tokenizer_class": "OpenMoeTokenizer",
+            "auto_map": {"AutoTokenizer": ["tokenization_openmoe.OpenMoeTokenizer", None]},
             "pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"})
 
 

@@ -19,10 +19,10 @@ import os
 
 import torch
 
-from openmoe.io.hf import ShardWriter, atomic_directory, parse_dtype, read_tensors
 from openmoe.config import OpenMoeConfig
 from openmoe.convert.t5x import parse_size
 from openmoe.convert.upcycle import check_output
+from openmoe.io.hf import ShardWriter, atomic_directory, parse_dtype, read_tensors
 
 
 def check_exportable(config: OpenMoeConfig) -> None:

@@ -36,11 +36,19 @@ import os
 import torch
 import torch.nn.functional as F
 
-from openmoe.io.hf import parse_dtype
 from openmoe.convert.t5x import parse_size
-from openmoe.convert.upcycle import (add_moe_arguments, build_moe_state_dict, check_output, dense_ffn,
-                                     llama_moe_config, moe_fields, read_llama_config, read_llama_weights,
-                                     write_streamed)
+from openmoe.convert.upcycle import (
+    add_moe_arguments,
+    build_moe_state_dict,
+    check_output,
+    dense_ffn,
+    llama_moe_config,
+    moe_fields,
+    read_llama_config,
+    read_llama_weights,
+    write_streamed,
+)
+from openmoe.io.hf import parse_dtype
 
 SPLITS = ("balanced_kmeans", "random")
 

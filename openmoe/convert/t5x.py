@@ -1,6 +1,7 @@
 """Convert an original OpenMoE T5X checkpoint (JAX/flaxformer) to our HF format, without t5x, jax or flax.
 
-    python -m openmoe.convert t5x --checkpoint /ckpt/openmoe-8b/checkpoint_100000 --config 8b --output /ckpt/openmoe-8b-hf
+    python -m openmoe.convert t5x --checkpoint /ckpt/openmoe-8b/checkpoint_100000 --config 8b \
+        --output /ckpt/openmoe-8b-hf
     python -m openmoe.convert t5x --checkpoint DIR --config path/config.json --output DIR --dtype bf16
 
 Shapes: H hidden, I intermediate, E experts, V vocabulary, N*D attention width (heads x head_dim).
@@ -35,8 +36,8 @@ import re
 import numpy as np
 import torch
 
-from openmoe.io.hf import ShardWriter, atomic_directory, parse_dtype
 from openmoe.config import CONFIG_NAME, PRESETS, OpenMoeConfig, preset
+from openmoe.io.hf import ShardWriter, atomic_directory, parse_dtype
 
 COPY, TRANSPOSE = "copy", "transpose"
 
@@ -193,7 +194,8 @@ class T5XArray:
             try:
                 self._store = ts.open(spec, open=True, read=True).result()
             except Exception as e:  # tensorstore raises ValueError/OSError subclasses with its own messages
-                raise FileNotFoundError(f"cannot open the zarr array of {name} at {spec['kvstore']['path']}: {e}")
+                raise FileNotFoundError(f"cannot open the zarr array of {name} at {spec['kvstore']['path']}: "
+                                        f"{e}") from None
             self.shape, self.dtype = tuple(self._store.shape), np.dtype(self._store.dtype.numpy_dtype)
             self.chunk = tuple(self._store.chunk_layout.read_chunk.shape)
         elif isinstance(leaf, (np.ndarray, np.generic)):
@@ -274,7 +276,8 @@ def plan(params: dict[str, object], config: OpenMoeConfig, checkpoint_dir: str) 
             parts.append(f"missing T5X names {missing}")
         raise ValueError(
             f"T5X checkpoint {checkpoint_dir} does not match the config (num_hidden_layers={config.num_hidden_layers}, "
-            f"moe_layer_interval={config.moe_layer_interval}): " + "; ".join(parts) + " (names under target/; check --config)")
+            f"moe_layer_interval={config.moe_layer_interval}): " + "; ".join(parts)
+            + " (names under target/; check --config)")
     out, wrong = [], []
     for t5x_name, (key, transform, shape) in expected.items():
         src = T5XArray(names[t5x_name][1], checkpoint_dir, names[t5x_name][0])

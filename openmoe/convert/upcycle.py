@@ -31,9 +31,9 @@ import os
 
 import torch
 
-from openmoe.io.hf import ShardWriter, atomic_directory, check_state_dict, parse_dtype, read_tensors
 from openmoe.config import CONFIG_NAME, ROUTER_COMBINE, OpenMoeConfig
 from openmoe.convert.t5x import parse_size
+from openmoe.io.hf import ShardWriter, atomic_directory, check_state_dict, parse_dtype, read_tensors
 
 FFN = ("gate_proj", "up_proj", "down_proj")
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from openmoe.model import OpenMoeForCausalLM, OpenMoeOutput, rope_cos_sin
 from openmoe.moe import MoeAux
 

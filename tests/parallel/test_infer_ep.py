@@ -11,8 +11,8 @@ import torch
 from openmoe import OpenMoeForCausalLM, preset
 from openmoe.data import load_tokenizer
 from openmoe.generation import generate
-from openmoe.tokenizer import save_tokenizer
 from openmoe.inference import encode_batch
+from openmoe.tokenizer import save_tokenizer
 from tests.helpers import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -1,15 +1,14 @@
 import json
 import os
-import sys
 import subprocess
+import sys
 
 import pytest
 import torch
 
-from openmoe.config import MODEL_CODE_FILES
+from openmoe.config import MODEL_CODE_FILES, preset
 from openmoe.generation import generate
 from openmoe.io.hf import BIN_INDEX, SAFE_INDEX, write_checkpoint
-from openmoe.config import preset
 from openmoe.model import OpenMoeForCausalLM
 
 

@@ -29,8 +29,8 @@ import torch
 
 from openmoe import OpenMoeForCausalLM, preset
 from openmoe.config import MODEL_CODE_FILES
-from openmoe.io.hf import SAFE_INDEX
 from openmoe.convert.__main__ import main as convert_main
+from openmoe.io.hf import SAFE_INDEX
 
 
 # --- our weights under T5X names, Flax orientation (the inverse of the published conversion, written out) ---

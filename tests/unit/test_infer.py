@@ -8,8 +8,8 @@ import torch
 from openmoe import OpenMoeForCausalLM, preset
 from openmoe.data import decode, load_tokenizer
 from openmoe.generation import generate
-from openmoe.tokenizer import save_tokenizer
 from openmoe.inference import chat_prompt, chat_stop_sequences, encode_batch, input_device, load_model
+from openmoe.tokenizer import save_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOKENIZER = os.path.join(ROOT, "tests", "assets", "tokenizer")

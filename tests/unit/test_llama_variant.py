@@ -114,7 +114,7 @@ def test_sequence_level_aux_loss_hand_formula():
                           [0.2, 0.3, 0.5], [0.3, 0.3, 0.4], [0.6, 0.2, 0.2]])  # sequence 1 (last token padding)
     idx = torch.tensor([[0, 1], [1, 2], [0, 2], [2, 1], [2, 0], [0, 1]])
     mask = torch.tensor([True, True, True, True, True, False])
-    e, k = 3, 2
+    k = 2
     # sequence 0, T=3: counts e0:2 e1:2 e2:2 -> f = E/(K T) * counts = 3/6 * [2, 2, 2]; P = column means
     f0, p0 = torch.tensor([1.0, 1.0, 1.0]), probs[:3].mean(0)
     # sequence 1, T=2: counts e0:1 e1:1 e2:2 -> f = 3/4 * [1, 1, 2]

@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from openmoe import OpenMoeForCausalLM
-from openmoe.io.hf import read_tensors
 from openmoe.convert.__main__ import main as convert_main
 from openmoe.convert.moefy import balanced_assign, balanced_kmeans, moefy
+from openmoe.io.hf import read_tensors
 from tests.unit.test_upcycle import assert_same_function, ids_batch, logits, tiny_llama
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -13,8 +13,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from openmoe import OpenMoeForCausalLM
-from openmoe.io.hf import SAFE_INDEX, read_tensors
 from openmoe.convert.__main__ import main as convert_main
+from openmoe.io.hf import SAFE_INDEX, read_tensors
 
 
 def tiny_llama(path, seed=0, std=0.1, **overrides) -> LlamaForCausalLM:
