@@ -96,26 +96,13 @@ class OpenMoeConfig(PretrainedConfig):
         router_aux_loss_type: str = "switch",  # "switch": E*sum f_e P_e over the batch | "seq": DeepSeek per sequence
         **kwargs,  # other keys of a config.json (published extras, transformers' own): kept and written back
     ):
-        self.vocab_size, self.hidden_size, self.intermediate_size = vocab_size, hidden_size, intermediate_size
-        self.num_hidden_layers, self.num_attention_heads = num_hidden_layers, num_attention_heads
-        self.head_dim = head_dim
-        self.num_experts, self.moe_layer_interval = num_experts, moe_layer_interval
-        self.max_position_embeddings, self.rope_theta = max_position_embeddings, rope_theta
-        self.rms_norm_eps = rms_norm_eps
-        self.router_topk, self.router_min_capacity = router_topk, router_min_capacity
-        self.router_drop_tks = router_drop_tks
-        self.router_capacity_factor_train = router_capacity_factor_train
-        self.router_capacity_factor_eval = router_capacity_factor_eval
-        self.router_aux_loss_factor, self.router_z_loss_factor = router_aux_loss_factor, router_z_loss_factor
-        self.z_loss_factor, self.label_smoothing = z_loss_factor, label_smoothing
-        self.initializer_range = initializer_range
-        self.model_family = model_family
-        self.hidden_act = _FAMILY_ACT.get(model_family) if hidden_act is None else hidden_act
-        self.mlp_gated = mlp_gated
-        self.num_key_value_heads = num_attention_heads if num_key_value_heads is None else num_key_value_heads
-        self.moe_start_layer, self.moe_intermediate_size = moe_start_layer, moe_intermediate_size
-        self.num_shared_experts, self.router_combine = num_shared_experts, router_combine
-        self.router_aux_loss_type = router_aux_loss_type
+        named = dict(locals())  # the arguments above, by name
+        for name in _OUR_FIELDS:  # token ids and tie_word_embeddings are set by PretrainedConfig below
+            setattr(self, name, named[name])
+        if hidden_act is None:
+            self.hidden_act = _FAMILY_ACT.get(model_family)
+        if num_key_value_heads is None:
+            self.num_key_value_heads = num_attention_heads
         for written_by_us in ("auto_map", "architectures", "model_type"):  # always ours, whatever was read
             kwargs.pop(written_by_us, None)
         super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
