@@ -29,7 +29,7 @@ from openmoe.train.trainer import Preempted, Trainer, TrainingStopped, tolerate_
 
 def run_training(argv) -> None:
     run = parse_args(argv)
-    init_distributed(run.optim.seed)
+    init_distributed(run.optim.seed, run.parallel.dist_timeout)
     out = run.checkpoint.output_path
     lock = claim_output_dir(out, resume=run.checkpoint.resume, overwrite=run.checkpoint.overwrite)
     try:
@@ -60,6 +60,13 @@ def main(argv=None) -> int:
         where = f"[rank {dist.get_rank()}] " if dist.is_initialized() else ""
         print(f"{where}error: {e}", file=sys.stderr, flush=True)
         return 2
+    except RuntimeError as e:
+        if "Timed out" not in str(e):
+            raise
+        # --dist_timeout: a collective waited that long for a rank that hangs or died (gloo; NCCL's watchdog aborts)
+        print(f"[rank {dist.get_rank()}] error: a collective timed out (--dist_timeout): another rank hangs or died; "
+              f"{str(e).splitlines()[0]}", file=sys.stderr, flush=True)
+        return 3
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -15,6 +15,10 @@
   variable. Every line of its output passes a filter that replaces the values of variables whose names contain
   TOKEN, KEY, SECRET, PASSWORD, PASSWD or CREDENTIAL (HF_TOKEN, WANDB_API_KEY, ...) by *** wherever they appear,
   and shortens that export list to a count.
+- Failing fast: a node that cannot be started (ssh refused, host down) is named in one line as soon as colossalai
+  run reports it, and the nodes that did start stop waiting for it after the rendezvous timeout: PET_RDZV_CONF
+  (torchrun's --rdzv_conf from the environment, exported to every node) defaults to timeout=60 here instead of
+  torchrun's 600 s (plus its other waits: a hostfile run with one dead host used to hang about 15 minutes).
 Exit code: colossalai run's, or 128 + the signal number when stopped by a signal.
 """
 
@@ -35,6 +39,9 @@ import psutil
 SECRET_NAME = re.compile(r"TOKEN|KEY|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
 EXPORTS = re.compile(r'export (?:[A-Za-z_][A-Za-z0-9_]*="[^"\n]*"\s*)+')
 DEFAULT_GRACE_S = 120.0  # train.py's --preempt_grace_s default (openmoe/train/config.py)
+DEFAULT_RDZV_CONF = "timeout=60"
+# colossalai run's line for a node whose command could not run: "... on HOST, is localhost: False, exception: E"
+NODE_FAILED = re.compile(r"on (\S+), is localhost: (?:True|False), exception: (.*)")
 AFTER_GRACE_S = 30.0
 PR_SET_CHILD_SUBREAPER = 36
 
@@ -54,7 +61,13 @@ def redact(line: str, secrets: list[str]) -> str:
 
 def _pump(src, dst, secrets: list[str]) -> None:
     for line in iter(src.readline, ""):
-        dst.write(redact(line, secrets))
+        line = redact(line, secrets)
+        dst.write(line)
+        failed = NODE_FAILED.search(line)
+        if failed and "bad command exit code" not in failed.group(2):  # not started at all (ssh), not a rank error
+            dst.write(f"openmoe.launch: error: node {failed.group(1)} could not be started: {failed.group(2)}; "
+                      f"the other nodes give up at the rendezvous timeout "
+                      f"(PET_RDZV_CONF={os.environ.get('PET_RDZV_CONF')})\n")
         dst.flush()
     src.close()
 
@@ -101,6 +114,7 @@ class Launcher:
             pass
         exe = shutil.which("colossalai") or os.path.join(os.path.dirname(sys.executable), "colossalai")
         secrets = secret_values(dict(os.environ))
+        os.environ.setdefault("PET_RDZV_CONF", DEFAULT_RDZV_CONF)
         # its own session: a terminal's Ctrl-C reaches only this process, which forwards it to the ranks alone
         child = subprocess.Popen([exe, "run", *self.args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                  errors="replace", start_new_session=True)

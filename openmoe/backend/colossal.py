@@ -21,7 +21,6 @@ optimizer really partitions gradients and that starved experts train as under Ze
 from __future__ import annotations
 
 import datetime
-import functools
 import os
 from dataclasses import dataclass
 from typing import Callable
@@ -42,8 +41,9 @@ def check_gpus_per_node(local_world_size: int, gpus: int) -> None:
 def init_distributed(seed: int, timeout_s: float | None = None) -> tuple[int, int, torch.device]:
     """Join the process group torchrun / `colossalai run` set up (gloo on CPU with our compat patches, NCCL on GPU);
     returns (rank, world size, this rank's device). Idempotent: a second call returns the same. timeout_s: how long
-    a collective (and the process-group rendezvous) waits for the other ranks; None: torch's default.
-    colossalai.launch takes no timeout, so it is added to its dist.init_process_group call."""
+    a collective (and the process-group rendezvous) waits for the other ranks; None: torch's default. It has to be
+    torch's module default: colossalai.launch takes no timeout, and every group ColossalAI and we create later
+    (dist.new_group with timeout=None: the EP, MoE-DP and pipeline groups) reads that default, not the world's."""
     import colossalai
     from colossalai.accelerator import get_accelerator
 
@@ -53,13 +53,11 @@ def init_distributed(seed: int, timeout_s: float | None = None) -> tuple[int, in
     if not dist.is_initialized():
         if torch.cuda.is_available():
             check_gpus_per_node(int(os.environ.get("LOCAL_WORLD_SIZE", 1)), torch.cuda.device_count())
-        init = dist.init_process_group
         if timeout_s is not None:
-            dist.init_process_group = functools.partial(init, timeout=datetime.timedelta(seconds=timeout_s))
-        try:
-            colossalai.launch_from_torch(seed=seed, verbose=False)
-        finally:
-            dist.init_process_group = init
+            import torch.distributed.distributed_c10d as c10d
+
+            c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = datetime.timedelta(seconds=timeout_s)
+        colossalai.launch_from_torch(seed=seed, verbose=False)
     return dist.get_rank(), dist.get_world_size(), get_accelerator().get_current_device()
 
 

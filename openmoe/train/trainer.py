@@ -336,13 +336,14 @@ class _NanGradient(torch.autograd.Function):
 class FaultInjection(StepHook):
     """Fault injection for tests, from the environment: OPENMOE_FAULT_NAN_STEPS="3,4" makes those steps' loss NaN,
     OPENMOE_FAULT_NAN_GRAD_STEPS their gradients (the loss stays finite), OPENMOE_FAULT_RAISE_AT="RANK:STEP" raises
-    there, OPENMOE_FAULT_SLOW_STEP_S sleeps each step (so a test can kill the job mid-run). The loss is changed by a
+    there, OPENMOE_FAULT_HANG_AT="RANK:STEP" blocks there forever (a rank that hangs alive), OPENMOE_FAULT_SLOW_STEP_S
+    sleeps each step (so a test can kill the job mid-run). The loss is changed by a
     forward hook on the model: the production step knows nothing of it."""
 
     def __init__(self, rank: int, nan_steps: set[int], nan_grad_steps: set[int], raise_at: tuple[int, int] | None,
-                 slow_s: float):
+                 slow_s: float, hang_at: tuple[int, int] | None = None):
         self.rank, self.nan_steps, self.nan_grad_steps = rank, nan_steps, nan_grad_steps
-        self.raise_at, self.slow_s, self.step = raise_at, slow_s, 0
+        self.raise_at, self.slow_s, self.step, self.hang_at = raise_at, slow_s, 0, hang_at
 
     @classmethod
     def from_env(cls, rank: int) -> FaultInjection | None:
@@ -353,10 +354,12 @@ class FaultInjection(StepHook):
         def steps(name):
             return {int(s) for s in env.get(name, "").split(",") if s.strip()}
 
-        raise_at = tuple(map(int, env["OPENMOE_FAULT_RAISE_AT"].split(":"))) if env.get(
-            "OPENMOE_FAULT_RAISE_AT") else None
-        return cls(rank, steps("OPENMOE_FAULT_NAN_STEPS"), steps("OPENMOE_FAULT_NAN_GRAD_STEPS"), raise_at,
-                   float(env.get("OPENMOE_FAULT_SLOW_STEP_S") or 0))
+        def rank_step(name):
+            return tuple(map(int, env[name].split(":"))) if env.get(name) else None
+
+        return cls(rank, steps("OPENMOE_FAULT_NAN_STEPS"), steps("OPENMOE_FAULT_NAN_GRAD_STEPS"),
+                   rank_step("OPENMOE_FAULT_RAISE_AT"), float(env.get("OPENMOE_FAULT_SLOW_STEP_S") or 0),
+                   rank_step("OPENMOE_FAULT_HANG_AT"))
 
     def install(self, module: torch.nn.Module) -> FaultInjection:
         module.register_forward_hook(self._poison)
@@ -375,5 +378,7 @@ class FaultInjection(StepHook):
         self.step = step
         if self.raise_at == (self.rank, step):
             raise RuntimeError(f"injected failure on rank {self.rank} at step {step}")
+        while self.hang_at == (self.rank, step):
+            time.sleep(3600)
         if self.slow_s:
             time.sleep(self.slow_s)

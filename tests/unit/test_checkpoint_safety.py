@@ -169,9 +169,8 @@ def test_resume_lists_changed_options_and_refuses_layout_and_architecture_change
     now = RunConfig.from_flat(lr=1e-3, max_steps=12, resume=True, output_path="elsewhere")
     assert changed_options(saved, now, "ck/step-6") == ["--max_steps 6 -> 12", "--lr 0.003 -> 0.001"]
     for flags, shown in [({"freeze_router": True}, "--freeze_router False; this run asks for --freeze_router True"),
-                         ({"plugin": "hybrid", "ep_size": 1, "pp_size": 2},
-                          "--plugin ep, --ep_size None, --pp_size 1; this run asks for --plugin hybrid, --ep_size 1, "
-                          "--pp_size 2")]:
+                         ({"precision": "fp16", "trainable": "router"},
+                          "--trainable all, --precision bf16; this run asks for --trainable router, --precision fp16")]:
         with pytest.raises(ValueError, match=rf"^--resume: checkpoint ck/step-6 was trained with {shown}, which a "
                                              r"resume cannot change .* --pretrained ck/step-6/model$"):
             changed_options(saved, RunConfig.from_flat(max_steps=6, lr=3e-3, **flags), "ck/step-6")
