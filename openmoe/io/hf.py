@@ -159,7 +159,9 @@ def write_checkpoint(directory: str, config: OpenMoeConfig, state_dict: dict[str
     """Write config.json (auto_map) + the model code + safetensors (sharded with an index when larger than
     max_shard_bytes) atomically: the directory loads with AutoModelForCausalLM.from_pretrained(dir,
     trust_remote_code=True) where openmoe is not installed. With `tokenizer`, its export (openmoe.tokenizer: what
-    AutoTokenizer needs to encode as training did) is written into the same atomic directory."""
+    AutoTokenizer needs to encode as training did) is written into the same atomic directory, with a
+    generation_config.json that keeps generate() off the ids past the tokenizer (the embedding is padded: 256384
+    rows for umT5's 256300 pieces), as infer.py does."""
     with atomic_directory(directory) as tmp:
         config.save(tmp)
         writer = ShardWriter(tmp, max_shard_bytes)
@@ -167,9 +169,14 @@ def write_checkpoint(directory: str, config: OpenMoeConfig, state_dict: dict[str
             writer.add(name, t.detach().contiguous().cpu())
         writer.finish(single_file=True)
         if tokenizer is not None:
+            from transformers import GenerationConfig
+
             from openmoe.tokenizer import save_tokenizer
 
             save_tokenizer(tokenizer, tmp)
+            unused = list(range(len(tokenizer), config.vocab_size))
+            GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
+                             pad_token_id=config.pad_token_id, suppress_tokens=unused or None).save_pretrained(tmp)
 
 
 def save_pretrained(model, directory: str, max_shard_bytes: int | None = None, max_shard_size: int | str = "2GB",

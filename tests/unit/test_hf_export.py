@@ -61,6 +61,9 @@ def test_write_checkpoint_writes_the_tokenizer_into_the_same_directory(tmp_path)
     text = "Input: naïve 🙂"
     assert exported(text)["input_ids"] == encode(tok, text) and exported.padding_side == "left"
     assert sorted(os.listdir(tmp_path)) == ["hf"]  # written atomically, no temporary left behind
+    loaded = OpenMoeForCausalLM.from_pretrained(str(tmp_path / "hf"))
+    assert loaded.generation_config.suppress_tokens == list(range(len(tok), 1024))  # ids the tokenizer lacks
+    assert loaded.generation_config.pad_token_id == 0
 
 
 def test_dtype_and_resized_embeddings_through_transformers(tmp_path):
