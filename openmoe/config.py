@@ -1,7 +1,8 @@
 """OpenMoE architecture configuration: named presets and the HF ``config.json`` of the published checkpoints.
 
-Only what a checkpoint needs lives here (shapes, routing rule, loss factors the model was trained with). Parallel
-sizes, kernels and other run-time switches belong to the trainer's run config, never to this class.
+`OpenMoeConfig` (a transformers PretrainedConfig, model_type "openmoe") holds only what a checkpoint needs (shapes,
+routing rule, loss factors the model was trained with). Kernels and memory trade-offs are `ModelOptions`, given to
+the model, never stored in a checkpoint; parallel sizes belong to the trainer's run config.
 
 Two model families share one implementation (router, experts, losses, expert-parallel layer); `model_family` picks
 the conventions that differ, every other new field is an independent switch whose default is OpenMoE's behaviour:
@@ -13,7 +14,7 @@ the conventions that differ, every other new field is an independent switch whos
                          (hidden_act "swiglu")                         I wide (hidden_act "silu")
   MoE layers             + extra dense MLP with its own pre-norm       no extra MLP
   KV heads               num_key_value_heads == num_attention_heads    grouped KV heads allowed (repeat_kv)
-  <pad> BOS attendable   yes (see model._attention_allowed)            no: padding is padding
+  <pad> BOS              a token, always visible and routed            no: padding is padding
   =====================  ===========================================  ==========================================
 RoPE (rotate-half, inv_freq = rope_theta^(-2i/D), no rope_scaling) is the same in both and equals HF's
 LlamaRotaryEmbedding with rope_scaling None.
@@ -22,7 +23,8 @@ Two spellings of ``config.json`` exist and both are read:
   * hub (``OrionZheng/openmoe-{base,8b,8b-chat,34b-200B}``): ``router_topk``, ``router_capacity_factor_train``, ...
   * older example configs (``hpcai-tech/openmoe-{base,8b}``): ``topk``, ``capacity_factor_train``, ``min_capacity``,
     ``layer_norm_epsilon``, ``gated``.
-The hub spelling is what we write.
+and the published `model_type: "llama"` with OpenMoE fields. We write the hub spelling with model_type "openmoe"
+and an auto_map naming the model code copied beside it (MODEL_CODE_FILES), whatever auto_map was read.
 """
 
 from __future__ import annotations
