@@ -369,6 +369,8 @@ class OpenMoeForCausalLM(PreTrainedModel, GenerationMixin):
         self.model = OpenMoeModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.options = ModelOptions()
+        if options is None and getattr(config, "_attn_implementation_internal", None) == "eager":
+            options = ModelOptions(attn_impl="eager")  # from_pretrained(..., attn_implementation="eager")
         self._skip_init = not init
         self.post_init()  # transformers' init: _init_weights per module
         self._skip_init = False

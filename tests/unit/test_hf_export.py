@@ -74,3 +74,11 @@ def test_dtype_and_resized_embeddings_through_transformers(tmp_path):
     model.resize_token_embeddings(1100)
     assert model.config.vocab_size == 1100 and model.lm_head.weight.shape == (1100, 64)
     assert model(torch.tensor([[0, 1099]])).logits.shape == (1, 2, 1100)
+
+
+def test_attn_implementation_eager_selects_the_eager_reference(tmp_path):
+    model = OpenMoeForCausalLM(preset("tiny", num_hidden_layers=2))
+    model.save_pretrained(str(tmp_path / "m"))
+    assert OpenMoeForCausalLM.from_pretrained(str(tmp_path / "m")).options.attn_impl == "sdpa"
+    eager = OpenMoeForCausalLM.from_pretrained(str(tmp_path / "m"), attn_implementation="eager")
+    assert {layer.self_attn.attn_impl for layer in eager.model.layers} == {"eager"}
