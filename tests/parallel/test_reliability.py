@@ -228,3 +228,34 @@ def test_a_dying_rank_ends_the_job_quickly_and_names_itself(tmp_path):
     log = res.stdout + res.stderr
     assert "127.0.0.1: failure" in log and "injected failure on rank 1 at step 3" in log, log[-3000:]
     assert time.time() - t0 < 120  # the other rank is stopped by the launcher, not left waiting in a collective
+
+
+def test_a_rank_that_hangs_alive_ends_the_job_within_dist_timeout(tmp_path):
+    t0 = time.time()
+    res = colossalai_run(2, "--max_steps", "6", "--dist_timeout", "10", "--output_path", str(tmp_path / "hang"),
+                         *COMMON, env={"OPENMOE_FAULT_HANG_AT": "1:3"})
+    log = res.stdout + res.stderr
+    assert ("[rank 0] error: a collective timed out (--dist_timeout): another rank hangs or died; " in log
+            and "Timed out waiting 10000ms" in log and "127.0.0.1: failure" in log), log[-3000:]
+    assert time.time() - t0 < 90  # without the timeout gloo waits 30 minutes
+
+
+def test_sigint_to_one_rank_stops_every_rank_with_a_checkpoint(tmp_path):
+    """A signal to any single rank (here SIGINT to rank 1 alone) stops all ranks after the same step, saved."""
+    out = tmp_path / "one"
+    proc = launcher("--max_steps", "30", "--output_path", str(out), *COMMON, env={"OPENMOE_FAULT_SLOW_STEP_S": "0.3"})
+    deadline = time.time() + 240
+    while not (out / "metrics.jsonl").exists() or len((out / "metrics.jsonl").read_text().splitlines()) < 2:
+        assert time.time() < deadline and proc.poll() is None, "run ended before step 2"
+        time.sleep(0.2)
+    import psutil
+
+    ranks = [p for p in psutil.Process(proc.pid).children(recursive=True)
+             if "train.py" in " ".join(p.cmdline()) and p.environ().get("RANK") == "1"]
+    assert len(ranks) == 1
+    ranks[0].send_signal(signal.SIGINT)
+    log = proc.communicate(timeout=120)[0]
+    step = int(log.split("[rank 0] preempted (SIGINT): saved ")[1].split(" at step ")[1].split(";")[0])
+    assert f"[rank 1] preempted (SIGINT): saved {out}/checkpoints/step-{step:08d} at step {step}" in log, log[-3000:]
+    assert proc.returncode != 0 and verify_checkpoint(str(out / "checkpoints" / f"step-{step:08d}")) is None
+    assert not processes_mentioning(str(out))
