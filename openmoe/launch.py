@@ -19,6 +19,9 @@
   run reports it, and the nodes that did start stop waiting for it after the rendezvous timeout: PET_RDZV_CONF
   (torchrun's --rdzv_conf from the environment, exported to every node) defaults to timeout=60 here instead of
   torchrun's 600 s (plus its other waits: a hostfile run with one dead host used to hang about 15 minutes).
+- One line instead of a wall: torchrun's own traceback (ChildFailedError) with its failure report, and colossalai
+  run's failure block (the command, "Stdout: already printed", ...), are each summarised in one line; the ranks'
+  own messages and tracebacks pass unchanged. OPENMOE_DEBUG=1 shows everything (still redacted).
 Exit code: colossalai run's, or 128 + the signal number when stopped by a signal.
 """
 
@@ -59,16 +62,77 @@ def redact(line: str, secrets: list[str]) -> str:
     return EXPORTS.sub(lambda m: f"export <{m.group(0).count('=')} environment variables> ", line)
 
 
+class Summarizer:
+    """A line filter that replaces torchrun's ChildFailedError traceback + failure report, and colossalai run's
+    failure block, by one line each; every other line passes unchanged (in order). feed(line) -> lines to print."""
+
+    RULE = "=" * 60
+    MAX_HELD = 200  # a block longer than this is not one of the two: print it as it was
+
+    def __init__(self):
+        self.held: list[str] = []
+        self.state = "pass"  # pass | traceback | report | colossal
+
+    def feed(self, line: str) -> list[str]:
+        if self.state == "pass":
+            if line.rstrip("\n") == "Traceback (most recent call last):":
+                self.state, self.held = "traceback", [line]
+                return []
+            failed = NODE_FAILED.search(line)
+            if line.startswith("Error: failed to run ") and failed and "bad command exit code" in failed.group(2):
+                self.state, self.held = "colossal", [line]
+                return [f"colossalai run: node {failed.group(1)} failed (the ranks' errors are above)\n"]
+            return [line]
+        self.held.append(line)
+        if len(self.held) > self.MAX_HELD:
+            return self._release()
+        if self.state == "traceback" and not line.startswith((" ", "\t")):  # the exception line ends a traceback
+            frames = "".join(self.held)
+            if "ChildFailedError" in line and "torch/distributed/run.py" in frames:
+                self.state, self.held = "report", []
+                return []
+            return self._release()
+        if self.state == "report" and line.rstrip("\n") == self.RULE and len(self.held) > 1:
+            return [self._report_line()]
+        if self.state == "colossal" and line.startswith("Stderr:"):
+            self.state, self.held = "pass", []
+        return []
+
+    def _report_line(self) -> str:
+        ranks, codes = [], []
+        for held in self.held:
+            key, _, value = held.partition(":")
+            if key.strip() == "rank":
+                ranks.append(value.split()[0])
+            elif key.strip() == "exitcode":
+                codes.append(value.split()[0])
+        self.state, self.held = "pass", []
+        failures = ", ".join(f"rank {r} exit code {c}" for r, c in zip(ranks, codes))
+        return f"torchrun: {failures or 'ranks failed'} (OPENMOE_DEBUG=1 shows torchrun's full report)\n"
+
+    def _release(self) -> list[str]:
+        held, self.state, self.held = self.held, "pass", []
+        return held
+
+    def flush(self) -> list[str]:
+        return self._release()
+
+
 def _pump(src, dst, secrets: list[str]) -> None:
-    for line in iter(src.readline, ""):
-        line = redact(line, secrets)
-        dst.write(line)
+    summary = None if os.environ.get("OPENMOE_DEBUG") else Summarizer()
+    for raw in iter(src.readline, ""):
+        line = redact(raw, secrets)
+        for out in summary.feed(line) if summary is not None else [line]:
+            dst.write(out)
         failed = NODE_FAILED.search(line)
         if failed and "bad command exit code" not in failed.group(2):  # not started at all (ssh), not a rank error
             dst.write(f"openmoe.launch: error: node {failed.group(1)} could not be started: {failed.group(2)}; "
                       f"the other nodes give up at the rendezvous timeout "
                       f"(PET_RDZV_CONF={os.environ.get('PET_RDZV_CONF')})\n")
         dst.flush()
+    for out in summary.flush() if summary is not None else []:
+        dst.write(out)
+    dst.flush()
     src.close()
 
 

@@ -135,7 +135,7 @@ def test_sigterm_to_the_launcher_saves_stops_everything_and_resumes_bitwise(tmp_
     prints every environment variable when a node fails)."""
     out, secret = tmp_path / "preempted", "hf_PLANTEDsecretVALUE42"
     proc = launcher(*KILL_ARGS, "--output_path", str(out), "--preempt_grace_s", "60",
-                    env={"OPENMOE_FAULT_SLOW_STEP_S": "0.5", "HF_TOKEN": secret})
+                    env={"OPENMOE_FAULT_SLOW_STEP_S": "0.5", "HF_TOKEN": secret, "OPENMOE_DEBUG": "1"})
     deadline = time.time() + 240
     while not (out / "metrics.jsonl").exists() or len((out / "metrics.jsonl").read_text().splitlines()) < 3:
         assert time.time() < deadline and proc.poll() is None, "run ended before step 3"
@@ -148,6 +148,7 @@ def test_sigterm_to_the_launcher_saves_stops_everything_and_resumes_bitwise(tmp_
     step = int(log.split("[rank 0] preempted (SIGTERM): saved ")[1].split(" at step ")[1].split(";")[0])
     assert 3 <= step < 10 and f"[rank 1] preempted (SIGTERM): saved {out}/checkpoints/step-{step:08d}" in log
     assert verify_checkpoint(str(out / "checkpoints" / f"step-{step:08d}")) is None
+    # OPENMOE_DEBUG=1 keeps colossalai run's failure block, whose command line exported every variable: redacted
     assert "127.0.0.1: failure" in log and "export <" in log and secret not in log
     res = colossalai_run(2, *KILL_ARGS, "--output_path", str(out), "--resume")
     log = res.stdout + res.stderr
@@ -259,3 +260,6 @@ def test_sigint_to_one_rank_stops_every_rank_with_a_checkpoint(tmp_path):
     assert f"[rank 1] preempted (SIGINT): saved {out}/checkpoints/step-{step:08d} at step {step}" in log, log[-3000:]
     assert proc.returncode != 0 and verify_checkpoint(str(out / "checkpoints" / f"step-{step:08d}")) is None
     assert not processes_mentioning(str(out))
+    # the launcher's summary lines replace torchrun's traceback wall and colossalai run's failure block
+    assert "torchrun: rank " in log and "exit code 130" in log and "ChildFailedError" not in log, log[-3000:]
+    assert "colossalai run: node 127.0.0.1 failed" in log and "Stdout: already printed" not in log

@@ -191,3 +191,29 @@ def test_launcher_redacts_secret_values_and_the_export_list():
     out = redact(line, secrets)
     assert all(v not in out for v in ("hf_abcdef123", "wk-999999", "hunter22"))
     assert "export <3 environment variables> && torchrun x.py" in out and "ab stays" in out
+
+
+def test_launcher_summarises_torchrun_and_colossalai_failure_blocks_in_one_line_each():
+    from openmoe.launch import Summarizer
+
+    rule = "=" * 60
+    log = ["[rank 0] error: --lr 'x' is not a number", "Traceback (most recent call last):",
+           '  File "/v/bin/torchrun", line 6, in <module>', '  File "/v/torch/distributed/run.py", line 1028, in main',
+           "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: ", rule, "train.py FAILED", "-" * 60,
+           "Failures:", "[1]:", "  rank      : 1 (local_rank: 1)", "  exitcode  : 2 (pid: 11) ", "-" * 60,
+           "Root Cause (first observed failure):", "[0]:", "  rank      : 0 (local_rank: 0)",
+           "  exitcode  : 2 (pid: 10) ", rule,
+           "Error: failed to run torchrun train.py on 127.0.0.1, is localhost: True, exception: Encountered a bad "
+           "command exit code!", "", "Command: 'cd /w && export <40 environment variables> && torchrun'", "",
+           "Exit code: 1", "", "Stdout: already printed", "", "Stderr: already printed", "",
+           "127.0.0.1: failure",
+           "Traceback (most recent call last):", '  File "train.py", line 3, in <module>', "KeyError: 'x'"]
+    s, out = Summarizer(), []
+    for line in log:
+        out += s.feed(line + "\n")
+    out += s.flush()
+    assert [line.rstrip("\n") for line in out] == [
+        "[rank 0] error: --lr 'x' is not a number",
+        "torchrun: rank 1 exit code 2, rank 0 exit code 2 (OPENMOE_DEBUG=1 shows torchrun's full report)",
+        "colossalai run: node 127.0.0.1 failed (the ranks' errors are above)", "", "127.0.0.1: failure",
+        "Traceback (most recent call last):", '  File "train.py", line 3, in <module>', "KeyError: 'x'"]
