@@ -263,3 +263,30 @@ def test_sigint_to_one_rank_stops_every_rank_with_a_checkpoint(tmp_path):
     # the launcher's summary lines replace torchrun's traceback wall and colossalai run's failure block
     assert "torchrun: rank " in log and "exit code 130" in log and "ChildFailedError" not in log, log[-3000:]
     assert "colossalai run: node 127.0.0.1 failed" in log and "Stdout: already printed" not in log
+
+
+def test_full_disk_during_a_save_is_one_line_and_resume_works_after_space_returns(tmp_path):
+    """The output directory on a 20 MiB tmpfs: checkpoints of steps 2 and 4 fit (about 8 MiB each), step 6 does not.
+    The run stops with one line naming the path on every rank, leaves no partial directory, keeps step 4 usable, and
+    once the filesystem is grown, --resume continues from step 4."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(disk)]).returncode != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        out = disk / "run"
+        args = ["--max_steps", "8", "--save_interval", "2", "--keep_last", "2", *COMMON, "--output_path", str(out)]
+        res = colossalai_run(2, *args)
+        log = res.stdout + res.stderr
+        for rank in (0, 1):
+            assert (f"[rank {rank}] error: no space left on the device writing checkpoint {out}/checkpoints/"
+                    "step-00000006 (") in log, log[-3000:]
+        assert "a checkpoint needs about" in log and "are intact: free space, then rerun with --resume" in log
+        assert sorted(os.listdir(out / "checkpoints")) == ["step-00000002", "step-00000004"]
+        assert verify_checkpoint(str(out / "checkpoints" / "step-00000004")) is None
+        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)  # space returns
+        res = colossalai_run(2, *args, "--resume")
+        log = res.stdout + res.stderr
+        assert "step-00000004 at step 4" in log and "done: 8 steps" in log, log[-3000:]
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
