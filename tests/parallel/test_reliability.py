@@ -233,11 +233,13 @@ def test_a_dying_rank_ends_the_job_quickly_and_names_itself(tmp_path):
 
 def test_a_rank_that_hangs_alive_ends_the_job_within_dist_timeout(tmp_path):
     t0 = time.time()
-    res = colossalai_run(2, "--max_steps", "6", "--dist_timeout", "10", "--output_path", str(tmp_path / "hang"),
-                         *COMMON, env={"OPENMOE_FAULT_HANG_AT": "1:3"})
+    # --preempt_grace_s 5: the hung rank ignores torchrun's SIGTERM (it cannot finish its step) for 5 s, not 30
+    res = colossalai_run(2, "--max_steps", "6", "--dist_timeout", "10", "--preempt_grace_s", "5", "--output_path",
+                         str(tmp_path / "hang"), *COMMON, env={"OPENMOE_FAULT_HANG_AT": "1:3"})
     log = res.stdout + res.stderr
     assert ("[rank 0] error: a collective timed out (--dist_timeout): another rank hangs or died; " in log
             and "Timed out waiting 10000ms" in log and "127.0.0.1: failure" in log), log[-3000:]
+    assert "[rank 1] preempted (SIGTERM): no checkpoint within --preempt_grace_s 5; exiting without one" in log
     assert time.time() - t0 < 90  # without the timeout gloo waits 30 minutes
 
 
