@@ -174,7 +174,8 @@ class OptimSection:
     min_lr_ratio: float = _f(0.1, "final lr as a fraction of lr (cosine/linear)")
     grad_clip: float = _f(1.0, "max global grad norm; off: 0")
     max_bad_steps: int = _f(3, "stop after this many consecutive steps with a non-finite loss (each is skipped: "
-                               "no update); the last good checkpoint is left untouched")
+                               "no update); the last good checkpoint is left untouched. fp16 overflow steps are "
+                               "skipped too and count once the loss scale is at its minimum")
     seed: int = _f(42, "seed for init, data order and dropout-free sampling")
 
 
@@ -189,7 +190,9 @@ class CheckpointSection:
                                 "them (its checkpoints, hf export, metrics); off: such a directory is refused")
     preempt_grace_s: float = _f(120.0, "on SIGTERM/SIGINT every rank finishes its current step, saves a checkpoint "
                                        "and exits (code 143/130); if that takes longer than this many seconds the "
-                                       "rank exits without saving")
+                                       "rank exits without saving. Signal the launcher (train.sh / python -m "
+                                       "openmoe.launch): a torchrun that is signalled itself kills its ranks 30 s "
+                                       "later")
 
 
 @dataclass
