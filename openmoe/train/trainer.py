@@ -17,6 +17,7 @@ of a run are normal).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -248,6 +249,8 @@ class MetricsLogger(StepHook):
 
         self.rank0 = state.rank == 0
         log = state.run.logging
+        if self.rank0:
+            keep_metrics_until(os.path.join(state.run.checkpoint.output_path, "metrics.jsonl"), state.start_step)
         self.writer = MetricsWriter(state.run.checkpoint.output_path, log.tensorboard, log.wandb,
                                     state.run.to_dict()) if self.rank0 else None
         self.bar = tqdm(total=state.total_steps, initial=state.start_step, disable=not self.rank0, desc="train",
@@ -298,6 +301,26 @@ class MetricsLogger(StepHook):
         self.bar.close()
         if self.rank0:
             self.writer.close()
+
+
+def keep_metrics_until(path: str, step: int) -> None:
+    """Drop the records after `step` (where this run starts: 0, or the resumed checkpoint's step) from a metrics file
+    an earlier attempt left, and a line torn by a kill: the file then holds each step once, as the run trained it."""
+    if not os.path.isfile(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and record.get("step", 0) <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
 
 
 def rebalance_record(moves: list[LayerRebalance]) -> dict:

@@ -126,6 +126,8 @@ def test_kill_9_mid_run_then_resume_matches_uninterrupted(tmp_path, uninterrupte
     assert start >= 4
     resumed = {r["step"]: r["loss"] for r in metrics(out)}
     assert [resumed[s] for s in range(start + 1, 11)] == [r["loss"] for r in metrics(full)[start:]]
+    # the killed attempt's records after the resumed step were dropped: each step once
+    assert [r["step"] for r in metrics(out)] == list(range(1, 11))
 
 
 def test_sigterm_to_the_launcher_saves_stops_everything_and_resumes_bitwise(tmp_path, uninterrupted):
