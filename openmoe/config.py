@@ -305,6 +305,11 @@ class ModelOptions:
     # every RMSNorm through NVIDIA apex's fused_rms_norm_affine (needs apex; one clear error without). Off: False.
     fused_rmsnorm: bool = False
 
+    def to_dict(self) -> dict:
+        """Plain values (transformers serialises the keyword arguments of from_pretrained, options included, when
+        it builds a generation config)."""
+        return dataclasses.asdict(self)
+
     def __post_init__(self):
         choices = (("attn_impl", ATTN_IMPLS), ("expert_impl", EXPERT_IMPLS), ("lm_loss_impl", LM_LOSS_IMPLS),
                    ("ac_policy", AC_POLICIES))

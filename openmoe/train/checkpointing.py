@@ -224,9 +224,8 @@ def export_hf(state: TrainState, directory: str) -> None:
     error = None
     if sd is not None:
         try:
-            write_checkpoint(directory, state.cfg, sd)
-            if state.tokenizer is not None:
-                state.tokenizer.save_pretrained(directory)
+            # the tokenizer export (training's encoding, chat template) inside the same atomic directory
+            write_checkpoint(directory, state.cfg, sd, tokenizer=state.tokenizer)
         except OSError as e:  # e.g. a full disk: one line; atomic_directory left the previous export in place
             error = f"writing the HF-format export {directory} failed: {e.strerror or e}"
     box = [error]

@@ -106,9 +106,8 @@ def export_lora(state, output_path: str) -> list[str]:
     if full is not None:
         save_adapter(written[0], full, config)
         if state.run.lora.merge_lora:
-            write_checkpoint(os.path.join(output_path, "hf"), state.cfg, merged_state_dict(full, config))
-            if state.tokenizer is not None:
-                state.tokenizer.save_pretrained(os.path.join(output_path, "hf"))
+            write_checkpoint(os.path.join(output_path, "hf"), state.cfg, merged_state_dict(full, config),
+                             tokenizer=state.tokenizer)
     if state.run.lora.merge_lora:
         written.append(os.path.join(output_path, "hf"))
     dist.barrier()
