@@ -35,9 +35,9 @@ hosts=()
 if [ -n "${HOSTFILE:-}" ]; then
   # colossalai's own parser takes comments for host names: check the file and pass the clean form
   clean=$(mktemp)
-  python -m openmoe.hostfile "$HOSTFILE" > "$clean"
+  python -m openmoe.hostfile "$HOSTFILE" --ssh_port "${SSH_PORT:-22}" > "$clean"  # also: every remote sshd answers
   first=$(head -n 1 "$clean")
-  hosts=(--hostfile "$clean" --master_addr "${MASTER_ADDR:-$first}")
+  hosts=(--hostfile "$clean" --master_addr "${MASTER_ADDR:-$first}" --ssh-port "${SSH_PORT:-22}")
 fi
 # shellcheck disable=SC2086
 exec python -m openmoe.launch --nproc_per_node "$NPROC" --master_port "$MASTER_PORT" "${hosts[@]}" train.py "${args[@]}" ${EXTRA_ARGS:-}

@@ -1,6 +1,7 @@
 """openmoe.launch (what train.sh runs) on a hostfile with a dead host: two network namespaces act as hosts
-(tests/parallel/netns_hosts.py), the second one's sshd is stopped. The launch must name that host in one line and
-end within 90 s (torchrun's own rendezvous waits about 15 minutes), leaving no process behind on this machine."""
+(tests/parallel/netns_hosts.py), the second one's sshd is stopped. train.sh's hostfile check names it before
+launching; the launch itself (without that check) names it in one line and ends within 90 s (torchrun's own
+rendezvous waits about 15 minutes), leaving no process behind on this machine."""
 
 import os
 import subprocess
@@ -9,6 +10,7 @@ import time
 
 import pytest
 
+from openmoe.hostfile import is_local, read_hosts
 from tests.helpers import free_port
 from tests.parallel.netns_hosts import NamespaceHosts
 
@@ -23,9 +25,21 @@ def test_hostfile_with_an_unreachable_host_fails_fast_naming_it(tmp_path):
         pytest.skip(str(e))
     try:
         dead = hosts.addresses[1]
-        subprocess.run(["kill", open(f"{hosts.workdir}/sshd1.pid").read().strip()], check=True)
+        pid = int(open(f"{hosts.workdir}/sshd1.pid").read())
+        os.kill(pid, 15)
+        while subprocess.run(["kill", "-0", str(pid)], capture_output=True).returncode == 0:
+            time.sleep(0.05)  # until it no longer listens
         hostfile = tmp_path / "hostfile"
         hostfile.write_text("\n".join(hosts.addresses) + "\n")
+        t0 = time.time()
+        with pytest.raises(ValueError, match=rf"^hostfile {hostfile} line 2: host '{dead}' does not accept ssh "
+                                             r"connections on port 22 \(Connection refused\)$"):
+            read_hosts(str(hostfile), ssh_port=22)
+        assert time.time() - t0 < 10 and read_hosts(str(hostfile)) == hosts.addresses  # no probe: resolves only
+        assert is_local("localhost") and not is_local(dead)
+        res = subprocess.run([sys.executable, "-m", "openmoe.hostfile", str(hostfile), "--ssh_port", "22"], cwd=ROOT,
+                             capture_output=True, text=True)
+        assert res.returncode == 2 and res.stderr.startswith(f"error: hostfile {hostfile} line 2: host '{dead}'")
         env = dict(os.environ, PATH=BIN + os.pathsep + os.environ["PATH"], OMP_NUM_THREADS="1", HOME=hosts.home,
                    GLOO_SOCKET_IFNAME="eth0")
         env.pop("PET_RDZV_CONF", None)
