@@ -61,6 +61,10 @@ def verify_checkpoint(path: str) -> str | None:
     return None
 
 
+def _tree_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, names in os.walk(path) for f in names)
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint could not be written (the message names the path and the cause); raised on every rank."""
 
@@ -126,13 +130,14 @@ class CheckpointManager:
     def _describe_failure(self, final: str, e: Exception) -> str:
         free = shutil.disk_usage(self.root).free if os.path.isdir(self.root) else 0
         done = self.complete()
-        need = sum(os.path.getsize(os.path.join(d, f)) for d, _, names in os.walk(done[-1]) for f in names) \
-            if done else 0
+        need = _tree_bytes(done[-1]) if done else 0  # the previous checkpoint's size: what this one needs
         full = getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e) or (need and free < need)
         if full:
+            free += _tree_bytes(final + ".tmp")  # what is free once the partial save is deleted (by _raise_any)
             size = f"; a checkpoint needs about {need / 2**20:.1f} MiB" if need else ""
-            return (f"no space left on the device writing checkpoint {final} ({free / 2**20:.1f} MiB free{size}); "
-                    f"the earlier checkpoints under {self.root} are intact: free space, then rerun with --resume")
+            return (f"no space left on the device writing checkpoint {final} ({free / 2**20:.1f} MiB free without "
+                    f"it{size}); the earlier checkpoints under {self.root} are intact: free space, then rerun with "
+                    "--resume")
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
         return f"writing checkpoint {final} failed: {reason}; the earlier checkpoints under {self.root} are intact"
 
