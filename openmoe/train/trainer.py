@@ -184,8 +184,7 @@ class Preemption(StepHook):
     def __init__(self, state: TrainState):
         self.grace_s, self.rank, self.device = state.run.checkpoint.preempt_grace_s, state.rank, state.device
         self.signum = 0
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._on_signal)
+        self.previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def _on_signal(self, signum, frame) -> None:
         if self.signum:
@@ -211,6 +210,10 @@ class Preemption(StepHook):
             trainer.last_saved = step, save_checkpoint(trainer.state, step)
         raise Preempted(f"preempted ({signal.Signals(signum).name}): saved {trainer.last_saved[1]} at step {step}; "
                         "continue with --resume", 128 + signum)
+
+    def on_end(self, trainer: Trainer) -> None:
+        for sig, handler in self.previous.items():  # after the final save: the export runs under the usual ones
+            signal.signal(sig, handler)
 
 
 def tolerate_closed_output() -> None:
