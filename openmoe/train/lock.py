@@ -122,7 +122,7 @@ def _claim(output_path: str, resume: bool, overwrite: bool) -> OutputLock:
 
 
 # what a run leaves in its output directory (besides the lock): removed by --overwrite
-RUN_OUTPUTS = ("checkpoints", "hf", "metrics.jsonl", "tensorboard")
+RUN_OUTPUTS = ("checkpoints", "hf", "adapter", "metrics.jsonl", "tensorboard")  # adapter: --lora_rank
 
 
 def _check_new_run(output_path: str, resume: bool, overwrite: bool) -> list[str]:
