@@ -175,15 +175,20 @@ class Checkpointer(StepHook):
 
 
 class Preemption(StepHook):
-    """SIGTERM/SIGINT (a scheduler's preemption, Ctrl-C, train.sh forwarding either) on any rank: every rank finishes
-    the current step, a checkpoint of it is written, and the run raises Preempted (exit code 128 + signal). The
-    handler only sets a flag; after each step one scalar all-reduce (MAX) tells every rank whether any rank got a
-    signal. From the signal on, a watchdog thread exits the process (without a checkpoint) once --preempt_grace_s
-    has passed, so a rank never outlives the scheduler's grace period waiting on a peer that died."""
+    """SIGTERM/SIGINT (a scheduler's preemption, Ctrl-C, train.sh forwarding either) on any rank: every rank stops
+    after the same step (the step after the signal's, see below), a checkpoint of it is written, and the run raises
+    Preempted (exit code 128 + signal). From the signal on, a watchdog thread exits the process (without a
+    checkpoint) once --preempt_grace_s has passed, so a rank never outlives the scheduler's grace period waiting on a
+    peer that died.
+
+    The handler only sets a flag. After each step every rank starts a scalar all-reduce (MAX) of it without waiting,
+    and reads the previous step's result: that one finished during this step (the step's finiteness vote already
+    synchronised the host), so the check adds no host sync to a step; the price is stopping one step later."""
 
     def __init__(self, state: TrainState):
         self.grace_s, self.rank, self.device = state.run.checkpoint.preempt_grace_s, state.rank, state.device
         self.signum = 0
+        self.vote: tuple | None = None  # the all-reduce in flight: (work or None, value tensor, CUDA event or None)
         self.previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def _on_signal(self, signum, frame) -> None:
@@ -199,11 +204,35 @@ class Preemption(StepHook):
               f"--preempt_grace_s {self.grace_s:g}; exiting without one", file=sys.stderr, flush=True)
         os._exit(128 + self.signum)
 
-    def after_step(self, trainer: Trainer, result: StepResult) -> None:
+    def _start_vote(self) -> None:
         flag = torch.tensor([float(self.signum)], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # a signal on any rank stops every rank at this step
-        signum = int(flag.item())
+        work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True)
+        if flag.is_cuda:  # NCCL: queue the copy to pinned memory behind it; no host wait here
+            work.wait()  # the current stream waits for the collective (the host does not)
+            host = torch.empty(1, pin_memory=True)
+            host.copy_(flag, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self.vote = (None, host, event)
+        else:
+            self.vote = (work, flag, None)
+
+    def _read_vote(self) -> int:
+        """The signal number some rank had when the previous vote started, or 0."""
+        if self.vote is None:
+            return 0
+        work, value, event = self.vote
+        self.vote = None
+        if work is not None:
+            work.wait()
+        if event is not None:
+            event.synchronize()  # recorded a step ago, before this step's synchronising finiteness vote: done
+        return int(value.item())
+
+    def after_step(self, trainer: Trainer, result: StepResult) -> None:
+        signum = self._read_vote()
         if not signum:
+            self._start_vote()
             return
         step = result.step
         if trainer.last_saved is None or trainer.last_saved[0] != step:
@@ -212,6 +241,7 @@ class Preemption(StepHook):
                         "continue with --resume", 128 + signum)
 
     def on_end(self, trainer: Trainer) -> None:
+        self._read_vote()  # no collective left in flight
         for sig, handler in self.previous.items():  # after the final save: the export runs under the usual ones
             signal.signal(sig, handler)
 
