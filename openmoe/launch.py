@@ -12,9 +12,9 @@
   once colossalai run has exited, whatever is left of the tree gets until the grace period (+30 s) and is then
   killed.
 - No secrets: when a node fails, colossalai run prints its command with `export K="V"` for every environment
-  variable. Every line of its output passes a filter that replaces the values of variables whose names contain
-  TOKEN, KEY, SECRET, PASSWORD, PASSWD or CREDENTIAL (HF_TOKEN, WANDB_API_KEY, ...) by *** wherever they appear,
-  and shortens that export list to a count.
+  variable. Every line of its output passes a filter that replaces the values of variables with a name part such as
+  TOKEN, KEY, SECRET, PASSWORD or CREDENTIALS (HF_TOKEN, WANDB_API_KEY, AWS_SECRET_ACCESS_KEY, ...) by *** wherever
+  they appear, and shortens that export list to a count.
 - Failing fast: a node that cannot be started (ssh refused, host down) is named in one line as soon as colossalai
   run reports it, and the nodes that did start stop waiting for it after the rendezvous timeout: PET_RDZV_CONF
   (torchrun's --rdzv_conf from the environment, exported to every node) defaults to timeout=60 here instead of
@@ -39,7 +39,10 @@ import time
 
 import psutil
 
-SECRET_NAME = re.compile(r"TOKEN|KEY|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
+# a name part (between underscores) like these marks a secret: HF_TOKEN, WANDB_API_KEY, AWS_SECRET_ACCESS_KEY,
+# DB_PASSWORD; not TOKENIZERS_PARALLELISM (whose value "false" would otherwise be masked everywhere)
+SECRET_PART = re.compile(r"TOKEN|KEY|APIKEY|SECRET|PASSWORD|PASSWD|PASS|PWD|CREDENTIALS?|AUTH", re.IGNORECASE)
+NOT_SECRET_VALUES = {"true", "false", "none", "null", "yes", "no", "0", "1"}
 EXPORTS = re.compile(r'export (?:[A-Za-z_][A-Za-z0-9_]*="[^"\n]*"\s*)+')
 DEFAULT_GRACE_S = 120.0  # train.py's --preempt_grace_s default (openmoe/train/config.py)
 DEFAULT_RDZV_CONF = "timeout=60"
@@ -49,10 +52,15 @@ AFTER_GRACE_S = 30.0
 PR_SET_CHILD_SUBREAPER = 36
 
 
+def is_secret_name(name: str) -> bool:
+    return any(SECRET_PART.fullmatch(part) for part in name.split("_"))
+
+
 def secret_values(env: dict[str, str]) -> list[str]:
-    """Values to hide: those of variables named like secrets (4+ characters: shorter ones would mask ordinary
-    text), longest first so that a value containing another is hidden whole."""
-    values = {v for k, v in env.items() if SECRET_NAME.search(k) and len(v) >= 4}
+    """Values to hide: those of variables named like secrets (4+ characters and not a boolean word: shorter ones
+    would mask ordinary text), longest first so that a value containing another is hidden whole."""
+    values = {v for k, v in env.items()
+              if is_secret_name(k) and len(v) >= 4 and v.lower() not in NOT_SECRET_VALUES}
     return sorted(values, key=len, reverse=True)
 
 

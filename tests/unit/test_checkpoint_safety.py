@@ -188,8 +188,9 @@ def test_launcher_redacts_secret_values_and_the_export_list():
     from openmoe.launch import redact, secret_values
 
     env = {"HF_TOKEN": "hf_abcdef123", "WANDB_API_KEY": "wk-999999", "MY_PASSWORD": "hunter22", "PATH": "/usr/bin",
-           "SHORT_KEY": "ab"}
+           "SHORT_KEY": "ab", "TOKENIZERS_PARALLELISM": "false", "USE_KEY": "true", "MONKEY_BUSINESS": "bananas"}
     secrets = secret_values(env)
+    assert secrets == ["hf_abcdef123", "wk-999999", "hunter22"]  # not a name that merely contains TOKEN/KEY
     line = ('Command: \'cd /w && export PATH="/usr/bin" HF_TOKEN="hf_abcdef123" WANDB_API_KEY="wk-999999"  && '
             'torchrun x.py\' token hf_abcdef123 and hunter22 in a message; ab stays')
     out = redact(line, secrets)
