@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 
 class MetricsWriter:
@@ -59,10 +60,27 @@ class MetricsWriter:
 
 
 def read_metrics(path: str) -> list[dict]:
+    """The records of a metrics.jsonl (or a run directory's). A last line cut short (the run was killed while writing
+    it) is skipped with a warning; any other unreadable line is a ValueError naming file and line."""
     if os.path.isdir(path):
         path = os.path.join(path, "metrics.jsonl")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"metrics file {path} does not exist")
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = f.readlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if number == len(lines) and not line.endswith("\n"):
+                print(f"warning: {path} line {number} is cut short (a run killed while writing it); skipped",
+                      file=sys.stderr)
+                continue
+            raise ValueError(f"{path} line {number} is not a JSON record: {line.strip()[:80]!r}") from None
+    return records
 
 
 def render(records: list[dict], out_png: str) -> str:
@@ -108,10 +126,14 @@ def main(argv=None):
     parser.add_argument("metrics", help="metrics.jsonl or the run's output directory")
     parser.add_argument("--out", default=None, help="PNG path (default: next to metrics.jsonl)")
     args = parser.parse_args(argv)
-    records = read_metrics(args.metrics)
+    try:
+        records = read_metrics(args.metrics)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     base = args.metrics if os.path.isdir(args.metrics) else os.path.dirname(args.metrics)
     print(render(records, args.out or os.path.join(base, "metrics.png")))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

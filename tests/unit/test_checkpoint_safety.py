@@ -222,3 +222,17 @@ def test_launcher_summarises_torchrun_and_colossalai_failure_blocks_in_one_line_
         "torchrun: rank 1 exit code 2, rank 0 exit code 2 (OPENMOE_DEBUG=1 shows torchrun's full report)",
         "colossalai run: node 127.0.0.1 failed (the ranks' errors are above)", "", "127.0.0.1: failure",
         "Traceback (most recent call last):", '  File "train.py", line 3, in <module>', "KeyError: 'x'"]
+
+
+def test_metrics_reader_skips_a_torn_last_line_and_names_a_corrupt_one(tmp_path, capsys):
+    from openmoe.metrics import main, read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')  # killed while writing step 2
+    assert read_metrics(str(tmp_path)) == [{"step": 1, "loss": 2.0}]
+    assert f"warning: {path} line 2 is cut short" in capsys.readouterr().err
+    path.write_text('{"step": 1}\nnot json\n{"step": 3}\n')
+    assert main([str(path)]) == 2
+    assert capsys.readouterr().err == f"error: {path} line 2 is not a JSON record: 'not json'\n"
+    assert main([str(tmp_path / "missing.jsonl")]) == 2
+    assert "error: metrics file" in capsys.readouterr().err
