@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from openmoe.config import OpenMoeConfig
-from openmoe.io.hf import fsync_tree, replace_directory, write_checkpoint
+from openmoe.io.hf import fsync_dir, fsync_tree, replace_directory, write_checkpoint
 
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.json"
@@ -233,6 +233,7 @@ def recover_interrupted_saves(output_path: str) -> list[str]:
                 target = os.path.join(parent, old.group(1))
                 if not os.path.exists(target) and os.path.isdir(os.path.join(full, "x")):
                     os.replace(os.path.join(full, "x"), target)
+                    fsync_dir(parent)
                     notes.append(f"note: restored {target}, set aside by a replacement that was interrupted")
                 shutil.rmtree(full, ignore_errors=True)
             elif os.path.isdir(full) and (entry.endswith(".tmp") or re.fullmatch(r"\..+\.tmp-[^/]+", entry)):
