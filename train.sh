@@ -7,7 +7,9 @@
 #   HOSTFILE=hostfile NPROC=8 ... bash train.sh     # several nodes (passwordless ssh, same path on every host)
 # Anything else: EXTRA_ARGS="--lr 1e-4 --resume" (see `python train.py --help`).
 # Runs colossalai run through openmoe/launch.py: SIGTERM/SIGINT to this script reach the training ranks, which save a
-# checkpoint and exit (continue with --resume); nothing is left running; secrets never reach the log.
+# checkpoint and exit (continue with --resume); nothing is left running; secrets never reach the log; torchrun's
+# failure wall is one line (OPENMOE_DEBUG=1 shows it); a dead host ends a HOSTFILE run after PET_RDZV_CONF's timeout
+# (default timeout=60). OUTPUT_PATH belongs to one run: rerun with EXTRA_ARGS=--resume (or --overwrite).
 set -euo pipefail
 cd "$(dirname "$0")"
 bash scripts/install.sh >/dev/null
