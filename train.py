@@ -22,6 +22,7 @@ from openmoe.io.resumable import CheckpointError
 from openmoe.train.builder import build
 from openmoe.train.checkpointing import checkpoint_root, export_hf
 from openmoe.train.config import parse_args
+from openmoe.train.evaluate import evaluate
 from openmoe.train.lock import claim_output_dir
 from openmoe.train.lora import export_lora
 from openmoe.train.trainer import Preempted, Trainer, TrainingStopped, tolerate_closed_output
@@ -29,6 +30,8 @@ from openmoe.train.trainer import Preempted, Trainer, TrainingStopped, tolerate_
 
 def run_training(argv) -> None:
     run = parse_args(argv)
+    if run.data.eval_only:
+        return run_evaluation(run)
     init_distributed(run.optim.seed, run.parallel.dist_timeout)
     out = run.checkpoint.output_path
     lock = claim_output_dir(out, resume=run.checkpoint.resume, overwrite=run.checkpoint.overwrite)
@@ -45,6 +48,16 @@ def run_training(argv) -> None:
     if state.rank == 0:
         print(f"done: {state.total_steps} steps; resumable checkpoint under {checkpoint_root(out)}, "
               f"HF-format model in {out}/hf, metrics in {os.path.join(out, 'metrics.jsonl')}", flush=True)
+
+
+def run_evaluation(run) -> None:
+    """--eval_only: the eval loss of --pretrained (or, with --resume, of the newest checkpoint); no checkpoint or export is written."""
+    state = build(run)
+    metrics = evaluate(state)
+    if state.rank == 0:
+        print(f"eval: loss {metrics['eval_loss']:.4f}, ppl {metrics['eval_ppl']:.2f}, router aux "
+              f"{metrics['eval_aux_loss']:.4f}, z {metrics['eval_router_z_loss']:.5f} over {metrics['eval_tokens']} "
+              f"tokens", flush=True)
 
 
 def main(argv=None) -> int:

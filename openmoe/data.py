@@ -234,7 +234,7 @@ def resolve_format(spec: DataSpec, fields: list[str], where: str = "dataset") ->
         detected = detect_format(fields, **names)
         if detected is None:
             accepted = "; ".join(f"{f}: {format_fields(f, **names)}" for f in FORMATS[1:])
-            raise ValueError(f"cannot tell the data format of {where} from its fields {fields}; accepted: "
+            raise ValueError(f"cannot tell the data format of {where} from the fields found {fields}; accepted: "
                              f"{accepted} (or set data_format and the field names)")
         return detected
     return spec.data_format

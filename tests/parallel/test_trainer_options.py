@@ -49,7 +49,8 @@ def test_frozen_experts_do_not_move_and_grouped_kernel_runs(tmp_path):
     # ep_zero with extra_dp 2 on 2 ranks: ep 1, so MoE layers stay single-device and --use_kernel applies
     run_ok(2, out, "--plugin", "ep_zero", "--extra_dp_size", "2", "--max_steps", "3", "--trainable", "non_expert",
            "--use_kernel")
-    torch.manual_seed(json.load(open(out / "checkpoints" / "step-00000003" / "trainer_state.json"))["run"]["seed"])
+    saved_run = json.load(open(out / "checkpoints" / "step-00000003" / "trainer_state.json"))["run"]
+    torch.manual_seed(saved_run["optim"]["seed"])
     start = OpenMoeForCausalLM(preset("tiny"))
     trained = OpenMoeForCausalLM.from_pretrained(str(out / "hf"))
     moved = {n: (p.float() - start.state_dict()[n].to(p.dtype).float()).abs().max().item()

@@ -186,7 +186,7 @@ def test_record_that_fits_no_format_names_record_and_fields(tok, tmp_path):
         build_examples(DataSpec(source=str(tools), cache_dir=str(tmp_path / "c")), tok)
     odd = tmp_path / "odd.jsonl"
     odd.write_text('{"question": "q", "answer": "a"}\n')
-    with pytest.raises(ValueError, match=r"cannot tell the data format of .*odd\.jsonl.* from its fields "
+    with pytest.raises(ValueError, match=r"cannot tell the data format of .*odd\.jsonl.* from the fields found "
                                          r"\['question', 'answer'\]; accepted: chat: 'messages'"):
         build_examples(DataSpec(source=str(odd), cache_dir=str(tmp_path / "c")), tok)
     with pytest.raises(ValueError, match=r"data_format 'xml' is not supported; accepted: \['auto', 'chat'"):

@@ -121,6 +121,7 @@ def test_wandb_offline_run_holds_the_logged_scalars(tmp_path, monkeypatch):
     """--wandb PROJECT with WANDB_MODE=offline (no network): the run is written under output_path/wandb with the
     project, the logged scalar values and the run config; list-valued records (per-expert counts) stay in JSONL."""
     import glob
+    import time
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -130,7 +131,9 @@ def test_wandb_offline_run_holds_the_logged_scalars(tmp_path, monkeypatch):
     writer.log(2, {"loss": 6.5})
     writer.close()
     (run,) = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
-    data = open(run, "rb").read()
+    deadline = time.monotonic() + 60  # wandb's service process may still be flushing the file after finish()
+    while b"6.5" not in (data := open(run, "rb").read()) and time.monotonic() < deadline:
+        time.sleep(0.5)
     for needle in (b"openmoe-ci", b"loss", b"7.25", b"6.5", b"0.00123"):
         assert needle in data, needle
     assert b"tokens_per_expert" not in data
