@@ -51,7 +51,8 @@ def run_training(argv) -> None:
 
 
 def run_evaluation(run) -> None:
-    """--eval_only: the eval loss of --pretrained (or, with --resume, of the newest checkpoint); no checkpoint or export is written."""
+    """--eval_only: the eval loss of --pretrained (or, with --resume, of the newest checkpoint); no checkpoint or
+    export is written."""
     state = build(run)
     metrics = evaluate(state)
     if state.rank == 0:

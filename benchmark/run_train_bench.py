@@ -70,7 +70,8 @@ GPU_CONFIGS = [  # est_s of the 1-GPU rows: wall times measured on an H200 on 20
     Config("8b-L2-1gpu-mixtral", 1, "mixtral", E8 + L2, est_s=32),
     Config("8b-L2-1gpu-naive", 1, "naive", E8 + L2 + NAIVE_STEPS, est_s=18),
     Config("8b-L2-1gpu-ours-grouped", 1, "ours", E8 + L2 + ("--plugin", "ep", "--use_kernel"), est_s=22),
-    Config("8b-L2-1gpu-ours-grouped-dropless", 1, "ours", E8 + L2 + ("--plugin", "ep", "--use_kernel", "--dropless"), est_s=23),
+    Config("8b-L2-1gpu-ours-grouped-dropless", 1, "ours", E8 + L2 + ("--plugin", "ep", "--use_kernel", "--dropless"),
+           est_s=23),
     Config("8b-L2-1gpu-ours-llama_moe", 1, "ours",
            E8 + L2 + ("--plugin", "ep", "--family", "llama_moe", "--use_kernel", "--dropless"), est_s=20),
     # the same 8,192-token micro-batches, 8 per optimizer step (a realistic global batch amortises the optimizer

@@ -38,11 +38,11 @@ def gemm_peak_tflops(device: torch.device, n: int = 8192, iters: int = 30) -> fl
     """Measured bf16 dense GEMM throughput: median over `iters` n x n x n matmuls (2 n^3 FLOPs each). None on CPU."""
     if device.type != "cuda":
         return None
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    mats = [torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2)]
     out = torch.empty(n, n, device=device, dtype=torch.bfloat16)
-    times = timed(lambda: torch.matmul(a, b, out=out), device, iters, warmup=5)
-    del a, b, out
+    times = timed(lambda: torch.matmul(*mats, out=out), device, iters, warmup=5)
+    mats.clear()
+    out = None  # free the buffers before the cache is emptied
     torch.cuda.empty_cache()
     return 2 * n**3 / median(times) / 1e12
 

@@ -50,8 +50,7 @@ import datasets
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, T5Tokenizer
 
-from openmoe.data_formats import (CHAT_FORMATS, FORMATS, RecordError, detect_format, format_fields,
-                                  record_segments)
+from openmoe.data_formats import CHAT_FORMATS, FORMATS, RecordError, detect_format, format_fields, record_segments
 from openmoe.data_sources import load_records, source_splits, split_name  # noqa: F401 (load_records: public API)
 
 IGNORE_INDEX = -100  # label value F.cross_entropy(ignore_index=-100) skips

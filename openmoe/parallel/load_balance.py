@@ -223,8 +223,8 @@ class LayerRebalance:
 def rebalance(layers: list, placement: ExpertPlacement, shard_copies=None) -> list[LayerRebalance]:
     """Plan from the counted load, move experts (weights, fp32 masters, optimizer moments) and router rows to
     match, record the new placement. shard_copies: p -> the optimizer's flat copies of p (openmoe.backend's
-    shard_copies(optimizer)), or None without an optimizer. Collective: every rank calls it after the same step (the counts are identical
-    everywhere, so is the plan). Call it between optimizer steps (no gradients pending)."""
+    shard_copies(optimizer)), or None without an optimizer. Collective: every rank calls it after the same step (the
+    counts are identical everywhere, so is the plan). Call it between optimizer steps (no gradients pending)."""
     plans, counts, before = placement.plan(), placement.counts.tolist(), placement.slots.tolist()
     orders = placement.commit(plans)
     reports = []

@@ -19,7 +19,8 @@ from openmoe import OpenMoeForCausalLM, preset
 from openmoe.moe import OpenMoeSparseMLP
 from tests.helpers import ROOT
 
-ARGS = ["--tokenizer", "tests/assets/tokenizer", "--load_balance", "--load_balance_interval", "3", "--max_steps", "5", "--save_interval", "1",
+ARGS = ["--tokenizer", "tests/assets/tokenizer", "--load_balance", "--load_balance_interval", "3", "--max_steps", "5",
+        "--save_interval", "1",
         "--keep_last", "10", "--no-tensorboard", "--batch_size", "4", "--max_length", "48", "--warmup_steps", "2",
         "--lr", "3e-3"]
 PARAMS = ("gate_weight", "experts.wi_gate", "experts.wi_up", "experts.wo")  # per MoE layer: what moves

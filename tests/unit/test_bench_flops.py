@@ -48,8 +48,9 @@ def test_naive_baseline_counts_the_same_model_flops():
 
 def test_mixtral_tiny_matches_the_hand_count():
     pytest.importorskip("transformers")
-    from benchmark.train_bench import mixtral_config
     from transformers import MixtralForCausalLM
+
+    from benchmark.train_bench import mixtral_config
 
     model = MixtralForCausalLM(mixtral_config(preset("tiny", moe_layer_interval=1)))
     assert model.model.layers[0].self_attn.q_proj.weight.shape == (A, H)

@@ -10,8 +10,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from openmoe.data import (IGNORE_INDEX, ShardedBatches, check_fields, check_vocab, collate, decode, encode,
-                          load_records, load_tokenizer, pack_examples, tokenize_examples)
+from openmoe.data import (
+    IGNORE_INDEX,
+    ShardedBatches,
+    check_fields,
+    check_vocab,
+    collate,
+    decode,
+    encode,
+    load_records,
+    load_tokenizer,
+    pack_examples,
+    tokenize_examples,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKENIZER_DIR = ROOT / "tests" / "assets" / "tokenizer"

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from openmoe.data import (IGNORE_INDEX, DataSpec, build_examples, encode, load_records, load_tokenizer,
-                          tokenize_examples)
+from openmoe.data import IGNORE_INDEX, DataSpec, build_examples, encode, load_records, load_tokenizer, tokenize_examples
 from openmoe.data_formats import CHAT_SYSTEM, chat_prompt, detect_format, generation_prompt, record_segments
 
 ROOT = Path(__file__).resolve().parents[2]

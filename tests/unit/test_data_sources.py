@@ -13,8 +13,18 @@ import pytest
 import torch
 from datasets.packaged_modules.json import json as json_builder
 
-from openmoe.data import (IGNORE_INDEX, DataSpec, ShardedBatches, StreamingBatches, build_eval_examples,
-                          build_examples, encode, eval_batches, load_records, load_tokenizer)
+from openmoe.data import (
+    IGNORE_INDEX,
+    DataSpec,
+    ShardedBatches,
+    StreamingBatches,
+    build_eval_examples,
+    build_examples,
+    encode,
+    eval_batches,
+    load_records,
+    load_tokenizer,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKENIZER_DIR = ROOT / "tests" / "assets" / "tokenizer"
