@@ -44,6 +44,32 @@ def capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: flo
     return max(c, min_capacity)
 
 
+def combine_weights(probs: torch.Tensor, expert_idx: torch.Tensor, combine: str) -> torch.Tensor:
+    """[T, K] weights of the chosen experts' outputs (see route)."""
+    # OpenMoE ("prob"): combine weights are the raw softmax probabilities of the chosen experts, NOT renormalised over
+    # the top-k: this is what OpenMoE was trained with (T5X/ST-MoE top-2 routing); renormalising changes the function.
+    weight = probs.gather(1, expert_idx)  # [T, K]
+    if combine == "normalized":
+        return weight / weight.sum(dim=-1, keepdim=True)
+    if combine == "ones":
+        return torch.ones_like(weight)
+    if combine != "prob":
+        raise ValueError(f"router combine '{combine}' is not supported; accepted: 'prob', 'normalized', 'ones'")
+    return weight
+
+
+def assign_slots(expert_idx: torch.Tensor, token_mask: torch.Tensor, num_experts: int):
+    """(slot [T, K] of each choice in its expert's buffer, tokens_per_expert [E]): every first choice before any
+    second choice, in token order within a rank; masked tokens take no slot."""
+    choice = F.one_hot(expert_idx, num_experts) * token_mask[:, None, None]  # [T, K, E]
+    tokens_per_expert = choice.sum(dim=(0, 1))  # [E]
+    # slot of (t, k) in expert e = choices of e at earlier ranks (all tokens) + choices of e at rank k by earlier tokens
+    by_rank = choice.transpose(0, 1)  # [K, T, E]
+    earlier_ranks = by_rank.sum(dim=1).cumsum(dim=0) - by_rank.sum(dim=1)  # [K, E]
+    slot_all = by_rank.cumsum(dim=1) - 1 + earlier_ranks[:, None, :]  # [K, T, E]
+    return (slot_all * by_rank).sum(dim=-1).transpose(0, 1), tokens_per_expert
+
+
 def route(
     x: torch.Tensor,  # [T, H]
     gate_weight: torch.Tensor,  # [E, H]
@@ -75,23 +101,8 @@ def route(
     probs = logits.softmax(dim=-1)
     scores = probs if selection_bias is None else probs + selection_bias.float()
     _, expert_idx = scores.topk(top_k, dim=-1)  # [T, K]
-    # OpenMoE ("prob"): combine weights are the raw softmax probabilities of the chosen experts, NOT renormalised over
-    # the top-k: this is what OpenMoE was trained with (T5X/ST-MoE top-2 routing); renormalising changes the function.
-    weight = probs.gather(1, expert_idx)  # [T, K]
-    if combine == "normalized":
-        weight = weight / weight.sum(dim=-1, keepdim=True)
-    elif combine == "ones":
-        weight = torch.ones_like(weight)
-    elif combine != "prob":
-        raise ValueError(f"router combine '{combine}' is not supported; accepted: 'prob', 'normalized', 'ones'")
-
-    choice = F.one_hot(expert_idx, num_experts) * token_mask[:, None, None]  # [T, K, E]
-    tokens_per_expert = choice.sum(dim=(0, 1))  # [E]
-    # slot of (t, k) in expert e = choices of e at earlier ranks (all tokens) + choices of e at rank k by earlier tokens
-    by_rank = choice.transpose(0, 1)  # [K, T, E]
-    earlier_ranks = by_rank.sum(dim=1).cumsum(dim=0) - by_rank.sum(dim=1)  # [K, E]
-    slot_all = by_rank.cumsum(dim=1) - 1 + earlier_ranks[:, None, :]  # [K, T, E]
-    slot = (slot_all * by_rank).sum(dim=-1).transpose(0, 1)  # [T, K]
+    weight = combine_weights(probs, expert_idx, combine)  # [T, K]
+    slot, tokens_per_expert = assign_slots(expert_idx, token_mask, num_experts)  # [T, K], [E]
 
     keep = token_mask[:, None].expand(-1, top_k)
     if drop_tokens and capacity_factor > 0:
