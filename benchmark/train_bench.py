@@ -97,6 +97,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "batches carry; our model turns a mask into an explicit boolean SDPA mask, HF Mixtral drops an "
                         "all-ones one")
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lora_rank", type=int, default=0, help="ours: LoRA adapters of this rank on the attention and "
+                                                             "dense projections, the rest frozen; off: 0")
     p.add_argument("--seed", type=int, default=42)
     a = p.parse_args(argv)
     if a.kind != "ours" and (a.use_kernel or a.activation_checkpointing or a.family != "openmoe" or a.comm_overlap
@@ -222,7 +224,8 @@ def ours_layout(a, cfg: OpenMoeConfig, world: int):
                       activation_checkpointing=a.activation_checkpointing, lm_loss_impl=a.lm_loss_impl,
                       grad_accum=a.grad_accum, comm_overlap=a.comm_overlap,
                       hierarchical_alltoall=a.hierarchical_alltoall, precision="bf16", zero_stage=1, lr=a.lr,
-                      warmup_steps=1, grad_clip=1.0, seed=a.seed, tensorboard=False, max_steps=10**6)
+                      warmup_steps=1, grad_clip=1.0, seed=a.seed, tensorboard=False, max_steps=10**6,
+                      lora_rank=a.lora_rank)
     sizes = resolve_sizes(run, cfg, world)
     if a.use_kernel and sizes.ep > 1 and not a.dropless:
         raise ValueError(f"--use_kernel with ep_size {sizes.ep} changes the dropless expert-parallel path only "
@@ -264,7 +267,8 @@ def build_ours(a, cfg, world: int, device) -> Bench:
     family = "" if a.family == "openmoe" else f" {a.family} (Mixtral's architecture)"
     comm = (f", all-to-all overlapped in {a.comm_overlap} chunks" if a.comm_overlap else "") + (
         ", hierarchical all-to-all" if a.hierarchical_alltoall else "")
-    label = f"ours{family} ({impl}, {routing_mode}{comm})"
+    lora = f", LoRA rank {a.lora_rank} (base frozen)" if a.lora_rank else ""
+    label = f"ours{family} ({impl}, {routing_mode}{comm}{lora})"
     layout = {"plugin": a.plugin, "ep": sizes.ep, "pp": sizes.pp, "dp": sizes.dp, "moe_dp": sizes.moe_dp}
     return Bench(step, flops, layout, a.batch_size * a.seq * sizes.dp * a.grad_accum, sizes.ep > 1, routing, label)
 
