@@ -244,7 +244,8 @@ def build_ours(a, cfg, world: int, device) -> Bench:
         counted["flops"] = F.openmoe_flops(model, a.seq)
 
     # the trainer's setup sequence, without data or output directory, the model created on the GPU in bf16
-    st = build(run, training=False, customize_model=count_flops, init_context=lambda: build_on(device, torch.bfloat16))
+    st = build(run, training=False, customize_model=count_flops, init_context=lambda: build_on(device, torch.bfloat16),
+               config=cfg)  # the harness's shape (--layers, --moe_layer_interval, --family), not the bare preset
     flops, plugin = counted["flops"], st.boosted.plugin
     booster, model, optimizer = st.booster, st.model, st.optimizer
     model.train()

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # LoRA against full fine-tuning on ONE GPU (issue 17), OpenMoE-8B shapes, through benchmark/train_bench.py:
 #   source scripts/offline_env.sh && OUT=/tmp/lora bash scripts/gpu_lora_bench.sh
-# Rows: the 2-layer 8B shape (both layers MoE; the 4-layer one does not fit one GPU for full fine-tuning) full
-# fine-tuning vs LoRA rank 16 at the same step (4 x 2,048 tokens), and the full-depth 8B (24 layers, 11.9B parameters;
-# full fine-tuning does not fit one GPU) with LoRA rank 16 and activation checkpointing.
+# Rows: the 2-layer 8B shape (both layers MoE) full fine-tuning vs LoRA rank 16 at the same step (4 x 2,048 tokens),
+# and the full-depth 8B (24 layers, 11.9B parameters; full fine-tuning does not fit one GPU) with LoRA rank 16 and
+# activation checkpointing. (Recorded 2026-11-30: the 2-layer rows then ran the full depth, see benchmark/RESULTS.md.)
 # Needs peft (and accelerate) in the wheel bundle .whl/; the GPU image's bitsandbytes is a stub without `nn`, so
 # peft is told bitsandbytes is absent (PEFT_NO_BNB=1 patches the bundle's installed copy under /tmp/site only).
 set -uo pipefail

@@ -64,13 +64,15 @@ class TrainState:
 
 def build(run: RunConfig, *, training: bool = True, customize_model: Callable[[OpenMoeForCausalLM], None] | None = None,
           make_optimizer: Callable[[OpenMoeForCausalLM], torch.optim.Optimizer] | None = None,
-          init_context: Callable[[], AbstractContextManager] = nullcontext) -> TrainState:
+          init_context: Callable[[], AbstractContextManager] = nullcontext,
+          config: OpenMoeConfig | None = None) -> TrainState:
     """Set up a run on this rank. training=False skips the data, the output directory and resume (tests and
     benchmarks that feed their own batches); customize_model runs on the single-device model before boosting;
     make_optimizer replaces AdamW + the LR schedule (then there is no scheduler); the model is created inside
-    init_context() (e.g. directly on the GPU in bf16: an 8B model initialises in seconds there, minutes on the CPU)."""
+    init_context() (e.g. directly on the GPU in bf16: an 8B model initialises in seconds there, minutes on the CPU);
+    config replaces the architecture the run names (benchmarks truncate a preset's depth)."""
     rank, world, device = init_distributed(run.optim.seed)
-    cfg = model_config(run)
+    cfg = config if config is not None else model_config(run)
     sizes = resolve_sizes(run, cfg, world)
     plugin = build_plugin(run, sizes)
     tokenizer = batches = eval_examples = None

@@ -152,3 +152,18 @@ def test_a_failing_or_hanging_configuration_is_recorded_and_the_next_runs(tmp_pa
     assert not [pid for pid in os.listdir("/proc") if pid.isdigit() and str(tmp_path) in _cmdline(pid)]
     text = summarize([str(tmp_path)])
     assert "| tiny-bad |" in text and "**error**: ValueError: tiny truncated to 1 layers has no MoE layer" in text
+
+
+def test_ours_runs_the_shape_it_is_given(tmp_path):
+    """--layers / --moe_layer_interval reach the model ours builds through the trainer's builder (they once did not:
+    the builder re-read the bare preset, so a truncated 8B row ran all 24 layers)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+                          "benchmark/train_bench.py", "--kind", "ours", "--name", "l2", "--out", str(tmp_path),
+                          "--model", "tiny", "--layers", "2", "--moe_layer_interval", "1", "--seq", "64",
+                          "--batch_size", "2", "--warmup", "1", "--steps", "1", "--profile_steps", "0"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    flops = json.load(open(tmp_path / "l2.json"))["flops"]
+    h, i, e = 64, 128, 4  # tiny: hidden, expert width, experts; per expert wi_gate [h, 2i], wi_up [h, i], wo [i, h]
+    assert (flops["num_layers"], flops["expert_params"]) == (2, 2 * e * (h * 2 * i + h * i + i * h)), flops
