@@ -5,6 +5,7 @@
     python infer.py --model OrionZheng/openmoe-8b-chat --chat --interactive --dtype bf16   # hub id, its own tokenizer
     python infer.py --model /ckpt/openmoe-34b --device_map auto --max_memory 0=70GiB,1=70GiB,cpu=200GiB
     colossalai run --nproc_per_node 2 infer.py --model /ckpt/openmoe-8b --ep_size 2 --prompt_file prompts.txt
+    python infer.py --model outputs/tiny-ep/hf --serve --port 8000    # OpenAI-compatible server (openmoe/serve)
 """
 
 from __future__ import annotations
@@ -200,6 +201,11 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--serve" in argv:  # the OpenAI-compatible server: its options are `python -m openmoe.serve --help`'s
+        from openmoe.serve.cli import main as serve
+
+        return serve([a for a in argv if a != "--serve"])
     args = build_parser().parse_args(argv)
     try:
         return run(args)
