@@ -106,9 +106,15 @@ class Session:
         all-to-all needs all ranks) until every rank is done."""
         from openmoe import inference
 
+        a, cfg = self.args, self.model.config
+        # every rank checks every prompt, so that all of them stop together (expert-parallel ranks step together)
+        longest = int(inference.encode_batch(self.tokenizer, prompts)[1].sum(1).max())
+        if longest + a.max_new_tokens > cfg.max_position_embeddings:
+            raise ValueError(f"a prompt of {longest} tokens + --max_new_tokens {a.max_new_tokens} exceeds the model's "
+                             f"max_position_embeddings ({cfg.max_position_embeddings}); shorten the prompt or "
+                             "--max_new_tokens")
         mine = list(range(self.rank, len(prompts), self.world)) or [0]  # a rank without prompts still steps
         ids, mask = inference.encode_batch(self.tokenizer, [prompts[i] for i in mine])
-        a, cfg = self.args, self.model.config
         torch.manual_seed(a.seed + self.rank)  # sampling draws from the global generator
         extra = {}
         if cfg.vocab_size > len(self.tokenizer):  # the embedding is padded past the tokenizer (256384 vs 256300)
@@ -183,6 +189,8 @@ def run(args) -> int:
         with open(args.prompt_file) as f:
             # one prompt per line; a literal "\n" inside a line stands for a newline in the prompt
             prompts = [line.rstrip("\n").replace("\\n", "\n") for line in f if line.strip()]
+        if not prompts:
+            raise ValueError(f"--prompt_file {args.prompt_file} holds no prompt (one per non-empty line)")
     elif args.prompt:
         prompts = [p.replace("\\n", "\n") for p in args.prompt]  # "\n" typed in a shell means a newline
     else:
@@ -208,6 +216,8 @@ def main(argv=None) -> int:
         return serve([a for a in argv if a != "--serve"])
     args = build_parser().parse_args(argv)
     try:
+        if args.max_new_tokens < 1:
+            raise ValueError(f"--max_new_tokens ({args.max_new_tokens}) must be >= 1")
         return run(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)

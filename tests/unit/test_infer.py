@@ -88,3 +88,19 @@ def test_cli_bad_inputs(ckpt, tmp_path):
     OpenMoeForCausalLM(preset("tiny", vocab_size=512)).save_pretrained(str(small))
     res = run_infer("--model", str(small), "--tokenizer", TOKENIZER, "--prompt", "x")
     assert res.returncode == 2 and "768" in res.stderr and "512" in res.stderr, res.stderr
+
+
+def test_cli_refuses_lengths_it_cannot_serve(ckpt, tmp_path):
+    """One line each: --max_new_tokens below 1, an empty prompt file, a prompt that with the new tokens would run past
+    max_position_embeddings (it used to generate garbage and exit 0)."""
+    res = run_infer("--model", ckpt, "--prompt", "x", "--max_new_tokens", "-5")
+    assert res.returncode == 2 and res.stderr.strip() == "error: --max_new_tokens (-5) must be >= 1", res.stderr
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    res = run_infer("--model", ckpt, "--prompt_file", str(empty))
+    assert res.returncode == 2 and res.stderr.strip() == (f"error: --prompt_file {empty} holds no prompt (one per "
+                                                          "non-empty line)"), res.stderr
+    limit = OpenMoeForCausalLM.from_pretrained(ckpt).config.max_position_embeddings
+    res = run_infer("--model", ckpt, "--prompt", "word " * limit, "--max_new_tokens", "4")
+    assert res.returncode == 2 and "--max_new_tokens 4 exceeds the model's max_position_embeddings" in res.stderr
+    assert res.stderr.strip().count("\n") == 0, res.stderr
