@@ -92,11 +92,11 @@ def render(records: list[dict], out_png: str) -> str:
 
     if not records:
         raise ValueError("no metrics records to plot")
-    steps = [r["step"] for r in records]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
-    for key in ("loss", "ce_loss", "z_loss", "aux_loss", "router_z_loss"):
-        if key in records[0]:
-            ax1.plot(steps, [r[key] for r in records], label=key)
+    for key in ("loss", "ce_loss", "z_loss", "aux_loss", "router_z_loss", "eval_loss"):
+        points = [(r["step"], r[key]) for r in records if key in r]  # eval and rebalance records stand apart
+        if points:
+            ax1.plot(*zip(*points), "o-" if key == "eval_loss" else "-", label=key)
     ax1.set_yscale("log")
     ax1.set_xlabel("step")
     ax1.set_title("loss parts")

@@ -327,8 +327,9 @@ class MetricsLogger(StepHook):
         if torch.cuda.is_available():
             record["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30  # rank 0
         self.writer.log(result.step, record)
+        shown = {"eval": f"{result.extra['eval_loss']:.3f}"} if "eval_loss" in result.extra else {}
         self.bar.set_postfix(loss=f"{stats.loss:.3f}", aux=f"{stats.aux_loss:.4f}", z=f"{stats.z_loss:.3f}",
-                             lr=f"{lr:.2e}", tok_s=f"{tok_per_s:.0f}", refresh=False)
+                             lr=f"{lr:.2e}", tok_s=f"{tok_per_s:.0f}", **shown, refresh=False)
 
     def on_end(self, trainer: Trainer) -> None:
         self.bar.close()

@@ -138,3 +138,27 @@ def test_wandb_offline_run_holds_the_logged_scalars(tmp_path, monkeypatch):
         assert needle in data, needle
     assert b"tokens_per_expert" not in data
     assert [r["loss"] for r in read_metrics(str(tmp_path))] == [7.25, 6.5]
+
+
+def test_png_with_eval_and_rebalance_only_records(tmp_path):
+    """Records that carry only the eval loss (an eval on a step that logged nothing else) or only a rebalance report
+    are plotted beside the step records (the loss-part plot once assumed every record had every key)."""
+    from openmoe.metrics import render
+
+    records = [{"step": 1, "loss": 3.0, "ce_loss": 2.5}, {"step": 2, "eval_loss": 2.7, "eval_ppl": 14.9},
+               {"step": 3, "expert_swaps": 1}, {"step": 4, "loss": 2.0, "ce_loss": 1.8, "eval_loss": 2.2}]
+    lines = []
+    import matplotlib.axes
+
+    plot = matplotlib.axes.Axes.plot
+
+    def spy(self, *args, **kwargs):
+        lines.append((kwargs.get("label"), list(args[0]), list(args[1])))
+        return plot(self, *args, **kwargs)
+
+    matplotlib.axes.Axes.plot = spy
+    try:
+        render(records, str(tmp_path / "m.png"))
+    finally:
+        matplotlib.axes.Axes.plot = plot
+    assert ("eval_loss", [2, 4], [2.7, 2.2]) in lines and ("loss", [1, 4], [3.0, 2.0]) in lines
