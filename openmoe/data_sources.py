@@ -25,6 +25,7 @@ import re
 from pathlib import Path
 
 import datasets
+import requests
 
 BUILDER_BY_SUFFIX = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text",
                      ".arrow": "arrow"}
@@ -52,8 +53,13 @@ def load_records(dataset: str, dataset_config: str | None = None, split: str = "
         return _load_directory(path, dataset_config, split, cache_dir, streaming)
     if not _HUB_ID.match(dataset) or path.suffix in BUILDER_BY_SUFFIX:
         raise FileNotFoundError(f"dataset file {path} does not exist (and {dataset!r} is not a Hub dataset id)")
-    return datasets.load_dataset(dataset, dataset_config, split=split, data_files=data_files, cache_dir=cache_dir,
-                                 streaming=streaming)
+    try:
+        return datasets.load_dataset(dataset, dataset_config, split=split, data_files=data_files, cache_dir=cache_dir,
+                                     streaming=streaming)
+    except (ConnectionError, requests.exceptions.ConnectionError) as e:  # no network, and not in the cache
+        raise ValueError(f"Hub dataset {dataset!r} is neither a local path nor in the datasets cache, and the Hub "
+                         f"could not be reached ({str(e).splitlines()[0]}); download it where there is network, or "
+                         "pass a local file or directory") from None
 
 
 def split_name(split: str) -> str:

@@ -224,3 +224,14 @@ def test_tokenized_examples_are_cached_on_disk(tok, tmp_path):
     assert [f["filename"] for f in again.cache_files] == [cache_file] and os.stat(cache_file).st_mtime_ns == written
     masked = build_examples(DataSpec(source=spec.source, cache_dir=spec.cache_dir, mask_prompt=True), tok)
     assert [f["filename"] for f in masked.cache_files] != [cache_file] and masked.to_list() != first.to_list()
+
+
+def test_uncached_hub_dataset_without_network_is_one_line(monkeypatch):
+    """A hub dataset id that is not in the cache, with the hub unreachable (offline mode here; without network the
+    same after the hub client's retries): one ValueError line, not a ConnectionError traceback."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ValueError, match=r"^Hub dataset 'someone/not-cached' is neither a local path nor in the "
+                                         r"datasets cache, and the Hub could not be reached \(.*\); download it"):
+        load_records("someone/not-cached")
