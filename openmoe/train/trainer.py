@@ -3,6 +3,8 @@ and fp16-overflow steps, stop after too many); everything else is a step hook, c
 
   FaultInjection  tests only, from OPENMOE_FAULT_* environment variables (NaN loss/gradient, raise, slow steps)
   Rebalancer      --load_balance: move experts every --load_balance_interval steps (collective)
+  Evaluator       --eval_dataset/--eval_split: eval loss every --eval_interval steps and at the end (collective)
+  AdapterSaver    --lora_rank: a PEFT adapter directory beside every checkpoint (collective)
   MetricsLogger   rank 0: progress bar, JSONL/TensorBoard records, rebalance reports
   Checkpointer    resumable checkpoints every --save_interval steps and at the end (collective)
   Preemption      SIGTERM/SIGINT: every rank finishes the step, saves, and stops (collective: one flag per step)
