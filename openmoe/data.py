@@ -427,7 +427,61 @@ def collate(examples: list[dict], pad_id: int = 0, max_length: int | None = None
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-class ShardedBatches:
+def check_rank_args(batch_size: int, dp_rank: int, dp_size: int) -> None:
+    if batch_size < 1:
+        raise ValueError(f"batch_size ({batch_size}) must be >= 1")
+    if dp_size < 1 or not 0 <= dp_rank < dp_size:
+        raise ValueError(f"dp_rank ({dp_rank}) must be in [0, dp_size) with dp_size ({dp_size}) >= 1")
+
+
+class _RankBatches:
+    """What ShardedBatches and StreamingBatches share: this rank's rows [r*batch_size, (r+1)*batch_size) of each
+    global batch of G = batch_size * dp_size examples, a position (epoch, next batch) that advances as batches are
+    yielded, endless iteration from that position, and a resumable state checked against the fields that must match
+    for the position to mean the same data (`_resume_keys`, each an attribute of the object)."""
+
+    _resume_keys: tuple[str, ...] = ("seed", "global_batch_size")
+
+    def __init__(self, examples, batch_size: int, dp_rank: int, dp_size: int, seed: int, pad_id: int,
+                 max_length: int | None, pad_to_multiple_of: int | None):
+        check_rank_args(batch_size, dp_rank, dp_size)
+        self.examples = examples
+        self.batch_size = batch_size
+        self.dp_rank = dp_rank
+        self.dp_size = dp_size
+        self.seed = seed
+        self.collate_kwargs = dict(pad_id=pad_id, max_length=max_length, pad_to_multiple_of=pad_to_multiple_of)
+        self.global_batch_size = batch_size * dp_size
+        self.epoch, self.batch_index = 0, 0  # position of the next batch to yield
+
+    def epoch_batches(self, epoch: int, start_batch: int = 0):
+        raise NotImplementedError
+
+    def __iter__(self):
+        epoch, start = self.epoch, self.batch_index
+        while True:
+            yield from self.epoch_batches(epoch, start)
+            epoch, start = epoch + 1, 0
+
+    def state_dict(self) -> dict:
+        """Position of the next batch plus what must match for it to mean the same data on resume."""
+        return {"epoch": self.epoch, "batch_index": self.batch_index,
+                **{key: getattr(self, key) for key in self._resume_keys}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume at state's position. dp_size may change if the global batch size does not."""
+        for key in self._resume_keys:
+            if state[key] != getattr(self, key):
+                raise ValueError(f"cannot resume data position: saved {key}={state[key]} but this run has "
+                                 f"{getattr(self, key)}")
+        self._check_position(state["batch_index"])
+        self.epoch, self.batch_index = state["epoch"], state["batch_index"]
+
+    def _check_position(self, batch_index: int) -> None:
+        pass
+
+
+class ShardedBatches(_RankBatches):
     """Deterministic, resumable batches for one data-parallel rank.
 
     Epoch e visits the examples in `torch.randperm(N)` order from a generator seeded with seed + e (the same on every
@@ -444,23 +498,15 @@ class ShardedBatches:
     current position through all later epochs, without end: bound it by steps, e.g. zip(range(steps), batches).
     """
 
+    _resume_keys = ("seed", "num_examples", "global_batch_size", "drop_last")
+
     def __init__(self, examples: list[dict], batch_size: int, dp_rank: int = 0, dp_size: int = 1, seed: int = 0,
                  drop_last: bool = True, pad_id: int = 0, max_length: int | None = None,
                  pad_to_multiple_of: int | None = None):
-        if batch_size < 1:
-            raise ValueError(f"batch_size ({batch_size}) must be >= 1")
-        if dp_size < 1 or not 0 <= dp_rank < dp_size:
-            raise ValueError(f"dp_rank ({dp_rank}) must be in [0, dp_size) with dp_size ({dp_size}) >= 1")
+        super().__init__(examples, batch_size, dp_rank, dp_size, seed, pad_id, max_length, pad_to_multiple_of)
         if not examples:
             raise ValueError("the dataset is empty (no examples left after loading and filtering)")
-        self.examples = examples
-        self.batch_size = batch_size
-        self.dp_rank = dp_rank
-        self.dp_size = dp_size
-        self.seed = seed
         self.drop_last = drop_last
-        self.collate_kwargs = dict(pad_id=pad_id, max_length=max_length, pad_to_multiple_of=pad_to_multiple_of)
-        self.global_batch_size = batch_size * dp_size
         n = len(examples)
         self.num_batches = n // self.global_batch_size if drop_last else math.ceil(n / self.global_batch_size)
         if self.num_batches == 0:
@@ -469,7 +515,10 @@ class ShardedBatches:
                 f"(batch_size {batch_size} x dp_size {dp_size}) with drop_last=True; "
                 "use more data, a smaller batch, or drop_last=False"
             )
-        self.epoch, self.batch_index = 0, 0  # position of the next batch to yield
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.examples)
 
     def __len__(self) -> int:
         return self.num_batches
@@ -494,27 +543,9 @@ class ShardedBatches:
             self.epoch, self.batch_index = (epoch, b + 1) if b + 1 < self.num_batches else (epoch + 1, 0)
             yield collate(rows, **self.collate_kwargs)
 
-    def __iter__(self):
-        epoch, start = self.epoch, self.batch_index
-        while True:
-            yield from self.epoch_batches(epoch, start)
-            epoch, start = epoch + 1, 0
-
-    def state_dict(self) -> dict:
-        """Position of the next batch plus what must match for it to mean the same data on resume."""
-        return {"epoch": self.epoch, "batch_index": self.batch_index, "seed": self.seed,
-                "num_examples": len(self.examples), "global_batch_size": self.global_batch_size,
-                "drop_last": self.drop_last}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Resume at state's position. dp_size may change if the global batch size does not."""
-        for key, mine in [("seed", self.seed), ("num_examples", len(self.examples)),
-                          ("global_batch_size", self.global_batch_size), ("drop_last", self.drop_last)]:
-            if state[key] != mine:
-                raise ValueError(f"cannot resume data position: saved {key}={state[key]} but this run has {mine}")
-        if not 0 <= state["batch_index"] < self.num_batches:
-            raise ValueError(f"saved batch_index ({state['batch_index']}) out of range [0, {self.num_batches})")
-        self.epoch, self.batch_index = state["epoch"], state["batch_index"]
+    def _check_position(self, batch_index: int) -> None:
+        if not 0 <= batch_index < self.num_batches:
+            raise ValueError(f"saved batch_index ({batch_index}) out of range [0, {self.num_batches})")
 
 
 def eval_batches(examples, batch_size: int, dp_rank: int = 0, dp_size: int = 1, pad_id: int = 0,
@@ -527,10 +558,7 @@ def eval_batches(examples, batch_size: int, dp_rank: int = 0, dp_size: int = 1, 
     nothing to a loss summed over target tokens. Sum the per-token CE and the target-token count over batches and
     ranks, then divide once: that is the eval loss (exp of it the perplexity), independent of dp_size.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size ({batch_size}) must be >= 1")
-    if dp_size < 1 or not 0 <= dp_rank < dp_size:
-        raise ValueError(f"dp_rank ({dp_rank}) must be in [0, dp_size) with dp_size ({dp_size}) >= 1")
+    check_rank_args(batch_size, dp_rank, dp_size)
     n = len(examples)
     if n == 0:
         raise ValueError("the eval dataset is empty (no examples left after loading and filtering)")
@@ -543,7 +571,7 @@ def eval_batches(examples, batch_size: int, dp_rank: int = 0, dp_size: int = 1, 
         yield collate(rows, pad_id=pad_id, max_length=max_length)
 
 
-class StreamingBatches:
+class StreamingBatches(_RankBatches):
     """ShardedBatches for a streaming corpus (an IterableDataset from build_examples with streaming=True): the same
     batches per rank, read in order instead of by index, for data larger than RAM or the disk cache.
 
@@ -558,23 +586,15 @@ class StreamingBatches:
     the epoch again up to that batch (exact with or without the shuffle buffer; the cost grows with the position).
     """
 
+    _resume_keys = ("seed", "global_batch_size", "shuffle_buffer")
+
     def __init__(self, examples, batch_size: int, dp_rank: int = 0, dp_size: int = 1, seed: int = 0,
                  shuffle_buffer: int = 0, pad_id: int = 0, max_length: int | None = None,
                  pad_to_multiple_of: int | None = None):
-        if batch_size < 1:
-            raise ValueError(f"batch_size ({batch_size}) must be >= 1")
-        if dp_size < 1 or not 0 <= dp_rank < dp_size:
-            raise ValueError(f"dp_rank ({dp_rank}) must be in [0, dp_size) with dp_size ({dp_size}) >= 1")
         if shuffle_buffer < 0:
             raise ValueError(f"shuffle_buffer ({shuffle_buffer}) must be >= 0 (0: stream order)")
-        self.examples = examples
-        self.batch_size = batch_size
-        self.dp_rank = dp_rank
-        self.seed = seed
+        super().__init__(examples, batch_size, dp_rank, dp_size, seed, pad_id, max_length, pad_to_multiple_of)
         self.shuffle_buffer = shuffle_buffer
-        self.collate_kwargs = dict(pad_id=pad_id, max_length=max_length, pad_to_multiple_of=pad_to_multiple_of)
-        self.global_batch_size = batch_size * dp_size
-        self.epoch, self.batch_index = 0, 0  # position of the next batch to yield
 
     def epoch_stream(self, epoch: int):
         """The epoch's examples in order (shuffled through the buffer with seed + epoch when shuffle_buffer > 0)."""
@@ -598,22 +618,3 @@ class StreamingBatches:
             raise ValueError(f"the stream does not fill one global batch of {G} examples "
                              f"(batch_size {self.batch_size} x dp_size {G // self.batch_size}) in epoch {epoch}")
         self.epoch, self.batch_index = epoch + 1, 0
-
-    def __iter__(self):
-        epoch, start = self.epoch, self.batch_index
-        while True:
-            yield from self.epoch_batches(epoch, start)
-            epoch, start = epoch + 1, 0
-
-    def state_dict(self) -> dict:
-        """Position of the next batch plus what must match for it to mean the same data on resume."""
-        return {"epoch": self.epoch, "batch_index": self.batch_index, "seed": self.seed,
-                "global_batch_size": self.global_batch_size, "shuffle_buffer": self.shuffle_buffer}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Resume at state's position. dp_size may change if the global batch size does not."""
-        for key, mine in [("seed", self.seed), ("global_batch_size", self.global_batch_size),
-                          ("shuffle_buffer", self.shuffle_buffer)]:
-            if state[key] != mine:
-                raise ValueError(f"cannot resume data position: saved {key}={state[key]} but this run has {mine}")
-        self.epoch, self.batch_index = state["epoch"], state["batch_index"]

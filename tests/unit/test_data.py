@@ -319,6 +319,10 @@ def test_resume_rejects_mismatched_state():
         ShardedBatches(examples, 2, seed=1).load_state_dict(state)
     with pytest.raises(ValueError, match="saved global_batch_size=2 but this run has 4"):
         ShardedBatches(examples, 4, seed=0).load_state_dict(state)
+    with pytest.raises(ValueError, match="saved num_examples=20 but this run has 21"):
+        ShardedBatches(make_examples(21), 2, seed=0).load_state_dict(state)
+    with pytest.raises(ValueError, match=r"saved batch_index \(10\) out of range \[0, 10\)"):
+        ShardedBatches(examples, 2, seed=0).load_state_dict({**state, "batch_index": 10})
 
 
 def test_sharded_batches_validation():
