@@ -66,7 +66,8 @@ class Session:
         cuda = torch.cuda.is_available()
         dtype = inference.check_dtype(args.dtype or ("bf16" if cuda else "fp32"))
         if args.ep_size > 1:
-            self._init_distributed(cuda)
+            self.rank, self.world = inference.init_expert_parallel(
+                args.ep_size, f"colossalai run --nproc_per_node {args.ep_size} infer.py")
         model_dir = hub.resolve_model(args.model)  # a directory, a hub id (HF cache) or None for a preset
         self.tokenizer = load_tokenizer(hub.tokenizer_path(model_dir, args.model, args.tokenizer))
         model = inference.load_model(model_dir or args.model, dtype, args.seed, args.device_map,
@@ -85,20 +86,6 @@ class Session:
             self.device = torch.device("cuda" if cuda else "cpu")
             model = model.to(self.device)
         self.model = model
-
-    def _init_distributed(self, cuda: bool):
-        import torch.distributed as dist
-
-        if "WORLD_SIZE" not in os.environ:
-            raise ValueError(f"--ep_size {self.args.ep_size} needs a distributed launch: "
-                             f"colossalai run --nproc_per_node {self.args.ep_size} infer.py ...")
-        if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group("nccl" if cuda else "gloo")
-        self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        if self.world != self.args.ep_size:
-            raise ValueError(f"--ep_size ({self.args.ep_size}) must equal the number of launched processes "
-                             f"({self.world})")
 
     def generate(self, prompts: list[str], stream=None) -> list[str]:
         """transformers' generate (model.generate) on this rank's share of the prompts, one left-padded batch.

@@ -97,6 +97,24 @@ def parse_max_memory(spec: str | None) -> dict | None:
     return out
 
 
+def init_expert_parallel(ep_size: int, launch: str) -> tuple[int, int]:
+    """Start the process group of an expert-parallel run launched by torchrun / colossalai run: NCCL with this
+    process's GPU (LOCAL_RANK) as its device, gloo on CPU. Returns (rank, world size). `launch` is the command line to
+    show when the process was not started by a launcher (no WORLD_SIZE), e.g. "torchrun --nproc_per_node 2 infer.py"."""
+    import torch.distributed as dist
+
+    if "WORLD_SIZE" not in os.environ:
+        raise ValueError(f"--ep_size {ep_size} needs a distributed launch: {launch} ...")
+    cuda = torch.cuda.is_available()
+    if cuda:  # before the group starts, so that NCCL binds this rank's GPU
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if world != ep_size:
+        raise ValueError(f"--ep_size ({ep_size}) must equal the number of launched processes ({world})")
+    return rank, world
+
+
 def shard_experts(model: OpenMoeForCausalLM, ep_group) -> None:
     """Expert-parallel serving: every rank keeps 1/ep of each MoE layer's experts (the EP layer slices in place)."""
     from openmoe.parallel.expert_parallel import ExpertParallelMoE

@@ -72,18 +72,7 @@ def load(a):
     dtype = inference.check_dtype(a.dtype or ("bf16" if cuda else "fp32"))
     rank = 0
     if a.ep_size > 1:
-        import torch.distributed as dist
-
-        if "WORLD_SIZE" not in os.environ:
-            raise ValueError(f"--ep_size {a.ep_size} needs a distributed launch: "
-                             f"torchrun --nproc_per_node {a.ep_size} -m openmoe.serve ...")
-        if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group("nccl" if cuda else "gloo")
-        rank = dist.get_rank()
-        if dist.get_world_size() != a.ep_size:
-            raise ValueError(f"--ep_size ({a.ep_size}) must equal the number of launched processes "
-                             f"({dist.get_world_size()})")
+        rank, _ = inference.init_expert_parallel(a.ep_size, f"torchrun --nproc_per_node {a.ep_size} -m openmoe.serve")
     tokenizer_path = a.tokenizer or a.model
     if not os.path.isdir(tokenizer_path) and not os.path.isfile(tokenizer_path):
         raise ValueError(f"--model {a.model} is not a directory holding a tokenizer: pass --tokenizer PATH")

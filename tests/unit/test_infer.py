@@ -104,3 +104,26 @@ def test_cli_refuses_lengths_it_cannot_serve(ckpt, tmp_path):
     res = run_infer("--model", ckpt, "--prompt", "word " * limit, "--max_new_tokens", "4")
     assert res.returncode == 2 and "--max_new_tokens 4 exceeds the model's max_position_embeddings" in res.stderr
     assert res.stderr.strip().count("\n") == 0, res.stderr
+
+
+def test_init_expert_parallel_checks_the_launch(monkeypatch):
+    """The one process-group start of infer.py and openmoe.serve: refused without a launcher, and when the launched
+    world does not match --ep_size (a real gloo group of one process)."""
+    import torch.distributed as dist
+
+    from openmoe.inference import init_expert_parallel
+    from tests.helpers import free_port
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(ValueError, match=r"--ep_size 2 needs a distributed launch: torchrun --nproc_per_node 2 x\.py"):
+        init_expert_parallel(2, "torchrun --nproc_per_node 2 x.py")
+    for key, value in (("WORLD_SIZE", "1"), ("RANK", "0"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"),
+                       ("MASTER_PORT", str(free_port()))):
+        monkeypatch.setenv(key, value)
+    try:
+        with pytest.raises(ValueError, match=r"--ep_size \(2\) must equal the number of launched processes \(1\)"):
+            init_expert_parallel(2, "torchrun --nproc_per_node 2 x.py")
+        assert dist.get_backend() == "gloo"
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
