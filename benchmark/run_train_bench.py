@@ -142,6 +142,34 @@ FULL_CONFIGS = [
             "--lm_loss_impl", "fused_compiled") + F8_STEPS, timeout_s=220, est_s=110),
 ]
 
+# ---- issue 19 speed levers, the same full-depth step (65,536 tokens, dropless): --compile_blocks (regional
+# torch.compile of the dense blocks) at 2 x 8 and at 4 sequences x 4 micro-batches (fewer passes over the 7.6B
+# per-GPU gradients per step, from the memory the compiled blocks save), the eager row again as the same-run
+# reference, the 4-layer shape against baseline (a)'s recorded row, baseline (c), and one memory row (full
+# activation checkpointing, 8 x 2: the memory floor). scripts/gpu_issue19_speed.sh runs them in this order.
+SPEED_CONFIGS = [
+    Config("8bfull-2gpu-ours-ep-compiled", 2, "ours",
+           F8 + F8_STEPS + ("--plugin", "ep", "--use_kernel", "--lm_loss_impl", "fused_compiled", "--compile_blocks"),
+           timeout_s=240, est_s=120),
+    Config("8bfull-2gpu-ours-ep-compiled-b4x4", 2, "ours",
+           ("--model", "8b", "--seq", "2048", "--batch_size", "4", "--grad_accum", "4", "--dropless", "--plugin", "ep",
+            "--use_kernel", "--lm_loss_impl", "fused_compiled", "--compile_blocks", "--warmup", "2", "--steps", "3",
+            "--profile_steps", "0"), timeout_s=200, est_s=80),
+    Config("8bfull-2gpu-ours-ep-eager", 2, "ours",
+           F8 + ("--warmup", "2", "--steps", "3", "--profile_steps", "0", "--plugin", "ep", "--use_kernel",
+                 "--lm_loss_impl", "fused_compiled"), timeout_s=200, est_s=80),
+    Config("8bL4acc-2gpu-ours-ep-compiled", 2, "ours",
+           E8 + ("--layers", "4", "--batch_size", "2", "--grad_accum", "8", "--dropless", "--plugin", "ep",
+                 "--use_kernel", "--lm_loss_impl", "fused_compiled", "--compile_blocks", "--warmup", "2", "--steps",
+                 "3", "--profile_steps", "0"), timeout_s=120, est_s=50),
+    Config("8bfull-2gpu-fsdp-loop-again", 2, "fsdp", F8 + ("--warmup", "1", "--steps", "2", "--profile_steps", "0"),
+           timeout_s=200, est_s=80),
+    Config("8bfull-2gpu-ours-ep-compiled-ac-b8x2", 2, "ours",
+           ("--model", "8b", "--seq", "2048", "--batch_size", "8", "--grad_accum", "2", "--dropless", "--plugin", "ep",
+            "--use_kernel", "--lm_loss_impl", "fused_compiled", "--compile_blocks", "--activation_checkpointing",
+            "--warmup", "2", "--steps", "2", "--profile_steps", "0"), timeout_s=150, est_s=70),
+]
+
 # ---- emulated slow link (issue 19, item 3): run with NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1 (NCCL's socket transport
 # between the two GPUs of one host, as between nodes): capacity routing (equal splits, what --comm_overlap needs),
 # plain all-to-all vs --comm_overlap 4, at OpenMoE-base (12 layers, MoE every 4th; 8 x 2,048 tokens per GPU per step)
@@ -167,7 +195,8 @@ TINY_CONFIGS = [
     Config("tiny-2p-mixtral", 2, "mixtral", TINY_MIXTRAL + ("--grad_accum", "2"), timeout_s=150),
     Config("tiny-2p-naive", 2, "naive", TINY + ("--grad_accum", "2"), timeout_s=150),
     Config("tiny-2p-ours-grouped-dropless", 2, "ours",
-           TINY + ("--plugin", "ep", "--use_kernel", "--dropless", "--grad_accum", "2"), timeout_s=150),
+           TINY + ("--plugin", "ep", "--use_kernel", "--dropless", "--grad_accum", "2", "--compile_blocks"),
+           timeout_s=150),
     Config("tiny-2p-ours-overlap", 2, "ours", TINY + ("--plugin", "ep", "--comm_overlap", "2", "--grad_accum", "2"),
            timeout_s=150),
     Config("tiny-2p-fsdp", 2, "fsdp", TINY + ("--grad_accum", "2", "--dropless"), timeout_s=150),
@@ -328,7 +357,7 @@ def main(argv=None) -> int:
     p.add_argument("--list", action="store_true")
     p.add_argument("--jobs", type=int, default=1, help="with --tiny: configurations run at a time (CPU smoke only)")
     a = p.parse_args(argv)
-    configs = select(TINY_CONFIGS if a.tiny else GPU_CONFIGS + FULL_CONFIGS + SLOW_CONFIGS, a.only)
+    configs = select(TINY_CONFIGS if a.tiny else GPU_CONFIGS + FULL_CONFIGS + SPEED_CONFIGS + SLOW_CONFIGS, a.only)
     if a.list:
         for c in configs:
             print(f"{c.name:36} {c.nproc} proc  ~{c.est_s:3d} s (timeout {c.timeout_s} s)  {' '.join(c.args)}")

@@ -1,6 +1,6 @@
 """The one setup sequence: distributed init -> model config -> parallel layout -> plugin -> data -> model ->
-optimizer -> boost (with the clipping fix) -> balancing state -> resume. Used by train.py, the tests and the
-benchmarks (`build(run)`), so no caller can forget a step.
+optimizer -> boost (with the clipping fix) -> regional compile (--compile_blocks) -> balancing state -> resume.
+Used by train.py, the tests and the benchmarks (`build(run)`), so no caller can forget a step.
 """
 
 from __future__ import annotations
@@ -90,6 +90,10 @@ def build(run: RunConfig, *, training: bool = True, customize_model: Callable[[O
     else:
         optimizer, scheduler = build_optimizer(run, model, total_steps)
     boosted = boost(plugin, model, optimizer, scheduler)
+    if run.kernels.compile_blocks:  # after the EP swap, so that no compiled region holds an all-to-all
+        from openmoe.kernels import compile_blocks
+
+        compile_blocks(boosted.model.unwrap())
     balancer = attach_bias_balancer(boosted.model, cfg, run, device) if run.balance.balance_mode == "bias" else None
     placement = build_placement(boosted.model, cfg, sizes.ep) if run.balance.load_balance else None
     state = TrainState(run, cfg, sizes, rank, world, device, boosted, tokenizer, batches, total_steps, balancer,

@@ -98,6 +98,10 @@ class KernelSection:
                                     "reference",
                            choices=("fused", "fused_compiled", "chunked"))
     dropless: bool = _f(False, "route every token (no capacity, uneven all-to-all); off: capacity factor drops")
+    compile_blocks: bool = _f(False, "torch.compile each dense decoder layer, and the attention, norms and dense MLPs "
+                                     "of each MoE layer, in place after the expert-parallel swap (regional compile: "
+                                     "fused RMSNorm, RoPE, SwiGLU and residual adds; the MoE routing and all-to-all "
+                                     "stay eager); compiles in the first step; off: eager modules")
 
 
 @dataclass
@@ -265,6 +269,12 @@ class RunConfig:
             raise ValueError(f"--max_steps ({self.optim.max_steps}) must be >= 1 (or unset: --num_epochs decides)")
         if self.checkpoint.overwrite and self.checkpoint.resume:
             raise ValueError("--overwrite deletes the checkpoints that --resume would continue; accepted: one of them")
+        if self.kernels.compile_blocks and self.kernels.use_layernorm_kernel:
+            raise ValueError("--compile_blocks fuses the RMSNorms itself and does not trace apex's kernel "
+                             "(--use_layernorm_kernel); accepted: one of them")
+        if self.kernels.compile_blocks and self.parallel.pp_size > 1:
+            raise ValueError(f"--compile_blocks is not supported with a pipeline (--pp_size {self.parallel.pp_size}) "
+                             "yet: it has not been tested under the 1F1B schedule; accepted: --pp_size 1")
         if self.parallel.dist_timeout is not None and self.parallel.dist_timeout <= 0:
             raise ValueError(f"--dist_timeout ({self.parallel.dist_timeout}) must be > 0 seconds (or unset)")
         if self.checkpoint.preempt_grace_s <= 0:

@@ -162,3 +162,63 @@ def test_all_ones_attention_mask_is_dropped_before_the_device_and_changes_nothin
     with_mask, without = model(**full), model(**to_device([full], "cpu")[0])
     assert torch.allclose(with_mask.loss, without.loss, atol=1e-12)
     assert torch.equal(with_mask.moe[0].tokens_per_expert, without.moe[0].tokens_per_expert)
+
+
+def loss_and_grads(model, batch):
+    model.zero_grad()
+    out = model(**batch)
+    out.loss.backward()
+    return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_compiled_blocks_equal_eager_with_and_without_checkpointing():
+    """--compile_blocks (openmoe.kernels.compile_blocks, regional torch.compile) == the eager modules: loss and every
+    parameter's gradient, fp32, with a padded row (explicit attention mask, masked routing), plain and under both
+    activation-checkpointing policies; no graph breaks; state-dict keys unchanged."""
+    import copy
+
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from openmoe.kernels import compile_blocks
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    eager = OpenMoeForCausalLM(preset("tiny"), options=ModelOptions(dropless=True)).train()
+    for name, p in eager.named_parameters():
+        if name.endswith("norm.weight"):
+            torch.nn.init.uniform_(p, 0.5, 1.5)  # not all ones, so the norm weight's gradient path matters
+    fast = copy.deepcopy(eager)
+    names = compile_blocks(fast)
+    cfg = eager.config
+    dense = [i for i in range(cfg.num_hidden_layers) if not cfg.is_moe_layer(i)]
+    assert {f"model.layers.{i}" for i in dense} <= set(names) and "model.norm" in names
+    assert not any(n.endswith(".mlp") and not n.endswith("extra_mlp") for n in names)  # MoE layers stay eager
+    assert list(fast.state_dict()) == list(eager.state_dict())
+    ids = torch.randint(3, 700, (2, 16))
+    mask = torch.ones_like(ids).index_fill(1, torch.tensor([13, 14, 15]), 0)
+    mask[0] = 1
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+    for policy in (None, "full", "selective"):
+        for m in (eager, fast):
+            m.apply_options(ModelOptions(dropless=True, activation_checkpointing=policy is not None,
+                                         ac_policy=policy or "full"))
+        (l0, g0), (l1, g1) = loss_and_grads(eager, batch), loss_and_grads(fast, batch)
+        torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-6)
+        for n in g0:
+            torch.testing.assert_close(g1[n], g0[n], rtol=1e-4, atol=1e-6, msg=lambda m, n=n: f"{n} ({policy}): {m}")
+    assert counters["stats"]["unique_graphs"] >= 4  # dense layer, attention, RMSNorm, dense MLP
+    assert not counters["graph_break"], dict(counters["graph_break"])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (dict(use_layernorm_kernel=True), r"--compile_blocks fuses the RMSNorms itself .* accepted: one of them"),
+    (dict(plugin="hybrid", pp_size=2, ep_size=1), r"--compile_blocks is not supported with a pipeline \(--pp_size 2\)"),
+])
+def test_compile_blocks_refuses_what_it_does_not_support(flags, message):
+    from openmoe.train.config import RunConfig
+
+    with pytest.raises(ValueError, match=message):
+        RunConfig.from_flat(compile_blocks=True, **flags)
+    RunConfig.from_flat(**flags)  # each is accepted without --compile_blocks
