@@ -13,62 +13,143 @@ The eager `model.generate` (openmoe/generation.py) is the reference; with drople
     be captured once as a CUDA graph. Columns follow the reference: the left-padded prompt in [0, S), new token i in
     column S + i. A request longer than M is refused; the cache never grows.
   * MoE at decode: dropless top-k routing (router.route, no capacity) and experts without data-dependent shapes:
-      "gather"  the chosen experts' weights gathered per token ([T, K, H, I] copies): reads only T * K experts, the
-                cheapest at batch 1;
+      "gemv"    a Triton GEMV per (token, choice) indexed by expert id (openmoe/decode_kernels.py): reads only the
+                T * K chosen experts, no copies, no large-M tiles; CUDA only, elsewhere its reference ("gather");
+      "gather"  the chosen experts' weights gathered per token ([T, K, H, I] copies): reads only T * K experts;
       "grouped" choices sorted by expert, one grouped GEMM per weight with device-side offsets (moe.grouped_experts):
                 no copies, reads only touched experts (needs torch._grouped_mm);
       "dense"   every expert on every token, weighted by a [T, E] matrix that is zero off the top-k: reads each
                 expert once, the cheapest once most experts are touched (batch 16 of 32 experts, top-2).
-    Prefill routes dropless through the reference dispatch/combine: one host sync per MoE layer to size its buffer,
-    per request, not per token.
-  * Sampling, EOS and stop-sequence checks run on the device; the host reads `finished.all()` every `sync_every`
-    steps. The extra steps past the last stop are trimmed, so the result equals the reference's.
-  * The decode step can go through torch.compile(mode="reduce-overhead"): CUDA graphs, one launch per step.
+    Prefill routes dropless through the grouped GEMM where it runs ("auto" on CUDA bf16, "grouped", "gemv"): no
+    host sync; otherwise (CPU, fp32) through the reference dispatch/combine, whose buffer is sized by one host sync
+    per MoE layer per request.
+  * Prefill attention runs over the prompt's S columns only (not the M-column cache): SDPA with is_causal when no
+    row is padded (the flash kernel on CUDA), else with the [B, 1, S, S] padding-and-causal mask. Deciding which
+    reads mask.all() on the host once per request.
+  * Fused projections (fuse_weights=True): one GEMV for q/k/v and one for gate/up per dense MLP, extra MLP and
+    shared experts. At M = 1 a GEMV is bandwidth-bound, and cuBLAS reaches a higher fraction of it on one large
+    matrix than on three 12.6 MB ones (the LM head ran at 4.3 TB/s, the q/k/v GEMVs near 2 TB/s). No memory is
+    added: at construction each group's weights are copied once into one contiguous [sum of outputs, H] buffer and
+    the modules' `weight` parameters are re-pointed to row views of it (each old weight is freed as its view
+    replaces it, so the peak is one group's extra copy). The model keeps working unchanged (its projections read
+    the views: the same values, bitwise the same outputs), every FastDecoder over the model shares the buffers, and
+    an in-place update of a parameter (load_state_dict, optimizer steps) is seen by the decoder. We chose this over
+    (a) keeping a fused copy (a second copy of the fused weights: 3.1 GB more for OpenMoE-8B) and (b) concatenating per
+    step (a copy per step costs more than it saves). A parameter *replaced* afterwards (model.to(dtype), a new
+    nn.Parameter) breaks the aliasing; generate() checks it on the host each call and re-fuses. The views do not
+    overlap, so save_pretrained (safetensors) still writes the model (tested).
 Built for one device: expert-parallel layers and device maps are refused (their eager paths remain).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
+from openmoe.decode_kernels import HAS_TRITON, expert_gemv, gathered_experts
 from openmoe.generation import process_logits
-from openmoe.model import _attention_allowed, apply_rope, bos_visible_mask, default_positions, repeat_kv, rope_cos_sin
+from openmoe.model import (
+    OpenMoeMLP,
+    _attention_allowed,
+    apply_rope,
+    bos_visible_mask,
+    default_positions,
+    repeat_kv,
+    rope_cos_sin,
+)
 from openmoe.moe import HAS_GROUPED_MM, OpenMoeSparseMLP, combine, dispatch, grouped_experts
-from openmoe.router import RouterOutput, route
+from openmoe.router import RouterOutput, combine_weights, route
 
-MOE_IMPLS = ("auto", "gather", "grouped", "dense")
+MOE_IMPLS = ("auto", "gather", "grouped", "dense", "gemv")
+GEMV_MAX_PAIRS = 8  # "auto" takes the Triton GEMV up to this many (token, choice) pairs per step, then grouped
 
 
 def pick_moe_impl(impl: str, num_tokens: int, top_k: int, num_experts: int, grouped_ok: bool = False) -> str:
-    """'auto': grouped where the grouped GEMM runs (CUDA, bf16): it reads only the touched experts and copies
-    nothing. Else gather while the gathered copies (written once, read once: ~3x the chosen experts' bytes) cost
-    less than reading every expert once, then dense."""
+    """'auto' on CUDA bf16 (grouped_ok): the Triton GEMV for a few (token, choice) pairs (reads only the chosen
+    experts, GEMV-shaped), grouped beyond (reads only the touched experts, copies nothing, tiles fill up). Else gather
+    while the gathered copies (written once, read once: ~3x the chosen experts' bytes) cost less than reading every
+    expert once, then dense."""
     if impl not in MOE_IMPLS:
         raise ValueError(f"moe_impl '{impl}' is not supported; accepted: {list(MOE_IMPLS)}")
     if impl == "grouped" and not HAS_GROUPED_MM:
         raise ValueError("moe_impl 'grouped' needs torch._grouped_mm, which this torch lacks; use 'gather' or 'dense'")
     if impl != "auto":
         return impl
+    if grouped_ok and HAS_TRITON and num_tokens * top_k <= GEMV_MAX_PAIRS:
+        return "gemv"
     if grouped_ok and HAS_GROUPED_MM:
         return "grouped"
     return "gather" if 3 * num_tokens * top_k < num_experts else "dense"
 
 
 def decode_route(mlp: OpenMoeSparseMLP, x: torch.Tensor) -> RouterOutput:
-    """Dropless top-k of x [T, H] with the layer's router, bias and combine rule; no host sync (capacity left 0)."""
-    return route(x, mlp.gate_weight, mlp.top_k, 0.0, mlp.min_capacity, True, None, mlp.selection_bias,
-                 mlp.router_combine, size_dropless=False)
+    """Dropless top-k of x [T, H] with the layer's router, bias and combine rule; no host sync (capacity left 0).
+    router.route's numbers (fp32 logits, softmax, biased selection, combine weights) without its slot assignment
+    and load counts (one-hot cumsums over [T, K, E]), which nothing at decode reads: fewer kernels per MoE layer."""
+    logits = F.linear(x.float(), mlp.gate_weight.float())  # [T, E]
+    probs = logits.softmax(dim=-1)
+    scores = probs if mlp.selection_bias is None else probs + mlp.selection_bias.float()
+    _, expert_idx = scores.topk(mlp.top_k, dim=-1)  # [T, K]
+    keep = torch.ones_like(expert_idx, dtype=torch.bool)
+    return RouterOutput(expert_idx=expert_idx, combine_weight=combine_weights(probs, expert_idx, mlp.router_combine),
+                        slot=torch.zeros_like(expert_idx), keep=keep, capacity=0, logits=logits, probs=probs,
+                        token_mask=keep[:, 0], tokens_per_expert=torch.zeros_like(probs[0], dtype=torch.long))
 
 
-def gathered_experts(experts, x: torch.Tensor, r: RouterOutput) -> torch.Tensor:
-    """x [T, H] -> [T, H]: each token through its K chosen experts, whose weights are gathered per token."""
-    wg, wu, wo = experts.wi_gate[r.expert_idx], experts.wi_up[r.expert_idx], experts.wo[r.expert_idx]  # [T, K, ., .]
-    h = experts.act(torch.einsum("th,tkhg->tkg", x, wg)) * torch.einsum("th,tkhi->tki", x, wu)  # [T, K, I]
-    y = torch.einsum("tki,tkio->tko", h, wo)  # [T, K, H]
-    return (y * r.combine_weight[..., None].to(y.dtype)).sum(dim=1)
+def fuse_linears(linears: Sequence[nn.Linear]) -> torch.Tensor:
+    """One [sum of out_features, in_features] buffer holding the weights of `linears` (same input, dtype, device),
+    each module's weight re-pointed to its row view (memory-neutral: see the module docstring). Weights that are
+    already consecutive views of one buffer (an earlier FastDecoder's) are returned as that buffer, not copied."""
+    weights = [lin.weight for lin in linears]
+    fused = _fused_view(weights)
+    if fused is not None:
+        return fused
+    w0 = weights[0]
+    rows = sum(w.shape[0] for w in weights)
+    with torch.no_grad():
+        buf = torch.empty(rows, w0.shape[1], dtype=w0.dtype, device=w0.device)  # [sum out, in]
+        start = 0
+        for lin, w in zip(linears, weights):
+            n = w.shape[0]
+            buf[start:start + n].copy_(w)
+            lin.weight = nn.Parameter(buf[start:start + n], requires_grad=w.requires_grad)  # frees the old weight
+            start += n
+    return buf
+
+
+def _fused_view(weights: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """The [sum out, in] tensor over `weights` when they are consecutive contiguous row blocks of one storage."""
+    w0 = weights[0]
+    storage, offset = w0.untyped_storage(), w0.storage_offset()
+    for w in weights:
+        if (not w.is_contiguous() or w.untyped_storage().data_ptr() != storage.data_ptr()
+                or w.storage_offset() != offset or w.dtype != w0.dtype or w.shape[1:] != w0.shape[1:]):
+            return None
+        offset += w.numel()
+    rows = sum(w.shape[0] for w in weights)
+    return w0.detach().new_empty(0).set_(storage, w0.storage_offset(), (rows, w0.shape[1]), (w0.shape[1], 1))
+
+
+@dataclass
+class FusedWeights:
+    """One decoder layer's fused projection buffers (None where the layer has no such module or fusion is off)."""
+
+    qkv: torch.Tensor | None = None  # [N * D + 2 * N_kv * D, H]: q, k, v rows
+    mlp: torch.Tensor | None = None  # [G + I, H]: gate rows, then up rows (dense MLP layers)
+    shared: torch.Tensor | None = None  # shared experts' gate/up
+    extra: torch.Tensor | None = None  # the extra MLP's gate/up (OpenMoE's MoE layers)
+
+
+def fused_mlp(mlp: OpenMoeMLP, gate_up: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """OpenMoeMLP.forward with gate and up read by one GEMV over their fused buffer."""
+    if gate_up is None:
+        return mlp(x)
+    gate, up = F.linear(x, gate_up).split([mlp.gate_proj.out_features, mlp.up_proj.out_features], dim=-1)
+    return mlp.down_proj(mlp.act(gate) * up)
 
 
 def dense_experts(experts, x: torch.Tensor, r: RouterOutput) -> torch.Tensor:
@@ -83,7 +164,7 @@ class FastDecoder:
     """Static-cache decoder over a loaded model's modules (weights shared, nothing copied, model.py untouched)."""
 
     def __init__(self, model, max_batch_size: int, max_seq_len: int, moe_impl: str = "auto", compile: bool = False,
-                 sync_every: int = 8):
+                 sync_every: int = 8, fuse_weights: bool = True):
         cfg = model.config
         for i, layer in enumerate(model.model.layers):
             if layer.is_moe and not isinstance(layer.mlp, OpenMoeSparseMLP):
@@ -107,53 +188,102 @@ class FastDecoder:
         for t in self.k_cache + self.v_cache:
             # fixed addresses: CUDA graphs replay writes into the same memory, and compile does not copy the cache
             torch._dynamo.mark_static_address(t)
+        # CUDA bf16: the grouped GEMM at prefill (no host sync) and the GEMV/grouped choice at decode
+        self.grouped_ok = self.device.type == "cuda" and self.dtype == torch.bfloat16
+        self.fuse_weights = fuse_weights
+        self.fused = [FusedWeights() for _ in model.model.layers]
+        self.refuse_if_replaced()
         self._step = self._decode_step
         if compile:
             # static shapes: one graph per batch size, never a dynamic-shape recompile
             self._step = torch.compile(self._decode_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
         self._compiled = compile
 
+    # ----------------------------------------------------------------------------------------------- fused weights
+    def refuse_if_replaced(self) -> None:
+        """(Re-)fuse each layer's projections unless the modules' weights are still views of the held buffers
+        (a host-side pointer check, run at construction and at each generate call)."""
+        if not self.fuse_weights:
+            return
+        for i, layer in enumerate(self.model.model.layers):
+            f, attn = self.fused[i], layer.self_attn
+            f.qkv = self._fuse(f.qkv, [attn.q_proj, attn.k_proj, attn.v_proj])
+            if not layer.is_moe:
+                f.mlp = self._fuse(f.mlp, [layer.mlp.gate_proj, layer.mlp.up_proj])
+            if layer.has_shared:
+                f.shared = self._fuse(f.shared, [layer.shared_experts.gate_proj, layer.shared_experts.up_proj])
+            if layer.has_extra:
+                f.extra = self._fuse(f.extra, [layer.extra_mlp.gate_proj, layer.extra_mlp.up_proj])
+
+    def _fuse(self, held: torch.Tensor | None, linears) -> torch.Tensor:
+        if held is not None and _fused_view([lin.weight for lin in linears]) is not None \
+                and linears[0].weight.data_ptr() == held.data_ptr():
+            return held
+        buf = fuse_linears(linears)
+        # a fixed address, as for the cache: compiled CUDA graphs read it in place instead of copying it per replay
+        torch._dynamo.mark_static_address(buf)
+        return buf
+
     # ---------------------------------------------------------------------------------------------------- layers
     def _attention(self, i, attn, x, cos, sin, allowed, cols):
-        """x [B, S, H]; writes this step's K/V at columns cols [S] of the static cache, attends over all M columns."""
+        """x [B, S, H]; writes this call's K/V at columns cols [S] of the static cache. Keys: all M columns at
+        decode (allowed [B, 1, 1, M]); at prefill (cols = [0, S)) only the S prompt columns, causally (allowed
+        None) or under the padding-and-causal mask allowed [B, 1, S, S]."""
         b, s, _ = x.shape
-        q = attn.q_proj(x).view(b, s, attn.num_heads, attn.head_dim).transpose(1, 2)  # [B, N, S, D]
-        k = attn.k_proj(x).view(b, s, attn.num_kv_heads, attn.head_dim).transpose(1, 2)  # [B, N_kv, S, D]
-        v = attn.v_proj(x).view(b, s, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
+        nq, nkv, d = attn.num_heads, attn.num_kv_heads, attn.head_dim
+        qkv = self.fused[i].qkv
+        if qkv is not None:  # one GEMV for q, k and v
+            q, k, v = F.linear(x, qkv).split([nq * d, nkv * d, nkv * d], dim=-1)
+        else:
+            q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+        q = q.view(b, s, nq, d).transpose(1, 2)  # [B, N, S, D]
+        k = k.view(b, s, nkv, d).transpose(1, 2)  # [B, N_kv, S, D]
+        v = v.view(b, s, nkv, d).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k_cache, v_cache = self.k_cache[i][:b], self.v_cache[i][:b]  # [B, N_kv, M, D] views
         k_cache.index_copy_(2, cols, k)
         v_cache.index_copy_(2, cols, v)
-        n_rep = attn.num_heads // attn.num_kv_heads
-        out = F.scaled_dot_product_attention(q, repeat_kv(k_cache, n_rep), repeat_kv(v_cache, n_rep),
-                                             attn_mask=allowed, scale=attn.scale)  # [B, N, S, D]
+        if allowed is None or allowed.shape[-1] < self.max_seq_len:  # prefill: keys are this call's columns [0, S)
+            keys, values = k, v
+        else:
+            keys, values = k_cache, v_cache
+        n_rep = nq // nkv
+        out = F.scaled_dot_product_attention(q, repeat_kv(keys, n_rep), repeat_kv(values, n_rep), attn_mask=allowed,
+                                             is_causal=allowed is None, scale=attn.scale)  # [B, N, S, D]
         return attn.o_proj(out.transpose(1, 2).reshape(b, s, -1))
 
     def _moe(self, mlp, x, token_mask, prefill: bool):
         """x [B, S, H] -> [B, S, H], dropless."""
         t = x.reshape(-1, x.shape[-1])  # [T, H]
-        if prefill:  # reference dispatch/combine; sizing the dropless buffer reads the max load on the host
+        if prefill:
+            grouped = HAS_GROUPED_MM and (self.moe_impl in ("grouped", "gemv") or
+                                          (self.moe_impl == "auto" and self.grouped_ok))
+            # the grouped GEMM takes device-side offsets: no host sync; the reference [E, C, H] buffer is sized by
+            # the max load, read on the host
             r = route(t, mlp.gate_weight, mlp.top_k, 0.0, mlp.min_capacity, True, token_mask.reshape(-1),
-                      mlp.selection_bias, mlp.router_combine, size_dropless=True)
+                      mlp.selection_bias, mlp.router_combine, size_dropless=not grouped)
+            if grouped:
+                return grouped_experts(mlp.experts, t, r).view(x.shape)
             return combine(mlp.experts(dispatch(t, r, mlp.num_experts)), r, t.shape[0]).view(x.shape)
         r = decode_route(mlp, t)
-        grouped_ok = t.is_cuda and t.dtype == torch.bfloat16  # torch._grouped_mm's CUDA kernel takes bf16
-        impl = pick_moe_impl(self.moe_impl, t.shape[0], mlp.top_k, mlp.num_experts, grouped_ok)
-        experts = {"gather": gathered_experts, "dense": dense_experts, "grouped": grouped_experts}[impl]
+        impl = pick_moe_impl(self.moe_impl, t.shape[0], mlp.top_k, mlp.num_experts, self.grouped_ok)
+        experts = {"gemv": expert_gemv, "gather": gathered_experts, "dense": dense_experts,
+                   "grouped": grouped_experts}[impl]
         return experts(mlp.experts, t, r).view(x.shape)
 
     def _layer(self, i, layer, h, cos, sin, allowed, cols, token_mask, prefill: bool):
-        """OpenMoeDecoderLayer.forward with the static-cache attention and the dropless MoE above."""
+        """OpenMoeDecoderLayer.forward with the static-cache attention, the dropless MoE above and fused GEMVs."""
+        f = self.fused[i]
         h = h + self._attention(i, layer.self_attn, layer.input_layernorm(h), cos, sin, allowed, cols)
         if not layer.is_moe:
-            return h + layer.mlp(layer.post_attention_layernorm(h))
+            return h + fused_mlp(layer.mlp, f.mlp, layer.post_attention_layernorm(h))
         n = layer.post_attention_layernorm(h)
         m = self._moe(layer.mlp, n, token_mask, prefill)
         if layer.has_shared:
-            m = m + layer.shared_experts(n)
+            m = m + fused_mlp(layer.shared_experts, f.shared, n)
         h = h + m
         if layer.has_extra:
-            h = h + layer.extra_mlp(layer.pre_extra_mlp_layernorm(h))
+            h = h + fused_mlp(layer.extra_mlp, f.extra, layer.pre_extra_mlp_layernorm(h))
         return h
 
     def _logits(self, h):
@@ -164,9 +294,10 @@ class FastDecoder:
         """ids, mask [B, S] -> logits [B, V] of the last column; fills cache columns [0, S) and key_mask."""
         cfg, (b, s) = self.config, ids.shape
         positions = default_positions(mask, b, s, 0, ids.device)  # [B, S]
-        allowed = torch.zeros(b, 1, s, self.max_seq_len, dtype=torch.bool, device=ids.device)
-        allowed[..., :s] = _attention_allowed(mask, s, 0, ids.device)  # [B, 1, S, M]
-        key_mask[:b, :s] = allowed[:, 0, -1, :s]  # keys the next tokens may see: real tokens and the <pad>-BOS
+        key_mask[:b, :s] = mask.bool()  # keys the next tokens may see: real tokens and the <pad>-BOS, and the last
+        key_mask[:b, s - 1] = True  # column (a padded row's query always sees itself, as in _attention_allowed)
+        # host read once per request: no padding -> SDPA is_causal (flash), else the [B, 1, S, S] mask
+        allowed = None if bool(mask.all()) else _attention_allowed(mask, s, 0, ids.device)
         h = self.model.model.embed_tokens(ids)  # [B, S, H]
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, h.dtype)
         cols = torch.arange(s, device=ids.device)
@@ -223,6 +354,7 @@ class FastDecoder:
         eos = cfg.eos_token_id if eos_token_id is None else eos_token_id
         b, s = input_ids.shape
         self.check_request(b, s, max_new_tokens)
+        self.refuse_if_replaced()
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if cfg.pad_is_bos:  # a hidden <pad> BOS is attended, routed and counted in positions, as in the reference

@@ -1,13 +1,22 @@
 """The static-cache fast decoder (openmoe/fast_decode.py) against its reference, the eager model.generate with
-dropless routing: identical greedy tokens over 32 steps for a left-padded batch whose rows stop at different steps,
-for each MoE implementation; identical sampled tokens from the same generator; the cache never grows."""
+dropless routing: identical greedy tokens over 32 steps for a left-padded batch whose rows stop at different steps
+and for an unpadded batch (the causal-SDPA prefill), for each MoE implementation; identical sampled tokens from the
+same generator; the cache never grows; the fused-projection re-layout keeps the model's outputs bitwise and its
+parameters shared; the lean decode router equals router.route; the Triton expert GEMV equals its reference
+(through Triton's interpreter, where Triton is installed)."""
+
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
 
-from openmoe import OpenMoeForCausalLM, preset
-from openmoe.fast_decode import FastDecoder
+from openmoe import OpenMoeForCausalLM, fast_decode, preset
+from openmoe.fast_decode import FastDecoder, decode_route, pick_moe_impl
 from openmoe.generation import generate
+from openmoe.router import route
 
 STEPS = 32
 
@@ -42,7 +51,7 @@ def stop_steps(out, prompt_width, eos):
     return steps
 
 
-@pytest.mark.parametrize("moe_impl", ["gather", "dense", "grouped"])
+@pytest.mark.parametrize("moe_impl", ["gather", "dense", "grouped", "gemv"])
 def test_greedy_equals_reference_with_rows_stopping_at_different_steps(model, moe_impl):
     ids, mask = padded_batch()
     free = generate(model, ids, mask, max_new_tokens=STEPS, eos_token_id=-1)
@@ -133,3 +142,130 @@ def test_llama_family_gqa_shared_experts_equal_reference():
     slots = SlotDecoder(m, 2, 24)
     first = slots.admit(1, ids[0, 2:].tolist(), 16)
     assert [first] + [t[1] for t in zip(*slots.step(15))] == want[0, 6:].tolist()
+
+
+@pytest.mark.parametrize("moe_impl", ["auto", "grouped"])
+def test_unpadded_batch_causal_prefill_equals_reference(model, moe_impl):
+    """No padding: the prefill attends through SDPA's is_causal over the S prompt columns; grouped also routes the
+    prefill through the grouped GEMM (no host sync)."""
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(3, 1000, (2, 7), generator=g)
+    ids[:, 0] = 0
+    want = generate(model, ids, torch.ones_like(ids), max_new_tokens=STEPS, eos_token_id=-1)
+    got = FastDecoder(model, max_batch_size=2, max_seq_len=48, moe_impl=moe_impl).generate(
+        ids, None, max_new_tokens=STEPS, eos_token_id=-1)
+    assert torch.equal(got, want)
+
+
+def _fusable(m):
+    """(name, weight) of every projection the fast decoder fuses."""
+    keep = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+    return [(n, p) for n, p in m.named_parameters() if any(k in n for k in keep)]
+
+
+def test_fused_projections_share_the_parameters_and_keep_the_model_outputs(tmp_path):
+    torch.manual_seed(0)
+    cfg = preset("tiny", initializer_range=0.2, num_shared_experts=1)  # dense, extra and shared MLPs all fused
+    m = OpenMoeForCausalLM(cfg).eval()
+    ids = torch.randint(3, 1000, (2, 9))
+    before = m(ids).logits
+    values = {n: p.detach().clone() for n, p in m.named_parameters()}
+    bytes_before = sum(p.numel() * p.element_size() for p in m.parameters())
+
+    dec = FastDecoder(m, max_batch_size=2, max_seq_len=24)
+    assert torch.equal(m(ids).logits, before)  # the eager path reads the views: bitwise the same
+    assert all(torch.equal(p, values[n]) for n, p in m.named_parameters())
+    storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in m.parameters()}
+    assert sum(storages.values()) == bytes_before  # re-laid, not copied: no byte more than before
+    attn = m.model.layers[0].self_attn
+    qkv = dec.fused[0].qkv
+    assert qkv.shape[0] == sum(lin.out_features for lin in (attn.q_proj, attn.k_proj, attn.v_proj))
+    assert attn.q_proj.weight.data_ptr() == qkv.data_ptr()
+    assert attn.v_proj.weight.untyped_storage().data_ptr() == qkv.untyped_storage().data_ptr()
+    j, moe = next((j, layer) for j, layer in enumerate(m.model.layers) if layer.is_moe)
+    shared = dec.fused[j].shared
+    assert moe.shared_experts.up_proj.weight.untyped_storage().data_ptr() == shared.untyped_storage().data_ptr()
+    assert dec.fused[j].extra is not None and dec.fused[j].mlp is None and dec.fused[0].mlp is not None
+
+    # a second decoder reuses the buffers; both see an in-place update of a parameter
+    other = FastDecoder(m, max_batch_size=2, max_seq_len=24)
+    assert all(a.qkv.data_ptr() == b.qkv.data_ptr() for a, b in zip(dec.fused, other.fused))
+    with torch.no_grad():
+        attn.k_proj.weight.mul_(-1.0)
+    assert torch.equal(qkv[attn.q_proj.out_features:][:attn.k_proj.out_features], attn.k_proj.weight)
+    with torch.no_grad():
+        attn.k_proj.weight.mul_(-1.0)
+
+    # a replaced parameter breaks the aliasing: generate re-fuses and still equals the reference
+    m.apply_options(m.options.replace(dropless=True))
+    attn.v_proj.weight = torch.nn.Parameter(attn.v_proj.weight.detach().clone())
+    mask = torch.ones_like(ids)
+    want = generate(m, ids, mask, max_new_tokens=8, eos_token_id=-1)
+    assert torch.equal(dec.generate(ids, mask, max_new_tokens=8, eos_token_id=-1), want)
+    assert dec.fused[0].qkv.data_ptr() != qkv.data_ptr()  # a new buffer, the replaced weight is a view of it
+    assert attn.v_proj.weight.untyped_storage().data_ptr() == dec.fused[0].qkv.untyped_storage().data_ptr()
+
+    # the views do not overlap: save_pretrained writes them and they load back equal
+    m.save_pretrained(tmp_path)
+    loaded = OpenMoeForCausalLM.from_pretrained(tmp_path)
+    assert all(torch.equal(p, dict(m.named_parameters())[n]) for n, p in loaded.named_parameters())
+
+
+def test_unfused_decoder_equals_reference(model):
+    ids, mask = padded_batch()
+    want = generate(model, ids, mask, max_new_tokens=STEPS, eos_token_id=-1)
+    dec = FastDecoder(model, max_batch_size=3, max_seq_len=48, moe_impl="gather", fuse_weights=False)
+    assert all(f.qkv is None for f in dec.fused)
+    assert torch.equal(dec.generate(ids, mask, max_new_tokens=STEPS, eos_token_id=-1), want)
+
+
+@pytest.mark.parametrize("combine", ["prob", "normalized"])
+def test_decode_route_equals_router_route(model, combine):
+    mlp = next(layer.mlp for layer in model.model.layers if layer.is_moe)
+    x = torch.randn(5, model.config.hidden_size)
+    for bias in (None, torch.linspace(-0.2, 0.2, mlp.num_experts)):
+        mlp.selection_bias, mlp.router_combine = bias, combine
+        want = route(x, mlp.gate_weight, mlp.top_k, 0.0, mlp.min_capacity, True, None, bias, combine,
+                     size_dropless=False)
+        got = decode_route(mlp, x)
+        assert torch.equal(got.expert_idx, want.expert_idx)
+        assert torch.equal(got.combine_weight, want.combine_weight) and got.keep.all()
+    mlp.selection_bias, mlp.router_combine = None, model.config.router_combine
+
+
+def test_auto_picks_gemv_for_few_pairs_on_cuda_bf16(monkeypatch):
+    monkeypatch.setattr(fast_decode, "HAS_TRITON", True)
+    assert pick_moe_impl("auto", 1, 2, 32, grouped_ok=True) == "gemv"
+    assert pick_moe_impl("auto", 4, 2, 32, grouped_ok=True) == "gemv"
+    assert pick_moe_impl("auto", 16, 2, 32, grouped_ok=True) == "grouped"
+    assert pick_moe_impl("auto", 1, 2, 32, grouped_ok=False) == "gather"  # CPU / fp32
+    monkeypatch.setattr(fast_decode, "HAS_TRITON", False)
+    assert pick_moe_impl("auto", 1, 2, 32, grouped_ok=True) == "grouped"
+
+
+def test_triton_expert_gemv_equals_reference_in_the_interpreter():
+    """The kernels themselves, on the CPU through TRITON_INTERPRET=1 (set before triton is imported, hence the
+    subprocess): odd sizes exercise the masks, I >= 512 the split-K down projection; both expert families."""
+    pytest.importorskip("triton")
+    code = textwrap.dedent("""
+        import torch
+        from openmoe.decode_kernels import gathered_experts, triton_expert_gemv
+        from openmoe.moe import LlamaExperts, OpenMoeExperts
+        from openmoe.router import route
+        torch.manual_seed(0)
+        for cls in (OpenMoeExperts, LlamaExperts):
+            for e, h, i, t in ((4, 96, 200, 3), (8, 64, 1024, 1)):
+                ex = cls(e, h, i)
+                for w in (ex.wi_gate, ex.wi_up, ex.wo):
+                    torch.nn.init.normal_(w, 0, 0.2)
+                x = torch.randn(t, h)
+                r = route(x, torch.randn(e, h), 2, 0.0, 0, True, size_dropless=False)
+                with torch.no_grad():
+                    got, want = triton_expert_gemv(ex, x, r), gathered_experts(ex, x, r)
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+        print("ok")
+    """)
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
+                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]

@@ -1,0 +1,145 @@
+"""Expert GEMV for decoding a few tokens: each (token, choice) pair reads only its chosen expert's weights, indexed
+by expert id inside the kernel, with no gathered copy ([T, K, H, I] in `gathered_experts`) and no grouped-GEMM tiles
+sized for large M (torch._grouped_mm pads every group to a 64- or 128-row tile: at one row per expert ~2/3 of the
+H200's bandwidth). Shapes: T tokens, K top-k, P = T * K (token, choice) pairs, H hidden, I expert width,
+E experts, G = gate_multiple * I gate width, S split of the I reduction.
+
+    y = expert_gemv(experts, x, r)   # x [T, H], r a RouterOutput -> [T, H]; torch reference off CUDA / without Triton
+
+Two Triton kernels (GPU only; Triton is not installed on the CPU test hosts):
+  _gate_up_kernel  h[p, n] = act(x[t_p] @ wi_gate[e_p])[n] * (x[t_p] @ wi_up[e_p])[n] for a block of n: the gate's
+                   two halves (OpenMoE's double gate: x1 * silu(x2)) and the up column are read in the same pass and
+                   the activation is applied in fp32 before the one bf16 store; grid (I / BLOCK_N, P).
+  _down_kernel     partial[s, p, :] = h[p, I_s] @ wo[e_p][I_s, :] over the s-th slice of the I reduction (split-K:
+                   at H = 2048 outputs a grid of H / BLOCK_N * P programs would leave most SMs idle); grid
+                   (H / BLOCK_N, S, P), fp32 partials, no atomics (deterministic).
+The split-K sum and the combine weights (sum over k of w[t, k] * y[t, k]) are a few small torch ops that
+torch.compile fuses. Accumulation is fp32; the reference (`gathered_experts`) rounds each matmul to bf16, so on GPU
+the two agree within bf16 rounding, not bitwise (scripts/gpu_decode.sh checks the tolerance).
+Both kernels are plain `kernel[grid](...)` launches, which torch.compile traces into its graph (user-defined Triton
+kernels), so they are captured in the decode step's CUDA graph like the rest.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from openmoe.moe import StackedExperts, swiglu
+from openmoe.router import RouterOutput
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # CPU hosts: the reference path below
+    HAS_TRITON = False
+
+# Tile sizes, fixed (no autotuning: it would run inside torch.compile's capture and needs its own warm-up).
+# 64 columns x 64 rows of bf16 per load: each row a 128-byte coalesced read; I / 64 x P programs (256 at batch 1 of
+# OpenMoE-8B) keep every SM busy for the gate/up pass, S = 8 splits do the same for the 2048-wide down projection.
+GATE_BLOCK_N, GATE_BLOCK_K = 64, 64
+DOWN_BLOCK_N, DOWN_BLOCK_K, DOWN_SPLIT = 64, 64, 8
+
+
+def gathered_experts(experts: StackedExperts, x: torch.Tensor, r: RouterOutput) -> torch.Tensor:
+    """Reference: x [T, H] -> [T, H], each token through its K chosen experts, weights gathered per token."""
+    wg, wu, wo = experts.wi_gate[r.expert_idx], experts.wi_up[r.expert_idx], experts.wo[r.expert_idx]  # [T, K, ., .]
+    h = experts.act(torch.einsum("th,tkhg->tkg", x, wg)) * torch.einsum("th,tkhi->tki", x, wu)  # [T, K, I]
+    y = torch.einsum("tki,tkio->tko", h, wo)  # [T, K, H]
+    return (y * r.combine_weight[..., None].to(y.dtype)).sum(dim=1)
+
+
+def triton_supported(experts: StackedExperts, x: torch.Tensor) -> bool:
+    """The kernels cover the two expert families (double-gated swiglu, llama silu) on CUDA in half precision."""
+    return (HAS_TRITON and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+            and experts.act in (swiglu, F.silu) and experts.wi_gate.dtype == x.dtype)
+
+
+def expert_gemv(experts: StackedExperts, x: torch.Tensor, r: RouterOutput) -> torch.Tensor:
+    """x [T, H] -> [T, H]: the Triton kernels where supported, else the gathered-weights reference."""
+    if not triton_supported(experts, x):
+        return gathered_experts(experts, x, r)
+    return triton_expert_gemv(experts, x, r)
+
+
+def triton_expert_gemv(experts: StackedExperts, x: torch.Tensor, r: RouterOutput) -> torch.Tensor:
+    """The two kernels on any device Triton runs on (CUDA; the CPU through TRITON_INTERPRET=1 in the tests)."""
+    t, k = r.expert_idx.shape
+    hidden, width = experts.wo.shape[2], experts.wo.shape[1]  # H, I
+    pairs = t * k
+    x = x.contiguous()
+    idx = r.expert_idx.reshape(-1).contiguous()  # [P]: pair p = t * K + k
+    wg, wu, wo = experts.wi_gate, experts.wi_up, experts.wo
+    h = torch.empty(pairs, width, dtype=x.dtype, device=x.device)  # [P, I]
+    _gate_up_kernel[(triton.cdiv(width, GATE_BLOCK_N), pairs)](
+        x, idx, wg, wu, h, hidden, width, k,
+        x.stride(0), wg.stride(0), wg.stride(1), wu.stride(0), wu.stride(1), h.stride(0),
+        DOUBLE_GATE=experts.act is swiglu, BLOCK_N=GATE_BLOCK_N, BLOCK_K=GATE_BLOCK_K, num_warps=4)
+    split = DOWN_SPLIT if width >= DOWN_SPLIT * DOWN_BLOCK_K else 1
+    chunk = triton.cdiv(triton.cdiv(width, split), DOWN_BLOCK_K) * DOWN_BLOCK_K  # I rows per split, whole blocks
+    partial = torch.empty(split, pairs, hidden, dtype=torch.float32, device=x.device)  # [S, P, H]
+    _down_kernel[(triton.cdiv(hidden, DOWN_BLOCK_N), split, pairs)](
+        h, idx, wo, partial, hidden, width, chunk,
+        h.stride(0), wo.stride(0), wo.stride(1), partial.stride(0), partial.stride(1),
+        BLOCK_N=DOWN_BLOCK_N, BLOCK_K=DOWN_BLOCK_K, num_warps=4)
+    y = partial.sum(0).view(t, k, hidden)  # [T, K, H] fp32
+    return (y * r.combine_weight[..., None].float()).sum(dim=1).to(x.dtype)
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _gate_up_kernel(x_ptr, idx_ptr, wg_ptr, wu_ptr, h_ptr, H, I, K_TOP,
+                        stride_xt, stride_ge, stride_gh, stride_ue, stride_uh, stride_hp,
+                        DOUBLE_GATE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        pid_n = tl.program_id(0)
+        p = tl.program_id(1)
+        t = p // K_TOP
+        e = tl.load(idx_ptr + p).to(tl.int64)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] columns of h (and of each gate half)
+        mask_n = offs_n < I
+        acc_1 = tl.zeros([BLOCK_N], dtype=tl.float32)  # first gate half (the whole gate when single)
+        acc_2 = tl.zeros([BLOCK_N], dtype=tl.float32)  # second gate half: the silu argument of x1 * silu(x2)
+        acc_u = tl.zeros([BLOCK_N], dtype=tl.float32)
+        g_base = wg_ptr + e * stride_ge
+        u_base = wu_ptr + e * stride_ue
+        for k0 in range(0, H, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < H
+            xk = tl.load(x_ptr + t * stride_xt + offs_k, mask=mask_k, other=0.0).to(tl.float32)[:, None]
+            m = mask_k[:, None] & mask_n[None, :]
+            g_ptrs = g_base + offs_k[:, None] * stride_gh + offs_n[None, :]  # [BLOCK_K, BLOCK_N]
+            acc_1 += tl.sum(xk * tl.load(g_ptrs, mask=m, other=0.0).to(tl.float32), axis=0)
+            if DOUBLE_GATE:
+                acc_2 += tl.sum(xk * tl.load(g_ptrs + I, mask=m, other=0.0).to(tl.float32), axis=0)
+            u_ptrs = u_base + offs_k[:, None] * stride_uh + offs_n[None, :]
+            acc_u += tl.sum(xk * tl.load(u_ptrs, mask=m, other=0.0).to(tl.float32), axis=0)
+        if DOUBLE_GATE:
+            act = acc_1 * (acc_2 * tl.sigmoid(acc_2))  # swiglu: x1 * silu(x2)
+        else:
+            act = acc_1 * tl.sigmoid(acc_1)  # silu
+        tl.store(h_ptr + p * stride_hp + offs_n, (act * acc_u).to(h_ptr.dtype.element_ty), mask=mask_n)
+
+    @triton.jit
+    def _down_kernel(h_ptr, idx_ptr, wo_ptr, out_ptr, H, I, CHUNK,
+                     stride_hp, stride_oe, stride_oi, stride_ps, stride_pp,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        pid_n = tl.program_id(0)
+        s = tl.program_id(1)
+        p = tl.program_id(2)
+        e = tl.load(idx_ptr + p).to(tl.int64)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] output columns
+        mask_n = offs_n < H
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        w_base = wo_ptr + e * stride_oe
+        start = s * CHUNK
+        for k0 in range(0, CHUNK, BLOCK_K):
+            offs_k = start + k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < I
+            hk = tl.load(h_ptr + p * stride_hp + offs_k, mask=mask_k, other=0.0).to(tl.float32)[:, None]
+            w = tl.load(w_base + offs_k[:, None] * stride_oi + offs_n[None, :], mask=mask_k[:, None] & mask_n[None, :],
+                        other=0.0)
+            acc += tl.sum(hk * w.to(tl.float32), axis=0)
+        tl.store(out_ptr + s * stride_ps + p * stride_pp + offs_n, acc, mask=mask_n)
