@@ -122,3 +122,139 @@ def shard_experts(model: OpenMoeForCausalLM, ep_group) -> None:
     for layer in model.model.layers:
         if layer.is_moe:
             layer.mlp = ExpertParallelMoE(layer.mlp, ep_group)
+
+
+# ------------------------------------------------------------------------------ model.generate on the fast decoder
+# The GenerationConfig fields the fast route honours (greedy or sampling with temperature / top-k / top-p, repetition
+# penalty, EOS ids, pad id, a suppressed vocabulary tail, a length). Any other field away from transformers' default
+# (beams, min lengths, stop strings, n-gram bans, scores or dict outputs, ...) sends the call to transformers' generate.
+FAST_GENERATE_FIELDS = frozenset({
+    "max_length", "max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty",
+    "eos_token_id", "pad_token_id", "bos_token_id", "suppress_tokens", "use_cache", "fast_decode",
+    "_from_model_config", "transformers_version"})
+# generate()'s own arguments that the fast route can honour only when unset (None, False or empty)
+_UNSET_ONLY = ("logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn", "synced_gpus", "assistant_model",
+               "negative_prompt_ids", "negative_prompt_attention_mask")
+
+
+def fast_generate(model, inputs, generation_config, kwargs: dict, options) -> torch.Tensor | None:
+    """`model.generate(inputs, generation_config, **kwargs)` through the model's cached fast_decode.FastDecoder when
+    the call is one it honours (fast_request), else None: the caller then runs transformers' generate. Same result
+    contract as transformers': [B, S + n] ids, rows padded after their stop. The fast decoder routes dropless.
+    options: True, or a dict of FastDecoder settings (compile: default on CUDA; moe_impl; sync_every)."""
+    request = fast_request(model, inputs, generation_config, kwargs)
+    if request is None:
+        return None
+    ids, streamer = request.pop("input_ids"), request.pop("streamer")
+    settings = {"compile": ids.is_cuda, **(options if isinstance(options, dict) else {})}
+    decoder = cached_decoder(model, ids.shape[0], ids.shape[1] + request["max_new_tokens"], **settings)
+    on_tokens = None
+    if streamer is not None:  # transformers' order: the prompt once, then each step's tokens, then end()
+        streamer.put(ids.cpu())
+        on_tokens = lambda tokens, finished: streamer.put(tokens.cpu())  # noqa: E731
+    out = decoder.generate(ids, on_tokens=on_tokens, **request)
+    if streamer is not None:
+        streamer.end()
+    return out
+
+
+def fast_request(model, inputs, generation_config, kwargs: dict) -> dict | None:
+    """FastDecoder.generate's arguments (plus input_ids and streamer) for a model.generate call, or None when the
+    model or the call is one the fast decoder cannot run exactly: an exported copy of the model code (no openmoe
+    classes), a device map or several devices, expert-parallel layers, logits processors, stopping criteria, synced
+    GPUs, extra model inputs, or a generation field outside FAST_GENERATE_FIELDS. The generation config is merged by
+    transformers' own _prepare_generation_config (kwargs > the given config > the model's), as generate does."""
+    from transformers import GenerationConfig
+
+    prepare = getattr(model, "_prepare_generation_config", None)
+    if not runs_fast(model) or prepare is None:  # no prepare: a transformers whose merge we cannot reproduce
+        return None
+    kwargs = dict(kwargs)
+    ids = kwargs.pop("input_ids", None) if inputs is None else inputs
+    mask, streamer = kwargs.pop("attention_mask", None), kwargs.pop("streamer", None)
+    for name in _UNSET_ONLY:
+        value = kwargs.pop(name, None)
+        if not (value is None or value is False or (isinstance(value, (list, tuple)) and not value)):
+            return None
+    if not torch.is_tensor(ids) or ids.dim() != 2 or ids.is_floating_point() or ids.shape[1] == 0:
+        return None
+    config, model_kwargs = prepare(generation_config, **kwargs)
+    if model_kwargs:  # inputs transformers would hand to the model (inputs_embeds, position_ids, a cache, ...)
+        return None
+    default = GenerationConfig().to_dict()
+    if any(v != default.get(k) for k, v in config.to_dict().items() if k not in FAST_GENERATE_FIELDS):
+        return None
+    n = config.max_new_tokens if config.max_new_tokens is not None else config.max_length - ids.shape[1]
+    eos = eos_ids(config.eos_token_id)
+    pad = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else None)
+    if n < 1 or (eos and pad != model.config.pad_token_id):  # the fast decoder pads with the config's pad id
+        return None
+    if config.do_sample and (not config.temperature or config.temperature <= 0 or (config.top_k or 0) < 0
+                             or not 0 < config.top_p <= 1):
+        return None  # transformers' generate names the bad value
+    if config.repetition_penalty is None or config.repetition_penalty <= 0:
+        return None
+    vocab_limit = None
+    if config.suppress_tokens:  # only a suppressed tail of the vocabulary (the padded embedding rows) is honoured
+        vocab_limit = min(int(t) for t in config.suppress_tokens)
+        if sorted(set(int(t) for t in config.suppress_tokens)) != list(range(vocab_limit, model.config.vocab_size)):
+            return None
+    if mask is None:
+        mask = transformers_default_mask(ids, pad, eos)
+    return dict(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=bool(config.do_sample),
+                temperature=float(config.temperature), top_k=int(config.top_k or 0), top_p=float(config.top_p),
+                repetition_penalty=float(config.repetition_penalty), eos_token_id=eos[0] if eos else -1,
+                stop_sequences=[[e] for e in eos[1:]], vocab_limit=vocab_limit, streamer=streamer)
+
+
+def runs_fast(model) -> bool:
+    """The fast decoder runs this model: openmoe's own classes (not an exported copy of the code), one device, no
+    device map, no expert-parallel layers."""
+    from openmoe.moe import OpenMoeSparseMLP
+
+    if not isinstance(model, OpenMoeForCausalLM) or getattr(model, "hf_device_map", None):
+        return False
+    if len({p.device for p in model.parameters()}) != 1:
+        return False
+    return all(isinstance(layer.mlp, OpenMoeSparseMLP) for layer in model.model.layers if layer.is_moe)
+
+
+def eos_ids(eos) -> list[int]:
+    """A generation config's eos_token_id (None, an id, a list or a tensor of ids: any of them stops a row)."""
+    if eos is None:
+        return []
+    if isinstance(eos, int):
+        return [eos]
+    return [int(e) for e in (eos.tolist() if torch.is_tensor(eos) else eos)]
+
+
+def transformers_default_mask(ids: torch.Tensor, pad: int | None, eos: list[int]) -> torch.Tensor:
+    """The attention mask transformers' generate builds when none is given: ids != pad where the pad id occurs in
+    ids and is not an EOS id, else all ones (the fast decoder then shows the <pad>-BOS, as the model does)."""
+    if pad is not None and bool((ids == pad).any()) and pad not in eos:
+        return (ids != pad).long()
+    return torch.ones_like(ids)
+
+
+def cached_decoder(model, batch_size: int, seq_len: int, compile: bool = False, moe_impl: str = "auto",
+                   sync_every: int = 8):
+    """The model's fast_decode.FastDecoder, kept on the model and reused while requests fit; rebuilt, larger, when
+    one does not (batch or length), or when the model moved, changed dtype, or the settings differ. The static
+    cache's length is the request's rounded up to a power of two (at most max_position_embeddings, never below the
+    request) so that growing prompts rebuild it rarely; every decode step attends over all of its columns."""
+    from openmoe.fast_decode import FastDecoder
+
+    weight = model.lm_head.weight
+    key = (weight.device, weight.dtype, compile, moe_impl, sync_every)
+    held = model.__dict__.get("_openmoe_fast_decoder")
+    if held is not None and held[0] == key:
+        decoder = held[1]
+        if batch_size <= decoder.max_batch_size and seq_len <= decoder.max_seq_len:
+            return decoder
+        batch_size, seq_len = max(batch_size, decoder.max_batch_size), max(seq_len, decoder.max_seq_len)
+    limit = model.config.max_position_embeddings
+    length = max(seq_len, min(limit, 1 << (seq_len - 1).bit_length()))
+    model.__dict__["_openmoe_fast_decoder"] = None  # free the old cache before allocating the new one
+    decoder = FastDecoder(model, batch_size, length, moe_impl=moe_impl, compile=compile, sync_every=sync_every)
+    model.__dict__["_openmoe_fast_decoder"] = (key, decoder)
+    return decoder

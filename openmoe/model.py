@@ -522,6 +522,35 @@ class OpenMoeForCausalLM(PreTrainedModel, GenerationMixin):
         past_key_values.reorder_cache(beam_idx)
         return past_key_values
 
+    def generate(self, inputs=None, generation_config=None, fast_decode=None, **kwargs):
+        """transformers' generate, with the calls it can run exactly sent to the static-cache fast decoder
+        (openmoe/fast_decode.py: no host sync per token, torch.compile on CUDA): greedy or sampling with
+        temperature / top_k / top_p, repetition_penalty, eos_token_id(s), pad_token_id, max_new_tokens / max_length,
+        a suppressed vocabulary tail, a streamer. Beams, logits processors, stopping criteria, stop strings, dict
+        outputs, synced GPUs, device maps and expert-parallel layers go to transformers' generate, the reference.
+        The fast decoder routes dropless (no capacity drops at prefill); its cache is kept on the model and rebuilt
+        when a request does not fit. Same result: [B, S + n] ids, rows padded after their stop.
+
+        fast_decode: None (default: the fast route on a CUDA model; a generation_config's `fast_decode` field
+        decides first), False (always transformers' generate: the reference, with the checkpoint's capacity
+        routing), True (the fast route wherever the call allows, CPU included), or a dict of FastDecoder settings
+        (compile, moe_impl, sync_every), which also means True. An exported copy without the openmoe package always
+        runs transformers' generate."""
+        if fast_decode is None:
+            fast_decode = getattr(generation_config or self.generation_config, "fast_decode", None)
+        if fast_decode is None:
+            fast_decode = self.device.type == "cuda"
+        if fast_decode is not False:
+            try:
+                from openmoe.inference import fast_generate
+            except ImportError:  # an exported checkpoint's code, loaded without the openmoe package
+                fast_generate = None
+            out = None if fast_generate is None else fast_generate(self, inputs, generation_config, kwargs,
+                                                                   fast_decode)
+            if out is not None:
+                return out
+        return super().generate(inputs, generation_config, **kwargs)
+
     # --- checkpoints ---
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):

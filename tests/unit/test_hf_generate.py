@@ -146,3 +146,103 @@ def test_stop_strings_end_generation(model):
     out = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, suppress_tokens=banned,
                          stop_strings=[stop], tokenizer=tok)
     assert out[0, 5:].tolist() == new[:3]  # stopped right after the token that completes the stop string
+
+
+# --- model.generate's fast route (openmoe/fast_decode.py) against transformers' generate (fast_decode=False) ---
+@pytest.fixture()
+def fast_calls(model, monkeypatch):
+    """Counts FastDecoder.generate calls; a fresh decoder cache on the model for each test."""
+    from openmoe.fast_decode import FastDecoder
+
+    calls = []
+    real = FastDecoder.generate
+
+    def counting(self, *a, **k):
+        calls.append(self)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(FastDecoder, "generate", counting)
+    model.__dict__.pop("_openmoe_fast_decoder", None)
+    yield calls
+    model.__dict__.pop("_openmoe_fast_decoder", None)
+
+
+def test_fast_route_equals_transformers_generate(model, fast_calls):
+    """Forced on CPU (fp32, dropless): the same tokens and shapes as transformers' generate over a left-padded batch
+    whose rows stop at different steps, with transformers' own mask (none given), an EOS list, max_length, a
+    suppressed vocabulary tail and a repetition penalty; then sampling from the same global seed."""
+    ids, mask = rows([0, 17, 300, 45, 9], [0, 5, 6])
+    free = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, eos_token_id=None,
+                          fast_decode=False)[:, ids.shape[1]:]
+    eos = int(free[0, 2])  # row 0 stops at step 3 at the latest; row 1 later or never
+    assert eos not in free[1, :3].tolist()
+    cases = [dict(attention_mask=mask, max_new_tokens=8, eos_token_id=eos),
+             dict(max_new_tokens=8, eos_token_id=eos, pad_token_id=0),  # transformers builds ids != pad
+             dict(attention_mask=mask, max_length=ids.shape[1] + 7, eos_token_id=[int(free[1, 4]), eos],
+                  suppress_tokens=list(range(700, model.config.vocab_size)), repetition_penalty=1.3)]
+    results = []
+    for i, case in enumerate(cases):
+        want = model.generate(ids, do_sample=False, fast_decode=False, **case)
+        results.append(want)
+        assert not fast_calls
+        got = model.generate(ids, do_sample=False, fast_decode=True, **case)
+        assert len(fast_calls) == 1, i
+        fast_calls.clear()
+        assert got.shape == want.shape and torch.equal(got, want), (i, got, want)
+    assert results[0][0, -1] == 0 and results[0][1, -1] != 0  # row 0 padded after its stop, row 1 went on
+    for fast in (False, True):
+        torch.manual_seed(5)
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=True, temperature=0.8, top_k=20,
+                             top_p=0.9, eos_token_id=None, fast_decode=fast)
+        if fast:
+            assert torch.equal(out, sampled) and len(fast_calls) == 1
+        sampled = out
+
+
+def test_fast_route_streams_and_grows_its_cache(model, fast_calls):
+    """A streamer sees what transformers' generate gives it; a request larger than the cached decoder rebuilds it."""
+    from transformers import GenerationConfig
+
+    class Collect:
+        def __init__(self):
+            self.chunks = []
+
+        def put(self, value):
+            self.chunks.append(value.flatten().tolist())
+
+        def end(self):
+            self.chunks.append("end")
+
+    ids, mask = rows([0, 17, 300, 45, 9])
+    streams = []
+    for fast in (False, True):
+        streams.append(Collect())
+        model.generate(ids, attention_mask=mask, max_new_tokens=5, eos_token_id=None, streamer=streams[-1],
+                       fast_decode=fast)
+    assert streams[0].chunks == streams[1].chunks
+    first = model.__dict__["_openmoe_fast_decoder"][1]
+    assert (first.max_batch_size, first.max_seq_len) == (1, 16)  # 5 + 5 rounded up to a power of two
+    ids, mask = rows([0, 17, 300, 45, 9], [0, 5, 6, 7], width=14)
+    config = GenerationConfig(max_new_tokens=6, eos_token_id=None, pad_token_id=0, fast_decode=True)
+    got = model.generate(ids, attention_mask=mask, generation_config=config)  # the config's field chooses
+    grown = model.__dict__["_openmoe_fast_decoder"][1]
+    assert grown is not first and (grown.max_batch_size, grown.max_seq_len) == (2, 32)
+    assert torch.equal(got, model.generate(ids, attention_mask=mask, max_new_tokens=6, eos_token_id=None,
+                                           fast_decode=False))
+    assert len(fast_calls) == 2
+
+
+def test_fast_route_leaves_what_it_cannot_honour_to_transformers(model, fast_calls):
+    """Beams, a logits processor, stop strings, dict outputs and the CPU default run transformers' generate."""
+    from transformers import LogitsProcessorList, MinLengthLogitsProcessor
+
+    ids, mask = rows([0, 17, 300, 45, 9])
+    common = dict(attention_mask=mask, max_new_tokens=4, eos_token_id=1)
+    beams = model.generate(ids, num_beams=2, do_sample=False, fast_decode=True, **common)
+    assert torch.equal(beams, model.generate(ids, num_beams=2, do_sample=False, fast_decode=False, **common))
+    processors = LogitsProcessorList([MinLengthLogitsProcessor(9, eos_token_id=1)])
+    model.generate(ids, logits_processor=processors, fast_decode=True, **common)
+    out = model.generate(ids, return_dict_in_generate=True, output_scores=True, fast_decode=True, **common)
+    assert len(out.scores) == out.sequences.shape[1] - ids.shape[1]
+    model.generate(ids, **common)  # fast_decode None on a CPU model: the default path stays transformers'
+    assert fast_calls == []
