@@ -3,12 +3,16 @@ same weights, against the memory-bandwidth bound of a decode step.
 
     python benchmark/infer_fast_bench.py --model 8b --batch_sizes 1 16 --compile          # one H200, bf16
     python benchmark/infer_fast_bench.py --model tiny --batch_sizes 1 2 --new_tokens 8     # CPU smoke run
+    python benchmark/infer_fast_bench.py --model 8b --check_kernels_only                    # GPU kernel check
 
 Random weights (routing real, not forced balanced), prompt --prompt_len tokens, --new_tokens greedy tokens (no EOS).
 Rows: hf generate (transformers' GenerationMixin with its DynamicCache, the checkpoint's eval capacity routing, as
 infer.py runs; the model does not support transformers' static cache), fast path uncompiled for each MoE
 implementation, fast path through torch.compile(mode="reduce-overhead") for each of --compile_impls (auto: the
-grouped GEMM on CUDA bf16).
+Triton expert GEMV up to 8 (token, choice) pairs, the grouped GEMM beyond, on CUDA bf16).
+--check_kernels_only: the decode kernels of openmoe/decode_kernels.py and the fused projections against their
+references at the model's shapes (expert GEMV vs gathered weights and grouped GEMM; one fused GEMV vs separate
+ones), and their device times captured in CUDA graphs (launches excluded); kernel_check.json, exit 1 on a mismatch.
   tokens/s     batch x new tokens / wall time of one generate call (prefill included), after warm-up calls
   decode ms    per decode step: (t(new_tokens) - t(short)) / (new_tokens - short), prefill cancelled out
   of bound     decode tokens/s / the bandwidth bound below
@@ -20,7 +24,8 @@ Bandwidth bound of one decode step (bytes that must cross HBM once, bf16 = 2 byt
               E * (1 - (1 - k/E)^B) (= k at B = 1); "all" rows use E (the issue's 23.8 GB figure counts all experts)
     KV(B)     2 (K, V) * layers * B * N_kv * head_dim * mean context * 2 bytes, mean context = prompt + new / 2
   bound tokens/s = B / (bytes(B) / HBM bandwidth), HBM 4.8 TB/s (H200 datasheet); the measured device-to-device
-  copy bandwidth is printed beside it. TTFT: one prompt of --ttft_prompt_len tokens, time to the first new token.
+  copy bandwidth is printed beside it. TTFT: one prompt of --ttft_prompt_len tokens, time to the first new token
+  (median of 3 calls).
 """
 
 from __future__ import annotations
@@ -36,7 +41,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from openmoe import OpenMoeForCausalLM, preset  # noqa: E402
+from openmoe.decode_kernels import expert_gemv, gathered_experts, triton_supported  # noqa: E402
 from openmoe.fast_decode import FastDecoder  # noqa: E402
+from openmoe.moe import HAS_GROUPED_MM, LlamaExperts, OpenMoeExperts, grouped_experts  # noqa: E402
+from openmoe.router import route  # noqa: E402
 
 H200_HBM_BYTES_PER_S = 4.8e12
 
@@ -164,6 +172,92 @@ def profile_row(name: str, dec, ids, a, device) -> dict:
             "kernel_ms_per_step": kernel_us / 1000 / a.new_tokens}
 
 
+def graph_time_us(fn, device, iters: int = 20) -> float | None:
+    """Device time per call of fn in µs: `iters` calls captured in one CUDA graph and replayed (no launch
+    overhead, as in the compiled decode step). None off CUDA."""
+    if device.type != "cuda":
+        return None
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (Triton JIT, cuBLAS handles) outside the capture
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(iters):
+            fn()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(3):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1000 / (3 * iters)
+
+
+def check_kernels(cfg, device, dtype, out_dir: str) -> bool:
+    """Expert GEMV vs its references and fused vs separate projections at cfg's shapes: max error relative to the
+    reference's largest magnitude (bf16: the paths round differently, a wrong expert or column is O(1)) and device
+    times. Writes kernel_check.json; True when every comparison is within tolerance."""
+    torch.manual_seed(0)
+    h, i, e, k = cfg.hidden_size, cfg.expert_intermediate_size, cfg.num_experts, cfg.router_topk
+    tol = 2e-2 if dtype != torch.float32 else 1e-4
+    with device:
+        experts = (OpenMoeExperts if cfg.double_gated_mlp else LlamaExperts)(e, h, i).to(dtype)
+        for w in (experts.wi_gate, experts.wi_up, experts.wo):
+            torch.nn.init.normal_(w, 0.0, cfg.initializer_range)
+        gate = torch.randn(e, h)
+    rows, ok = [], True
+    with torch.no_grad():
+        for t in (1, 2, 4, 16):
+            x = torch.randn(t, h, device=device, dtype=dtype)
+            r = route(x, gate, k, 0.0, 0, True, size_dropless=False)
+            ref = gathered_experts(experts, x, r).float()
+            paths = {"gemv": lambda: expert_gemv(experts, x, r), "gather": lambda: gathered_experts(experts, x, r)}
+            if HAS_GROUPED_MM and (device.type != "cuda" or dtype == torch.bfloat16):
+                paths["grouped"] = lambda: grouped_experts(experts, x, r)
+            row = {"check": "experts", "tokens": t, "pairs": t * k, "triton": triton_supported(experts, x),
+                   "distinct_experts": int(r.expert_idx.unique().numel())}
+            for name, fn in paths.items():
+                err = ((fn().float() - ref).abs().max() / ref.abs().max()).item()
+                ok &= err <= tol
+                row[f"{name}_rel_err"] = err
+                try:
+                    row[f"{name}_us"] = graph_time_us(fn, device)
+                except Exception as exc:  # a timing that cannot be captured is reported, not fatal
+                    row[f"{name}_us_error"] = f"{type(exc).__name__}: {exc}"[:300]
+            # bytes the chosen experts' weights take: what a GEMV-shaped kernel must read
+            row["expert_bytes"] = row["distinct_experts"] * sum(
+                w[0].numel() * w.element_size() for w in (experts.wi_gate, experts.wi_up, experts.wo))
+            rows.append(row)
+        x = torch.randn(1, h, device=device, dtype=dtype)
+        groups = {"qkv": [cfg.num_attention_heads * cfg.head_dim] + [cfg.num_key_value_heads * cfg.head_dim] * 2,
+                  "gate_up": [(2 if cfg.double_gated_mlp else 1) * cfg.intermediate_size, cfg.intermediate_size]}
+        for name, outs in groups.items():
+            rot = 8  # distinct weights cycled through, more bytes than the L2 cache holds
+            fused = [torch.randn(sum(outs), h, device=device, dtype=dtype) * cfg.initializer_range
+                     for _ in range(rot)]
+            parts = [list(w.split(outs)) for w in fused]  # row views, as FastDecoder re-lays the parameters
+            one = lambda: [torch.nn.functional.linear(x, w) for w in fused]  # noqa: E731
+            sep = lambda: [torch.nn.functional.linear(x, p) for ps in parts for p in ps]  # noqa: E731
+            whole, split, n = one(), sep(), len(outs)
+            err = max((torch.cat(split[j * n:(j + 1) * n], -1).float() - whole[j].float()).abs().max().item()
+                      / whole[j].float().abs().max().item() for j in range(rot))
+            ok &= err <= tol
+            t_one, t_sep = graph_time_us(one, device), graph_time_us(sep, device)
+            nbytes = sum(outs) * h * x.element_size()
+            rows.append({"check": f"fused {name}", "out_features": outs, "rel_err": err,
+                         "fused_us": t_one and t_one / rot, "separate_us": t_sep and t_sep / rot,
+                         "fused_TBps": t_one and nbytes * rot / t_one / 1e6,
+                         "separate_TBps": t_sep and nbytes * rot / t_sep / 1e6})
+    for row in rows:
+        print(json.dumps(row), flush=True)
+    json.dump({"ok": ok, "tolerance": tol, "rows": rows}, open(os.path.join(out_dir, "kernel_check.json"), "w"),
+              indent=2)
+    return ok
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="8b")
@@ -184,12 +278,16 @@ def main(argv=None) -> int:
                    help="profile --new_tokens steps of every fast decoder at batch 1: kernel time per step and the "
                         "top kernels (profile_<path>.txt in --out)")
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--check_kernels_only", action="store_true",
+                   help="only the decode-kernel check and device times (kernel_check.json); exit 1 on a mismatch")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     a = p.parse_args(argv)
     if a.short_tokens >= a.new_tokens:
         raise SystemExit(f"error: --short_tokens ({a.short_tokens}) must be < --new_tokens ({a.new_tokens})")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if a.check_kernels_only:
+        return 0 if check_kernels(preset(a.model), device, dtype, a.out) else 1
     model = build_model(a.model, device, dtype)
     cfg, counts = model.config, param_counts(model)
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
@@ -264,7 +362,7 @@ def main(argv=None) -> int:
         for name, gen in (("hf generate", lambda: model.generate(ids, max_new_tokens=1, eos_token_id=-1)),
                           ("fast (SDPA prefill)", lambda: dec.generate(ids, max_new_tokens=1, eos_token_id=-1))):
             gen()
-            t = wall(gen, device)
+            t = sorted(wall(gen, device) for _ in range(3))[1]  # the median of 3 calls after a warm-up
             rows.append({"batch": 1, "path": name, "ttft_prompt_len": a.ttft_prompt_len, "ttft_ms": 1000 * t})
             print(f"TTFT {a.ttft_prompt_len}-token prompt, {name}: {1000 * t:.1f} ms", flush=True)
         dump()

@@ -53,8 +53,9 @@ def gathered_experts(experts: StackedExperts, x: torch.Tensor, r: RouterOutput) 
 
 def triton_supported(experts: StackedExperts, x: torch.Tensor) -> bool:
     """The kernels cover the two expert families (double-gated swiglu, llama silu) on CUDA in half precision."""
-    return (HAS_TRITON and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
-            and experts.act in (swiglu, F.silu) and experts.wi_gate.dtype == x.dtype)
+    act = experts.act
+    return (HAS_TRITON and x.is_cuda and (x.dtype == torch.bfloat16 or x.dtype == torch.float16)
+            and (act is swiglu or act is F.silu) and experts.wi_gate.dtype == x.dtype)
 
 
 def expert_gemv(experts: StackedExperts, x: torch.Tensor, r: RouterOutput) -> torch.Tensor:

@@ -41,3 +41,18 @@ def test_cpu_smoke_run_fast_rows_decode_the_eager_tokens(tmp_path):
                                                          ("hf generate", "fast gather", "fast dense")]
     assert all(r["token_agreement_with_eager"] == 1.0 for r in decode if r["path"] != "hf generate")
     assert [r["path"] for r in rows if "ttft_ms" in r] == ["hf generate", "fast (SDPA prefill)"]
+
+
+def test_kernel_check_passes_and_fails_on_a_wrong_expert_path(tmp_path, monkeypatch):
+    """--check_kernels_only on the CPU: the expert GEMV (its reference here), the grouped GEMM and the gathered
+    weights agree, fused == separate projections; a wrong expert path makes it exit 1."""
+    import benchmark.infer_fast_bench as bench
+
+    assert main(["--model", "tiny", "--check_kernels_only", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "kernel_check.json").read_text())
+    experts = [r for r in report["rows"] if r["check"] == "experts"]
+    assert [r["tokens"] for r in experts] == [1, 2, 4, 16] and all("grouped_rel_err" in r for r in experts)
+    assert all(r["gemv_rel_err"] <= report["tolerance"] for r in experts)
+    assert [r["check"] for r in report["rows"] if r["check"] != "experts"] == ["fused qkv", "fused gate_up"]
+    monkeypatch.setattr(bench, "expert_gemv", lambda experts, x, r: bench.gathered_experts(experts, x.flip(0), r))
+    assert main(["--model", "tiny", "--check_kernels_only", "--out", str(tmp_path)]) == 1
