@@ -1,10 +1,16 @@
 """OpenMoE inference: one device, several GPUs with CPU/disk offload, or experts sharded over ranks.
 
     python infer.py --model outputs/tiny-ep/hf --prompt "Reverse the word: apple. Output:"
+    python infer.py --model outputs/tiny-ep/hf --prompt "..." --decode eager   # the reference (transformers' generate)
     python infer.py --model outputs/tiny-ep/hf --prompt_file prompts.txt --do_sample --top_p 0.9 --temperature 0.7
     python infer.py --model OrionZheng/openmoe-8b-chat --chat --interactive --dtype bf16   # hub id, its own tokenizer
     python infer.py --model /ckpt/openmoe-34b --device_map auto --max_memory 0=70GiB,1=70GiB,cpu=200GiB
     colossalai run --nproc_per_node 2 infer.py --model /ckpt/openmoe-8b --ep_size 2 --prompt_file prompts.txt
+    torchrun --nproc_per_node 2 infer.py --model /ckpt/openmoe-8b --ep_size 2 --prompt_file prompts.txt  # the same
+
+Decoding: on one CUDA device the static-cache fast decoder (openmoe/fast_decode.py: no host sync per token, the step
+under torch.compile reduce-overhead, dropless routing); on CPU, with --device_map and with --ep_size > 1 transformers'
+generate over the model (the reference, the checkpoint's capacity routing unless --dropless). --decode chooses.
     python infer.py --model outputs/tiny-ep/hf --serve --port 8000    # OpenAI-compatible server (openmoe/serve)
 """
 
@@ -16,6 +22,19 @@ import sys
 
 import torch
 from transformers import TextStreamer
+
+DECODE_MODES = ("auto", "fast", "eager")
+
+
+def resolve_decode(args, cuda: bool) -> str:
+    """--decode auto -> fast on one CUDA device, eager otherwise; fast where it cannot run is refused."""
+    one_device = args.device_map is None and args.ep_size == 1
+    if args.decode == "auto":
+        return "fast" if cuda and one_device else "eager"
+    if args.decode == "fast" and not one_device:
+        where = f"--device_map {args.device_map}" if args.device_map else f"--ep_size {args.ep_size}"
+        raise ValueError(f"--decode fast runs the whole model on one device; with {where} use --decode eager")
+    return args.decode
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,10 +57,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default=None, help="bf16 or fp32 (default: bf16 on GPU, fp32 on CPU); fp16 is refused "
                                                  "because OpenMoE degrades in fp16")
+    p.add_argument("--decode", default="auto", choices=DECODE_MODES,
+                   help="fast: the static-cache fast decoder (one device; routes dropless); eager: transformers' "
+                        "generate over the model (the reference; the only choice with --device_map or --ep_size > 1); "
+                        "auto: fast on one CUDA device, else eager")
+    p.add_argument("--no_compile", action="store_true",
+                   help="run the fast decoder's step without torch.compile (compiled by default on CUDA: the first "
+                        "call of each batch size compiles first)")
     p.add_argument("--dropless", action="store_true",
-                   help="route every token to its experts (no capacity drops): outputs no longer depend on the rest of "
-                        "the batch, at the cost of a host sync per MoE layer; default uses the checkpoint's eval "
-                        "capacity factor (2.0 for the published models), which can drop tokens in large batches")
+                   help="eager decoding: route every token to its experts (no capacity drops): outputs no longer "
+                        "depend on the rest of the batch, at the cost of a host sync per MoE layer; default uses the "
+                        "checkpoint's eval capacity factor (2.0 for the published models), which can drop tokens in "
+                        "large batches. The fast decoder always routes dropless")
     p.add_argument("--device_map", default=None, help="'auto': spread decoder layers over all visible GPUs, then CPU, "
                                                       "then disk (HF accelerate)")
     p.add_argument("--max_memory", default=None, help="per-device budget for --device_map, e.g. 0=20GiB,cpu=64GiB")
@@ -64,6 +91,8 @@ class Session:
         self.args = args
         self.rank, self.world = 0, 1
         cuda = torch.cuda.is_available()
+        self.decode = resolve_decode(args, cuda)
+        self.compile = cuda and not args.no_compile
         dtype = inference.check_dtype(args.dtype or ("bf16" if cuda else "fp32"))
         if args.ep_size > 1:
             self.rank, self.world = inference.init_expert_parallel(
@@ -88,9 +117,9 @@ class Session:
         self.model = model
 
     def generate(self, prompts: list[str], stream=None) -> list[str]:
-        """transformers' generate (model.generate) on this rank's share of the prompts, one left-padded batch.
-        Expert-parallel ranks run it with synced_gpus: a rank whose rows are done keeps stepping (every step's MoE
-        all-to-all needs all ranks) until every rank is done."""
+        """This rank's share of the prompts as one left-padded batch, through the fast decoder or transformers'
+        generate. Expert-parallel ranks run the latter with synced_gpus: a rank whose rows are done keeps stepping
+        (every step's MoE all-to-all needs all ranks) until every rank is done."""
         from openmoe import inference
 
         a, cfg = self.args, self.model.config
@@ -103,17 +132,10 @@ class Session:
         mine = list(range(self.rank, len(prompts), self.world)) or [0]  # a rank without prompts still steps
         ids, mask = inference.encode_batch(self.tokenizer, [prompts[i] for i in mine])
         torch.manual_seed(a.seed + self.rank)  # sampling draws from the global generator
-        extra = {}
-        if cfg.vocab_size > len(self.tokenizer):  # the embedding is padded past the tokenizer (256384 vs 256300)
-            extra["suppress_tokens"] = list(range(len(self.tokenizer), cfg.vocab_size))
-        if a.chat:  # OpenMoE-8B-Chat often spells </s> as ordinary pieces instead of emitting EOS
-            extra.update(stop_strings=["</s>"], tokenizer=self.tokenizer)
-        if a.do_sample:  # top_k 0 and top_p 1.0 are "off" for transformers too
-            extra.update(do_sample=True, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p)
-        out = self.model.generate(
-            input_ids=ids.to(self.device), attention_mask=mask.to(self.device), max_new_tokens=a.max_new_tokens,
-            repetition_penalty=a.repetition_penalty, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id,
-            streamer=stream, synced_gpus=self.world > 1, **extra)
+        if self.decode == "fast":
+            out = self._fast(ids.to(self.device), mask.to(self.device), stream)
+        else:
+            out = self._eager(ids.to(self.device), mask.to(self.device), stream)
         texts = [self._completion(row[ids.shape[1]:].tolist()) for row in out.cpu()]
         if self.world == 1:
             return texts
@@ -123,6 +145,43 @@ class Session:
         dist.all_gather_object(gathered, list(zip(mine, texts)) if self.rank < len(prompts) else [])
         by_index = dict(pair for part in gathered for pair in part)
         return [by_index[i] for i in range(len(prompts))]
+
+    def _fast(self, ids, mask, stream):
+        """The static-cache decoder kept on the model (rebuilt larger when a batch or a conversation outgrows it);
+        chat stops on the token pieces that spell </s> as well as on EOS."""
+        from openmoe import inference
+
+        a, cfg = self.args, self.model.config
+        decoder = inference.cached_decoder(self.model, ids.shape[0], ids.shape[1] + a.max_new_tokens,
+                                           compile=self.compile)
+        on_tokens = None
+        if stream is not None:  # TextStreamer's order: the prompt (skipped), then the new tokens
+            stream.put(ids.cpu())
+            on_tokens = lambda tokens, finished: stream.put(tokens.cpu())  # noqa: E731
+        out = decoder.generate(ids, mask, max_new_tokens=a.max_new_tokens, do_sample=a.do_sample,
+                               temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                               repetition_penalty=a.repetition_penalty, eos_token_id=cfg.eos_token_id,
+                               stop_sequences=inference.chat_stop_sequences(self.tokenizer) if a.chat else (),
+                               on_tokens=on_tokens,
+                               vocab_limit=len(self.tokenizer) if cfg.vocab_size > len(self.tokenizer) else None)
+        if stream is not None:
+            stream.end()
+        return out
+
+    def _eager(self, ids, mask, stream):
+        """transformers' generate (fast_decode=False: the reference path); expert-parallel ranks with synced_gpus."""
+        a, cfg = self.args, self.model.config
+        extra = {}
+        if cfg.vocab_size > len(self.tokenizer):  # the embedding is padded past the tokenizer (256384 vs 256300)
+            extra["suppress_tokens"] = list(range(len(self.tokenizer), cfg.vocab_size))
+        if a.chat:  # OpenMoE-8B-Chat often spells </s> as ordinary pieces instead of emitting EOS
+            extra.update(stop_strings=["</s>"], tokenizer=self.tokenizer)
+        if a.do_sample:  # top_k 0 and top_p 1.0 are "off" for transformers too
+            extra.update(do_sample=True, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p)
+        return self.model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=a.max_new_tokens,
+            repetition_penalty=a.repetition_penalty, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id,
+            streamer=stream, synced_gpus=self.world > 1, fast_decode=False, **extra)
 
     def _completion(self, new_ids: list[int]) -> str:
         from openmoe import data

@@ -127,3 +127,23 @@ def test_init_expert_parallel_checks_the_launch(monkeypatch):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def test_cli_fast_decode_equals_eager(ckpt, tmp_path):
+    """--decode fast (the default on one GPU; forced here on CPU, fp32) prints what the eager reference prints with
+    dropless routing: a left-padded batch, greedy, then seeded sampling; chat answers through the streamer too.
+    --decode fast where it cannot run is one error line."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Reverse the word: apple.\\nOutput:\nHi\nSort the numbers: 5, 2, 9\n")
+    common = ["--model", ckpt, "--prompt_file", str(prompts), "--max_new_tokens", "6"]
+    for extra in ([], ["--do_sample", "--temperature", "0.8", "--top_k", "40", "--seed", "3"]):
+        eager = run_infer(*common, *extra, "--decode", "eager", "--dropless")
+        fast = run_infer(*common, *extra, "--decode", "fast")
+        assert eager.returncode == 0 and fast.returncode == 0, eager.stderr + fast.stderr
+        assert fast.stdout == eager.stdout and fast.stdout.count("=== ") == 3
+    chat = ["--model", ckpt, "--chat", "--prompt", "Name a colour.", "--max_new_tokens", "5"]
+    eager, fast = run_infer(*chat, "--decode", "eager", "--dropless"), run_infer(*chat, "--decode", "fast")
+    assert fast.returncode == 0 and fast.stdout == eager.stdout, eager.stderr + fast.stderr
+    res = run_infer("--model", ckpt, "--prompt", "x", "--decode", "fast", "--device_map", "auto")
+    assert res.returncode == 2 and res.stderr.strip() == ("error: --decode fast runs the whole model on one device; "
+                                                          "with --device_map auto use --decode eager"), res.stderr
