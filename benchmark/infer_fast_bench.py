@@ -31,6 +31,7 @@ Bandwidth bound of one decode step (bytes that must cross HBM once, bf16 = 2 byt
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -41,7 +42,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from openmoe import OpenMoeForCausalLM, preset  # noqa: E402
-from openmoe.decode_kernels import expert_gemv, gathered_experts, triton_supported  # noqa: E402
+from openmoe.decode_kernels import GemvTiles, expert_gemv, gathered_experts, triton_supported  # noqa: E402
 from openmoe.fast_decode import FastDecoder  # noqa: E402
 from openmoe.moe import HAS_GROUPED_MM, LlamaExperts, OpenMoeExperts, grouped_experts  # noqa: E402
 from openmoe.router import route  # noqa: E402
@@ -208,7 +209,7 @@ def check_kernels(cfg, device, dtype, out_dir: str) -> bool:
         for w in (experts.wi_gate, experts.wi_up, experts.wo):
             torch.nn.init.normal_(w, 0.0, cfg.initializer_range)
         gate = torch.randn(e, h)
-    rows, ok = [], True
+    rows, ok, best = [], True, GemvTiles()
     with torch.no_grad():
         for t in (1, 2, 4, 16):
             x = torch.randn(t, h, device=device, dtype=dtype)
@@ -231,6 +232,8 @@ def check_kernels(cfg, device, dtype, out_dir: str) -> bool:
             row["expert_bytes"] = row["distinct_experts"] * sum(
                 w[0].numel() * w.element_size() for w in (experts.wi_gate, experts.wi_up, experts.wo))
             rows.append(row)
+            if t == 1 and row["triton"]:
+                best = sweep_tiles(experts, x, r, ref, tol, device, rows)
         x = torch.randn(1, h, device=device, dtype=dtype)
         groups = {"qkv": [cfg.num_attention_heads * cfg.head_dim] + [cfg.num_key_value_heads * cfg.head_dim] * 2,
                   "gate_up": [(2 if cfg.double_gated_mlp else 1) * cfg.intermediate_size, cfg.intermediate_size]}
@@ -253,9 +256,35 @@ def check_kernels(cfg, device, dtype, out_dir: str) -> bool:
                          "separate_TBps": t_sep and nbytes * rot / t_sep / 1e6})
     for row in rows:
         print(json.dumps(row), flush=True)
-    json.dump({"ok": ok, "tolerance": tol, "rows": rows}, open(os.path.join(out_dir, "kernel_check.json"), "w"),
-              indent=2)
+    json.dump({"ok": ok, "tolerance": tol, "best_tiles": dataclasses.asdict(best), "rows": rows},
+              open(os.path.join(out_dir, "kernel_check.json"), "w"), indent=2)
     return ok
+
+
+def sweep_tiles(experts, x, r, ref, tol, device, rows) -> GemvTiles:
+    """Device time of the expert GEMV under a few tile choices (gate/up kernel first, then the down kernel with the
+    best gate tiles); the fastest correct one is returned (--gemv_tiles of the benchmark)."""
+    def timed(tiles):
+        got = expert_gemv(experts, x, r, tiles).float()
+        err = ((got - ref).abs().max() / ref.abs().max()).item()
+        us = graph_time_us(lambda: expert_gemv(experts, x, r, tiles), device) if err <= tol else None
+        rows.append({"check": "tiles", **dataclasses.asdict(tiles), "rel_err": err, "us": us})
+        return float("inf") if us is None else us
+
+    best = GemvTiles()
+    for stage in ([{}, {"gate_block_k": 128}, {"gate_block_k": 128, "gate_warps": 8},
+                   {"gate_block_n": 32, "gate_block_k": 128}, {"gate_block_n": 128, "gate_warps": 8}],
+                  [{}, {"down_block_k": 128}, {"down_split": 16}, {"down_block_n": 128, "down_warps": 8},
+                   {"down_block_n": 32, "down_block_k": 128}, {"down_split": 4, "down_block_k": 128}]):
+        base, times = best, {}
+        for change in stage:
+            tiles = dataclasses.replace(base, **change)
+            try:
+                times[tiles] = timed(tiles)
+            except Exception as exc:  # a tile choice Triton cannot build is skipped
+                rows.append({"check": "tiles", **dataclasses.asdict(tiles), "error": f"{exc}"[:300]})
+        best = min(times, key=times.get)
+    return best
 
 
 def main(argv=None) -> int:
@@ -278,6 +307,9 @@ def main(argv=None) -> int:
                    help="profile --new_tokens steps of every fast decoder at batch 1: kernel time per step and the "
                         "top kernels (profile_<path>.txt in --out)")
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--gemv_tiles", type=json.loads, default=None,
+                   help="JSON of decode_kernels.GemvTiles fields for the gemv expert kernels (e.g. the best_tiles "
+                        "that --check_kernels_only writes)")
     p.add_argument("--check_kernels_only", action="store_true",
                    help="only the decode-kernel check and device times (kernel_check.json); exit 1 on a mismatch")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -299,11 +331,14 @@ def main(argv=None) -> int:
     dump = lambda: json.dump({**head, "rows": rows}, open(os.path.join(a.out, "infer_fast_bench.json"), "w"),  # noqa: E731
                              indent=2)
     context = a.prompt_len + a.new_tokens / 2
-    fast = {impl: FastDecoder(model, max_b, a.prompt_len + a.new_tokens, moe_impl=impl) for impl in a.moe_impls}
+    tiles = None if a.gemv_tiles is None else GemvTiles(**a.gemv_tiles)
+    head["gemv_tiles"] = tiles and dataclasses.asdict(tiles)
+    fast = {impl: FastDecoder(model, max_b, a.prompt_len + a.new_tokens, moe_impl=impl, gemv_tiles=tiles)
+            for impl in a.moe_impls}
     if a.compile:
         for impl in a.compile_impls:
             fast[f"{impl}+compile"] = FastDecoder(model, max_b, a.prompt_len + a.new_tokens, moe_impl=impl,
-                                                  compile=True)
+                                                  compile=True, gemv_tiles=tiles)
     for b in a.batch_sizes:
         ids = torch.randint(3, min(32000, cfg.vocab_size), (b, a.prompt_len), device=device)
         ids[:, 0] = 0  # <pad>-BOS

@@ -22,6 +22,8 @@ kernels), so they are captured in the decode step's CUDA graph like the rest.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -36,11 +38,20 @@ try:
 except ImportError:  # CPU hosts: the reference path below
     HAS_TRITON = False
 
-# Tile sizes, fixed (no autotuning: it would run inside torch.compile's capture and needs its own warm-up).
-# 64 columns x 64 rows of bf16 per load: each row a 128-byte coalesced read; I / 64 x P programs (256 at batch 1 of
-# OpenMoE-8B) keep every SM busy for the gate/up pass, S = 8 splits do the same for the 2048-wide down projection.
-GATE_BLOCK_N, GATE_BLOCK_K = 64, 64
-DOWN_BLOCK_N, DOWN_BLOCK_K, DOWN_SPLIT = 64, 64, 8
+@dataclass(frozen=True)
+class GemvTiles:
+    """Tile sizes of the two kernels, fixed per decoder (no autotuning: it would run inside torch.compile's
+    capture). The defaults: 64 columns x 64 rows of bf16 per load, each row a 128-byte coalesced read; I / 64 x P
+    programs (256 at batch 1 of OpenMoE-8B) for the gate/up pass, S = 8 splits of the 2048-wide down projection for
+    as many. `benchmark/infer_fast_bench.py --check_kernels_only` times a few alternatives on the GPU."""
+
+    gate_block_n: int = 64
+    gate_block_k: int = 64
+    gate_warps: int = 4
+    down_block_n: int = 64
+    down_block_k: int = 64
+    down_split: int = 8
+    down_warps: int = 4
 
 
 def gathered_experts(experts: StackedExperts, x: torch.Tensor, r: RouterOutput) -> torch.Tensor:
@@ -58,15 +69,18 @@ def triton_supported(experts: StackedExperts, x: torch.Tensor) -> bool:
             and (act is swiglu or act is F.silu) and experts.wi_gate.dtype == x.dtype)
 
 
-def expert_gemv(experts: StackedExperts, x: torch.Tensor, r: RouterOutput) -> torch.Tensor:
+def expert_gemv(experts: StackedExperts, x: torch.Tensor, r: RouterOutput,
+                tiles: GemvTiles | None = None) -> torch.Tensor:
     """x [T, H] -> [T, H]: the Triton kernels where supported, else the gathered-weights reference."""
     if not triton_supported(experts, x):
         return gathered_experts(experts, x, r)
-    return triton_expert_gemv(experts, x, r)
+    return triton_expert_gemv(experts, x, r, tiles)
 
 
-def triton_expert_gemv(experts: StackedExperts, x: torch.Tensor, r: RouterOutput) -> torch.Tensor:
+def triton_expert_gemv(experts: StackedExperts, x: torch.Tensor, r: RouterOutput,
+                       tiles: GemvTiles | None = None) -> torch.Tensor:
     """The two kernels on any device Triton runs on (CUDA; the CPU through TRITON_INTERPRET=1 in the tests)."""
+    c = GemvTiles() if tiles is None else tiles
     t, k = r.expert_idx.shape
     hidden, width = experts.wo.shape[2], experts.wo.shape[1]  # H, I
     pairs = t * k
@@ -74,17 +88,17 @@ def triton_expert_gemv(experts: StackedExperts, x: torch.Tensor, r: RouterOutput
     idx = r.expert_idx.reshape(-1).contiguous()  # [P]: pair p = t * K + k
     wg, wu, wo = experts.wi_gate, experts.wi_up, experts.wo
     h = torch.empty(pairs, width, dtype=x.dtype, device=x.device)  # [P, I]
-    _gate_up_kernel[(triton.cdiv(width, GATE_BLOCK_N), pairs)](
+    _gate_up_kernel[(triton.cdiv(width, c.gate_block_n), pairs)](
         x, idx, wg, wu, h, hidden, width, k,
         x.stride(0), wg.stride(0), wg.stride(1), wu.stride(0), wu.stride(1), h.stride(0),
-        DOUBLE_GATE=experts.act is swiglu, BLOCK_N=GATE_BLOCK_N, BLOCK_K=GATE_BLOCK_K, num_warps=4)
-    split = DOWN_SPLIT if width >= DOWN_SPLIT * DOWN_BLOCK_K else 1
-    chunk = triton.cdiv(triton.cdiv(width, split), DOWN_BLOCK_K) * DOWN_BLOCK_K  # I rows per split, whole blocks
+        DOUBLE_GATE=experts.act is swiglu, BLOCK_N=c.gate_block_n, BLOCK_K=c.gate_block_k, num_warps=c.gate_warps)
+    split = c.down_split if width >= c.down_split * c.down_block_k else 1
+    chunk = triton.cdiv(triton.cdiv(width, split), c.down_block_k) * c.down_block_k  # I rows per split, whole blocks
     partial = torch.empty(split, pairs, hidden, dtype=torch.float32, device=x.device)  # [S, P, H]
-    _down_kernel[(triton.cdiv(hidden, DOWN_BLOCK_N), split, pairs)](
+    _down_kernel[(triton.cdiv(hidden, c.down_block_n), split, pairs)](
         h, idx, wo, partial, hidden, width, chunk,
         h.stride(0), wo.stride(0), wo.stride(1), partial.stride(0), partial.stride(1),
-        BLOCK_N=DOWN_BLOCK_N, BLOCK_K=DOWN_BLOCK_K, num_warps=4)
+        BLOCK_N=c.down_block_n, BLOCK_K=c.down_block_k, num_warps=c.down_warps)
     y = partial.sum(0).view(t, k, hidden)  # [T, K, H] fp32
     return (y * r.combine_weight[..., None].float()).sum(dim=1).to(x.dtype)
 

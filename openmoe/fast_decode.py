@@ -50,7 +50,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from openmoe.decode_kernels import HAS_TRITON, expert_gemv, gathered_experts
+from openmoe.decode_kernels import HAS_TRITON, GemvTiles, expert_gemv, gathered_experts
 from openmoe.generation import process_logits
 from openmoe.model import (
     OpenMoeMLP,
@@ -164,7 +164,7 @@ class FastDecoder:
     """Static-cache decoder over a loaded model's modules (weights shared, nothing copied, model.py untouched)."""
 
     def __init__(self, model, max_batch_size: int, max_seq_len: int, moe_impl: str = "auto", compile: bool = False,
-                 sync_every: int = 8, fuse_weights: bool = True):
+                 sync_every: int = 8, fuse_weights: bool = True, gemv_tiles: GemvTiles | None = None):
         cfg = model.config
         for i, layer in enumerate(model.model.layers):
             if layer.is_moe and not isinstance(layer.mlp, OpenMoeSparseMLP):
@@ -191,6 +191,7 @@ class FastDecoder:
         # CUDA bf16: the grouped GEMM at prefill (no host sync) and the GEMV/grouped choice at decode
         self.grouped_ok = self.device.type == "cuda" and self.dtype == torch.bfloat16
         self.fuse_weights = fuse_weights
+        self.gemv_tiles = gemv_tiles  # tile sizes of the "gemv" expert kernels (None: decode_kernels' defaults)
         self.fused = [FusedWeights() for _ in model.model.layers]
         self.refuse_if_replaced()
         self._step = self._decode_step
@@ -267,8 +268,9 @@ class FastDecoder:
             return combine(mlp.experts(dispatch(t, r, mlp.num_experts)), r, t.shape[0]).view(x.shape)
         r = decode_route(mlp, t)
         impl = pick_moe_impl(self.moe_impl, t.shape[0], mlp.top_k, mlp.num_experts, self.grouped_ok)
-        experts = {"gemv": expert_gemv, "gather": gathered_experts, "dense": dense_experts,
-                   "grouped": grouped_experts}[impl]
+        if impl == "gemv":
+            return expert_gemv(mlp.experts, t, r, self.gemv_tiles).view(x.shape)
+        experts = {"gather": gathered_experts, "dense": dense_experts, "grouped": grouped_experts}[impl]
         return experts(mlp.experts, t, r).view(x.shape)
 
     def _layer(self, i, layer, h, cos, sin, allowed, cols, token_mask, prefill: bool):

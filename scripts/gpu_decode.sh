@@ -15,8 +15,12 @@ mkdir -p "$OUT"
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 } > "$OUT/check.log" 2>&1
 impls="grouped gemv"
-if ! timeout 150 python3 benchmark/infer_fast_bench.py --model 8b --check_kernels_only --out "$OUT" \
+tiles=()
+if timeout 150 python3 benchmark/infer_fast_bench.py --model 8b --check_kernels_only --out "$OUT" \
     >> "$OUT/check.log" 2>&1; then
+  # the fastest correct tile choice of the check's sweep
+  tiles=(--gemv_tiles "$(python3 -c "import json; print(json.dumps(json.load(open('$OUT/kernel_check.json'))['best_tiles']))")")
+else
   echo "kernel check failed: benchmarking without the Triton GEMV" | tee -a "$OUT/check.log"
   impls="grouped"
 fi
@@ -24,6 +28,6 @@ tail -n 12 "$OUT/check.log"
 # shellcheck disable=SC2086  # $impls is a list of words
 timeout 330 python3 benchmark/infer_fast_bench.py --model 8b --batch_sizes 1 16 --prompt_len 128 --new_tokens 32 \
   --short_tokens 8 --moe_impls --compile --compile_impls $impls --ttft_prompt_len 2048 --warmup 1 --profile \
-  --out "$OUT" > "$OUT/bench.log" 2>&1
+  "${tiles[@]}" --out "$OUT" > "$OUT/bench.log" 2>&1
 echo "benchmark exit $?"
 tail -n 25 "$OUT/bench.log"

@@ -56,3 +56,22 @@ def test_kernel_check_passes_and_fails_on_a_wrong_expert_path(tmp_path, monkeypa
     assert [r["check"] for r in report["rows"] if r["check"] != "experts"] == ["fused qkv", "fused gate_up"]
     monkeypatch.setattr(bench, "expert_gemv", lambda experts, x, r: bench.gathered_experts(experts, x.flip(0), r))
     assert main(["--model", "tiny", "--check_kernels_only", "--out", str(tmp_path)]) == 1
+
+
+def test_tile_sweep_returns_a_tiling_and_records_each_choice():
+    """On the CPU the GEMV is its reference and nothing is timed: the sweep still walks both stages and returns
+    the default tiling (every time is unknown)."""
+    from benchmark.infer_fast_bench import sweep_tiles
+    from openmoe.decode_kernels import GemvTiles, gathered_experts
+    from openmoe.moe import OpenMoeExperts
+    from openmoe.router import route
+
+    experts = OpenMoeExperts(4, 16, 32)
+    for w in (experts.wi_gate, experts.wi_up, experts.wo):
+        torch.nn.init.normal_(w, 0.0, 0.2)
+    x = torch.randn(1, 16)
+    r = route(x, torch.randn(4, 16), 2, 0.0, 0, True, size_dropless=False)
+    rows = []
+    with torch.no_grad():
+        best = sweep_tiles(experts, x, r, gathered_experts(experts, x, r).float(), 1e-4, torch.device("cpu"), rows)
+    assert best == GemvTiles() and len(rows) == 11 and all(row["rel_err"] == 0.0 for row in rows)
