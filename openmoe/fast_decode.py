@@ -20,7 +20,7 @@ The eager `model.generate` (openmoe/generation.py) is the reference; with drople
                 no copies, reads only touched experts (needs torch._grouped_mm);
       "dense"   every expert on every token, weighted by a [T, E] matrix that is zero off the top-k: reads each
                 expert once, the cheapest once most experts are touched (batch 16 of 32 experts, top-2).
-    Prefill routes dropless through the grouped GEMM where it runs ("auto" on CUDA bf16, "grouped", "gemv"): no
+    Prefill routes dropless through the grouped GEMM ("grouped", and "auto"/"gemv" on CUDA bf16): no
     host sync; otherwise (CPU, fp32) through the reference dispatch/combine, whose buffer is sized by one host sync
     per MoE layer per request.
   * Prefill attention runs over the prompt's S columns only (not the M-column cache): SDPA with is_causal when no
@@ -193,7 +193,7 @@ class FastDecoder:
         self.fuse_weights = fuse_weights
         self.gemv_tiles = gemv_tiles  # tile sizes of the "gemv" expert kernels (None: decode_kernels' defaults)
         self.fused = [FusedWeights() for _ in model.model.layers]
-        self.refuse_if_replaced()
+        self.fuse_projections()
         self._step = self._decode_step
         if compile:
             # static shapes: one graph per batch size, never a dynamic-shape recompile
@@ -201,7 +201,7 @@ class FastDecoder:
         self._compiled = compile
 
     # ----------------------------------------------------------------------------------------------- fused weights
-    def refuse_if_replaced(self) -> None:
+    def fuse_projections(self) -> None:
         """(Re-)fuse each layer's projections unless the modules' weights are still views of the held buffers
         (a host-side pointer check, run at construction and at each generate call)."""
         if not self.fuse_weights:
@@ -257,8 +257,8 @@ class FastDecoder:
         """x [B, S, H] -> [B, S, H], dropless."""
         t = x.reshape(-1, x.shape[-1])  # [T, H]
         if prefill:
-            grouped = HAS_GROUPED_MM and (self.moe_impl in ("grouped", "gemv") or
-                                          (self.moe_impl == "auto" and self.grouped_ok))
+            grouped = HAS_GROUPED_MM and (self.moe_impl == "grouped" or
+                                          (self.moe_impl in ("auto", "gemv") and self.grouped_ok))
             # the grouped GEMM takes device-side offsets: no host sync; the reference [E, C, H] buffer is sized by
             # the max load, read on the host
             r = route(t, mlp.gate_weight, mlp.top_k, 0.0, mlp.min_capacity, True, token_mask.reshape(-1),
@@ -356,7 +356,7 @@ class FastDecoder:
         eos = cfg.eos_token_id if eos_token_id is None else eos_token_id
         b, s = input_ids.shape
         self.check_request(b, s, max_new_tokens)
-        self.refuse_if_replaced()
+        self.fuse_projections()
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if cfg.pad_is_bos:  # a hidden <pad> BOS is attended, routed and counted in positions, as in the reference
