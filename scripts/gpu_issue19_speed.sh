@@ -4,6 +4,9 @@
 # reference), the 4-layer shape compiled, baseline (c) again, and a memory row with activation checkpointing
 # (benchmark/run_train_bench.py SPEED_CONFIGS), from the project root with the wheel bundle in .whl/:
 #   source scripts/offline_env.sh && BENCH_OUT=/tmp/speed BUDGET_S=500 bash scripts/gpu_issue19_speed.sh
+# then the two rows with ZeRO's reduction overlapped (--overlap_communication):
+#   source scripts/offline_env.sh && BENCH_OUT=/tmp/speed2 BUDGET_S=200 bash scripts/gpu_issue19_speed.sh \
+#     8bfull-2gpu-ours-ep-compiled-b4x4-ovl,8bfull-2gpu-ours-ep-compiled-ovl
 # Output: BENCH_OUT/NAME.json + NAME.log, summary.md, gpus.txt (the driver stops launching at BUDGET_S seconds).
 set -uo pipefail
 BENCH_OUT=${BENCH_OUT:-outputs/bench-speed}
