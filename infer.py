@@ -123,26 +123,27 @@ class Session:
         from openmoe import inference
 
         a, cfg = self.args, self.model.config
-        # every rank checks every prompt, so that all of them stop together (expert-parallel ranks step together)
-        longest = int(inference.encode_batch(self.tokenizer, prompts)[1].sum(1).max())
+        # every rank encodes and checks every prompt, so that all of them stop together and share one prompt width
+        ids, mask = inference.encode_batch(self.tokenizer, prompts)  # [B, S] left-padded
+        longest = int(mask.sum(1).max())
         if longest + a.max_new_tokens > cfg.max_position_embeddings:
             raise ValueError(f"a prompt of {longest} tokens + --max_new_tokens {a.max_new_tokens} exceeds the model's "
                              f"max_position_embeddings ({cfg.max_position_embeddings}); shorten the prompt or "
                              "--max_new_tokens")
-        mine = list(range(self.rank, len(prompts), self.world)) or [0]  # a rank without prompts still steps
-        ids, mask = inference.encode_batch(self.tokenizer, [prompts[i] for i in mine])
+        mine, real = inference.rank_rows(len(prompts), self.rank, self.world)  # all rows on one process
+        ids, mask = ids[mine], mask[mine]
         torch.manual_seed(a.seed + self.rank)  # sampling draws from the global generator
         if self.decode == "fast":
             out = self._fast(ids.to(self.device), mask.to(self.device), stream)
         else:
             out = self._eager(ids.to(self.device), mask.to(self.device), stream)
-        texts = [self._completion(row[ids.shape[1]:].tolist()) for row in out.cpu()]
+        texts = [self._completion(row[ids.shape[1]:].tolist()) for row in out[:real].cpu()]
         if self.world == 1:
             return texts
         import torch.distributed as dist
 
         gathered = [None] * self.world
-        dist.all_gather_object(gathered, list(zip(mine, texts)) if self.rank < len(prompts) else [])
+        dist.all_gather_object(gathered, list(zip(mine[:real], texts)))
         by_index = dict(pair for part in gathered for pair in part)
         return [by_index[i] for i in range(len(prompts))]
 

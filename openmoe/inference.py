@@ -115,6 +115,15 @@ def init_expert_parallel(ep_size: int, launch: str) -> tuple[int, int]:
     return rank, world
 
 
+def rank_rows(batch: int, rank: int, world: int) -> tuple[list[int], int]:
+    """Rows of a batch that an expert-parallel rank decodes: r, r + W, ..., then row 0 again as dummy rows until
+    every rank holds ceil(B / W) (a rank with no row of its own still steps: each MoE all-to-all needs all ranks).
+    Equal row counts (and one prompt width for all ranks) keep every rank's token count equal, which capacity
+    routing needs: its all-to-all splits are sized from the local token count. Returns (rows, how many are real)."""
+    mine = list(range(rank, batch, world))
+    return mine + [0] * (-(-batch // world) - len(mine)), len(mine)
+
+
 def shard_experts(model: OpenMoeForCausalLM, ep_group) -> None:
     """Expert-parallel serving: every rank keeps 1/ep of each MoE layer's experts (the EP layer slices in place)."""
     from openmoe.parallel.expert_parallel import ExpertParallelMoE

@@ -1,5 +1,6 @@
 """Expert-parallel inference (2 gloo ranks, experts sharded) == single-device greedy output, including a batch where
-one rank's prompt ends at once (EOS) while the other keeps decoding: the finished rank must keep stepping."""
+one rank's prompt ends at once (EOS) while the other keeps decoding: the finished rank must keep stepping; and an odd
+number of prompts (the ranks must still route equal token counts: capacity routing sizes its all-to-all from them)."""
 
 import json
 import os
@@ -46,3 +47,12 @@ def test_ep_inference_matches_single_device_with_early_eos(tmp_path):
     assert ep.stdout == single.stdout
     answers = ep.stdout.split("=== ")[1:]
     assert answers[0] == "0: \n" and len(answers[1]) > len("1: \n")  # rank 0 ended at once, rank 1 decoded on
+    (tmp_path / "three.txt").write_text("\n".join([*PROMPTS, "Hi"]) + "\n")
+    common[3] = str(tmp_path / "three.txt")  # rank 0 gets prompts 0 and 2, rank 1 prompt 1 and a dummy row
+    single = subprocess.run([sys.executable, "infer.py", *common], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=120)
+    ep = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                         str(free_port()), "infer.py", *common, "--ep_size", "2"], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=180)
+    assert single.returncode == 0 and ep.returncode == 0, ep.stderr[-3000:]  # it used to die in the all-to-all
+    assert ep.stdout == single.stdout and ep.stdout.count("=== ") == 3
