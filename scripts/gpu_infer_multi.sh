@@ -2,7 +2,7 @@
 # Multi-GPU inference figures (issue 18) and the single-GPU decode default, on the lent 2 x H200 machine, from the
 # project root with .whl/ present:
 #   source scripts/offline_env.sh && bash scripts/gpu_infer_multi.sh
-# 1. expert parallel over 2 GPUs (torchrun), OpenMoE-8B and -34B shapes, random weights, batch 1 and 16
+# 1. expert parallel over 2 GPUs (python -m torch.distributed.run, i.e. torchrun), OpenMoE-8B and -34B shapes, random weights, batch 1 and 16
 #    -> infer_multi_gpu_ep.json
 # 2. the same through a device map over 2 GPUs (accelerate's placement, as --device_map auto)
 #    -> infer_multi_gpu_device_map.json
@@ -22,7 +22,7 @@ bench=(benchmark/infer_multi_gpu_bench.py --models 8b 34b --batch_sizes 1 16 --p
        --short_tokens 8 --warmup 1 --out "$LOGS")
 
 echo "== 1. expert parallel, torchrun x2 $(date -u +%T)" >> "$LOG"
-timeout 170 torchrun --nproc_per_node 2 --master_port 29661 "${bench[@]}" --mode ep >> "$LOG" 2>&1
+timeout 170 python3 -m torch.distributed.run --nproc_per_node 2 --master_port 29661 "${bench[@]}" --mode ep >> "$LOG" 2>&1
 echo "exit $?" >> "$LOG"
 
 echo "== 2. device map over 2 GPUs $(date -u +%T)" >> "$LOG"
