@@ -6,17 +6,19 @@ E experts, G = gate_multiple * I gate width, S split of the I reduction.
 
     y = expert_gemv(experts, x, r)   # x [T, H], r a RouterOutput -> [T, H]; torch reference off CUDA / without Triton
 
-Two Triton kernels (GPU only; Triton is not installed on the CPU test hosts):
-  _gate_up_kernel  h[p, n] = act(x[t_p] @ wi_gate[e_p])[n] * (x[t_p] @ wi_up[e_p])[n] for a block of n: the gate's
-                   two halves (OpenMoE's double gate: x1 * silu(x2)) and the up column are read in the same pass and
-                   the activation is applied in fp32 before the one bf16 store; grid (I / BLOCK_N, P).
-  _down_kernel     partial[s, p, :] = h[p, I_s] @ wo[e_p][I_s, :] over the s-th slice of the I reduction (split-K:
-                   at H = 2048 outputs a grid of H / BLOCK_N * P programs would leave most SMs idle); grid
-                   (H / BLOCK_N, S, P), fp32 partials, no atomics (deterministic).
-The split-K sum and the combine weights (sum over k of w[t, k] * y[t, k]) are a few small torch ops that
-torch.compile fuses. Accumulation is fp32; the reference (`gathered_experts`) rounds each matmul to bf16, so on GPU
-the two agree within bf16 rounding, not bitwise (scripts/gpu_decode.sh checks the tolerance).
-Both kernels are plain `kernel[grid](...)` launches, which torch.compile traces into its graph (user-defined Triton
+Triton kernels (GPU only; Triton is not installed on the CPU test hosts), one launch each per MoE layer and weight:
+  _gate_up_kernel  (gate_split 1) h[p, n] = act(x[t_p] @ wi_gate[e_p])[n] * (x[t_p] @ wi_up[e_p])[n] for a block of
+                   n: the gate's two halves (OpenMoE's double gate: x1 * silu(x2)) and the up column are read in the
+                   same pass and the activation is applied in fp32 before the one bf16 store; grid (I / BLOCK_N, P).
+  _gemv_kernel     partial[s, p, :] = in[p, K_s] @ w[e_p][K_s, :] over the s-th slice of the K reduction (split-K:
+                   a grid of N / BLOCK_N * P programs alone would leave most SMs idle at H = 2048 outputs); grid
+                   (N / BLOCK_N, S, P), fp32 partials, no atomics (deterministic). The down projection always; with
+                   gate_split > 1 also wi_gate and wi_up (activation then in the torch epilogue): more, shorter
+                   programs, which measured faster on the H200 (benchmark/results/issue18_decode_2026-11-30.md).
+The split-K sums, the combine weights (sum over k of w[t, k] * y[t, k]) and the split gate/up epilogue are a few
+small torch ops that torch.compile fuses. Accumulation is fp32; the reference (`gathered_experts`) rounds each
+matmul to bf16, so on GPU the two agree within bf16 rounding, not bitwise (the GPU kernel check has the tolerance).
+The kernels are plain `kernel[grid](...)` launches, which torch.compile traces into its graph (user-defined Triton
 kernels), so they are captured in the decode step's CUDA graph like the rest.
 """
 
@@ -40,16 +42,17 @@ except ImportError:  # CPU hosts: the reference path below
 
 @dataclass(frozen=True)
 class GemvTiles:
-    """Tile sizes of the two kernels, fixed per decoder (no autotuning: it would run inside torch.compile's
-    capture). The defaults: 64 columns x 64 rows of bf16 per load, each row a 128-byte coalesced read; I / 64 x P
-    programs (256 at batch 1 of OpenMoE-8B) for the gate/up pass, S = 8 splits of the 2048-wide down projection for
-    as many. `benchmark/infer_fast_bench.py --check_kernels_only` times a few alternatives on the GPU."""
+    """Tile sizes of the kernels, fixed per decoder (no autotuning: it would run inside torch.compile's capture).
+    gate_*: the gate/up pass (gate_split 1: the fused single-pass kernel; > 1: split-K _gemv_kernel per weight);
+    down_*: the down projection. The defaults are the fastest of a sweep on the H200 at OpenMoE-8B's shapes
+    (`benchmark/infer_fast_bench.py --check_kernels_only` reruns it): 32 columns x 128 rows of bf16 per load."""
 
-    gate_block_n: int = 64
-    gate_block_k: int = 64
+    gate_block_n: int = 32
+    gate_block_k: int = 128
     gate_warps: int = 4
-    down_block_n: int = 64
-    down_block_k: int = 64
+    gate_split: int = 1
+    down_block_n: int = 32
+    down_block_k: int = 128
     down_split: int = 8
     down_warps: int = 4
 
@@ -87,20 +90,35 @@ def triton_expert_gemv(experts: StackedExperts, x: torch.Tensor, r: RouterOutput
     x = x.contiguous()
     idx = r.expert_idx.reshape(-1).contiguous()  # [P]: pair p = t * K + k
     wg, wu, wo = experts.wi_gate, experts.wi_up, experts.wo
-    h = torch.empty(pairs, width, dtype=x.dtype, device=x.device)  # [P, I]
-    _gate_up_kernel[(triton.cdiv(width, c.gate_block_n), pairs)](
-        x, idx, wg, wu, h, hidden, width, k,
-        x.stride(0), wg.stride(0), wg.stride(1), wu.stride(0), wu.stride(1), h.stride(0),
-        DOUBLE_GATE=experts.act is swiglu, BLOCK_N=c.gate_block_n, BLOCK_K=c.gate_block_k, num_warps=c.gate_warps)
-    split = c.down_split if width >= c.down_split * c.down_block_k else 1
-    chunk = triton.cdiv(triton.cdiv(width, split), c.down_block_k) * c.down_block_k  # I rows per split, whole blocks
-    partial = torch.empty(split, pairs, hidden, dtype=torch.float32, device=x.device)  # [S, P, H]
-    _down_kernel[(triton.cdiv(hidden, c.down_block_n), split, pairs)](
-        h, idx, wo, partial, hidden, width, chunk,
-        h.stride(0), wo.stride(0), wo.stride(1), partial.stride(0), partial.stride(1),
-        BLOCK_N=c.down_block_n, BLOCK_K=c.down_block_k, num_warps=c.down_warps)
-    y = partial.sum(0).view(t, k, hidden)  # [T, K, H] fp32
+    if c.gate_split > 1:
+        xp = x.repeat_interleave(k, dim=0)  # [P, H]: pair p's input row
+        gate = _gemv(xp, idx, wg, c.gate_block_n, c.gate_block_k, c.gate_split, c.gate_warps)  # [P, G] fp32
+        up = _gemv(xp, idx, wu, c.gate_block_n, c.gate_block_k, c.gate_split, c.gate_warps)  # [P, I] fp32
+        h = (experts.act(gate) * up).to(x.dtype)  # [P, I]
+    else:
+        h = torch.empty(pairs, width, dtype=x.dtype, device=x.device)  # [P, I]
+        _gate_up_kernel[(triton.cdiv(width, c.gate_block_n), pairs)](
+            x, idx, wg, wu, h, hidden, width, k,
+            x.stride(0), wg.stride(0), wg.stride(1), wu.stride(0), wu.stride(1), h.stride(0),
+            DOUBLE_GATE=experts.act is swiglu, BLOCK_N=c.gate_block_n, BLOCK_K=c.gate_block_k,
+            num_warps=c.gate_warps)
+    y = _gemv(h, idx, wo, c.down_block_n, c.down_block_k, c.down_split, c.down_warps).view(t, k, hidden)  # fp32
     return (y * r.combine_weight[..., None].float()).sum(dim=1).to(x.dtype)
+
+
+def _gemv(rows: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, block_n: int, block_k: int, split: int,
+          warps: int) -> torch.Tensor:
+    """rows [P, K] (pair p's input), idx [P] expert ids, w [E, K, N] -> rows[p] @ w[idx[p]], [P, N] fp32."""
+    pairs, kdim = rows.shape
+    n = w.shape[2]
+    split = split if kdim >= split * block_k else 1
+    chunk = triton.cdiv(triton.cdiv(kdim, split), block_k) * block_k  # K rows per split, whole blocks
+    partial = torch.empty(split, pairs, n, dtype=torch.float32, device=rows.device)  # [S, P, N]
+    _gemv_kernel[(triton.cdiv(n, block_n), split, pairs)](
+        rows, idx, w, partial, n, kdim, chunk,
+        rows.stride(0), w.stride(0), w.stride(1), partial.stride(0), partial.stride(1),
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+    return partial.sum(0)
 
 
 if HAS_TRITON:
@@ -138,23 +156,23 @@ if HAS_TRITON:
         tl.store(h_ptr + p * stride_hp + offs_n, (act * acc_u).to(h_ptr.dtype.element_ty), mask=mask_n)
 
     @triton.jit
-    def _down_kernel(h_ptr, idx_ptr, wo_ptr, out_ptr, H, I, CHUNK,
-                     stride_hp, stride_oe, stride_oi, stride_ps, stride_pp,
+    def _gemv_kernel(in_ptr, idx_ptr, w_ptr, out_ptr, N, K, CHUNK,
+                     stride_ip, stride_we, stride_wk, stride_os, stride_op,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         pid_n = tl.program_id(0)
         s = tl.program_id(1)
         p = tl.program_id(2)
         e = tl.load(idx_ptr + p).to(tl.int64)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] output columns
-        mask_n = offs_n < H
+        mask_n = offs_n < N
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        w_base = wo_ptr + e * stride_oe
+        w_base = w_ptr + e * stride_we
         start = s * CHUNK
         for k0 in range(0, CHUNK, BLOCK_K):
             offs_k = start + k0 + tl.arange(0, BLOCK_K)
-            mask_k = offs_k < I
-            hk = tl.load(h_ptr + p * stride_hp + offs_k, mask=mask_k, other=0.0).to(tl.float32)[:, None]
-            w = tl.load(w_base + offs_k[:, None] * stride_oi + offs_n[None, :], mask=mask_k[:, None] & mask_n[None, :],
+            mask_k = offs_k < K
+            xk = tl.load(in_ptr + p * stride_ip + offs_k, mask=mask_k, other=0.0).to(tl.float32)[:, None]
+            w = tl.load(w_base + offs_k[:, None] * stride_wk + offs_n[None, :], mask=mask_k[:, None] & mask_n[None, :],
                         other=0.0)
-            acc += tl.sum(hk * w.to(tl.float32), axis=0)
-        tl.store(out_ptr + s * stride_ps + p * stride_pp + offs_n, acc, mask=mask_n)
+            acc += tl.sum(xk * w.to(tl.float32), axis=0)
+        tl.store(out_ptr + s * stride_os + p * stride_op + offs_n, acc, mask=mask_n)

@@ -3,8 +3,8 @@
 #   source scripts/offline_env.sh && TORCHINDUCTOR_COMPILE_THREADS=16 bash scripts/gpu_decode.sh
 # 1. the decode kernels against their references at OpenMoE-8B's shapes, with device times (kernel_check.json);
 #    a mismatch or a crash leaves the Triton GEMV out of step 2;
-# 2. OpenMoE-8B bf16 decode at batch 1 and 16, compiled (grouped GEMM experts, and the Triton GEMV experts) beside
-#    transformers' generate, profiles of the compiled batch-1 steps, TTFT of a 2,048-token prompt.
+# 2. OpenMoE-8B bf16 decode at batch 1 and 16, compiled (grouped GEMM experts; the Triton GEMV experts at batch 1)
+#    beside transformers' generate, profiles of the compiled batch-1 steps, TTFT of a 2,048-token prompt.
 # Results in $OUT (default ./gpu_decode_out): check.log, kernel_check.json, bench.log, infer_fast_bench.json,
 # profile_*.txt.
 set -u
@@ -14,7 +14,7 @@ mkdir -p "$OUT"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 } > "$OUT/check.log" 2>&1
-impls="grouped gemv"
+impls="grouped gemv:1"  # gemv at batch 1 only: auto takes grouped beyond 8 (token, choice) pairs
 tiles=()
 if timeout 150 python3 benchmark/infer_fast_bench.py --model 8b --check_kernels_only --out "$OUT" \
     >> "$OUT/check.log" 2>&1; then

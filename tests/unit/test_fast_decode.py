@@ -245,14 +245,17 @@ def test_auto_picks_gemv_for_few_pairs_on_cuda_bf16(monkeypatch):
 
 def test_triton_expert_gemv_equals_reference_in_the_interpreter():
     """The kernels themselves, on the CPU through TRITON_INTERPRET=1 (set before triton is imported, hence the
-    subprocess): odd sizes exercise the masks, I >= 512 the split-K down projection; both expert families."""
+    subprocess): odd sizes exercise the masks, I >= 512 the split-K down projection, three tilings (the fused and
+    the split-K gate/up pass); both expert families."""
     pytest.importorskip("triton")
     code = textwrap.dedent("""
         import torch
-        from openmoe.decode_kernels import gathered_experts, triton_expert_gemv
+        from openmoe.decode_kernels import GemvTiles, gathered_experts, triton_expert_gemv
         from openmoe.moe import LlamaExperts, OpenMoeExperts
         from openmoe.router import route
         torch.manual_seed(0)
+        tilings = (GemvTiles(), GemvTiles(gate_block_n=64, gate_block_k=64, down_split=16, down_block_k=64),
+                   GemvTiles(gate_split=2, gate_block_k=32))  # fused gate/up pass, other tiles, split-K gate/up
         for cls in (OpenMoeExperts, LlamaExperts):
             for e, h, i, t in ((4, 96, 200, 3), (8, 64, 1024, 1)):
                 ex = cls(e, h, i)
@@ -260,9 +263,10 @@ def test_triton_expert_gemv_equals_reference_in_the_interpreter():
                     torch.nn.init.normal_(w, 0, 0.2)
                 x = torch.randn(t, h)
                 r = route(x, torch.randn(e, h), 2, 0.0, 0, True, size_dropless=False)
-                with torch.no_grad():
-                    got, want = triton_expert_gemv(ex, x, r), gathered_experts(ex, x, r)
-                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+                for tiles in tilings:
+                    with torch.no_grad():
+                        got, want = triton_expert_gemv(ex, x, r, tiles), gathered_experts(ex, x, r)
+                    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
         print("ok")
     """)
     env = {**os.environ, "TRITON_INTERPRET": "1"}

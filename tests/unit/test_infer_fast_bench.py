@@ -74,4 +74,5 @@ def test_tile_sweep_returns_a_tiling_and_records_each_choice():
     rows = []
     with torch.no_grad():
         best = sweep_tiles(experts, x, r, gathered_experts(experts, x, r).float(), 1e-4, torch.device("cpu"), rows)
-    assert best == GemvTiles() and len(rows) == 11 and all(row["rel_err"] == 0.0 for row in rows)
+    assert best == GemvTiles() and all(row["rel_err"] == 0.0 for row in rows)
+    assert len(rows) == 5 + 4  # gate/up choices, then down choices
