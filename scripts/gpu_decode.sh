@@ -16,7 +16,7 @@ mkdir -p "$OUT"
 } > "$OUT/check.log" 2>&1
 impls="grouped gemv:1"  # gemv at batch 1 only: auto takes grouped beyond 8 (token, choice) pairs
 tiles=()
-if timeout 150 python3 benchmark/infer_fast_bench.py --model 8b --check_kernels_only --out "$OUT" \
+if timeout 90 python3 benchmark/infer_fast_bench.py --model 8b --check_kernels_only --out "$OUT" \
     >> "$OUT/check.log" 2>&1; then
   # the fastest correct tile choice of the check's sweep
   tiles=(--gemv_tiles "$(python3 -c "import json; print(json.dumps(json.load(open('$OUT/kernel_check.json'))['best_tiles']))")")
@@ -26,7 +26,7 @@ else
 fi
 tail -n 12 "$OUT/check.log"
 # shellcheck disable=SC2086  # $impls is a list of words
-timeout 330 python3 benchmark/infer_fast_bench.py --model 8b --batch_sizes 1 16 --prompt_len 128 --new_tokens 32 \
+timeout 200 python3 benchmark/infer_fast_bench.py --model 8b --batch_sizes 1 16 --prompt_len 128 --new_tokens 32 \
   --short_tokens 8 --moe_impls --compile --compile_impls $impls --ttft_prompt_len 2048 --warmup 1 --profile \
   "${tiles[@]}" --out "$OUT" > "$OUT/bench.log" 2>&1
 echo "benchmark exit $?"
