@@ -33,7 +33,9 @@ The eager `model.generate` (openmoe/generation.py) is the reference; with drople
     the modules' `weight` parameters are re-pointed to row views of it (each old weight is freed as its view
     replaces it, so the peak is one group's extra copy). The model keeps working unchanged (its projections read
     the views: the same values, bitwise the same outputs), every FastDecoder over the model shares the buffers, and
-    an in-place update of a parameter (load_state_dict, optimizer steps) is seen by the decoder. We chose this over
+    an in-place update of a parameter (load_state_dict, optimizer steps) is seen by the decoder. A group with
+    anything but plain bias-free nn.Linear modules (PEFT's LoRA layers, hooks) is left unfused and runs its modules.
+    We chose this over
     (a) keeping a fused copy (a second copy of the fused weights: 3.1 GB more for OpenMoE-8B) and (b) concatenating per
     step (a copy per step costs more than it saves). A parameter *replaced* afterwards (model.to(dtype), a new
     nn.Parameter) breaks the aliasing; generate() checks it on the host each call and re-fuses. The views do not
@@ -134,6 +136,11 @@ def _fused_view(weights: Sequence[torch.Tensor]) -> torch.Tensor | None:
     return w0.detach().new_empty(0).set_(storage, w0.storage_offset(), (rows, w0.shape[1]), (w0.shape[1], 1))
 
 
+def _plain_linear(m: nn.Module) -> bool:
+    """Only a bias-free nn.Linear without hooks computes exactly x @ weight.T, what the fused GEMV replaces."""
+    return (type(m) is nn.Linear and m.bias is None and not m._forward_hooks and not m._forward_pre_hooks)
+
+
 @dataclass
 class FusedWeights:
     """One decoder layer's fused projection buffers (None where the layer has no such module or fusion is off)."""
@@ -216,7 +223,9 @@ class FastDecoder:
             if layer.has_extra:
                 f.extra = self._fuse(f.extra, [layer.extra_mlp.gate_proj, layer.extra_mlp.up_proj])
 
-    def _fuse(self, held: torch.Tensor | None, linears) -> torch.Tensor:
+    def _fuse(self, held: torch.Tensor | None, linears) -> torch.Tensor | None:
+        if not all(_plain_linear(lin) for lin in linears):
+            return None  # an adapter (PEFT's LoRA layers), a bias or a hook: the modules run as they are
         if held is not None and _fused_view([lin.weight for lin in linears]) is not None \
                 and linears[0].weight.data_ptr() == held.data_ptr():
             return held

@@ -273,3 +273,34 @@ def test_triton_expert_gemv_equals_reference_in_the_interpreter():
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
+
+
+class _LowRankAdapter(torch.nn.Module):
+    """A LoRA-like wrapper (as PEFT injects): base projection plus a low-rank delta the fused GEMV would miss."""
+
+    def __init__(self, base: torch.nn.Linear, rank: int = 2):
+        super().__init__()
+        self.base_layer = base
+        self.a = torch.nn.Parameter(torch.randn(rank, base.in_features) * 0.5)
+        self.b = torch.nn.Parameter(torch.randn(base.out_features, rank) * 0.5)
+
+    @property
+    def weight(self):
+        return self.base_layer.weight
+
+    def forward(self, x):
+        return self.base_layer(x) + x @ self.a.T @ self.b.T
+
+
+def test_adapted_projections_stay_unfused_and_equal_reference():
+    torch.manual_seed(0)
+    m = OpenMoeForCausalLM(preset("tiny", initializer_range=0.2)).eval()
+    m.apply_options(m.options.replace(dropless=True))
+    attn, mlp = m.model.layers[0].self_attn, m.model.layers[0].mlp
+    attn.k_proj = _LowRankAdapter(attn.k_proj)
+    mlp.up_proj = _LowRankAdapter(mlp.up_proj)
+    ids, mask = padded_batch()
+    want = generate(m, ids, mask, max_new_tokens=STEPS, eos_token_id=-1)
+    dec = FastDecoder(m, max_batch_size=3, max_seq_len=48, moe_impl="gather")
+    assert dec.fused[0].qkv is None and dec.fused[0].mlp is None and dec.fused[1].qkv is not None
+    assert torch.equal(dec.generate(ids, mask, max_new_tokens=STEPS, eos_token_id=-1), want)
