@@ -30,15 +30,17 @@ The eager `model.generate` (openmoe/generation.py) is the reference; with drople
     shared experts. At M = 1 a GEMV is bandwidth-bound, and cuBLAS reaches a higher fraction of it on one large
     matrix than on three 12.6 MB ones (the LM head ran at 4.3 TB/s, the q/k/v GEMVs near 2 TB/s). No memory is
     added: at construction each group's weights are copied once into one contiguous [sum of outputs, H] buffer and
-    the modules' `weight` parameters are re-pointed to row views of it (each old weight is freed as its view
-    replaces it, so the peak is one group's extra copy). The model keeps working unchanged (its projections read
-    the views: the same values, bitwise the same outputs), every FastDecoder over the model shares the buffers, and
-    an in-place update of a parameter (load_state_dict, optimizer steps) is seen by the decoder. A group with
+    the modules' `weight` parameters (the same Parameter objects) get row views of it as their data (each old
+    storage is freed as its view replaces it, so the peak is one group's extra copy). The model keeps working
+    unchanged (its projections read the views: the same values, bitwise the same outputs), every FastDecoder over
+    the model shares the buffers, and an in-place update of a parameter (load_state_dict, an optimizer built
+    before or after) is seen by the decoder. A group with
     anything but plain bias-free nn.Linear modules (PEFT's LoRA layers, hooks) is left unfused and runs its modules.
     We chose this over
     (a) keeping a fused copy (a second copy of the fused weights: 3.1 GB more for OpenMoE-8B) and (b) concatenating per
-    step (a copy per step costs more than it saves). A parameter *replaced* afterwards (model.to(dtype), a new
-    nn.Parameter) breaks the aliasing; generate() checks it on the host each call and re-fuses. The views do not
+    step (a copy per step costs more than it saves). A parameter whose data is *replaced* afterwards
+    (model.to(dtype), a new nn.Parameter) breaks the aliasing; generate() checks it on the host each call and
+    re-fuses. The views do not
     overlap, so save_pretrained (safetensors) still writes the model (tested).
 Built for one device: expert-parallel layers and device maps are refused (their eager paths remain).
 """
@@ -104,8 +106,8 @@ def decode_route(mlp: OpenMoeSparseMLP, x: torch.Tensor) -> RouterOutput:
 
 def fuse_linears(linears: Sequence[nn.Linear]) -> torch.Tensor:
     """One [sum of out_features, in_features] buffer holding the weights of `linears` (same input, dtype, device),
-    each module's weight re-pointed to its row view (memory-neutral: see the module docstring). Weights that are
-    already consecutive views of one buffer (an earlier FastDecoder's) are returned as that buffer, not copied."""
+    each module's weight parameter re-pointed to its row view (memory-neutral: see the module docstring). Weights
+    that are already consecutive views of one buffer (an earlier FastDecoder's) are returned as that buffer."""
     weights = [lin.weight for lin in linears]
     fused = _fused_view(weights)
     if fused is not None:
@@ -118,7 +120,9 @@ def fuse_linears(linears: Sequence[nn.Linear]) -> torch.Tensor:
         for lin, w in zip(linears, weights):
             n = w.shape[0]
             buf[start:start + n].copy_(w)
-            lin.weight = nn.Parameter(buf[start:start + n], requires_grad=w.requires_grad)  # frees the old weight
+            # the same Parameter object, its data now a view of buf (the old storage is freed): optimizers and
+            # anything else holding the parameter keep updating what the model and the decoder read
+            w.data = buf[start:start + n]
             start += n
     return buf
 

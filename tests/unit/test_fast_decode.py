@@ -170,11 +170,14 @@ def test_fused_projections_share_the_parameters_and_keep_the_model_outputs(tmp_p
     ids = torch.randint(3, 1000, (2, 9))
     before = m(ids).logits
     values = {n: p.detach().clone() for n, p in m.named_parameters()}
+    params = dict(m.named_parameters())
     bytes_before = sum(p.numel() * p.element_size() for p in m.parameters())
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)  # built before the re-layout
 
     dec = FastDecoder(m, max_batch_size=2, max_seq_len=24)
     assert torch.equal(m(ids).logits, before)  # the eager path reads the views: bitwise the same
     assert all(torch.equal(p, values[n]) for n, p in m.named_parameters())
+    assert all(p is params[n] for n, p in m.named_parameters())  # the same Parameter objects
     storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in m.parameters()}
     assert sum(storages.values()) == bytes_before  # re-laid, not copied: no byte more than before
     attn = m.model.layers[0].self_attn
@@ -195,6 +198,12 @@ def test_fused_projections_share_the_parameters_and_keep_the_model_outputs(tmp_p
     assert torch.equal(qkv[attn.q_proj.out_features:][:attn.k_proj.out_features], attn.k_proj.weight)
     with torch.no_grad():
         attn.k_proj.weight.mul_(-1.0)
+    # the optimizer built before the re-layout still trains what the model and the decoder read
+    m(ids, labels=ids).loss.backward()
+    opt.step()
+    opt.zero_grad()
+    assert not torch.equal(attn.v_proj.weight, values["model.layers.0.self_attn.v_proj.weight"])
+    assert torch.equal(qkv[-attn.v_proj.out_features:], attn.v_proj.weight)
 
     # a replaced parameter breaks the aliasing: generate re-fuses and still equals the reference
     m.apply_options(m.options.replace(dropless=True))
