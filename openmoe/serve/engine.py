@@ -18,17 +18,20 @@ from openmoe.serve.api import GenOptions, RequestError
 
 
 def generate_batch(model, tokenizer, prompts: list[str], options: GenOptions, on_step=None, stop_now=None,
-                   decoder=None) -> list[list[int]]:
+                   decoder=None, rows: list[int] | None = None) -> list[list[int]]:
     """The model's one entry point: prompts -> new token ids per row (EOS and padding removed).
 
     on_step(tokens: list[int], finished: list[bool]) after every decode step; stop_now(local_done) -> bool is asked
     after every step and ends the call when True (under expert parallelism it must give the same answer on every
     rank, because each step's all-to-all needs all of them). decoder: a fast_decode.FastDecoder over `model` (same
     contract as generation.generate; it reports steps in bursts every sync_every steps), None for the eager
-    reference generation.generate (model.generate becomes transformers' with the HF-native model, issue 16)."""
+    reference generation.generate (model.generate becomes transformers' with the HF-native model, issue 16).
+    rows: decode only these rows of the batch (an expert-parallel rank's share), padded to the whole batch's width."""
     from openmoe import generation, inference
 
     ids, mask = inference.encode_batch(tokenizer, prompts)  # [B, S] left-padded, <pad>-BOS first
+    if rows is not None:
+        ids, mask = ids[rows], mask[rows]
     device = next(model.parameters()).device
     seed = options.seed if options.seed is not None else 0
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -209,8 +212,8 @@ class Engine:
             if self.distributed:
                 _broadcast_object((prompts, options))
                 rows = SplitRows(len(prompts), self._device())
-                generate_batch(self.model, self.tokenizer, rows.local(prompts), options, rows.keep,
-                               lambda local_done: rows.exchange(on_step, lambda: stop_now(False)))
+                generate_batch(self.model, self.tokenizer, prompts, options, rows.keep,
+                               lambda local_done: rows.exchange(on_step, lambda: stop_now(False)), rows=rows.local)
             else:
                 generate_batch(self.model, self.tokenizer, prompts, options, on_step, stop_now, self.decoder)
             for s in batch:
@@ -332,8 +335,10 @@ def _broadcast_flag(flag: bool, device) -> bool:
 
 
 class SplitRows:
-    """Expert parallelism: rank r decodes rows r, r + ep, r + 2 ep, ... of a batch (a rank without rows decodes a copy
-    of row 0 and discards it: every rank must step, each step's all-to-all needs all of them). After every step the
+    """Expert parallelism: rank r decodes rows r, r + ep, r + 2 ep, ... of a batch, then copies of row 0 (discarded)
+    up to ceil(B / ep) rows, all at the batch's width (inference.rank_rows): every rank must step, as each step's
+    all-to-all needs all of them, and with --capacity_routing the all-to-all splits are sized from the local token
+    count, which must then be equal on every rank. After every step the
     ranks all-gather their new tokens (one [2, ceil(B / ep)] tensor each), rank 0 updates the sequences and
     broadcasts whether to stop: two small collectives and a host read per step, on the eager path that has them."""
 
@@ -342,12 +347,12 @@ class SplitRows:
 
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.batch_size, self.device = batch_size, device
-        self.rows = list(range(self.rank, batch_size, self.world))
-        self.width = -(-batch_size // self.world)  # rows per rank, the last ranks padded
-        self.last = ([], [])
+        from openmoe.inference import rank_rows
 
-    def local(self, prompts: list[str]) -> list[str]:
-        return [prompts[i] for i in self.rows] or prompts[:1]
+        self.local, n = rank_rows(batch_size, self.rank, self.world)  # rows decoded here: n real, then dummies
+        self.rows = self.local[:n]
+        self.width = len(self.local)  # rows per rank
+        self.last = ([], [])
 
     def keep(self, tokens: list[int], finished: list[bool]) -> None:
         self.last = (tokens, finished)  # this rank's rows of the step; exchanged when generate asks to stop
@@ -378,4 +383,4 @@ def follow(model, tokenizer) -> None:
     while (msg := _broadcast_object(None)) is not None:
         prompts, options = msg
         rows = SplitRows(len(prompts), device)
-        generate_batch(model, tokenizer, rows.local(prompts), options, rows.keep, lambda local: rows.exchange())
+        generate_batch(model, tokenizer, prompts, options, rows.keep, lambda local: rows.exchange(), rows=rows.local)

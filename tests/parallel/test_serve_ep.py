@@ -62,3 +62,45 @@ def test_two_rank_expert_parallel_server_equals_single_process(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+
+
+def test_capacity_routing_odd_batch_over_two_ranks(tmp_path):
+    """--capacity_routing under expert parallelism: capacity mode sizes its all-to-all from the local token count, so
+    the ranks must hold equal shares of an odd batch at one width (it died in the all-to-all before). Each answer
+    equals single-process decoding of that rank's rows (rank 0: rows 0, 2; rank 1: row 1 and a copy of row 0) with
+    the same capacity routing."""
+    from openmoe.inference import rank_rows
+
+    torch.manual_seed(0)
+    model = OpenMoeForCausalLM(preset("tiny", initializer_range=0.2)).eval()
+    ckpt = tmp_path / "tiny"
+    model.save_pretrained(str(ckpt))
+    for f in os.listdir(TOKENIZER):
+        shutil.copy(os.path.join(TOKENIZER, f), ckpt)
+    tok = load_tokenizer(TOKENIZER)
+    prompts = ["Reverse the word: apple.", "Hi", "The sky is"]
+    ids, mask = encode_batch(tok, prompts)
+    want = {}
+    for rank in range(2):
+        rows, real = rank_rows(len(prompts), rank, 2)
+        out = generate(model, ids[rows], mask[rows], max_new_tokens=10, vocab_limit=len(tok))[:, ids.shape[1]:]
+        for i, new in zip(rows[:real], out.tolist()):
+            want[i] = decode(tok, new[: new.index(1)] if 1 in new else new).lstrip()
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                             str(free_port()), "-m", "openmoe.serve", "--model", str(ckpt), "--ep_size", "2",
+                             "--port", "0", "--decode", "eager", "--capacity_routing"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("serving tiny on http://127.0.0.1:"), proc.stderr.read()[-3000:] if not line else line
+        client = openai.OpenAI(base_url=line.split(" on ")[1].split()[0], api_key="none", max_retries=0, timeout=120)
+        res = client.completions.create(model="tiny", prompt=prompts, max_tokens=10, temperature=0)
+        assert [c.text for c in res.choices] == [want[i] for i in range(len(prompts))]
+        os.kill(int(line.rsplit("pid ", 1)[1].rstrip(")\n")), signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
