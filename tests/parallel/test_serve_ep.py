@@ -42,7 +42,7 @@ def test_two_rank_expert_parallel_server_equals_single_process(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                              str(free_port()), "-m", "openmoe.serve", "--model", str(ckpt), "--ep_size", "2",
                              "--port", "0", "--decode", "eager"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         line = proc.stdout.readline()
         assert line.startswith("serving tiny on http://127.0.0.1:"), proc.stderr.read()[-3000:] if not line else line
@@ -59,9 +59,9 @@ def test_two_rank_expert_parallel_server_equals_single_process(tmp_path):
         out, err = proc.communicate(timeout=60)
         assert proc.returncode == 0, err[-3000:]
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        if proc.poll() is None:  # the whole launch: killing only the launcher leaves ranks holding its pipes
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate(timeout=60)
 
 
 def test_capacity_routing_odd_batch_over_two_ranks(tmp_path):
@@ -90,7 +90,7 @@ def test_capacity_routing_odd_batch_over_two_ranks(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                              str(free_port()), "-m", "openmoe.serve", "--model", str(ckpt), "--ep_size", "2",
                              "--port", "0", "--decode", "eager", "--capacity_routing"], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         line = proc.stdout.readline()
         assert line.startswith("serving tiny on http://127.0.0.1:"), proc.stderr.read()[-3000:] if not line else line
@@ -101,6 +101,6 @@ def test_capacity_routing_odd_batch_over_two_ranks(tmp_path):
         out, err = proc.communicate(timeout=60)
         assert proc.returncode == 0, err[-3000:]
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        if proc.poll() is None:  # the whole launch: killing only the launcher leaves ranks holding its pipes
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate(timeout=60)
