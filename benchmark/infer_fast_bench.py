@@ -262,8 +262,8 @@ def check_kernels(cfg, device, dtype, out_dir: str) -> bool:
                          "separate_TBps": t_sep and nbytes * rot / t_sep / 1e6})
     for row in rows:
         print(json.dumps(row), flush=True)
-    json.dump({"ok": ok, "tolerance": tol, "best_tiles": dataclasses.asdict(best), "rows": rows},
-              open(os.path.join(out_dir, "kernel_check.json"), "w"), indent=2)
+    with open(os.path.join(out_dir, "kernel_check.json"), "w") as f:
+        json.dump({"ok": ok, "tolerance": tol, "best_tiles": dataclasses.asdict(best), "rows": rows}, f, indent=2)
     return ok
 
 
@@ -322,6 +322,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.short_tokens >= a.new_tokens:
         raise SystemExit(f"error: --short_tokens ({a.short_tokens}) must be < --new_tokens ({a.new_tokens})")
+    os.makedirs(a.out, exist_ok=True)  # every mode writes its JSON (and profiles) there
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if a.check_kernels_only:
