@@ -15,7 +15,7 @@ Triton kernels (GPU only; Triton is not installed on the CPU test hosts), one la
                    a grid of N / BLOCK_N * P programs alone would leave most SMs idle at H = 2048 outputs); grid
                    (N / BLOCK_N, S, P), fp32 partials, no atomics (deterministic). The down projection always; with
                    gate_split > 1 also wi_gate and wi_up (activation then in the torch epilogue): more, shorter
-                   programs, which measured faster on the H200 (benchmark/results/issue18_decode_2026-11-30.md).
+                   programs, which measured faster on the H200 (benchmark/RESULTS.md, "Single-GPU decode speed").
 The split-K sums, the combine weights (sum over k of w[t, k] * y[t, k]) and the split gate/up epilogue are a few
 small torch ops that torch.compile fuses. Accumulation is fp32; the reference (`gathered_experts`) rounds each
 matmul to bf16, so on GPU the two agree within bf16 rounding, not bitwise (the GPU kernel check has the tolerance).
