@@ -27,6 +27,19 @@ def rows(*contents, width=None):
     return ids, (ids != 0).long()
 
 
+
+class CollectStreamer:
+    """A transformers streamer that records every put() (the prompt first, then each new token) and end()."""
+
+    def __init__(self):
+        self.chunks = []
+
+    def put(self, value):
+        self.chunks.append(value.flatten().tolist())
+
+    def end(self):
+        self.chunks.append("end")
+
 def test_bos_visible_mask_follows_the_rule():
     ids = torch.tensor([[0, 5, 6, 7, 8], [0, 0, 0, 5, 6], [0, 0, 5, 6, 7], [5, 6, 7, 8, 9], [0, 0, 0, 0, 0],
                         [7, 0, 5, 6, 8]])
@@ -114,17 +127,7 @@ def test_generation_config_streamer_and_stop_strings(model):
     out = model.generate(ids, attention_mask=mask, generation_config=config)
     assert out[0, 5:].tolist() == [free[0, 5].item(), free[0, 6].item()]  # stopped at the chosen EOS
 
-    class Collect:
-        def __init__(self):
-            self.chunks = []
-
-        def put(self, value):
-            self.chunks.append(value.flatten().tolist())
-
-        def end(self):
-            self.chunks.append("end")
-
-    streamer = Collect()
+    streamer = CollectStreamer()
     model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, eos_token_id=None, streamer=streamer)
     assert streamer.chunks[0] == ids[0].tolist() and streamer.chunks[-1] == "end"
     assert sum(streamer.chunks[1:-1], []) == free[0, 5:9].tolist()
@@ -202,20 +205,10 @@ def test_fast_route_streams_and_grows_its_cache(model, fast_calls):
     """A streamer sees what transformers' generate gives it; a request larger than the cached decoder rebuilds it."""
     from transformers import GenerationConfig
 
-    class Collect:
-        def __init__(self):
-            self.chunks = []
-
-        def put(self, value):
-            self.chunks.append(value.flatten().tolist())
-
-        def end(self):
-            self.chunks.append("end")
-
     ids, mask = rows([0, 17, 300, 45, 9])
     streams = []
     for fast in (False, True):
-        streams.append(Collect())
+        streams.append(CollectStreamer())
         model.generate(ids, attention_mask=mask, max_new_tokens=5, eos_token_id=None, streamer=streams[-1],
                        fast_decode=fast)
     assert streams[0].chunks == streams[1].chunks
