@@ -27,7 +27,6 @@ def rows(*contents, width=None):
     return ids, (ids != 0).long()
 
 
-
 class CollectStreamer:
     """A transformers streamer that records every put() (the prompt first, then each new token) and end()."""
 
@@ -39,6 +38,7 @@ class CollectStreamer:
 
     def end(self):
         self.chunks.append("end")
+
 
 def test_bos_visible_mask_follows_the_rule():
     ids = torch.tensor([[0, 5, 6, 7, 8], [0, 0, 0, 5, 6], [0, 0, 5, 6, 7], [5, 6, 7, 8, 9], [0, 0, 0, 0, 0],
