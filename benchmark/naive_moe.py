@@ -34,11 +34,11 @@ class NaiveExpert(nn.Module):
         return (self.act(x @ self.wi_gate) * (x @ self.wi_up)) @ self.wo
 
 
-class NaiveSparseMLP(nn.Module):
-    """Drop-in for `OpenMoeSparseMLP` (same forward signature and returns). Build with `from_sparse`."""
+class _PerExpertMLP(nn.Module):
+    """What both baselines share: the router of an OpenMoeSparseMLP (the same gate Parameter, our routing) and one
+    module per expert (copies of the stacked weights, as the published modelings hold them)."""
 
     route = OpenMoeSparseMLP.route
-    sizes_dropless_buffer = True  # the dense mask needs a capacity even when dropless (the max load, a host read)
 
     def __init__(self, sparse: OpenMoeSparseMLP):
         super().__init__()
@@ -54,8 +54,14 @@ class NaiveSparseMLP(nn.Module):
                         stacked.act) for e in range(stacked.num_local_experts))
 
     @classmethod
-    def from_sparse(cls, sparse: OpenMoeSparseMLP) -> "NaiveSparseMLP":
+    def from_sparse(cls, sparse: OpenMoeSparseMLP):
         return cls(sparse)
+
+
+class NaiveSparseMLP(_PerExpertMLP):
+    """Drop-in for `OpenMoeSparseMLP` (same forward signature and returns). Build with `from_sparse`."""
+
+    sizes_dropless_buffer = True  # the dense mask needs a capacity even when dropless (the max load, a host read)
 
     def forward(self, hidden: torch.Tensor, token_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, MoeAux]:
         shape = hidden.shape
@@ -71,33 +77,26 @@ class NaiveSparseMLP(nn.Module):
         return out.view(shape), moe_aux(r, self.router_aux_loss_type, shape[:-1])
 
 
-def naive_model_(model: nn.Module) -> nn.Module:
-    """Replace every OpenMoeSparseMLP of an OpenMoeForCausalLM by the naive layer (same weights), in place."""
+def swap_moe_(model: nn.Module, layer_cls) -> nn.Module:
+    """Replace every OpenMoeSparseMLP of an OpenMoeForCausalLM by layer_cls built from it (same weights), in place."""
     for layer in model.model.layers:
         if isinstance(layer.mlp, OpenMoeSparseMLP):
-            layer.mlp = NaiveSparseMLP.from_sparse(layer.mlp)
+            layer.mlp = layer_cls.from_sparse(layer.mlp)
     return model
 
 
-class LoopSparseMLP(nn.Module):
+def naive_model_(model: nn.Module) -> nn.Module:
+    """Baseline (b): every OpenMoeSparseMLP replaced by the naive [T, E, C] einsum layer."""
+    return swap_moe_(model, NaiveSparseMLP)
+
+
+class LoopSparseMLP(_PerExpertMLP):
     """Baseline (c): the per-expert loop of the published modelings (HF Mixtral's and OpenMoE's reference
     formulation): per-expert modules; for each expert, find its (token, choice) pairs (`torch.where`: a device->host
     sync per expert), run it on those rows, weight them, `index_add_` them back. No capacity buffer, no padding, no
     all-to-all: meant to run data-parallel (FSDP2 in the benchmark). Routing is ours, as in NaiveSparseMLP."""
 
-    route = OpenMoeSparseMLP.route
     sizes_dropless_buffer = False  # the loop needs no capacity
-
-    def __init__(self, sparse: OpenMoeSparseMLP):
-        super().__init__()
-        for attr in ("num_experts", "top_k", "capacity_factor_train", "capacity_factor_eval", "min_capacity",
-                     "drop_tokens", "router_combine", "router_aux_loss_type", "selection_bias"):
-            setattr(self, attr, getattr(sparse, attr))
-        self.gate_weight = sparse.gate_weight  # the same Parameter
-        stacked = sparse.experts
-        self.experts = nn.ModuleList(
-            NaiveExpert(stacked.wi_gate.data[e].clone(), stacked.wi_up.data[e].clone(), stacked.wo.data[e].clone(),
-                        stacked.act) for e in range(stacked.num_local_experts))
 
     def forward(self, hidden: torch.Tensor, token_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, MoeAux]:
         shape = hidden.shape
@@ -112,8 +111,5 @@ class LoopSparseMLP(nn.Module):
 
 
 def loop_model_(model: nn.Module) -> nn.Module:
-    """Replace every OpenMoeSparseMLP of an OpenMoeForCausalLM by the per-expert loop layer (same weights)."""
-    for layer in model.model.layers:
-        if isinstance(layer.mlp, OpenMoeSparseMLP):
-            layer.mlp = LoopSparseMLP(layer.mlp)
-    return model
+    """Baseline (c): every OpenMoeSparseMLP replaced by the per-expert loop layer."""
+    return swap_moe_(model, LoopSparseMLP)
