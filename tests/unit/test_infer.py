@@ -54,6 +54,27 @@ def test_device_map_with_disk_offload_equals_single_device(ckpt, tmp_path):
     assert torch.equal(got, want)
 
 
+@pytest.fixture(scope="module")
+def infer_cli():
+    """infer.py loaded as a module, so that comparisons between its modes run in this process (each subprocess costs
+    seconds of imports); what users type is covered by the run_infer tests."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("infer_cli", os.path.join(ROOT, "infer.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def infer_output(infer_cli, capsys, *args) -> str:
+    """infer.py's stdout for these arguments, run in this process; asserts exit code 0."""
+    capsys.readouterr()
+    code = infer_cli.main(list(args))
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    return out
+
+
 def run_infer(*args, stdin=None):
     return subprocess.run([sys.executable, "infer.py", *args], cwd=ROOT, capture_output=True, text=True,
                           input=stdin, timeout=120)
@@ -129,7 +150,7 @@ def test_init_expert_parallel_checks_the_launch(monkeypatch):
             dist.destroy_process_group()
 
 
-def test_cli_fast_decode_equals_eager(ckpt, tmp_path):
+def test_cli_fast_decode_equals_eager(ckpt, tmp_path, infer_cli, capsys):
     """--decode fast (the default on one GPU; forced here on CPU, fp32) prints what the eager reference prints with
     dropless routing: a left-padded batch, greedy, then seeded sampling; chat answers through the streamer too.
     --decode fast where it cannot run is one error line."""
@@ -137,13 +158,12 @@ def test_cli_fast_decode_equals_eager(ckpt, tmp_path):
     prompts.write_text("Reverse the word: apple.\\nOutput:\nHi\nSort the numbers: 5, 2, 9\n")
     common = ["--model", ckpt, "--prompt_file", str(prompts), "--max_new_tokens", "6"]
     for extra in ([], ["--do_sample", "--temperature", "0.8", "--top_k", "40", "--seed", "3"]):
-        eager = run_infer(*common, *extra, "--decode", "eager", "--dropless")
-        fast = run_infer(*common, *extra, "--decode", "fast")
-        assert eager.returncode == 0 and fast.returncode == 0, eager.stderr + fast.stderr
-        assert fast.stdout == eager.stdout and fast.stdout.count("=== ") == 3
+        eager = infer_output(infer_cli, capsys, *common, *extra, "--decode", "eager", "--dropless")
+        fast = infer_output(infer_cli, capsys, *common, *extra, "--decode", "fast")
+        assert fast == eager and fast.count("=== ") == 3
     chat = ["--model", ckpt, "--chat", "--prompt", "Name a colour.", "--max_new_tokens", "5"]
-    eager, fast = run_infer(*chat, "--decode", "eager", "--dropless"), run_infer(*chat, "--decode", "fast")
-    assert fast.returncode == 0 and fast.stdout == eager.stdout, eager.stderr + fast.stderr
+    eager = infer_output(infer_cli, capsys, *chat, "--decode", "eager", "--dropless")
+    assert infer_output(infer_cli, capsys, *chat, "--decode", "fast") == eager and eager.strip()
     res = run_infer("--model", ckpt, "--prompt", "x", "--decode", "fast", "--device_map", "auto")
     assert res.returncode == 2 and res.stderr.strip() == ("error: --decode fast runs the whole model on one device; "
                                                           "with --device_map auto use --decode eager"), res.stderr
