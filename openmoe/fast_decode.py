@@ -66,7 +66,7 @@ from openmoe.model import (
     rope_cos_sin,
 )
 from openmoe.moe import HAS_GROUPED_MM, OpenMoeSparseMLP, combine, dispatch, grouped_experts
-from openmoe.router import RouterOutput, combine_weights, route
+from openmoe.router import RouterOutput, combine_weights, route, select_experts
 
 MOE_IMPLS = ("auto", "gather", "grouped", "dense", "gemv")
 GEMV_MAX_PAIRS = 8  # "auto" takes the Triton GEMV up to this many (token, choice) pairs per step, then grouped
@@ -94,10 +94,7 @@ def decode_route(mlp: OpenMoeSparseMLP, x: torch.Tensor) -> RouterOutput:
     """Dropless top-k of x [T, H] with the layer's router, bias and combine rule; no host sync (capacity left 0).
     router.route's numbers (fp32 logits, softmax, biased selection, combine weights) without its slot assignment
     and load counts (one-hot cumsums over [T, K, E]), which nothing at decode reads: fewer kernels per MoE layer."""
-    logits = F.linear(x.float(), mlp.gate_weight.float())  # [T, E]
-    probs = logits.softmax(dim=-1)
-    scores = probs if mlp.selection_bias is None else probs + mlp.selection_bias.float()
-    _, expert_idx = scores.topk(mlp.top_k, dim=-1)  # [T, K]
+    logits, probs, expert_idx = select_experts(x, mlp.gate_weight, mlp.top_k, mlp.selection_bias)
     keep = torch.ones_like(expert_idx, dtype=torch.bool)
     return RouterOutput(expert_idx=expert_idx, combine_weight=combine_weights(probs, expert_idx, mlp.router_combine),
                         slot=torch.zeros_like(expert_idx), keep=keep, capacity=0, logits=logits, probs=probs,

@@ -70,6 +70,17 @@ def assign_slots(expert_idx: torch.Tensor, token_mask: torch.Tensor, num_experts
     return (slot_all * by_rank).sum(dim=-1).transpose(0, 1), tokens_per_expert
 
 
+def select_experts(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int,
+                   selection_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The router's choice: fp32 logits [T, E] (fp32: see the module docstring),
+    softmax probabilities [T, E], and the top-k expert ids [T, K] of the probabilities plus the selection bias."""
+    logits = F.linear(x.float(), gate_weight.float())  # [T, E]
+    probs = logits.softmax(dim=-1)
+    scores = probs if selection_bias is None else probs + selection_bias.float()
+    _, expert_idx = scores.topk(top_k, dim=-1)  # [T, K]
+    return logits, probs, expert_idx
+
+
 def route(
     x: torch.Tensor,  # [T, H]
     gate_weight: torch.Tensor,  # [E, H]
@@ -97,10 +108,7 @@ def route(
     num_tokens, num_experts = x.shape[0], gate_weight.shape[0]
     if token_mask is None:
         token_mask = torch.ones(num_tokens, dtype=torch.bool, device=x.device)
-    logits = F.linear(x.float(), gate_weight.float())  # [T, E]
-    probs = logits.softmax(dim=-1)
-    scores = probs if selection_bias is None else probs + selection_bias.float()
-    _, expert_idx = scores.topk(top_k, dim=-1)  # [T, K]
+    logits, probs, expert_idx = select_experts(x, gate_weight, top_k, selection_bias)
     weight = combine_weights(probs, expert_idx, combine)  # [T, K]
     slot, tokens_per_expert = assign_slots(expert_idx, token_mask, num_experts)  # [T, K], [E]
 
