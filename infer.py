@@ -7,11 +7,11 @@
     python infer.py --model /ckpt/openmoe-34b --device_map auto --max_memory 0=70GiB,1=70GiB,cpu=200GiB
     colossalai run --nproc_per_node 2 infer.py --model /ckpt/openmoe-8b --ep_size 2 --prompt_file prompts.txt
     torchrun --nproc_per_node 2 infer.py --model /ckpt/openmoe-8b --ep_size 2 --prompt_file prompts.txt  # the same
+    python infer.py --model outputs/tiny-ep/hf --serve --port 8000    # OpenAI-compatible server (openmoe/serve)
 
 Decoding: on one CUDA device the static-cache fast decoder (openmoe/fast_decode.py: no host sync per token, the step
 under torch.compile reduce-overhead, dropless routing); on CPU, with --device_map and with --ep_size > 1 transformers'
 generate over the model (the reference, the checkpoint's capacity routing unless --dropless). --decode chooses.
-    python infer.py --model outputs/tiny-ep/hf --serve --port 8000    # OpenAI-compatible server (openmoe/serve)
 """
 
 from __future__ import annotations
