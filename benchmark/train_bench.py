@@ -87,6 +87,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="ours: LM head + loss implementation (run option of the same name)")
     p.add_argument("--compile_blocks", action="store_true",
                    help="ours: regional torch.compile of the decoder blocks' dense parts (run option of the same name)")
+    p.add_argument("--lean_zero", action="store_true",
+                   help="ours: ZeRO-1 reduce-scatter and optimizer step on flat buffers (run option of the same name)")
     p.add_argument("--overlap_communication", action="store_true",
                    help="ours: ZeRO reduces the gradients of the step's last micro-batch during its backward, on a "
                         "side stream (run option of the same name)")
@@ -107,9 +109,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=42)
     a = p.parse_args(argv)
     if a.kind != "ours" and (a.use_kernel or a.activation_checkpointing or a.family != "openmoe" or a.comm_overlap
-                             or a.hierarchical_alltoall or a.compile_blocks or a.overlap_communication):
+                             or a.hierarchical_alltoall or a.compile_blocks or a.overlap_communication
+                             or a.lean_zero):
         p.error("--use_kernel/--activation_checkpointing/--family/--comm_overlap/--hierarchical_alltoall/"
-                "--compile_blocks/--overlap_communication are options of --kind ours")
+                "--compile_blocks/--overlap_communication/--lean_zero are options of --kind ours")
     if a.dropless and a.kind not in ("ours", "fsdp"):
         p.error("--dropless is an option of --kind ours and fsdp (mixtral is dropless anyway; naive needs capacity)")
     if a.kind == "mixtral" and a.plugin != "ep":
@@ -228,7 +231,7 @@ def ours_layout(a, cfg: OpenMoeConfig, world: int):
                       batch_size=a.batch_size, max_length=a.seq, use_kernel=a.use_kernel, dropless=a.dropless,
                       activation_checkpointing=a.activation_checkpointing, lm_loss_impl=a.lm_loss_impl,
                       grad_accum=a.grad_accum, comm_overlap=a.comm_overlap, compile_blocks=a.compile_blocks,
-                      overlap_communication=a.overlap_communication,
+                      overlap_communication=a.overlap_communication, lean_zero=a.lean_zero,
                       hierarchical_alltoall=a.hierarchical_alltoall, precision="bf16", zero_stage=1, lr=a.lr,
                       warmup_steps=1, grad_clip=1.0, seed=a.seed, tensorboard=False, max_steps=10**6,
                       lora_rank=a.lora_rank)
@@ -276,7 +279,8 @@ def build_ours(a, cfg, world: int, device) -> Bench:
         ", hierarchical all-to-all" if a.hierarchical_alltoall else "")
     lora = f", LoRA rank {a.lora_rank} (base frozen)" if a.lora_rank else ""
     compiled = (", compiled blocks" if a.compile_blocks else "") + (
-        ", ZeRO reduction overlapped" if a.overlap_communication else "")
+        ", ZeRO reduction overlapped" if a.overlap_communication else "") + (
+        ", lean ZeRO-1" if a.lean_zero else "")
     label = f"ours{family} ({impl}, {routing_mode}{comm}{lora}{compiled})"
     layout = {"plugin": a.plugin, "ep": sizes.ep, "pp": sizes.pp, "dp": sizes.dp, "moe_dp": sizes.moe_dp}
     return Bench(step, flops, layout, a.batch_size * a.seq * sizes.dp * a.grad_accum, sizes.ep > 1, routing, label)
@@ -542,7 +546,8 @@ def run(a) -> dict:
     gemm_peak = timing.gemm_peak_tflops(device)
     cfg = model_config(a)
     options = ("use_kernel", "dropless", "activation_checkpointing", "no_attention_mask", "lm_loss_impl", "grad_accum",
-               "comm_overlap", "hierarchical_alltoall", "compile_blocks", "overlap_communication")
+               "comm_overlap", "hierarchical_alltoall", "compile_blocks", "overlap_communication",
+               "lean_zero")
     base.update(layers=cfg.num_hidden_layers, moe_layers=cfg.num_moe_layers, family=a.family,
                 shape=f"{a.model}-L{cfg.num_hidden_layers}", options={k: getattr(a, k) for k in options})
     bench = BUILDERS[a.kind](a, cfg, world, device)

@@ -73,14 +73,17 @@ class Boosted:
     scheduler: object | None
 
 
-def boost(plugin, model, optimizer, scheduler=None) -> Boosted:
+def boost(plugin, model, optimizer, scheduler=None, lean_zero: bool = False) -> Boosted:
     """Wrap model and optimizer for the plugin and always apply the clipping fix (without it, clipping under expert
-    parallelism uses a wrong norm: see fix_grad_clipping)."""
+    parallelism uses a wrong norm: see fix_grad_clipping); lean_zero: ZeRO's reduction and step on flat buffers
+    (see lean_zero1)."""
     from colossalai.booster import Booster
 
     booster = Booster(plugin=plugin)
     model, optimizer, _, _, scheduler = booster.boost(model, optimizer, lr_scheduler=scheduler)
     fix_grad_clipping(optimizer)
+    if lean_zero:
+        lean_zero1(optimizer)
     return Boosted(plugin, booster, model, optimizer, scheduler)
 
 
@@ -313,32 +316,36 @@ def fix_grad_clipping(optimizer) -> None:
     divisor is 1; here the divisor goes to the fused AdamW kernel as its grad_scale input (the way torch's GradScaler
     unscales for fused optimizers), see divide_gradients.
     """
-    import torch
-    import torch.distributed as dist
-
     if not hasattr(optimizer, "_unscale_and_clip_grads"):
         return
 
     def unscale_and_clip(grad_groups_flat, total_norm):
-        sq = torch.zeros((), dtype=torch.float64, device=grad_groups_flat[0].device if grad_groups_flat else "cpu")
-        for g in grad_groups_flat:
-            # the fp32 upcast happens inside the reduction kernel: no full-size copy of the gradient
-            sq += torch.linalg.vector_norm(g.detach(), dtype=torch.float32).double().square()
-        dist.all_reduce(sq)
-        norm = float(sq.sqrt())  # still multiplied by the fp16 loss scale
-        # colossalai's _unscale_and_clip_grads arithmetic, on the true norm
-        div_scale = 1.0
-        if optimizer.mixed_precision_mixin is not None:
-            div_scale = float(optimizer.mixed_precision_mixin.get_grad_div_scale())  # fp16: the loss scale
-        optimizer._current_grad_norm = norm / div_scale
-        if optimizer._clip_grad_norm > 0.0:
-            clip = (norm / div_scale + 1e-6) / optimizer._clip_grad_norm
-            if clip > 1:
-                div_scale = clip * div_scale
-        divide_gradients(optimizer.optim, grad_groups_flat, div_scale)
+        divide_gradients(optimizer.optim, grad_groups_flat, clip_divisor(optimizer, grad_groups_flat))
 
     optimizer._compute_grad_norm = lambda *args, **kwargs: 0.0
     optimizer._unscale_and_clip_grads = unscale_and_clip
+
+
+def clip_divisor(optimizer, grads: list[torch.Tensor]) -> float:
+    """What the step divides this rank's gradient shards `grads` by (fp16 loss scale times the clipping factor), from
+    the exact global norm: one scalar all-reduce of the squared norms (see fix_grad_clipping). Sets the optimizer's
+    _current_grad_norm (what get_grad_norm returns)."""
+    sq = torch.zeros((), dtype=torch.float64, device=grads[0].device if grads else "cpu")
+    for g in grads:
+        # the fp32 upcast happens inside the reduction kernel: no full-size copy of the gradient
+        sq += torch.linalg.vector_norm(g.detach(), dtype=torch.float32).double().square()
+    dist.all_reduce(sq)
+    norm = float(sq.sqrt())  # still multiplied by the fp16 loss scale
+    # colossalai's _unscale_and_clip_grads arithmetic, on the true norm
+    div_scale = 1.0
+    if optimizer.mixed_precision_mixin is not None:
+        div_scale = float(optimizer.mixed_precision_mixin.get_grad_div_scale())  # fp16: the loss scale
+    optimizer._current_grad_norm = norm / div_scale
+    if optimizer._clip_grad_norm > 0.0:
+        clip = (norm / div_scale + 1e-6) / optimizer._clip_grad_norm
+        if clip > 1:
+            div_scale = clip * div_scale
+    return div_scale
 
 
 def divide_gradients(inner, grads, div_scale: float) -> None:
@@ -355,3 +362,200 @@ def divide_gradients(inner, grads, div_scale: float) -> None:
     elif div_scale != 1.0:
         for g in grads:
             g.mul_(1.0 / div_scale)
+
+
+# ---------------------------------------------------------------- lean ZeRO-1 reduction and step
+LEAN_BUCKET_ELEMS = 256 * 1024 * 1024  # gradient / parameter elements per reduce-scatter or all-gather
+
+
+def lean_zero1(optimizer, bucket_elems: int = LEAN_BUCKET_ELEMS) -> None:
+    """Replace colossalai's ZeRO-1 gradient reduction (after the step's last backward) and its optimizer step with
+    versions that move fewer bytes and launch fewer kernels; the arithmetic, the master-shard layout (chunk
+    `local_rank` of each padded flat parameter), the gradient stores and what get_param_grad / local_gradients /
+    get_grad_norm return stay as colossalai's. Measured on 2 x H200 in benchmark/results/issue19_draft_s6.md.
+
+    Reduction (_sync_grad), per process group of the gradient stores:
+    - colossalai 0.5.0 (low_level_optim.py _run_reduction) copies each bucket of gradients into a flat buffer,
+      divides it, ALL-reduces it (every rank receives every rank's chunks, of which ZeRO-1 uses one) and keeps views;
+      it does this also over the expert parameters' MoE data-parallel group when that group has one rank (plugin
+      `ep`: copy, divide by 1, a one-rank all-reduce).
+    - here: one-rank groups keep p.grad itself as the shard (no copy, no collective); larger groups copy each
+      bucket rank-major into one send buffer and REDUCE-SCATTER it (half the bytes of the all-reduce), then divide
+      the received shard (for a power-of-two group the same values: scaling by 2^-k is exact).
+    Step (step):
+    - colossalai casts every gradient shard to fp32 one parameter at a time, runs the inner optimizer, casts every
+      fp32 master to a new bf16 tensor, copies those into buckets, all-gathers each bucket (also over one-rank groups)
+      and copies the result back.
+    - here: one foreach copy casts all gradient shards into one flat fp32 buffer; the clipping norm reads the bf16
+      shards (same values, half the bytes); after the inner step one-rank groups cast the masters straight into the
+      working parameters (one foreach copy); larger groups cast them into one send buffer per bucket, all-gather it
+      into place with one foreach copy back into the padded working parameters.
+    Refused (ValueError): ZeRO's cpu_offload, master_weights=False, overlap_allgather, fp8 communication, a
+    communication dtype, a 2-D data-parallel group. ZeRO-2 / overlap_communication reduce from hooks (colossalai's
+    path, unchanged); the lean step serves them too. With a pipeline the plugin reduces through sync_dp_grads
+    (colossalai's path); the lean step still applies.
+    """
+    bad = [name for name, on in (("cpu_offload", optimizer._cpu_offload), ("master_weights=False",
+                                 not optimizer._master_weights), ("overlap_allgather", optimizer._overlap_allgather),
+                                 ("fp8_communication", optimizer._fp8_communication),
+                                 ("communication_dtype", optimizer._communication_dtype is not None),
+                                 ("a 2-D data-parallel group", any(isinstance(pg, tuple)
+                                                                   for pg in optimizer.pg_to_param_list))) if on]
+    if bad:
+        raise ValueError(f"lean_zero: not supported with ZeRO's {', '.join(bad)}; accepted: ZeRO with fp32 master "
+                         f"weights on the GPU, one data-parallel group per store, bf16/fp16 communication")
+    optimizer._sync_grad = lambda: _lean_reduce(optimizer, bucket_elems)
+    optimizer.step = lambda closure=None: _lean_step(optimizer, bucket_elems, closure)
+
+
+def _buckets(items: list, size, limit: int) -> list[list]:
+    """items cut in order into runs whose sizes sum to at most limit (an item larger than limit alone)."""
+    out, cur, n = [], [], 0
+    for it in items:
+        if cur and n + size(it) > limit:
+            out.append(cur)
+            cur, n = [], 0
+        cur.append(it)
+        n += size(it)
+    return out + [cur] if cur else out
+
+
+def _keep_grad_shard(optimizer, group_id: int, p, shard: torch.Tensor) -> None:
+    """Put this rank's reduced shard of p's gradient into colossalai's gradient store where its step, get_param_grad
+    and get_working_grads_by_group_id read it (ZeRO-1: list index local_rank; the other ranks' slots stay None: this
+    rank never received them). A second reduction before the step adds to it, as colossalai's _add_grad does."""
+    store = optimizer.pid_to_grad_store[id(p)]
+    held = store.get_partitioned_gradients_by_param_id(group_id, id(p))
+    if held:
+        held[store.local_rank].add_(shard)
+        return
+    slots = [None] * store.world_size
+    slots[store.local_rank] = shard
+    store._grads_of_params.setdefault(group_id, {})[id(p)] = slots
+    store.grad_to_param_mapping[id(shard)] = id(p)
+
+
+def _lean_reduce(optimizer, bucket_elems: int) -> None:
+    """ZeRO-1's gradient reduction after the step's last backward (replaces _sync_grad; see lean_zero1)."""
+    from colossalai.tensor.moe_tensor.api import is_moe_tensor
+
+    for group_id in range(optimizer.num_param_groups):
+        per_store: dict[int, tuple[object, list]] = {}
+        for p in optimizer._working_param_groups[group_id]:
+            if is_moe_tensor(p) and p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)  # as colossalai: an unrouted expert reduces zeros, the ranks agree
+            if p.requires_grad and p.grad is not None:
+                store = optimizer.pid_to_bucket_store[id(p)]
+                per_store.setdefault(id(store), (store, []))[1].append(p)
+        for store, params in per_store.values():
+            if store.world_size == 1:  # nothing to reduce: the gradient is the shard (padding is 0 for one rank)
+                for p in params:
+                    _keep_grad_shard(optimizer, group_id, p, p.grad.detach().view(-1))
+                    p.grad = None
+                continue
+            world = store.world_size
+            shard = lambda p: (p.numel() + optimizer.get_param_padding_size(p)) // world
+            for bucket in _buckets(params, lambda p: world * shard(p), bucket_elems):
+                _reduce_scatter_bucket(optimizer, group_id, store, bucket, [shard(p) for p in bucket])
+
+
+def _reduce_scatter_bucket(optimizer, group_id: int, store, params: list, shards: list[int]) -> None:
+    """send [world, K]: row r holds chunk r of every parameter's padded flat gradient (K = sum of the chunk sizes);
+    the reduce-scatter leaves row local_rank summed over the group in recv [K]."""
+    world, total = store.world_size, sum(shards)
+    grads = [p.grad.detach().view(-1) for p in params]
+    send = torch.empty(world * total, dtype=grads[0].dtype, device=grads[0].device)
+    dst, src, off = [], [], 0
+    for g, c in zip(grads, shards):
+        for r in range(world):
+            lo, hi = r * c, min((r + 1) * c, g.numel())
+            row = send[r * total + off: r * total + off + c]
+            if hi > lo:
+                dst.append(row[:hi - lo])
+                src.append(g[lo:hi])
+            if hi - lo < c:  # ZeRO's padding of the last chunk
+                row[max(hi - lo, 0):].zero_()
+        off += c
+    torch._foreach_copy_(dst, src)
+    del dst, src, grads
+    for p in params:
+        p.grad = None  # the send buffer holds the values now
+    recv = torch.empty(total, dtype=send.dtype, device=send.device)
+    dist.reduce_scatter_tensor(recv, send, group=store.torch_pg)
+    del send
+    recv.div_(world)
+    for p, piece in zip(params, recv.split(shards)):
+        _keep_grad_shard(optimizer, group_id, p, piece)
+
+
+def _lean_step(optimizer, bucket_elems: int, closure=None) -> None:
+    """colossalai's LowLevelZeroOptimizer.step on flat buffers (see lean_zero1)."""
+    assert closure is None, "closure is not supported by step()"
+    if not optimizer.require_grad_sync:
+        return
+    mixin = optimizer.mixed_precision_mixin
+    if mixin is not None and mixin.should_skip_step():  # fp16 overflow: colossalai's own skip
+        optimizer.zero_grad()
+        return
+    working, masters, shards = [], [], []
+    for group_id in range(optimizer.num_param_groups):
+        real = []
+        for w, m in zip(optimizer._working_param_groups[group_id],
+                        optimizer._master_param_groups_of_current_rank[group_id]):
+            store = optimizer.pid_to_grad_store[id(w)]
+            held = store.get_partitioned_gradients_by_param_id(group_id, id(w))
+            if held:  # a parameter without a gradient (e.g. a dropped layer) is not updated
+                working.append(w)
+                masters.append(m)
+                shards.append(held[0 if optimizer._partition_grads else store.local_rank])
+                real.append(m)
+        optimizer.optim.param_groups[group_id]["params"] = real
+    if masters:
+        # fp32 copies of the shards: one buffer, one foreach copy (the cast happens inside it)
+        flat = torch.empty(sum(m.numel() for m in masters), dtype=masters[0].dtype, device=masters[0].device)
+        fp32 = [v.view_as(m) for v, m in zip(flat.split([m.numel() for m in masters]), masters)]
+        torch._foreach_copy_(fp32, [g.view_as(m) for g, m in zip(shards, masters)])
+        for m, g in zip(masters, fp32):
+            m.grad = g
+        divide_gradients(optimizer.optim, fp32, clip_divisor(optimizer, shards))
+        optimizer.optim.step()
+        for m in masters:
+            m.grad = None
+        del flat, fp32
+    for group_id in range(optimizer.num_param_groups):
+        optimizer.optim.param_groups[group_id]["params"] = optimizer._master_param_groups_of_current_rank[group_id]
+    with torch.no_grad():
+        _lean_gather(optimizer, working, masters, bucket_elems)
+
+
+def _lean_gather(optimizer, working: list, masters: list, bucket_elems: int) -> None:
+    """Every rank's updated masters into the working (bf16/fp16) parameters: one-rank groups by a direct cast,
+    larger groups by an all-gather per bucket into [world, K] and one foreach copy back into the parameters (row r,
+    chunk of parameter i -> flat_i[r * c_i: (r + 1) * c_i], ZeRO's padding dropped). Written into each parameter's
+    current .data (what colossalai's bucketed write-back does too), not a view cached at construction."""
+    per_pg: dict[int, tuple[object, list]] = {}
+    for w, m in zip(working, masters):
+        pg = optimizer.param_to_pg[w]
+        per_pg.setdefault(id(pg), (pg, []))[1].append((w.data.view(-1), m))
+    for pg, pairs in per_pg.values():
+        world = dist.get_world_size(pg)
+        if world == 1:  # the master is the whole parameter
+            torch._foreach_copy_([flat for flat, _ in pairs], [m for _, m in pairs])
+            continue
+        for bucket in _buckets(pairs, lambda fm: world * fm[1].numel(), bucket_elems):
+            shards = [m.numel() for _, m in bucket]
+            total = sum(shards)
+            send = torch.empty(total, dtype=optimizer._dtype, device=bucket[0][1].device)
+            torch._foreach_copy_(list(send.split(shards)), [m for _, m in bucket])  # fp32 -> bf16 (round to nearest)
+            out = torch.empty(world * total, dtype=send.dtype, device=send.device)
+            dist.all_gather_into_tensor(out, send, group=pg)
+            dst, src = [], []
+            for r in range(world):
+                off = r * total
+                for (flat, _), c in zip(bucket, shards):
+                    lo, hi = r * c, min((r + 1) * c, flat.numel())
+                    if hi > lo:
+                        dst.append(flat[lo:hi])
+                        src.append(out[off: off + hi - lo])
+                    off += c
+            torch._foreach_copy_(dst, src)

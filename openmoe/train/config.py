@@ -71,6 +71,10 @@ class ParallelSection:
                                             "side stream (ColossalAI's overlap_communication); needs zero_stage >= 1 "
                                             "and no pipeline; off: reduced after backward. Not the expert "
                                             "all-to-all: see --comm_overlap")
+    lean_zero: bool = _f(False, "ZeRO: reduce-scatter the gradients after the step's last backward and run the "
+                                "optimizer step on flat buffers with foreach casts, skipping the copies and "
+                                "collectives colossalai spends on one-rank groups (openmoe/backend/colossal.py "
+                                "lean_zero1); same arithmetic; off: colossalai's all-reduce and per-parameter step")
     comm_overlap: int = _f(0, "expert all-to-all: overlap it with expert compute in N chunks, forward and backward "
                               f"(capacity routing); given alone (upstream's switch): {COMM_OVERLAP_CHUNKS} chunks; "
                               "off: 0. Not ZeRO's reduction: see --overlap_communication", const=COMM_OVERLAP_CHUNKS)

@@ -69,6 +69,9 @@ def test_zero2_and_overlap_communication_are_accepted_where_they_take_effect():
         with_overlap(2, plugin="ep_zero", extra_dp_size=2, zero_stage=0)
     with pytest.raises(ValueError, match=r"--overlap_communication .* no pipeline \(pp_size 2"):
         with_overlap(4, plugin="hybrid", pp_size=2, ep_size=2)
+    lean = RunConfig.from_flat(plugin="ep_zero", extra_dp_size=2, zero_stage=0, lean_zero=True)
+    with pytest.raises(ValueError, match=r"--lean_zero .* needs zero_stage >= 1 \(got 0\)"):
+        resolve_sizes(lean, preset("tiny"), 2)
 
 
 def test_incompatible_flags_are_never_silently_ignored():
