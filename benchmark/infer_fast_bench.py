@@ -114,6 +114,16 @@ def copy_bandwidth(device: torch.device) -> float | None:
     return bw
 
 
+def load_decoder_class(path: str):
+    """FastDecoder of the module in file `path` (imported under its own name, beside openmoe.fast_decode)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("baseline_fast_decode", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.FastDecoder
+
+
 def wall(fn, device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -318,6 +328,11 @@ def main(argv=None) -> int:
                         "that --check_kernels_only writes)")
     p.add_argument("--check_kernels_only", action="store_true",
                    help="only the decode-kernel check and device times (kernel_check.json); exit 1 on a mismatch")
+    p.add_argument("--baseline_decoder", default=None,
+                   help="a file holding another FastDecoder (e.g. an earlier commit's openmoe/fast_decode.py, "
+                        "`git show REV:openmoe/fast_decode.py > FILE`): compiled rows 'baseline IMPL+compile' for "
+                        "each of --compile_impls, in this process on the same weights (an A/B without run-to-run "
+                        "noise)")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     a = p.parse_args(argv)
     if a.short_tokens >= a.new_tokens:
@@ -351,6 +366,10 @@ def main(argv=None) -> int:
             fast[f"{impl}+compile"] = FastDecoder(model, max_b, a.prompt_len + a.new_tokens, moe_impl=impl,
                                                   compile=True, gemv_tiles=tiles)
             max_batch[f"fast {impl}+compile"] = int(limit) if limit else max_b
+            if a.baseline_decoder:
+                fast[f"baseline {impl}+compile"] = load_decoder_class(a.baseline_decoder)(
+                    model, max_b, a.prompt_len + a.new_tokens, moe_impl=impl, compile=True)
+                max_batch[f"fast baseline {impl}+compile"] = max_batch[f"fast {impl}+compile"]
     for b in a.batch_sizes:
         ids = torch.randint(3, min(32000, cfg.vocab_size), (b, a.prompt_len), device=device)
         ids[:, 0] = 0  # <pad>-BOS

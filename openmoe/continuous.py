@@ -48,12 +48,12 @@ class SlotDecoder(FastDecoder):
         self.sampling = (do_sample, temperature, top_k, top_p, repetition_penalty, generator)
 
     # ---- the cache, per slot
-    def _attention(self, i, attn, x, cos, sin, allowed, where):
+    def _attention(self, i, attn, x, cos, sin, allowed, where, prefill: bool):
         """where = (slots: slice of cache rows, rows [R, 1], cols [R, S]): this call's K/V go to cache cells
         (rows, cols) of those slots; attention runs over all M columns of them. A tensor `where` is
         FastDecoder.generate's shared columns (its static path still works on this cache while no slot is busy)."""
         if isinstance(where, torch.Tensor):
-            return super()._attention(i, attn, x, cos, sin, allowed, where)
+            return super()._attention(i, attn, x, cos, sin, allowed, where, prefill)
         slots, rows, cols = where
         b, s, _ = x.shape
         q = attn.q_proj(x).view(b, s, attn.num_heads, attn.head_dim).transpose(1, 2)  # [B, N, S, D]

@@ -70,6 +70,7 @@ from openmoe.router import RouterOutput, combine_weights, route, select_experts
 
 MOE_IMPLS = ("auto", "gather", "grouped", "dense", "gemv")
 GEMV_MAX_PAIRS = 8  # "auto" takes the Triton GEMV up to this many (token, choice) pairs per step, then grouped
+STOP_LEN, STOPS = 16, 8  # the stop table's first size: longer or more stop sequences grow it (a recompile)
 
 
 def pick_moe_impl(impl: str, num_tokens: int, top_k: int, num_experts: int, grouped_ok: bool = False) -> str:
@@ -152,6 +153,61 @@ class FusedWeights:
     extra: torch.Tensor | None = None  # the extra MLP's gate/up (OpenMoE's MoE layers)
 
 
+ANY_TOKEN = -2  # a stop-table cell that matches any token (stops are right-aligned in rows of the table's width)
+
+
+@dataclass
+class DecodeState:
+    """The generation loop's device state, allocated once per decoder for max_batch_size rows at fixed addresses (a
+    request uses rows [:B]), so that the compiled greedy step reads and updates it in place inside its CUDA graph:
+    no input copies, no per-step launches outside the graph. L: stop-table width, n_stop: its rows."""
+
+    tokens: torch.Tensor  # [B_max] long: the last chosen token, fed to the next step
+    positions: torch.Tensor  # [B_max] long: its position
+    count: torch.Tensor  # [B_max] long: real tokens so far (the next position is count - 1 + ...)
+    finished: torch.Tensor  # [B_max] bool
+    presence: torch.Tensor  # [B_max, V] bool: ids in the row so far (repetition penalty)
+    key_mask: torch.Tensor  # [B_max, M] bool: cache columns later steps may attend
+    out: torch.Tensor  # [B_max, M] long: new token of each step
+    done_after: torch.Tensor  # [B_max, M] bool: finished after each step
+    tail: torch.Tensor  # [B_max, L] long: the last L new tokens, -1 where none yet
+    stops: torch.Tensor  # [n_stop, L] long: stop sequences right-aligned, ANY_TOKEN before them
+    stop_used: torch.Tensor  # [n_stop] bool: rows of the table in use
+    step: torch.Tensor  # [1] long: index of the last chosen token
+    col: torch.Tensor  # [1] long: its cache column (S + step)
+    n_steps: torch.Tensor  # [] long: steps the reference would run
+    eos: torch.Tensor  # [] long
+    penalty: torch.Tensor  # [] fp32 repetition penalty (1.0: none)
+    vocab_limit: torch.Tensor  # [] long: ids >= this are never chosen (V: none)
+
+    @classmethod
+    def allocate(cls, batch: int, max_seq_len: int, vocab: int, stop_len: int, n_stop: int,
+                 device: torch.device) -> DecodeState:
+        def zeros(*shape, dtype=torch.long):
+            return torch.zeros(shape, dtype=dtype, device=device)
+
+        state = cls(tokens=zeros(batch), positions=zeros(batch), count=zeros(batch),
+                    finished=zeros(batch, dtype=torch.bool), presence=zeros(batch, vocab, dtype=torch.bool),
+                    key_mask=zeros(batch, max_seq_len, dtype=torch.bool), out=zeros(batch, max_seq_len),
+                    done_after=zeros(batch, max_seq_len, dtype=torch.bool), tail=zeros(batch, stop_len),
+                    stops=zeros(n_stop, stop_len), stop_used=zeros(n_stop, dtype=torch.bool), step=zeros(1),
+                    col=zeros(1), n_steps=zeros(), eos=zeros(), penalty=zeros(dtype=torch.float32),
+                    vocab_limit=zeros())
+        for t in vars(state).values():
+            torch._dynamo.mark_static_address(t)  # fixed addresses, as for the cache
+        return state
+
+
+def limit_logits(logits: torch.Tensor, presence: torch.Tensor, penalty, vocab_limit) -> torch.Tensor:
+    """logits [B, V] fp32 -> [B, V]: ids >= vocab_limit at -inf, the ids in `presence` [B, V] penalised (positive
+    logits divided by the penalty, negative ones multiplied: the reference's rule). penalty and vocab_limit are
+    numbers or device scalars (the compiled step reads them from the DecodeState); 1.0 and V change nothing."""
+    ids = torch.arange(logits.shape[-1], device=logits.device)
+    logits = logits.masked_fill(ids >= vocab_limit, float("-inf"))
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(presence, penalised, logits)
+
+
 def fused_mlp(mlp: OpenMoeMLP, gate_up: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
     """OpenMoeMLP.forward with gate and up read by one GEMV over their fused buffer."""
     if gate_up is None:
@@ -202,10 +258,15 @@ class FastDecoder:
         self.gemv_tiles = gemv_tiles  # tile sizes of the "gemv" expert kernels (None: decode_kernels' defaults)
         self.fused = [FusedWeights() for _ in model.model.layers]
         self.fuse_projections()
-        self._step = self._decode_step
+        self.state = DecodeState.allocate(max_batch_size, max_seq_len, cfg.vocab_size, STOP_LEN, STOPS, self.device)
+        self._step, self._greedy = self._decode_step, self._greedy_step
         if compile:
-            # static shapes: one graph per batch size, never a dynamic-shape recompile
-            self._step = torch.compile(self._decode_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
+            # static shapes: one graph per batch size, never a dynamic-shape recompile. Greedy decoding compiles the
+            # whole step (model, choice, bookkeeping: one CUDA graph replay per token); sampling compiles the model
+            # and chooses eagerly (its generator cannot enter the graph)
+            options = dict(mode="reduce-overhead", fullgraph=True, dynamic=False)
+            self._step = torch.compile(self._decode_step, **options)
+            self._greedy = torch.compile(self._greedy_step, **options)
         self._compiled = compile
 
     # ----------------------------------------------------------------------------------------------- fused weights
@@ -236,25 +297,26 @@ class FastDecoder:
         return buf
 
     # ---------------------------------------------------------------------------------------------------- layers
-    def _attention(self, i, attn, x, cos, sin, allowed, cols):
+    def _attention(self, i, attn, x, cos, sin, allowed, cols, prefill: bool):
         """x [B, S, H]; writes this call's K/V at columns cols [S] of the static cache. Keys: all M columns at
-        decode (allowed [B, 1, 1, M]); at prefill (cols = [0, S)) only the S prompt columns, causally (allowed
-        None) or under the padding-and-causal mask allowed [B, 1, S, S]."""
+        decode (allowed [B, 1, 1, M], additive); at prefill (cols = [0, S)) only the S prompt columns, causally
+        (allowed None) or under the padding-and-causal mask allowed [B, 1, S, S]."""
         b, s, _ = x.shape
         nq, nkv, d = attn.num_heads, attn.num_kv_heads, attn.head_dim
         qkv = self.fused[i].qkv
-        if qkv is not None:  # one GEMV for q, k and v
-            q, k, v = F.linear(x, qkv).split([nq * d, nkv * d, nkv * d], dim=-1)
+        if qkv is not None:  # one GEMV for q, k and v, one RoPE over the q and k heads
+            qk, v = F.linear(x, qkv).split([(nq + nkv) * d, nkv * d], dim=-1)
+            qk = apply_rope(qk.view(b, s, nq + nkv, d).transpose(1, 2), cos, sin)  # [B, N + N_kv, S, D]
+            q, k = qk.split([nq, nkv], dim=1)  # [B, N, S, D], [B, N_kv, S, D]
         else:
-            q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
-        q = q.view(b, s, nq, d).transpose(1, 2)  # [B, N, S, D]
-        k = k.view(b, s, nkv, d).transpose(1, 2)  # [B, N_kv, S, D]
-        v = v.view(b, s, nkv, d).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q = apply_rope(attn.q_proj(x).view(b, s, nq, d).transpose(1, 2), cos, sin)  # [B, N, S, D]
+            k = apply_rope(attn.k_proj(x).view(b, s, nkv, d).transpose(1, 2), cos, sin)  # [B, N_kv, S, D]
+            v = attn.v_proj(x)
+        v = v.view(b, s, nkv, d).transpose(1, 2)  # [B, N_kv, S, D]
         k_cache, v_cache = self.k_cache[i][:b], self.v_cache[i][:b]  # [B, N_kv, M, D] views
         k_cache.index_copy_(2, cols, k)
         v_cache.index_copy_(2, cols, v)
-        if allowed is None or allowed.shape[-1] < self.max_seq_len:  # prefill: keys are this call's columns [0, S)
+        if prefill:  # keys are this call's columns [0, S)
             keys, values = k, v
         else:
             keys, values = k_cache, v_cache
@@ -286,7 +348,7 @@ class FastDecoder:
     def _layer(self, i, layer, h, cos, sin, allowed, cols, token_mask, prefill: bool):
         """OpenMoeDecoderLayer.forward with the static-cache attention, the dropless MoE above and fused GEMVs."""
         f = self.fused[i]
-        h = h + self._attention(i, layer.self_attn, layer.input_layernorm(h), cos, sin, allowed, cols)
+        h = h + self._attention(i, layer.self_attn, layer.input_layernorm(h), cos, sin, allowed, cols, prefill)
         if not layer.is_moe:
             return h + fused_mlp(layer.mlp, f.mlp, layer.post_attention_layernorm(h))
         n = layer.post_attention_layernorm(h)
@@ -324,7 +386,9 @@ class FastDecoder:
         h = self.model.model.embed_tokens(tokens[:, None])  # [B, 1, H]
         cos, sin = rope_cos_sin(positions[:, None], cfg.head_dim, cfg.rope_theta, h.dtype)  # [B, 1, D]
         columns = torch.arange(self.max_seq_len, device=tokens.device)
-        allowed = (key_mask | (columns == col))[:, None, None, :]  # [B, 1, 1, M]: a query always sees itself
+        visible = (key_mask | (columns == col))[:, None, None, :]  # [B, 1, 1, M]: a query always sees itself
+        # additive, built once per step: SDPA would convert a boolean mask again in every layer (one kernel each)
+        allowed = torch.zeros(visible.shape, dtype=h.dtype, device=h.device).masked_fill(~visible, float("-inf"))
         for i, layer in enumerate(self.model.model.layers):
             h = self._layer(i, layer, h, cos, sin, allowed, col, None, prefill=False)
         return self._logits(h)
@@ -371,77 +435,125 @@ class FastDecoder:
             attention_mask = torch.ones_like(input_ids)
         if cfg.pad_is_bos:  # a hidden <pad> BOS is attended, routed and counted in positions, as in the reference
             attention_mask = bos_visible_mask(input_ids, attention_mask, cfg.bos_token_id)
-        dev = input_ids.device
-        key_mask = torch.zeros(b, self.max_seq_len, dtype=torch.bool, device=dev)  # [B, M] keys later steps see
-        count = attention_mask.long().sum(1)  # [B] real tokens so far: the next token's position is count - 1 + ...
-        presence = torch.zeros(b, cfg.vocab_size, dtype=torch.bool, device=dev).scatter_(1, input_ids, True)
-        stop_len = max((len(x) for x in stop_sequences), default=0)
-        tail = torch.full((b, stop_len), -1, dtype=torch.long, device=dev)  # [B, longest stop]: last new tokens
-        stops = [torch.tensor(x, device=dev) for x in stop_sequences if len(x)]
-        out = torch.full((b, max_new_tokens), cfg.pad_token_id, dtype=torch.long, device=dev)  # [B, n]
-        done_after = torch.zeros(b, max_new_tokens, dtype=torch.bool, device=dev)  # finished after each step
-        n_steps = torch.zeros((), dtype=torch.long, device=dev)  # steps the reference would run
-        finished = torch.zeros(b, dtype=torch.bool, device=dev)
-        logits = self._prefill(input_ids, attention_mask, key_mask)
-        reported, n_run = 0, 0
-        nxt = positions = None  # set by step 0, fed from step 1 on
+        st = self._start(input_ids, attention_mask, eos, stop_sequences, repetition_penalty, vocab_limit)
+        logits = self._prefill(input_ids, attention_mask, st.key_mask[:b])
+        st.col.fill_(s)  # token 0 goes to cache column S
+        reported = 0
         for t in range(max_new_tokens):
-            if t > 0:  # feed the token chosen at step t - 1 (its column's key_mask entry was set then)
-                col = torch.full((1,), s + t - 1, dtype=torch.long, device=dev)
+            if t == 0:
+                nxt = self._choose(logits, st.presence[:b], do_sample, temperature, top_k, top_p, repetition_penalty,
+                                   generator, vocab_limit)
+                self._advance(nxt, b)
+            elif not do_sample:  # the model, the choice and the bookkeeping: one compiled step
                 if self._compiled:
                     torch.compiler.cudagraph_mark_step_begin()
-                logits = self._step(nxt, positions, col, key_mask).clone()
-            nxt = self._choose(logits, presence, do_sample, temperature, top_k, top_p, repetition_penalty,
-                               generator, vocab_limit)
-            nxt = torch.where(finished, cfg.pad_token_id, nxt)
-            n_steps += (~finished.all()).long()
-            out[:, t] = nxt
-            presence.scatter_(1, nxt[:, None], True)
-            valid = ~finished  # the reference's attention-mask entry for this token
-            key_mask[:, s + t] = valid
-            positions = (count + valid.long() - 1).clamp(min=0)
-            count = count + valid.long()
-            if stop_len:
-                tail = torch.cat([tail[:, 1:], nxt[:, None]], dim=1)
-            finished = finished | (nxt == eos) | _ends_with_any(tail, stops)
-            done_after[:, t] = finished
+                self._greedy(b)
+            else:  # the compiled model; the generator's draw outside the graph
+                if self._compiled:
+                    torch.compiler.cudagraph_mark_step_begin()
+                logits = self._step(st.tokens[:b], st.positions[:b], st.col, st.key_mask[:b])
+                logits = logits.clone() if self._compiled else logits  # the next replay reuses the output buffer
+                self._next_column()
+                nxt = self._choose(logits, st.presence[:b], do_sample, temperature, top_k, top_p,
+                                   repetition_penalty, generator, vocab_limit)
+                self._advance(nxt, b)
             n_run = t + 1
             if n_run % self.sync_every == 0 or n_run == max_new_tokens:
-                local_done = bool(finished.all())  # the host sync, once per sync_every steps
-                reported = self._report(on_tokens, out, done_after, reported, n_run, n_steps)
+                local_done = bool(st.finished[:b].all())  # the host sync, once per sync_every steps
+                reported = self._report(on_tokens, b, reported, n_run)
                 if all_done(local_done) if all_done is not None else local_done:
                     break
-        n = int(n_steps)
-        return torch.cat([input_ids, out[:, :n]], dim=1)
+        return torch.cat([input_ids, st.out[:b, :int(st.n_steps)]], dim=1)
 
-    @staticmethod
-    def _report(on_tokens, out, done_after, reported, n_run, n_steps) -> int:
+    def _start(self, input_ids, attention_mask, eos, stop_sequences, repetition_penalty, vocab_limit) -> DecodeState:
+        """Reset rows [:B] of the state for a new request (a few small writes, once per request)."""
+        b = input_ids.shape[0]
+        stops = [list(x) for x in stop_sequences if len(x)]
+        st = self.state
+        width, rows = st.stops.shape[1], st.stops.shape[0]
+        if stops and (max(map(len, stops)) > width or len(stops) > rows):
+            # grow the table (powers of two: rare recompiles of the greedy step, whose shapes it is part of)
+            width = max(width, 1 << (max(map(len, stops)) - 1).bit_length())
+            rows = max(rows, 1 << (len(stops) - 1).bit_length())
+            st.tail = torch.zeros(self.max_batch_size, width, dtype=torch.long, device=self.device)
+            st.stops = torch.zeros(rows, width, dtype=torch.long, device=self.device)
+            st.stop_used = torch.zeros(rows, dtype=torch.bool, device=self.device)
+            for t in (st.tail, st.stops, st.stop_used):
+                torch._dynamo.mark_static_address(t)
+        table = torch.full((rows, width), ANY_TOKEN, dtype=torch.long)  # built on the host, copied once
+        for j, stop in enumerate(stops):
+            table[j, width - len(stop):] = torch.tensor(stop)
+        st.stops.copy_(table)
+        st.stop_used.copy_(torch.arange(rows) < len(stops))
+        st.tail[:b].fill_(-1)
+        st.finished[:b].zero_()
+        st.key_mask[:b].zero_()
+        st.out[:b].fill_(self.config.pad_token_id)
+        st.done_after[:b].zero_()
+        st.presence[:b].zero_()
+        st.presence[:b].scatter_(1, input_ids, True)
+        st.count[:b].copy_(attention_mask.long().sum(1))
+        st.step.fill_(0)
+        st.n_steps.zero_()
+        st.eos.fill_(eos)
+        st.penalty.fill_(repetition_penalty)
+        st.vocab_limit.fill_(self.config.vocab_size if vocab_limit is None else vocab_limit)
+        return st
+
+    def _greedy_step(self, b: int) -> None:
+        """One decode step of rows [:B] with a greedy choice, reading and updating self.state in place (what
+        torch.compile captures as one CUDA graph per batch size)."""
+        st = self.state
+        logits = self._decode_step(st.tokens[:b], st.positions[:b], st.col, st.key_mask[:b])
+        self._next_column()
+        self._advance(limit_logits(logits, st.presence[:b], st.penalty, st.vocab_limit).argmax(-1), b)
+
+    def _next_column(self) -> None:
+        self.state.step.add_(1)
+        self.state.col.add_(1)
+
+    def _advance(self, nxt: torch.Tensor, b: int) -> None:
+        """Record the tokens nxt [B] chosen at step `state.step` (cache column `state.col`) and update the rows'
+        positions, masks, stop checks and finished flags: the reference's per-step bookkeeping, on the device."""
+        st, pad = self.state, self.config.pad_token_id
+        finished = st.finished[:b].clone()
+        nxt = torch.where(finished, pad, nxt)  # [B]
+        valid = ~finished  # the reference's attention-mask entry for this token
+        st.n_steps.add_(valid.any().long())  # the reference runs a step while any row is unfinished
+        st.out[:b].index_copy_(1, st.step, nxt[:, None])
+        st.presence[:b].scatter_(1, nxt[:, None], True)
+        st.key_mask[:b].index_copy_(1, st.col, valid[:, None])
+        st.positions[:b].copy_((st.count[:b] + valid.long() - 1).clamp(min=0))
+        st.count[:b].add_(valid.long())
+        tail = torch.cat([st.tail[:b, 1:], nxt[:, None]], dim=1)  # [B, L]
+        st.tail[:b].copy_(tail)
+        matches = (tail[:, None, :] == st.stops) | (st.stops == ANY_TOKEN)  # [B, n_stop, L]
+        stopped = (matches.all(-1) & st.stop_used).any(-1)  # [B]: the new tokens end with a stop sequence
+        now = finished | (nxt == st.eos) | stopped
+        st.finished[:b].copy_(now)
+        st.done_after[:b].index_copy_(1, st.step, now[:, None])
+        st.tokens[:b].copy_(nxt)
+
+    def _report(self, on_tokens, b, reported, n_run) -> int:
+        """on_tokens for the steps since the last report that the reference would have run (a host read)."""
         if on_tokens is None:
             return n_run
-        upto = min(n_run, int(n_steps))
-        for j in range(reported, upto):
-            on_tokens(out[:, j], done_after[:, j])
+        st = self.state
+        upto = min(n_run, int(st.n_steps))
+        out, done = st.out[:b, reported:upto].clone(), st.done_after[:b, reported:upto].clone()
+        for j in range(upto - reported):
+            on_tokens(out[:, j], done[:, j])
         return n_run
 
     def _choose(self, logits, presence, do_sample, temperature, top_k, top_p, repetition_penalty, generator,
                 vocab_limit):
         """logits [B, V] fp32 -> next ids [B] on the device (the reference's sampling, with the repetition penalty
         over a [B, V] presence mask instead of a growing id list: the same numbers)."""
-        if vocab_limit is not None:
-            logits[:, vocab_limit:] = float("-inf")
-        if repetition_penalty != 1.0:
-            penalised = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
-            logits = torch.where(presence, penalised, logits)
+        if vocab_limit is not None or repetition_penalty != 1.0:
+            logits = limit_logits(logits, presence, repetition_penalty,
+                                  logits.shape[-1] if vocab_limit is None else vocab_limit)
         if not do_sample:
             return logits.argmax(-1)
         no_ids = logits.new_empty(logits.shape[0], 0, dtype=torch.long)
         probs = process_logits(logits, no_ids, temperature, top_k, top_p, 1.0).softmax(-1)
         return torch.multinomial(probs, 1, generator=generator).squeeze(1)
-
-
-def _ends_with_any(tail: torch.Tensor, stops: list[torch.Tensor]) -> torch.Tensor:
-    """[B] bool: the last new tokens (tail [B, L], -1 where none yet) end with one of the stop sequences."""
-    hit = torch.zeros(tail.shape[0], dtype=torch.bool, device=tail.device)
-    for stop in stops:
-        hit |= (tail[:, tail.shape[1] - len(stop):] == stop).all(dim=1)
-    return hit

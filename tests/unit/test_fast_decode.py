@@ -313,3 +313,27 @@ def test_adapted_projections_stay_unfused_and_equal_reference():
     dec = FastDecoder(m, max_batch_size=3, max_seq_len=48, moe_impl="gather")
     assert dec.fused[0].qkv is None and dec.fused[0].mlp is None and dec.fused[1].qkv is not None
     assert torch.equal(dec.generate(ids, mask, max_new_tokens=STEPS, eos_token_id=-1), want)
+
+
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_greedy_step_with_penalty_limit_and_many_stops_equals_reference(model, compile):
+    """The greedy step that chooses and keeps its books on the device (compiled: the whole step in one graph,
+    updating the decoder's state in place) under a repetition penalty, a vocabulary limit, an EOS and more and
+    longer stop sequences than the decoder's first stop table holds (it grows)."""
+    ids, mask = padded_batch()
+    kw = dict(max_new_tokens=20, repetition_penalty=1.5, vocab_limit=600)
+    free = generate(model, ids, mask, eos_token_id=-1, **kw)
+    new = free[:, ids.shape[1]:]
+    assert len(set(new[0].tolist())) > 4  # the penalty leaves a varied row to cut stops from
+    long_stop = new[2, 1:19].tolist()  # 18 tokens: longer than the table's 16 columns; row 2 stops at step 18
+    stops = [[-5 - j] for j in range(fast_decode.STOPS)] + [new[1, 5:7].tolist(), long_stop]
+    eos = new[0, 9].item()
+    want = generate(model, ids, mask, eos_token_id=eos, stop_sequences=stops, **kw)
+    assert stop_steps(want, ids.shape[1], eos)[0] == 9 and want.shape[1] > ids.shape[1] + 8
+    dec = FastDecoder(model, max_batch_size=4, max_seq_len=40, moe_impl="gather", compile=compile, sync_every=3)
+    assert torch.equal(dec.generate(ids, mask, eos_token_id=-1, **kw), free)
+    got = dec.generate(ids, mask, eos_token_id=eos, stop_sequences=stops, **kw)
+    assert torch.equal(got, want)
+    assert dec.state.stops.shape == (16, 32)  # 10 stops of up to 18 tokens: grown to powers of two
+    # a request after the stopped one starts from a clean state
+    assert torch.equal(dec.generate(ids, mask, eos_token_id=-1, **kw), free)
