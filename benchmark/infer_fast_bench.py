@@ -45,7 +45,13 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from openmoe import OpenMoeForCausalLM, preset  # noqa: E402
-from openmoe.decode_kernels import GemvTiles, expert_gemv, gathered_experts, triton_supported  # noqa: E402
+from openmoe.decode_kernels import (  # noqa: E402
+    GemvTiles,
+    expert_gemv,
+    gathered_experts,
+    linear_gemv,
+    triton_supported,
+)
 from openmoe.fast_decode import FastDecoder  # noqa: E402
 from openmoe.moe import HAS_GROUPED_MM, LlamaExperts, OpenMoeExperts, grouped_experts  # noqa: E402
 from openmoe.router import route  # noqa: E402
@@ -270,11 +276,58 @@ def check_kernels(cfg, device, dtype, out_dir: str) -> bool:
                          "fused_us": t_one and t_one / rot, "separate_us": t_sep and t_sep / rot,
                          "fused_TBps": t_one and nbytes * rot / t_one / 1e6,
                          "separate_TBps": t_sep and nbytes * rot / t_sep / 1e6})
+        if best is not None and triton_supported(experts, x):
+            best = sweep_dense_tiles(cfg, device, dtype, tol, rows, best)
+            ok &= all(r["rel_err"] <= tol for r in rows if r["check"] == "dense gemv" and "rel_err" in r)
     for row in rows:
         print(json.dumps(row), flush=True)
     with open(os.path.join(out_dir, "kernel_check.json"), "w") as f:
         json.dump({"ok": ok, "tolerance": tol, "best_tiles": dataclasses.asdict(best), "rows": rows}, f, indent=2)
     return ok
+
+
+DENSE_TILES = [(16, 256, 2, 4), (16, 512, 2, 8), (8, 512, 2, 4), (32, 256, 4, 8), (16, 256, 4, 4), (32, 128, 4, 4),
+               (64, 128, 8, 8), (8, 1024, 1, 8), (16, 128, 4, 4), (32, 512, 4, 8)]  # block n, block k, split, warps
+
+
+def sweep_dense_tiles(cfg, device, dtype, tol, rows, best: GemvTiles) -> GemvTiles:
+    """One decode row through decode_kernels.linear_gemv against F.linear (cuBLAS) at the o_proj and down_proj
+    shapes (and, for comparison, q/k/v and gate/up fused), under each of DENSE_TILES: error and device time per
+    call, 8 distinct weights cycled (more bytes than L2). Returns `best` with the dense tiles fastest in sum over
+    o_proj and down_proj among the correct ones."""
+    h = cfg.hidden_size
+    inner = cfg.num_attention_heads * cfg.head_dim
+    shapes = {"o_proj": (h, inner), "down_proj": (h, cfg.intermediate_size),
+              "qkv": (inner + 2 * cfg.num_key_value_heads * cfg.head_dim, h),
+              "gate_up": (((2 if cfg.double_gated_mlp else 1) + 1) * cfg.intermediate_size, h)}
+    rot, total = 8, {}
+    for name, (n, k) in shapes.items():
+        ws = [torch.randn(n, k, device=device, dtype=dtype) * cfg.initializer_range for _ in range(rot)]
+        x = torch.randn(1, k, device=device, dtype=dtype)
+        refs = [torch.nn.functional.linear(x, w).float() for w in ws]
+        t_ref = graph_time_us(lambda: [torch.nn.functional.linear(x, w) for w in ws], device) / rot
+        nbytes = n * k * x.element_size()
+        rows.append({"check": "dense gemv", "shape": name, "n": n, "k": k, "path": "cublas", "us": t_ref,
+                     "TBps": nbytes / t_ref / 1e6})
+        for bn, bk, split, warps in DENSE_TILES:
+            tiles = dataclasses.replace(best, dense_block_n=bn, dense_block_k=bk, dense_split=split, dense_warps=warps)
+            row = {"check": "dense gemv", "shape": name, "n": n, "k": k, "path": "triton",
+                   "tiles": [bn, bk, split, warps]}
+            try:
+                err = max(((linear_gemv(x, w, tiles).float() - ref).abs().max() / ref.abs().max()).item()
+                          for w, ref in zip(ws, refs))
+                us = graph_time_us(lambda: [linear_gemv(x, w, tiles) for w in ws], device) / rot
+                row.update(rel_err=err, us=us, TBps=nbytes / us / 1e6, x_cublas=t_ref / us)
+                if name in ("o_proj", "down_proj") and err <= tol:
+                    total[tiles] = total.get(tiles, 0.0) + us
+                elif name in ("o_proj", "down_proj"):
+                    total[tiles] = float("inf")
+            except Exception as exc:  # a tile choice Triton cannot build is skipped
+                row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+                total[tiles] = float("inf")
+            rows.append(row)
+    good = {t: us for t, us in total.items() if us < float("inf")}
+    return min(good, key=good.get) if good else best
 
 
 def sweep_tiles(experts, x, r, ref, tol, device, rows) -> GemvTiles:
@@ -313,7 +366,8 @@ def main(argv=None) -> int:
                    help="MoE implementations of the uncompiled fast path")
     p.add_argument("--compile", action="store_true", help="also the torch.compile(reduce-overhead) fast path")
     p.add_argument("--compile_impls", nargs="*", default=["auto"],
-                   help="MoE implementations compiled with --compile; impl:B runs that one up to batch size B only")
+                   help="MoE implementations compiled with --compile; impl:B runs that one up to batch size B only; "
+                        "impl+dense also runs o_proj/down_proj through the Triton GEMV (FastDecoder dense_gemv)")
     p.add_argument("--continuous", action="store_true",
                    help="also continuous.SlotDecoder decode steps with every slot busy, at the largest batch size "
                         "(compiled with --compile)")
@@ -362,11 +416,14 @@ def main(argv=None) -> int:
     max_batch = {}  # path -> largest batch size it runs at ("impl:B" in --compile_impls)
     if a.compile:
         for spec in a.compile_impls:
-            impl, _, limit = spec.partition(":")
-            fast[f"{impl}+compile"] = FastDecoder(model, max_b, a.prompt_len + a.new_tokens, moe_impl=impl,
-                                                  compile=True, gemv_tiles=tiles)
-            max_batch[f"fast {impl}+compile"] = int(limit) if limit else max_b
-            if a.baseline_decoder:
+            name, _, limit = spec.partition(":")
+            impl, _, option = name.partition("+")
+            if option not in ("", "dense"):
+                raise SystemExit(f"error: --compile_impls {spec}: accepted IMPL, IMPL+dense, either with :B")
+            fast[f"{name}+compile"] = FastDecoder(model, max_b, a.prompt_len + a.new_tokens, moe_impl=impl,
+                                                  compile=True, gemv_tiles=tiles, dense_gemv=option == "dense")
+            max_batch[f"fast {name}+compile"] = int(limit) if limit else max_b
+            if a.baseline_decoder and not option:
                 fast[f"baseline {impl}+compile"] = load_decoder_class(a.baseline_decoder)(
                     model, max_b, a.prompt_len + a.new_tokens, moe_impl=impl, compile=True)
                 max_batch[f"fast baseline {impl}+compile"] = max_batch[f"fast {impl}+compile"]

@@ -16,6 +16,9 @@ Triton kernels (GPU only; Triton is not installed on the CPU test hosts), one la
                    (N / BLOCK_N, S, P), fp32 partials, no atomics (deterministic). The down projection always; with
                    gate_split > 1 also wi_gate and wi_up (activation then in the torch epilogue): more, shorter
                    programs, which measured faster on the H200 (benchmark/RESULTS.md, "Single-GPU decode speed").
+  _linear_gemv_kernel  x @ w.T for an nn.Linear weight w [N, K] (rows contiguous along K), split-K with fp32
+                   partials: the dense o_proj / down_proj GEMVs at batch 1, where cuBLAS runs split-K plus a reduce
+                   kernel (`linear_gemv`, FastDecoder(dense_gemv=True)).
 The split-K sums, the combine weights (sum over k of w[t, k] * y[t, k]) and the split gate/up epilogue are a few
 small torch ops that torch.compile fuses. Accumulation is fp32; the reference (`gathered_experts`) rounds each
 matmul to bf16, so on GPU the two agree within bf16 rounding, not bitwise (the GPU kernel check has the tolerance).
@@ -58,6 +61,10 @@ class GemvTiles:
     down_block_k: int = 128
     down_split: int = 8
     down_warps: int = 4
+    dense_block_n: int = 16  # linear_gemv (o_proj, down_proj at batch 1 with FastDecoder(dense_gemv=True))
+    dense_block_k: int = 256
+    dense_split: int = 2
+    dense_warps: int = 4
 
 
 def gathered_experts(experts: StackedExperts, x: torch.Tensor, r: RouterOutput) -> torch.Tensor:
@@ -124,7 +131,48 @@ def _gemv(rows: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, block_n: int, 
     return partial.sum(0)
 
 
+def linear_gemv(x: torch.Tensor, weight: torch.Tensor, tiles: GemvTiles | None = None) -> torch.Tensor:
+    """x [T, K] -> x @ weight.T [T, N] in x's dtype, weight [N, K] (nn.Linear's layout): the Triton split-K GEMV,
+    one launch (cuBLAS runs a split-K GEMV and a reduce kernel at OpenMoE-8B's o_proj and down_proj shapes); the fp32
+    partials are summed in torch, which torch.compile fuses into what follows. Each of the T rows reads the weight:
+    meant for one decode row. Accumulation is fp32 with one rounding, as cuBLAS's, in another order."""
+    c = GemvTiles() if tiles is None else tiles
+    t, kdim = x.shape
+    n = weight.shape[0]
+    split = c.dense_split if kdim >= c.dense_split * c.dense_block_k else 1
+    chunk = triton.cdiv(triton.cdiv(kdim, split), c.dense_block_k) * c.dense_block_k  # K per split, whole blocks
+    x = x.contiguous()
+    partial = torch.empty(split, t, n, dtype=torch.float32, device=x.device)  # [S, T, N]
+    _linear_gemv_kernel[(triton.cdiv(n, c.dense_block_n), split, t)](
+        x, weight, partial, n, kdim, chunk, x.stride(0), weight.stride(0), partial.stride(0), partial.stride(1),
+        BLOCK_N=c.dense_block_n, BLOCK_K=c.dense_block_k, num_warps=c.dense_warps)
+    return partial.sum(0).to(x.dtype)
+
+
 if HAS_TRITON:
+
+    @triton.jit
+    def _linear_gemv_kernel(x_ptr, w_ptr, out_ptr, N, K, CHUNK, stride_xt, stride_wn, stride_os, stride_ot,
+                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """partial[s, t, n] = x[t, K_s] . w[n, K_s] for a block of rows n over the s-th slice of K: rows of w are
+        contiguous along K, so each [BLOCK_N, BLOCK_K] tile is BLOCK_N coalesced runs; products accumulate in a
+        [BLOCK_N, BLOCK_K] fp32 tile and are reduced once at the end."""
+        pid_n = tl.program_id(0)
+        s = tl.program_id(1)
+        t = tl.program_id(2)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        start = s * CHUNK
+        for k0 in range(0, CHUNK, BLOCK_K):
+            offs_k = start + k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < K
+            xk = tl.load(x_ptr + t * stride_xt + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :],
+                        mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+            acc += w.to(tl.float32) * xk[None, :]
+        tl.store(out_ptr + s * stride_os + t * stride_ot + offs_n, tl.sum(acc, axis=1), mask=mask_n)
+
 
     @triton.jit
     def _gate_up_kernel(x_ptr, idx_ptr, wg_ptr, wu_ptr, h_ptr, H, I, K_TOP,

@@ -54,7 +54,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from openmoe.decode_kernels import HAS_TRITON, GemvTiles, expert_gemv, gathered_experts
+from openmoe.decode_kernels import HAS_TRITON, GemvTiles, expert_gemv, gathered_experts, linear_gemv
 from openmoe.generation import process_logits
 from openmoe.model import (
     OpenMoeMLP,
@@ -208,12 +208,14 @@ def limit_logits(logits: torch.Tensor, presence: torch.Tensor, penalty, vocab_li
     return torch.where(presence, penalised, logits)
 
 
-def fused_mlp(mlp: OpenMoeMLP, gate_up: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-    """OpenMoeMLP.forward with gate and up read by one GEMV over their fused buffer."""
+def fused_mlp(mlp: OpenMoeMLP, gate_up: torch.Tensor | None, x: torch.Tensor, linear=None) -> torch.Tensor:
+    """OpenMoeMLP.forward with gate and up read by one GEMV over their fused buffer; linear(module, x) runs the down
+    projection (None: the module)."""
     if gate_up is None:
         return mlp(x)
     gate, up = F.linear(x, gate_up).split([mlp.gate_proj.out_features, mlp.up_proj.out_features], dim=-1)
-    return mlp.down_proj(mlp.act(gate) * up)
+    h = mlp.act(gate) * up
+    return mlp.down_proj(h) if linear is None else linear(mlp.down_proj, h)
 
 
 def dense_experts(experts, x: torch.Tensor, r: RouterOutput) -> torch.Tensor:
@@ -228,7 +230,8 @@ class FastDecoder:
     """Static-cache decoder over a loaded model's modules (weights shared, nothing copied, model.py untouched)."""
 
     def __init__(self, model, max_batch_size: int, max_seq_len: int, moe_impl: str = "auto", compile: bool = False,
-                 sync_every: int = 8, fuse_weights: bool = True, gemv_tiles: GemvTiles | None = None):
+                 sync_every: int = 8, fuse_weights: bool = True, gemv_tiles: GemvTiles | None = None,
+                 dense_gemv: bool = False):
         cfg = model.config
         for i, layer in enumerate(model.model.layers):
             if layer.is_moe and not isinstance(layer.mlp, OpenMoeSparseMLP):
@@ -256,6 +259,8 @@ class FastDecoder:
         self.grouped_ok = self.device.type == "cuda" and self.dtype == torch.bfloat16
         self.fuse_weights = fuse_weights
         self.gemv_tiles = gemv_tiles  # tile sizes of the "gemv" expert kernels (None: decode_kernels' defaults)
+        # o_proj and down_proj of one decode row through decode_kernels.linear_gemv (CUDA bf16 with Triton)
+        self.dense_gemv = dense_gemv and self.grouped_ok and HAS_TRITON
         self.fused = [FusedWeights() for _ in model.model.layers]
         self.fuse_projections()
         self.state = DecodeState.allocate(max_batch_size, max_seq_len, cfg.vocab_size, STOP_LEN, STOPS, self.device)
@@ -323,7 +328,13 @@ class FastDecoder:
         n_rep = nq // nkv
         out = F.scaled_dot_product_attention(q, repeat_kv(keys, n_rep), repeat_kv(values, n_rep), attn_mask=allowed,
                                              is_causal=allowed is None, scale=attn.scale)  # [B, N, S, D]
-        return attn.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+        return self._linear(attn.o_proj, out.transpose(1, 2).reshape(b, s, -1))
+
+    def _linear(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """module(x), x [B, S, K]; one row of a plain nn.Linear through the Triton GEMV when dense_gemv is on."""
+        if self.dense_gemv and x.shape[0] * x.shape[1] == 1 and _plain_linear(module):
+            return linear_gemv(x.reshape(1, -1), module.weight, self.gemv_tiles).view(*x.shape[:-1], -1)
+        return module(x)
 
     def _moe(self, mlp, x, token_mask, prefill: bool):
         """x [B, S, H] -> [B, S, H], dropless."""
@@ -350,14 +361,14 @@ class FastDecoder:
         f = self.fused[i]
         h = h + self._attention(i, layer.self_attn, layer.input_layernorm(h), cos, sin, allowed, cols, prefill)
         if not layer.is_moe:
-            return h + fused_mlp(layer.mlp, f.mlp, layer.post_attention_layernorm(h))
+            return h + fused_mlp(layer.mlp, f.mlp, layer.post_attention_layernorm(h), self._linear)
         n = layer.post_attention_layernorm(h)
         m = self._moe(layer.mlp, n, token_mask, prefill)
         if layer.has_shared:
-            m = m + fused_mlp(layer.shared_experts, f.shared, n)
+            m = m + fused_mlp(layer.shared_experts, f.shared, n, self._linear)
         h = h + m
         if layer.has_extra:
-            h = h + fused_mlp(layer.extra_mlp, f.extra, layer.pre_extra_mlp_layernorm(h))
+            h = h + fused_mlp(layer.extra_mlp, f.extra, layer.pre_extra_mlp_layernorm(h), self._linear)
         return h
 
     def _logits(self, h):

@@ -255,11 +255,11 @@ def test_auto_picks_gemv_for_few_pairs_on_cuda_bf16(monkeypatch):
 def test_triton_expert_gemv_equals_reference_in_the_interpreter():
     """The kernels themselves, on the CPU through TRITON_INTERPRET=1 (set before triton is imported, hence the
     subprocess): odd sizes exercise the masks, I >= 512 the split-K down projection, three tilings (the fused and
-    the split-K gate/up pass); both expert families."""
+    the split-K gate/up pass); both expert families; the dense GEMV (linear_gemv) against x @ w.T."""
     pytest.importorskip("triton")
     code = textwrap.dedent("""
         import torch
-        from openmoe.decode_kernels import GemvTiles, gathered_experts, triton_expert_gemv
+        from openmoe.decode_kernels import GemvTiles, gathered_experts, linear_gemv, triton_expert_gemv
         from openmoe.moe import LlamaExperts, OpenMoeExperts
         from openmoe.router import route
         torch.manual_seed(0)
@@ -276,6 +276,12 @@ def test_triton_expert_gemv_equals_reference_in_the_interpreter():
                     with torch.no_grad():
                         got, want = triton_expert_gemv(ex, x, r, tiles), gathered_experts(ex, x, r)
                     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+        for n, k, t in ((48, 300, 1), (33, 1024, 2)):  # the dense GEMV: odd sizes, one and two splits, two rows
+            w, x = torch.randn(n, k), torch.randn(t, k)
+            for tiles in (GemvTiles(), GemvTiles(dense_block_n=8, dense_block_k=64, dense_split=4)):
+                want = x @ w.T
+                torch.testing.assert_close(linear_gemv(x, w, tiles), want, rtol=1e-4,
+                                           atol=1e-4 * want.abs().max().item())
         print("ok")
     """)
     env = {**os.environ, "TRITON_INTERPRET": "1"}
