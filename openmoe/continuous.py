@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from openmoe.fast_decode import FastDecoder
-from openmoe.model import apply_rope, repeat_kv, rope_cos_sin
+from openmoe.model import repeat_kv, rope_cos_sin
 
 
 class SlotDecoder(FastDecoder):
@@ -55,18 +55,15 @@ class SlotDecoder(FastDecoder):
         if isinstance(where, torch.Tensor):
             return super()._attention(i, attn, x, cos, sin, allowed, where, prefill)
         slots, rows, cols = where
+        q, k, v = self._qkv(i, attn, x, cos, sin)  # [B, N, S, D], [B, N_kv, S, D] x 2
         b, s, _ = x.shape
-        q = attn.q_proj(x).view(b, s, attn.num_heads, attn.head_dim).transpose(1, 2)  # [B, N, S, D]
-        k = attn.k_proj(x).view(b, s, attn.num_kv_heads, attn.head_dim).transpose(1, 2)  # [B, N_kv, S, D]
-        v = attn.v_proj(x).view(b, s, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k_cache, v_cache = self.k_cache[i][slots], self.v_cache[i][slots]  # [B, N_kv, M, D] views
         k_cache[rows, :, cols] = k.transpose(1, 2)  # [B, S, N_kv, D] into per-row columns
         v_cache[rows, :, cols] = v.transpose(1, 2)
         n_rep = attn.num_heads // attn.num_kv_heads
         out = F.scaled_dot_product_attention(q, repeat_kv(k_cache, n_rep), repeat_kv(v_cache, n_rep),
                                              attn_mask=allowed, scale=attn.scale)  # [B, N, S, D]
-        return attn.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+        return self._linear(attn.o_proj, out.transpose(1, 2).reshape(b, s, -1))
 
     def _decode_rows(self, tokens, cols, key_mask):
         """tokens, cols [B], key_mask [B, M] -> logits [B, V]: every slot's token at its own column and position."""

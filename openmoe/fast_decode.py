@@ -302,10 +302,8 @@ class FastDecoder:
         return buf
 
     # ---------------------------------------------------------------------------------------------------- layers
-    def _attention(self, i, attn, x, cos, sin, allowed, cols, prefill: bool):
-        """x [B, S, H]; writes this call's K/V at columns cols [S] of the static cache. Keys: all M columns at
-        decode (allowed [B, 1, 1, M], additive); at prefill (cols = [0, S)) only the S prompt columns, causally
-        (allowed None) or under the padding-and-causal mask allowed [B, 1, S, S]."""
+    def _qkv(self, i, attn, x, cos, sin):
+        """x [B, S, H] -> q [B, N, S, D], k, v [B, N_kv, S, D], RoPE applied to q and k."""
         b, s, _ = x.shape
         nq, nkv, d = attn.num_heads, attn.num_kv_heads, attn.head_dim
         qkv = self.fused[i].qkv
@@ -317,7 +315,14 @@ class FastDecoder:
             q = apply_rope(attn.q_proj(x).view(b, s, nq, d).transpose(1, 2), cos, sin)  # [B, N, S, D]
             k = apply_rope(attn.k_proj(x).view(b, s, nkv, d).transpose(1, 2), cos, sin)  # [B, N_kv, S, D]
             v = attn.v_proj(x)
-        v = v.view(b, s, nkv, d).transpose(1, 2)  # [B, N_kv, S, D]
+        return q, k, v.view(b, s, nkv, d).transpose(1, 2)
+
+    def _attention(self, i, attn, x, cos, sin, allowed, cols, prefill: bool):
+        """x [B, S, H]; writes this call's K/V at columns cols [S] of the static cache. Keys: all M columns at
+        decode (allowed [B, 1, 1, M], additive); at prefill (cols = [0, S)) only the S prompt columns, causally
+        (allowed None) or under the padding-and-causal mask allowed [B, 1, S, S]."""
+        b, s, _ = x.shape
+        q, k, v = self._qkv(i, attn, x, cos, sin)
         k_cache, v_cache = self.k_cache[i][:b], self.v_cache[i][:b]  # [B, N_kv, M, D] views
         k_cache.index_copy_(2, cols, k)
         v_cache.index_copy_(2, cols, v)
@@ -325,7 +330,7 @@ class FastDecoder:
             keys, values = k, v
         else:
             keys, values = k_cache, v_cache
-        n_rep = nq // nkv
+        n_rep = attn.num_heads // attn.num_kv_heads
         out = F.scaled_dot_product_attention(q, repeat_kv(keys, n_rep), repeat_kv(values, n_rep), attn_mask=allowed,
                                              is_causal=allowed is None, scale=attn.scale)  # [B, N, S, D]
         return self._linear(attn.o_proj, out.transpose(1, 2).reshape(b, s, -1))
