@@ -174,11 +174,16 @@ SPEED_CONFIGS = [
                  "--lm_loss_impl", "fused_compiled", "--compile_blocks", "--overlap_communication"),
            timeout_s=200, est_s=70),
     # --lean_zero (ZeRO-1 reduce-scatter and a flat-buffer optimizer step, openmoe/backend/colossal.py lean_zero1) on
-    # the best full-depth row and on the 4-layer row; run beside their references and baseline (a) again
+    # the best full-depth row (also with 4,096-token LM-head chunks instead of 1,024) and on the 4-layer row; run
+    # beside their references and baseline (a) again
     Config("8bfull-2gpu-ours-ep-compiled-b4x4-lean", 2, "ours",
            ("--model", "8b", "--seq", "2048", "--batch_size", "4", "--grad_accum", "4", "--dropless", "--plugin", "ep",
             "--use_kernel", "--lm_loss_impl", "fused_compiled", "--compile_blocks", "--lean_zero", "--warmup", "2",
             "--steps", "3", "--profile_steps", "1"), timeout_s=200, est_s=90),
+    Config("8bfull-2gpu-ours-ep-compiled-b4x4-lean-head4k", 2, "ours",
+           ("--model", "8b", "--seq", "2048", "--batch_size", "4", "--grad_accum", "4", "--dropless", "--plugin", "ep",
+            "--use_kernel", "--lm_loss_impl", "fused_compiled", "--compile_blocks", "--lean_zero", "--lm_head_chunk",
+            "4096", "--warmup", "2", "--steps", "3", "--profile_steps", "0"), timeout_s=200, est_s=80),
     Config("8bL4acc-2gpu-ours-ep-compiled-lean", 2, "ours",
            E8 + ("--layers", "4", "--batch_size", "2", "--grad_accum", "8", "--dropless", "--plugin", "ep",
                  "--use_kernel", "--lm_loss_impl", "fused_compiled", "--compile_blocks", "--lean_zero", "--warmup",

@@ -87,6 +87,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="ours: LM head + loss implementation (run option of the same name)")
     p.add_argument("--compile_blocks", action="store_true",
                    help="ours: regional torch.compile of the decoder blocks' dense parts (run option of the same name)")
+    p.add_argument("--lm_head_chunk", type=int, default=0,
+                   help="ours: tokens per LM-head/loss chunk (the model option lm_head_chunk_size); 0: the default")
     p.add_argument("--lean_zero", action="store_true",
                    help="ours: ZeRO-1 reduce-scatter and optimizer step on flat buffers (run option of the same name)")
     p.add_argument("--overlap_communication", action="store_true",
@@ -110,9 +112,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if a.kind != "ours" and (a.use_kernel or a.activation_checkpointing or a.family != "openmoe" or a.comm_overlap
                              or a.hierarchical_alltoall or a.compile_blocks or a.overlap_communication
-                             or a.lean_zero):
+                             or a.lean_zero or a.lm_head_chunk):
         p.error("--use_kernel/--activation_checkpointing/--family/--comm_overlap/--hierarchical_alltoall/"
-                "--compile_blocks/--overlap_communication/--lean_zero are options of --kind ours")
+                "--compile_blocks/--overlap_communication/--lean_zero/--lm_head_chunk are options of --kind ours")
     if a.dropless and a.kind not in ("ours", "fsdp"):
         p.error("--dropless is an option of --kind ours and fsdp (mixtral is dropless anyway; naive needs capacity)")
     if a.kind == "mixtral" and a.plugin != "ep":
@@ -251,6 +253,8 @@ def build_ours(a, cfg, world: int, device) -> Bench:
 
     def count_flops(model):  # the single-device model, before expert-parallel wrapping
         counted["flops"] = F.openmoe_flops(model, a.seq)
+        if a.lm_head_chunk:
+            model.apply_options(model.options.replace(lm_head_chunk_size=a.lm_head_chunk))
 
     # the trainer's setup sequence, without data or output directory, the model created on the GPU in bf16
     st = build(run, training=False, customize_model=count_flops, init_context=lambda: build_on(device, torch.bfloat16),
@@ -280,7 +284,7 @@ def build_ours(a, cfg, world: int, device) -> Bench:
     lora = f", LoRA rank {a.lora_rank} (base frozen)" if a.lora_rank else ""
     compiled = (", compiled blocks" if a.compile_blocks else "") + (
         ", ZeRO reduction overlapped" if a.overlap_communication else "") + (
-        ", lean ZeRO-1" if a.lean_zero else "")
+        ", lean ZeRO-1" if a.lean_zero else "") + (f", LM-head chunk {a.lm_head_chunk}" if a.lm_head_chunk else "")
     label = f"ours{family} ({impl}, {routing_mode}{comm}{lora}{compiled})"
     layout = {"plugin": a.plugin, "ep": sizes.ep, "pp": sizes.pp, "dp": sizes.dp, "moe_dp": sizes.moe_dp}
     return Bench(step, flops, layout, a.batch_size * a.seq * sizes.dp * a.grad_accum, sizes.ep > 1, routing, label)
@@ -547,7 +551,7 @@ def run(a) -> dict:
     cfg = model_config(a)
     options = ("use_kernel", "dropless", "activation_checkpointing", "no_attention_mask", "lm_loss_impl", "grad_accum",
                "comm_overlap", "hierarchical_alltoall", "compile_blocks", "overlap_communication",
-               "lean_zero")
+               "lean_zero", "lm_head_chunk")
     base.update(layers=cfg.num_hidden_layers, moe_layers=cfg.num_moe_layers, family=a.family,
                 shape=f"{a.model}-L{cfg.num_hidden_layers}", options={k: getattr(a, k) for k in options})
     bench = BUILDERS[a.kind](a, cfg, world, device)

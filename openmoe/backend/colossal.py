@@ -331,9 +331,10 @@ def clip_divisor(optimizer, grads: list[torch.Tensor]) -> float:
     the exact global norm: one scalar all-reduce of the squared norms (see fix_grad_clipping). Sets the optimizer's
     _current_grad_norm (what get_grad_norm returns)."""
     sq = torch.zeros((), dtype=torch.float64, device=grads[0].device if grads else "cpu")
-    for g in grads:
-        # the fp32 upcast happens inside the reduction kernel: no full-size copy of the gradient
-        sq += torch.linalg.vector_norm(g.detach(), dtype=torch.float32).double().square()
+    if grads:
+        # one multi-tensor kernel; the fp32 upcast happens inside it: no full-size copy of the gradient
+        norms = torch._foreach_norm([g.detach() for g in grads], 2, dtype=torch.float32)
+        sq += torch.stack(norms).double().square().sum()
     dist.all_reduce(sq)
     norm = float(sq.sqrt())  # still multiplied by the fp16 loss scale
     # colossalai's _unscale_and_clip_grads arithmetic, on the true norm
@@ -387,9 +388,10 @@ def lean_zero1(optimizer, bucket_elems: int = LEAN_BUCKET_ELEMS) -> None:
       fp32 master to a new bf16 tensor, copies those into buckets, all-gathers each bucket (also over one-rank groups)
       and copies the result back.
     - here: one foreach copy casts all gradient shards into one flat fp32 buffer; the clipping norm reads the bf16
-      shards (same values, half the bytes); after the inner step one-rank groups cast the masters straight into the
-      working parameters (one foreach copy); larger groups cast them into one send buffer per bucket, all-gather it
-      into place with one foreach copy back into the padded working parameters.
+      shards (same values, half the bytes; one multi-tensor norm kernel); after the inner step larger groups cast the
+      masters into one send buffer per bucket and all-gather it asynchronously, one-rank groups cast the masters
+      straight into the working parameters (one foreach copy) meanwhile, then one foreach copy per bucket puts the
+      gathered values into the working parameters.
     Refused (ValueError): ZeRO's cpu_offload, master_weights=False, overlap_allgather, fp8 communication, a
     communication dtype, a 2-D data-parallel group. ZeRO-2 / overlap_communication reduce from hooks (colossalai's
     path, unchanged); the lean step serves them too. With a pipeline the plugin reduces through sync_dp_grads
@@ -529,18 +531,20 @@ def _lean_step(optimizer, bucket_elems: int, closure=None) -> None:
 
 
 def _lean_gather(optimizer, working: list, masters: list, bucket_elems: int) -> None:
-    """Every rank's updated masters into the working (bf16/fp16) parameters: one-rank groups by a direct cast,
-    larger groups by an all-gather per bucket into [world, K] and one foreach copy back into the parameters (row r,
-    chunk of parameter i -> flat_i[r * c_i: (r + 1) * c_i], ZeRO's padding dropped). Written into each parameter's
-    current .data (what colossalai's bucketed write-back does too), not a view cached at construction."""
+    """Every rank's updated masters into the working (bf16/fp16) parameters: larger groups by an all-gather per
+    bucket into [world, K] and one foreach copy back into the parameters (row r, chunk of parameter i ->
+    flat_i[r * c_i: (r + 1) * c_i], ZeRO's padding dropped), one-rank groups by a direct cast while those all-gathers
+    run. Written into each parameter's current .data (what colossalai's bucketed write-back does too), not a view
+    cached at construction."""
     per_pg: dict[int, tuple[object, list]] = {}
     for w, m in zip(working, masters):
         pg = optimizer.param_to_pg[w]
         per_pg.setdefault(id(pg), (pg, []))[1].append((w.data.view(-1), m))
+    local, pending = [], []
     for pg, pairs in per_pg.values():
         world = dist.get_world_size(pg)
         if world == 1:  # the master is the whole parameter
-            torch._foreach_copy_([flat for flat, _ in pairs], [m for _, m in pairs])
+            local += pairs
             continue
         for bucket in _buckets(pairs, lambda fm: world * fm[1].numel(), bucket_elems):
             shards = [m.numel() for _, m in bucket]
@@ -548,14 +552,19 @@ def _lean_gather(optimizer, working: list, masters: list, bucket_elems: int) -> 
             send = torch.empty(total, dtype=optimizer._dtype, device=bucket[0][1].device)
             torch._foreach_copy_(list(send.split(shards)), [m for _, m in bucket])  # fp32 -> bf16 (round to nearest)
             out = torch.empty(world * total, dtype=send.dtype, device=send.device)
-            dist.all_gather_into_tensor(out, send, group=pg)
-            dst, src = [], []
-            for r in range(world):
-                off = r * total
-                for (flat, _), c in zip(bucket, shards):
-                    lo, hi = r * c, min((r + 1) * c, flat.numel())
-                    if hi > lo:
-                        dst.append(flat[lo:hi])
-                        src.append(out[off: off + hi - lo])
-                    off += c
-            torch._foreach_copy_(dst, src)
+            pending.append((dist.all_gather_into_tensor(out, send, group=pg, async_op=True), out, bucket, shards,
+                            world, send))
+    if local:  # on the compute stream, beside the all-gathers on NCCL's
+        torch._foreach_copy_([flat for flat, _ in local], [m for _, m in local])
+    for work, out, bucket, shards, world, _ in pending:
+        work.wait()
+        total, dst, src = sum(shards), [], []
+        for r in range(world):
+            off = r * total
+            for (flat, _), c in zip(bucket, shards):
+                lo, hi = r * c, min((r + 1) * c, flat.numel())
+                if hi > lo:
+                    dst.append(flat[lo:hi])
+                    src.append(out[off: off + hi - lo])
+                off += c
+        torch._foreach_copy_(dst, src)

@@ -110,8 +110,8 @@ def train_step(model, booster, optimizer, batches_iter, grad_accum: int, device,
     with torch.profiler.record_function("openmoe.grad_check"):
         ok = all(torch.isfinite(o.loss).all() for o in outs)
         if check_grads and grads:
-            # a NaN/inf anywhere; the fp32 upcast happens inside the norm kernel (no fp32 copy of the gradients)
-            norms = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads])
+            # a NaN/inf anywhere; one multi-tensor norm kernel, the fp32 upcast inside it (no fp32 copy)
+            norms = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))
             ok = ok and bool(norms.isfinite().all())
         finite = torch.tensor([float(ok)], device=device)
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # one flag: ranks without outputs (pipeline) vote 1
