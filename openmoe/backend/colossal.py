@@ -387,25 +387,34 @@ def lean_zero1(optimizer, bucket_elems: int = LEAN_BUCKET_ELEMS) -> None:
     - colossalai casts every gradient shard to fp32 one parameter at a time, runs the inner optimizer, casts every
       fp32 master to a new bf16 tensor, copies those into buckets, all-gathers each bucket (also over one-rank groups)
       and copies the result back.
-    - here: one foreach copy casts all gradient shards into one flat fp32 buffer; the clipping norm reads the bf16
-      shards (same values, half the bytes; one multi-tensor norm kernel); after the inner step larger groups cast the
+    - here: the clipping norm reads the bf16 shards (same values, half the bytes; one multi-tensor norm kernel); per
+      bucket of masters one foreach copy casts the shards into one fp32 buffer and the inner step updates those
+      masters (torch optimizers skip parameters without .grad), so only one bucket of fp32 gradients exists at a
+      time (colossalai: all of them, 22 GiB for OpenMoE-8B at EP 2); after the inner steps larger groups cast the
       masters into one send buffer per bucket and all-gather it asynchronously, one-rank groups cast the masters
       straight into the working parameters (one foreach copy) meanwhile, then one foreach copy per bucket puts the
       gathered values into the working parameters.
     Refused (ValueError): ZeRO's cpu_offload, master_weights=False, overlap_allgather, fp8 communication, a
-    communication dtype, a 2-D data-parallel group. ZeRO-2 / overlap_communication reduce from hooks (colossalai's
-    path, unchanged); the lean step serves them too. With a pipeline the plugin reduces through sync_dp_grads
-    (colossalai's path); the lean step still applies.
-    """
-    bad = [name for name, on in (("cpu_offload", optimizer._cpu_offload), ("master_weights=False",
+    communication dtype, a 2-D data-parallel group, an inner colossalai DistributedOptim (its step reads state
+    across parameters; here the inner step runs once per bucket), ZeRO-2 and overlap_communication (they reduce from
+    gradient hooks during backward; not covered here). A pipeline (reduced by colossalai's sync_dp_grads) is refused
+    by the run config (openmoe/parallel/sizes.py)."""
+    from colossalai.interface.optimizer import DistributedOptim
+
+    bad = [name for name, on in (("partition_grad (ZeRO-2)", optimizer._partition_grads),
+                                 ("overlap_communication", optimizer._overlap_communication),
+                                 ("cpu_offload", optimizer._cpu_offload), ("master_weights=False",
                                  not optimizer._master_weights), ("overlap_allgather", optimizer._overlap_allgather),
                                  ("fp8_communication", optimizer._fp8_communication),
                                  ("communication_dtype", optimizer._communication_dtype is not None),
                                  ("a 2-D data-parallel group", any(isinstance(pg, tuple)
                                                                    for pg in optimizer.pg_to_param_list))) if on]
+    if isinstance(optimizer.optim, DistributedOptim):
+        bad.append(f"inner optimizer {type(optimizer.optim).__name__} (a DistributedOptim)")
     if bad:
-        raise ValueError(f"lean_zero: not supported with ZeRO's {', '.join(bad)}; accepted: ZeRO with fp32 master "
-                         f"weights on the GPU, one data-parallel group per store, bf16/fp16 communication")
+        raise ValueError(f"lean_zero: not supported with ZeRO's {', '.join(bad)}; accepted: ZeRO-1 reduced after "
+                         f"backward, fp32 master weights on the GPU, one data-parallel group per store, bf16/fp16 "
+                         f"communication, a per-parameter inner optimizer (torch.optim's)")
     optimizer._sync_grad = lambda: _lean_reduce(optimizer, bucket_elems)
     optimizer.step = lambda closure=None: _lean_step(optimizer, bucket_elems, closure)
 
@@ -513,17 +522,22 @@ def _lean_step(optimizer, bucket_elems: int, closure=None) -> None:
                 real.append(m)
         optimizer.optim.param_groups[group_id]["params"] = real
     if masters:
-        # fp32 copies of the shards: one buffer, one foreach copy (the cast happens inside it)
-        flat = torch.empty(sum(m.numel() for m in masters), dtype=masters[0].dtype, device=masters[0].device)
-        fp32 = [v.view_as(m) for v, m in zip(flat.split([m.numel() for m in masters]), masters)]
-        torch._foreach_copy_(fp32, [g.view_as(m) for g, m in zip(shards, masters)])
-        for m, g in zip(masters, fp32):
-            m.grad = g
-        divide_gradients(optimizer.optim, fp32, clip_divisor(optimizer, shards))
-        optimizer.optim.step()
-        for m in masters:
-            m.grad = None
-        del flat, fp32
+        div_scale = clip_divisor(optimizer, shards)
+        # fp32 copies of the shards, one bucket at a time (one foreach copy each, the cast inside it), and the inner
+        # step on that bucket's masters: the optimizer skips parameters without .grad, so each master is updated
+        # exactly once, and at most one bucket of fp32 gradients exists instead of all of them (colossalai: 4 bytes
+        # per parameter of this rank's shard, 22 GiB for OpenMoE-8B at EP 2)
+        for bucket in _buckets(list(zip(masters, shards)), lambda ms: ms[0].numel(), bucket_elems):
+            flat = torch.empty(sum(m.numel() for m, _ in bucket), dtype=masters[0].dtype, device=masters[0].device)
+            fp32 = [v.view_as(m) for v, (m, _) in zip(flat.split([m.numel() for m, _ in bucket]), bucket)]
+            torch._foreach_copy_(fp32, [g.view_as(m) for m, g in bucket])
+            for (m, _), g in zip(bucket, fp32):
+                m.grad = g
+            divide_gradients(optimizer.optim, fp32, div_scale)
+            optimizer.optim.step()
+            for m, _ in bucket:
+                m.grad = None
+            del flat, fp32
     for group_id in range(optimizer.num_param_groups):
         optimizer.optim.param_groups[group_id]["params"] = optimizer._master_param_groups_of_current_rank[group_id]
     with torch.no_grad():

@@ -90,9 +90,10 @@ def _check_zero(par, ep: int, pp: int) -> None:
         raise ValueError(f"--overlap_communication overlaps ZeRO's gradient reduction with backward: it needs "
                          f"zero_stage >= 1 (got {par.zero_stage}) and no pipeline (pp_size {pp}; with a pipeline "
                          f"ColossalAI reduces once after the schedule, so there is nothing to overlap)")
-    if par.lean_zero and par.zero_stage < 1:
-        raise ValueError(f"--lean_zero replaces ZeRO's gradient reduction and optimizer step: it needs zero_stage >= 1 "
-                         f"(got {par.zero_stage})")
+    if par.lean_zero and (par.zero_stage != 1 or par.overlap_communication or pp > 1):
+        raise ValueError(f"--lean_zero replaces ZeRO-1's gradient reduction after backward and its optimizer step: it "
+                         f"needs zero_stage 1 (got {par.zero_stage}), no --overlap_communication (got "
+                         f"{par.overlap_communication}) and no pipeline (pp_size {pp})")
 
 
 def _check_moe_options(run, pp: int) -> None:

@@ -69,9 +69,13 @@ def test_zero2_and_overlap_communication_are_accepted_where_they_take_effect():
         with_overlap(2, plugin="ep_zero", extra_dp_size=2, zero_stage=0)
     with pytest.raises(ValueError, match=r"--overlap_communication .* no pipeline \(pp_size 2"):
         with_overlap(4, plugin="hybrid", pp_size=2, ep_size=2)
-    lean = RunConfig.from_flat(plugin="ep_zero", extra_dp_size=2, zero_stage=0, lean_zero=True)
-    with pytest.raises(ValueError, match=r"--lean_zero .* needs zero_stage >= 1 \(got 0\)"):
-        resolve_sizes(lean, preset("tiny"), 2)
+    for world, kw, why in ((2, dict(plugin="ep_zero", extra_dp_size=2, zero_stage=0), r"zero_stage 1 \(got 0\)"),
+                           (2, dict(plugin="ep", zero_stage=2), r"zero_stage 1 \(got 2\)"),
+                           (2, dict(plugin="ep", overlap_communication=True), r"overlap_communication \(got True\)"),
+                           (4, dict(plugin="hybrid", pp_size=2, ep_size=2), r"no pipeline \(pp_size 2\)")):
+        with pytest.raises(ValueError, match=r"--lean_zero .*" + why):
+            resolve_sizes(RunConfig.from_flat(lean_zero=True, **kw), preset("tiny"), world)
+    assert resolve_sizes(RunConfig.from_flat(plugin="ep", lean_zero=True), preset("tiny"), 2).ep == 2
 
 
 def test_incompatible_flags_are_never_silently_ignored():
