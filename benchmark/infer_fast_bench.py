@@ -130,6 +130,21 @@ def load_decoder_class(path: str):
     return module.FastDecoder
 
 
+def compiled_decoder(spec: str, model, max_b: int, a, tiles):
+    """The compiled decoder of one --compile_impls entry, IMPL[+dense][+norope][:B] or IMPL+baseline[:B]."""
+    impl, *options = spec.partition(":")[0].split("+")
+    if not set(options) <= {"dense", "norope", "baseline"} or ("baseline" in options and len(options) > 1):
+        raise SystemExit(f"error: --compile_impls {spec}: accepted IMPL, IMPL+dense, IMPL+norope, "
+                         "IMPL+dense+norope or IMPL+baseline, each with an optional :B")
+    length = a.prompt_len + a.new_tokens
+    if "baseline" not in options:
+        return FastDecoder(model, max_b, length, moe_impl=impl, compile=True, gemv_tiles=tiles,
+                           dense_gemv="dense" in options, rope_kernel="norope" not in options)
+    if not a.baseline_decoder:
+        raise SystemExit(f"error: --compile_impls {spec} needs --baseline_decoder FILE")
+    return load_decoder_class(a.baseline_decoder)(model, max_b, length, moe_impl=impl, compile=True)
+
+
 def wall(fn, device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -367,7 +382,9 @@ def main(argv=None) -> int:
     p.add_argument("--compile", action="store_true", help="also the torch.compile(reduce-overhead) fast path")
     p.add_argument("--compile_impls", nargs="*", default=["auto"],
                    help="MoE implementations compiled with --compile; impl:B runs that one up to batch size B only; "
-                        "impl+dense also runs o_proj/down_proj through the Triton GEMV (FastDecoder dense_gemv)")
+                        "impl+dense: o_proj/down_proj through the Triton GEMV (FastDecoder dense_gemv); "
+                        "impl+norope: without the RoPE/cache-write kernel (rope_kernel=False); impl+baseline: the "
+                        "FastDecoder of --baseline_decoder")
     p.add_argument("--continuous", action="store_true",
                    help="also continuous.SlotDecoder decode steps with every slot busy, at the largest batch size "
                         "(compiled with --compile)")
@@ -384,9 +401,8 @@ def main(argv=None) -> int:
                    help="only the decode-kernel check and device times (kernel_check.json); exit 1 on a mismatch")
     p.add_argument("--baseline_decoder", default=None,
                    help="a file holding another FastDecoder (e.g. an earlier commit's openmoe/fast_decode.py, "
-                        "`git show REV:openmoe/fast_decode.py > FILE`): compiled rows 'baseline IMPL+compile' for "
-                        "each of --compile_impls, in this process on the same weights (an A/B without run-to-run "
-                        "noise)")
+                        "`git show REV:openmoe/fast_decode.py > FILE`) for the IMPL+baseline rows of "
+                        "--compile_impls: in this process on the same weights (an A/B without run-to-run noise)")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     a = p.parse_args(argv)
     if a.short_tokens >= a.new_tokens:
@@ -417,16 +433,8 @@ def main(argv=None) -> int:
     if a.compile:
         for spec in a.compile_impls:
             name, _, limit = spec.partition(":")
-            impl, _, option = name.partition("+")
-            if option not in ("", "dense"):
-                raise SystemExit(f"error: --compile_impls {spec}: accepted IMPL, IMPL+dense, either with :B")
-            fast[f"{name}+compile"] = FastDecoder(model, max_b, a.prompt_len + a.new_tokens, moe_impl=impl,
-                                                  compile=True, gemv_tiles=tiles, dense_gemv=option == "dense")
+            fast[f"{name}+compile"] = compiled_decoder(spec, model, max_b, a, tiles)
             max_batch[f"fast {name}+compile"] = int(limit) if limit else max_b
-            if a.baseline_decoder and not option:
-                fast[f"baseline {impl}+compile"] = load_decoder_class(a.baseline_decoder)(
-                    model, max_b, a.prompt_len + a.new_tokens, moe_impl=impl, compile=True)
-                max_batch[f"fast baseline {impl}+compile"] = max_batch[f"fast {impl}+compile"]
     for b in a.batch_sizes:
         ids = torch.randint(3, min(32000, cfg.vocab_size), (b, a.prompt_len), device=device)
         ids[:, 0] = 0  # <pad>-BOS

@@ -19,6 +19,8 @@ Triton kernels (GPU only; Triton is not installed on the CPU test hosts), one la
   _linear_gemv_kernel  x @ w.T for an nn.Linear weight w [N, K] (rows contiguous along K), split-K with fp32
                    partials: the dense o_proj / down_proj GEMVs at batch 1, where cuBLAS runs split-K plus a reduce
                    kernel (`linear_gemv`, FastDecoder(dense_gemv=True)).
+  _rope_qkv_kernel one decode token's fused q/k/v row: RoPE on q and k, k and v stored into the static cache at
+                   the step's column, q written out for attention (`rope_qkv_into_cache`).
 The split-K sums, the combine weights (sum over k of w[t, k] * y[t, k]) and the split gate/up epilogue are a few
 small torch ops that torch.compile fuses. Accumulation is fp32; the reference (`gathered_experts`) rounds each
 matmul to bf16, so on GPU the two agree within bf16 rounding, not bitwise (the GPU kernel check has the tolerance).
@@ -149,7 +151,54 @@ def linear_gemv(x: torch.Tensor, weight: torch.Tensor, tiles: GemvTiles | None =
     return partial.sum(0).to(x.dtype)
 
 
+def rope_qkv_into_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                        v_cache: torch.Tensor, col: torch.Tensor, num_heads: int, num_kv_heads: int) -> torch.Tensor:
+    """One decode token per row: qkv [B, (N + 2 N_kv) * D] (q, k, v heads of the fused projection), cos/sin [B, D]
+    -> q [B, N, 1, D] with RoPE; k with RoPE and v written into k_cache/v_cache [B, N_kv, M, D] at column col [1].
+    One Triton launch (program per row and head) where the compiled torch version runs several kernels (the q and
+    k rotations, the two cache writes and a copy of q for attention). fp32 arithmetic, one rounding."""
+    b = qkv.shape[0]
+    d = k_cache.shape[-1]
+    q = torch.empty(b, num_heads, 1, d, dtype=qkv.dtype, device=qkv.device)
+    _rope_qkv_kernel[(b, num_heads + 2 * num_kv_heads)](
+        qkv, cos, sin, q, k_cache, v_cache, col, qkv.stride(0), cos.stride(0), q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
+        v_cache.stride(2), NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HALF=d // 2)
+    return q
+
+
 if HAS_TRITON:
+
+    @triton.jit
+    def _rope_qkv_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, col_ptr, stride_xb, stride_cb,
+                         stride_qb, stride_qh, stride_kb, stride_kh, stride_km, stride_vb, stride_vh, stride_vm,
+                         NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr):
+        """Head h of row b: h < N a query (rotated, to q), then N_kv keys (rotated, to the cache), then N_kv values
+        (to the cache). Rotate-half RoPE: out1 = x1 cos1 - x2 sin1, out2 = x2 cos2 + x1 sin2 over the two halves."""
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        offs = tl.arange(0, HALF)
+        base = qkv_ptr + b * stride_xb + h * 2 * HALF
+        x1 = tl.load(base + offs).to(tl.float32)
+        x2 = tl.load(base + HALF + offs).to(tl.float32)
+        col = tl.load(col_ptr)
+        if h < NUM_HEADS + NUM_KV_HEADS:
+            c1 = tl.load(cos_ptr + b * stride_cb + offs).to(tl.float32)
+            c2 = tl.load(cos_ptr + b * stride_cb + HALF + offs).to(tl.float32)
+            s1 = tl.load(sin_ptr + b * stride_cb + offs).to(tl.float32)
+            s2 = tl.load(sin_ptr + b * stride_cb + HALF + offs).to(tl.float32)
+            y1 = x1 * c1 - x2 * s1
+            y2 = x2 * c2 + x1 * s2
+            if h < NUM_HEADS:
+                dst = q_ptr + b * stride_qb + h * stride_qh
+            else:
+                dst = k_ptr + b * stride_kb + (h - NUM_HEADS) * stride_kh + col * stride_km
+            tl.store(dst + offs, y1.to(q_ptr.dtype.element_ty))
+            tl.store(dst + HALF + offs, y2.to(q_ptr.dtype.element_ty))
+        else:
+            dst = v_ptr + b * stride_vb + (h - NUM_HEADS - NUM_KV_HEADS) * stride_vh + col * stride_vm
+            tl.store(dst + offs, x1.to(v_ptr.dtype.element_ty))
+            tl.store(dst + HALF + offs, x2.to(v_ptr.dtype.element_ty))
 
     @triton.jit
     def _linear_gemv_kernel(x_ptr, w_ptr, out_ptr, N, K, CHUNK, stride_xt, stride_wn, stride_os, stride_ot,

@@ -54,7 +54,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from openmoe.decode_kernels import HAS_TRITON, GemvTiles, expert_gemv, gathered_experts, linear_gemv
+from openmoe.decode_kernels import (
+    HAS_TRITON,
+    GemvTiles,
+    expert_gemv,
+    gathered_experts,
+    linear_gemv,
+    rope_qkv_into_cache,
+)
 from openmoe.generation import process_logits
 from openmoe.model import (
     OpenMoeMLP,
@@ -208,6 +215,19 @@ def limit_logits(logits: torch.Tensor, presence: torch.Tensor, penalty, vocab_li
     return torch.where(presence, penalised, logits)
 
 
+def greedy_argmax(logits: torch.Tensor, chunks: int = 128) -> torch.Tensor:
+    """logits [B, V] -> the first index of each row's maximum [B] (torch.argmax's result), in two stages: the
+    maximum of each of `chunks` slices, then of those. Inductor compiles a one-row argmax over V = 256k as one
+    thread block (86 us per step on the H200); B * chunks rows fill the GPU."""
+    b, v = logits.shape
+    pad = (-v) % chunks
+    if pad:
+        logits = F.pad(logits, (0, pad), value=float("-inf"))
+    values, index = logits.view(b, chunks, -1).max(-1)  # [B, C]: each slice's maximum and its first index
+    best = values.argmax(-1, keepdim=True)  # [B, 1]: the first slice holding the row's maximum
+    return (best * (logits.shape[-1] // chunks) + index.gather(1, best)).squeeze(1)
+
+
 def fused_mlp(mlp: OpenMoeMLP, gate_up: torch.Tensor | None, x: torch.Tensor, linear=None) -> torch.Tensor:
     """OpenMoeMLP.forward with gate and up read by one GEMV over their fused buffer; linear(module, x) runs the down
     projection (None: the module)."""
@@ -231,7 +251,7 @@ class FastDecoder:
 
     def __init__(self, model, max_batch_size: int, max_seq_len: int, moe_impl: str = "auto", compile: bool = False,
                  sync_every: int = 8, fuse_weights: bool = True, gemv_tiles: GemvTiles | None = None,
-                 dense_gemv: bool = False):
+                 dense_gemv: bool = False, rope_kernel: bool = True):
         cfg = model.config
         for i, layer in enumerate(model.model.layers):
             if layer.is_moe and not isinstance(layer.mlp, OpenMoeSparseMLP):
@@ -261,6 +281,9 @@ class FastDecoder:
         self.gemv_tiles = gemv_tiles  # tile sizes of the "gemv" expert kernels (None: decode_kernels' defaults)
         # o_proj and down_proj of one decode row through decode_kernels.linear_gemv (CUDA bf16 with Triton)
         self.dense_gemv = dense_gemv and self.grouped_ok and HAS_TRITON
+        # decode: RoPE and the cache writes of the fused q/k/v row in one Triton kernel (rope_qkv_into_cache)
+        self.rope_kernel = (rope_kernel and self.grouped_ok and HAS_TRITON and fuse_weights
+                            and cfg.head_dim % 2 == 0 and (cfg.head_dim // 2) & (cfg.head_dim // 2 - 1) == 0)
         self.fused = [FusedWeights() for _ in model.model.layers]
         self.fuse_projections()
         self.state = DecodeState.allocate(max_batch_size, max_seq_len, cfg.vocab_size, STOP_LEN, STOPS, self.device)
@@ -322,14 +345,17 @@ class FastDecoder:
         decode (allowed [B, 1, 1, M], additive); at prefill (cols = [0, S)) only the S prompt columns, causally
         (allowed None) or under the padding-and-causal mask allowed [B, 1, S, S]."""
         b, s, _ = x.shape
-        q, k, v = self._qkv(i, attn, x, cos, sin)
         k_cache, v_cache = self.k_cache[i][:b], self.v_cache[i][:b]  # [B, N_kv, M, D] views
-        k_cache.index_copy_(2, cols, k)
-        v_cache.index_copy_(2, cols, v)
-        if prefill:  # keys are this call's columns [0, S)
-            keys, values = k, v
-        else:
+        qkv = self.fused[i].qkv
+        if self.rope_kernel and not prefill and qkv is not None:  # one token per row: one kernel after the GEMV
+            q = rope_qkv_into_cache(F.linear(x.view(b, -1), qkv), cos[:, 0], sin[:, 0], k_cache, v_cache, cols,
+                                    attn.num_heads, attn.num_kv_heads)  # [B, N, 1, D]
             keys, values = k_cache, v_cache
+        else:
+            q, k, v = self._qkv(i, attn, x, cos, sin)
+            k_cache.index_copy_(2, cols, k)
+            v_cache.index_copy_(2, cols, v)
+            keys, values = (k, v) if prefill else (k_cache, v_cache)  # prefill: this call's columns [0, S)
         n_rep = attn.num_heads // attn.num_kv_heads
         out = F.scaled_dot_product_attention(q, repeat_kv(keys, n_rep), repeat_kv(values, n_rep), attn_mask=allowed,
                                              is_causal=allowed is None, scale=attn.scale)  # [B, N, S, D]
@@ -522,7 +548,7 @@ class FastDecoder:
         st = self.state
         logits = self._decode_step(st.tokens[:b], st.positions[:b], st.col, st.key_mask[:b])
         self._next_column()
-        self._advance(limit_logits(logits, st.presence[:b], st.penalty, st.vocab_limit).argmax(-1), b)
+        self._advance(greedy_argmax(limit_logits(logits, st.presence[:b], st.penalty, st.vocab_limit)), b)
 
     def _next_column(self) -> None:
         self.state.step.add_(1)

@@ -255,7 +255,8 @@ def test_auto_picks_gemv_for_few_pairs_on_cuda_bf16(monkeypatch):
 def test_triton_expert_gemv_equals_reference_in_the_interpreter():
     """The kernels themselves, on the CPU through TRITON_INTERPRET=1 (set before triton is imported, hence the
     subprocess): odd sizes exercise the masks, I >= 512 the split-K down projection, three tilings (the fused and
-    the split-K gate/up pass); both expert families; the dense GEMV (linear_gemv) against x @ w.T."""
+    the split-K gate/up pass); both expert families; the dense GEMV (linear_gemv) against x @ w.T; the decode RoPE
+    and cache-write kernel against apply_rope and indexed writes."""
     pytest.importorskip("triton")
     code = textwrap.dedent("""
         import torch
@@ -276,6 +277,21 @@ def test_triton_expert_gemv_equals_reference_in_the_interpreter():
                     with torch.no_grad():
                         got, want = triton_expert_gemv(ex, x, r, tiles), gathered_experts(ex, x, r)
                     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+        from openmoe.decode_kernels import rope_qkv_into_cache
+        from openmoe.model import apply_rope
+        for b, n, n_kv, d in ((2, 4, 2, 16), (1, 3, 3, 8)):  # RoPE + cache writes of one token per row
+            qkv, angles = torch.randn(b, (n + 2 * n_kv) * d), torch.randn(b, d // 2)
+            cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+            k_cache, v_cache = torch.randn(3, n_kv, 10, d), torch.randn(3, n_kv, 10, d)
+            want_k, want_v = k_cache.clone(), v_cache.clone()
+            q = rope_qkv_into_cache(qkv, cos, sin, k_cache[:b], v_cache[:b], torch.tensor([7]), n, n_kv)
+            heads = qkv.view(b, n + 2 * n_kv, 1, d)
+            rot = apply_rope(heads[:, :n + n_kv], cos[:, None], sin[:, None])
+            want_k[:b, :, 7] = rot[:, n:, 0]
+            want_v[:b, :, 7] = heads[:, n + n_kv:, 0]
+            torch.testing.assert_close(q, rot[:, :n])
+            torch.testing.assert_close(k_cache, want_k)  # column 7 of the first b rows only
+            torch.testing.assert_close(v_cache, want_v)
         for n, k, t in ((48, 300, 1), (33, 1024, 2)):  # the dense GEMV: odd sizes, one and two splits, two rows
             w, x = torch.randn(n, k), torch.randn(t, k)
             for tiles in (GemvTiles(), GemvTiles(dense_block_n=8, dense_block_k=64, dense_split=4)):
@@ -343,3 +359,14 @@ def test_greedy_step_with_penalty_limit_and_many_stops_equals_reference(model, c
     assert dec.state.stops.shape == (16, 32)  # 10 stops of up to 18 tokens: grown to powers of two
     # a request after the stopped one starts from a clean state
     assert torch.equal(dec.generate(ids, mask, eos_token_id=-1, **kw), free)
+
+
+def test_greedy_argmax_is_torch_argmax_with_ties_and_padding():
+    g = torch.Generator().manual_seed(0)
+    for b, v in ((3, 1000), (2, 256), (1, 129)):  # V not a multiple of the 128 slices, and V < 2 slices wide
+        logits = torch.randn(b, v, generator=g)
+        logits[0, v // 3] = logits[0, v - 2] = logits[0].max() + 1  # a tie across slices: the first one wins
+        logits[-1, 5] = float("-inf")
+        assert torch.equal(fast_decode.greedy_argmax(logits), logits.argmax(-1))
+    ties = torch.zeros(2, 300)  # all equal: index 0
+    assert fast_decode.greedy_argmax(ties).tolist() == [0, 0]
