@@ -480,7 +480,7 @@ class FastDecoder:
         st = self._start(input_ids, attention_mask, eos, stop_sequences, repetition_penalty, vocab_limit)
         logits = self._prefill(input_ids, attention_mask, st.key_mask[:b])
         st.col.fill_(s)  # token 0 goes to cache column S
-        reported = 0
+        reported, ready, pending = 0, None, None
         for t in range(max_new_tokens):
             if t == 0:
                 nxt = self._choose(logits, st.presence[:b], do_sample, temperature, top_k, top_p, repetition_penalty,
@@ -500,12 +500,49 @@ class FastDecoder:
                                    repetition_penalty, generator, vocab_limit)
                 self._advance(nxt, b)
             n_run = t + 1
-            if n_run % self.sync_every == 0 or n_run == max_new_tokens:
-                local_done = bool(st.finished[:b].all())  # the host sync, once per sync_every steps
-                reported = self._report(on_tokens, b, reported, n_run)
+            if n_run % self.sync_every and n_run < max_new_tokens:
+                continue
+            # every sync_every steps: copy the flags (and the new tokens) to the host without waiting, and read the
+            # copy taken one window earlier. Waiting for that older copy leaves the steps queued since on the GPU,
+            # which a read of the current flags would drain (the GPU then idles while the host launches the next
+            # step). The price: a batch that has finished runs up to one more window of steps, never reported.
+            ready, pending = pending, self._snapshot(b, n_run, on_tokens is not None)
+            if ready is not None and n_run < max_new_tokens:
+                local_done, reported = self._read(ready, on_tokens, reported)
                 if all_done(local_done) if all_done is not None else local_done:
                     break
+        for snapshot in (ready, pending):  # the windows not read yet (in order; a read one is skipped)
+            if snapshot is not None and snapshot[2] > reported:
+                _, reported = self._read(snapshot, on_tokens, reported)
         return torch.cat([input_ids, st.out[:b, :int(st.n_steps)]], dim=1)
+
+    def _snapshot(self, b: int, n_run: int, tokens: bool):
+        """(host copies of [rows finished, steps run] and, with `tokens`, of out/done_after [B, n_run]; the event
+        after which they are valid (None off CUDA); n_run). The copies go to pinned memory, not waited for."""
+        st = self.state
+        parts = [torch.stack([st.finished[:b].all().long(), st.n_steps])]
+        if tokens:
+            parts += [st.out[:b, :n_run], st.done_after[:b, :n_run]]
+        if self.device.type != "cuda":
+            return [p.clone() for p in parts], None, n_run
+        host = [p.to("cpu", non_blocking=True) for p in parts]
+        event = torch.cuda.Event()
+        event.record()
+        return host, event, n_run
+
+    @staticmethod
+    def _read(snapshot, on_tokens, reported: int) -> tuple[bool, int]:
+        """Wait for a snapshot's copies; on_tokens for its steps since the last report that the reference would
+        have run. Returns (every row finished, steps reported)."""
+        host, event, n_run = snapshot
+        if event is not None:
+            event.synchronize()
+        done, n_steps = bool(host[0][0]), int(host[0][1])
+        if on_tokens is not None:
+            out, done_after = host[1], host[2]
+            for j in range(reported, min(n_run, n_steps)):
+                on_tokens(out[:, j], done_after[:, j])
+        return done, n_run
 
     def _start(self, input_ids, attention_mask, eos, stop_sequences, repetition_penalty, vocab_limit) -> DecodeState:
         """Reset rows [:B] of the state for a new request (a few small writes, once per request)."""
@@ -575,17 +612,6 @@ class FastDecoder:
         st.finished[:b].copy_(now)
         st.done_after[:b].index_copy_(1, st.step, now[:, None])
         st.tokens[:b].copy_(nxt)
-
-    def _report(self, on_tokens, b, reported, n_run) -> int:
-        """on_tokens for the steps since the last report that the reference would have run (a host read)."""
-        if on_tokens is None:
-            return n_run
-        st = self.state
-        upto = min(n_run, int(st.n_steps))
-        out, done = st.out[:b, reported:upto].clone(), st.done_after[:b, reported:upto].clone()
-        for j in range(upto - reported):
-            on_tokens(out[:, j], done[:, j])
-        return n_run
 
     def _choose(self, logits, presence, do_sample, temperature, top_k, top_p, repetition_penalty, generator,
                 vocab_limit):
