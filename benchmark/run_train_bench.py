@@ -187,7 +187,7 @@ SPEED_CONFIGS = [
     Config("8bL4acc-2gpu-ours-ep-compiled-lean", 2, "ours",
            E8 + ("--layers", "4", "--batch_size", "2", "--grad_accum", "8", "--dropless", "--plugin", "ep",
                  "--use_kernel", "--lm_loss_impl", "fused_compiled", "--compile_blocks", "--lean_zero", "--warmup",
-                 "2", "--steps", "3", "--profile_steps", "0"), timeout_s=120, est_s=50),
+                 "2", "--steps", "3", "--profile_steps", "1"), timeout_s=120, est_s=55),
     Config("8bfull-2gpu-ours-ep-compiled-ac-b8x2", 2, "ours",
            ("--model", "8b", "--seq", "2048", "--batch_size", "8", "--grad_accum", "2", "--dropless", "--plugin", "ep",
             "--use_kernel", "--lm_loss_impl", "fused_compiled", "--compile_blocks", "--activation_checkpointing",

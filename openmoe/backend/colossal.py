@@ -367,9 +367,11 @@ def divide_gradients(inner, grads, div_scale: float) -> None:
 
 # ---------------------------------------------------------------- lean ZeRO-1 reduction and step
 LEAN_BUCKET_ELEMS = 256 * 1024 * 1024  # gradient / parameter elements per reduce-scatter or all-gather
+LEAN_STEP_BUCKET_ELEMS = 1024 * 1024 * 1024  # master elements per inner optimizer step (4 GiB of fp32 gradients)
 
 
-def lean_zero1(optimizer, bucket_elems: int = LEAN_BUCKET_ELEMS) -> None:
+def lean_zero1(optimizer, bucket_elems: int = LEAN_BUCKET_ELEMS, step_bucket_elems: int = LEAN_STEP_BUCKET_ELEMS
+               ) -> None:
     """Replace colossalai's ZeRO-1 gradient reduction (after the step's last backward) and its optimizer step with
     versions that move fewer bytes and launch fewer kernels; the arithmetic, the master-shard layout (chunk
     `local_rank` of each padded flat parameter), the gradient stores and what get_param_grad / local_gradients /
@@ -416,7 +418,7 @@ def lean_zero1(optimizer, bucket_elems: int = LEAN_BUCKET_ELEMS) -> None:
                          f"backward, fp32 master weights on the GPU, one data-parallel group per store, bf16/fp16 "
                          f"communication, a per-parameter inner optimizer (torch.optim's)")
     optimizer._sync_grad = lambda: _lean_reduce(optimizer, bucket_elems)
-    optimizer.step = lambda closure=None: _lean_step(optimizer, bucket_elems, closure)
+    optimizer.step = lambda closure=None: _lean_step(optimizer, bucket_elems, step_bucket_elems, closure)
 
 
 def _buckets(items: list, size, limit: int) -> list[list]:
@@ -499,7 +501,7 @@ def _reduce_scatter_bucket(optimizer, group_id: int, store, params: list, shards
         _keep_grad_shard(optimizer, group_id, p, piece)
 
 
-def _lean_step(optimizer, bucket_elems: int, closure=None) -> None:
+def _lean_step(optimizer, bucket_elems: int, step_bucket_elems: int, closure=None) -> None:
     """colossalai's LowLevelZeroOptimizer.step on flat buffers (see lean_zero1)."""
     assert closure is None, "closure is not supported by step()"
     if not optimizer.require_grad_sync:
@@ -527,7 +529,7 @@ def _lean_step(optimizer, bucket_elems: int, closure=None) -> None:
         # step on that bucket's masters: the optimizer skips parameters without .grad, so each master is updated
         # exactly once, and at most one bucket of fp32 gradients exists instead of all of them (colossalai: 4 bytes
         # per parameter of this rank's shard, 22 GiB for OpenMoE-8B at EP 2)
-        for bucket in _buckets(list(zip(masters, shards)), lambda ms: ms[0].numel(), bucket_elems):
+        for bucket in _buckets(list(zip(masters, shards)), lambda ms: ms[0].numel(), step_bucket_elems):
             flat = torch.empty(sum(m.numel() for m, _ in bucket), dtype=masters[0].dtype, device=masters[0].device)
             fp32 = [v.view_as(m) for v, (m, _) in zip(flat.split([m.numel() for m, _ in bucket]), bucket)]
             torch._foreach_copy_(fp32, [g.view_as(m) for m, g in bucket])

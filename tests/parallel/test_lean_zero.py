@@ -8,9 +8,10 @@ group), bf16, capacity-routed bmm experts (the grouped GEMM needs 16-byte stride
 
 hidden_size 63 and vocab 1001 give every dense parameter an odd size (ZeRO pads its last chunk), and a bucket of
 5,000 elements cuts the reduce-scatters and all-gathers into many buckets with the embedding alone in one larger
-than the limit. The reduced gradients must be equal (for 2 ranks a+b is the same sum in both, and halving is exact);
-the clipping norm reads the bf16 shards instead of their fp32 copies (same values, fp32 accumulation), and the casts
-round as colossalai's do: on the CPU the losses, gradients, norms and the weights after 2 steps come out bit-equal.
+than the limit (and the inner optimizer step runs over buckets of 20,000). The reduced gradients must be equal (for
+2 ranks a+b is the same sum in both, and halving is exact); the clipping norm reads the bf16 shards instead of
+their fp32 copies (same values, fp32 accumulation), and the casts round as colossalai's do: on the CPU the losses,
+gradients, norms and the weights after 2 steps come out bit-equal.
 """
 
 import os
@@ -47,7 +48,7 @@ def train(lean: bool) -> dict:
                               tensorboard=False)
     st = build(run, training=False, config=preset("tiny", hidden_size=63, vocab_size=1001))
     if lean:
-        lean_zero1(st.optimizer, bucket_elems=5000)
+        lean_zero1(st.optimizer, bucket_elems=5000, step_bucket_elems=20000)
     st.model.train()
     got = {"loss": [], "grads": [], "norm": [], "odd": 0, "empty_slots": 0}
     for step in range(STEPS):
