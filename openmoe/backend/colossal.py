@@ -367,7 +367,7 @@ def divide_gradients(inner, grads, div_scale: float) -> None:
 
 # ---------------------------------------------------------------- lean ZeRO-1 reduction and step
 LEAN_BUCKET_ELEMS = 256 * 1024 * 1024  # gradient / parameter elements per reduce-scatter or all-gather
-LEAN_STEP_BUCKET_ELEMS = 1024 * 1024 * 1024  # master elements per inner optimizer step (4 GiB of fp32 gradients)
+LEAN_STEP_BUCKET_ELEMS = 256 * 1024 * 1024  # master elements per inner optimizer step (1 GiB of fp32 gradients)
 
 
 def lean_zero1(optimizer, bucket_elems: int = LEAN_BUCKET_ELEMS, step_bucket_elems: int = LEAN_STEP_BUCKET_ELEMS
