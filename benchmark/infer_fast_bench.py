@@ -131,15 +131,15 @@ def load_decoder_class(path: str):
 
 
 def compiled_decoder(spec: str, model, max_b: int, a, tiles):
-    """The compiled decoder of one --compile_impls entry, IMPL[+dense][+norope][:B] or IMPL+baseline[:B]."""
+    """The compiled decoder of one --compile_impls entry, IMPL[+nodense][+norope][:B] or IMPL+baseline[:B]."""
     impl, *options = spec.partition(":")[0].split("+")
-    if not set(options) <= {"dense", "norope", "baseline"} or ("baseline" in options and len(options) > 1):
-        raise SystemExit(f"error: --compile_impls {spec}: accepted IMPL, IMPL+dense, IMPL+norope, "
-                         "IMPL+dense+norope or IMPL+baseline, each with an optional :B")
+    if not set(options) <= {"nodense", "norope", "baseline"} or ("baseline" in options and len(options) > 1):
+        raise SystemExit(f"error: --compile_impls {spec}: accepted IMPL, IMPL+nodense, IMPL+norope, "
+                         "IMPL+nodense+norope or IMPL+baseline, each with an optional :B")
     length = a.prompt_len + a.new_tokens
     if "baseline" not in options:
         return FastDecoder(model, max_b, length, moe_impl=impl, compile=True, gemv_tiles=tiles,
-                           dense_gemv="dense" in options, rope_kernel="norope" not in options)
+                           dense_gemv="nodense" not in options, rope_kernel="norope" not in options)
     if not a.baseline_decoder:
         raise SystemExit(f"error: --compile_impls {spec} needs --baseline_decoder FILE")
     return load_decoder_class(a.baseline_decoder)(model, max_b, length, moe_impl=impl, compile=True)
@@ -305,6 +305,29 @@ DENSE_TILES = [(16, 256, 2, 4), (16, 512, 2, 8), (8, 512, 2, 4), (32, 256, 4, 8)
                (64, 128, 8, 8), (8, 1024, 1, 8), (16, 128, 4, 4), (32, 512, 4, 8)]  # block n, block k, split, warps
 
 
+def check_rope(cfg, device, dtype, batch: int = 2) -> dict:
+    """decode_kernels.rope_qkv_into_cache against apply_rope and indexed cache writes at cfg's shapes (a 64-column
+    cache, column 37): max error relative to the largest magnitude of q, of the cache rows written, and whether any
+    other cell of the cache changed."""
+    from openmoe.decode_kernels import rope_qkv_into_cache
+    from openmoe.model import apply_rope, rope_cos_sin
+
+    n, n_kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    torch.manual_seed(0)
+    qkv = torch.randn(batch, (n + 2 * n_kv) * d, device=device, dtype=dtype)
+    cos, sin = rope_cos_sin(torch.randint(0, 500, (batch, 1), device=device), d, cfg.rope_theta, dtype)  # [B, 1, D]
+    k_cache, v_cache = (torch.randn(batch + 1, n_kv, 64, d, device=device, dtype=dtype) for _ in range(2))
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    q = rope_qkv_into_cache(qkv, cos, sin, k_cache, v_cache, torch.tensor([37], device=device), n, n_kv)
+    heads = qkv.view(batch, n + 2 * n_kv, 1, d)
+    rot = apply_rope(heads[:, :n + n_kv].float(), cos.float(), sin.float())  # fp32 reference
+    want_k[:batch, :, 37] = rot[:, n:, 0].to(dtype)
+    want_v[:batch, :, 37] = heads[:, n + n_kv:, 0]
+    err = lambda got, want: ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()  # noqa: E731
+    return {"check": "rope kernel", "q_rel_err": err(q, rot[:, :n]), "k_rel_err": err(k_cache, want_k),
+            "v_rel_err": err(v_cache, want_v)}
+
+
 def sweep_dense_tiles(cfg, device, dtype, tol, rows, best: GemvTiles) -> GemvTiles:
     """One decode row through decode_kernels.linear_gemv against F.linear (cuBLAS) at the o_proj and down_proj
     shapes (and, for comparison, q/k/v and gate/up fused), under each of DENSE_TILES: error and device time per
@@ -382,7 +405,7 @@ def main(argv=None) -> int:
     p.add_argument("--compile", action="store_true", help="also the torch.compile(reduce-overhead) fast path")
     p.add_argument("--compile_impls", nargs="*", default=["auto"],
                    help="MoE implementations compiled with --compile; impl:B runs that one up to batch size B only; "
-                        "impl+dense: o_proj/down_proj through the Triton GEMV (FastDecoder dense_gemv); "
+                        "impl+nodense: o_proj/down_proj through cuBLAS (FastDecoder dense_gemv=False); "
                         "impl+norope: without the RoPE/cache-write kernel (rope_kernel=False); impl+baseline: the "
                         "FastDecoder of --baseline_decoder")
     p.add_argument("--continuous", action="store_true",
@@ -412,6 +435,11 @@ def main(argv=None) -> int:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if a.check_kernels_only:
         return 0 if check_kernels(preset(a.model), device, dtype, a.out) else 1
+    if device.type == "cuda" and dtype == torch.bfloat16:  # the decode RoPE kernel, checked on every GPU run
+        rope = check_rope(preset(a.model), device, dtype)
+        print(json.dumps(rope), flush=True)
+        if max(rope["q_rel_err"], rope["k_rel_err"], rope["v_rel_err"]) > 1e-2:
+            raise SystemExit(f"error: the RoPE kernel disagrees with its reference: {rope}")
     model = build_model(a.model, device, dtype)
     cfg, counts = model.config, param_counts(model)
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"

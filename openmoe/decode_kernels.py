@@ -63,10 +63,10 @@ class GemvTiles:
     down_block_k: int = 128
     down_split: int = 8
     down_warps: int = 4
-    dense_block_n: int = 16  # linear_gemv (o_proj, down_proj at batch 1 with FastDecoder(dense_gemv=True))
-    dense_block_k: int = 256
-    dense_split: int = 2
-    dense_warps: int = 4
+    dense_block_n: int = 32  # linear_gemv (o_proj, down_proj at batch 1, FastDecoder's dense_gemv): the fastest
+    dense_block_k: int = 512  # of 10 tilings at OpenMoE-8B's shapes on the H200 (RESULTS.md)
+    dense_split: int = 4
+    dense_warps: int = 8
 
 
 def gathered_experts(experts: StackedExperts, x: torch.Tensor, r: RouterOutput) -> torch.Tensor:
@@ -153,11 +153,13 @@ def linear_gemv(x: torch.Tensor, weight: torch.Tensor, tiles: GemvTiles | None =
 
 def rope_qkv_into_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
                         v_cache: torch.Tensor, col: torch.Tensor, num_heads: int, num_kv_heads: int) -> torch.Tensor:
-    """One decode token per row: qkv [B, (N + 2 N_kv) * D] (q, k, v heads of the fused projection), cos/sin [B, D]
-    -> q [B, N, 1, D] with RoPE; k with RoPE and v written into k_cache/v_cache [B, N_kv, M, D] at column col [1].
-    One Triton launch (program per row and head) where the compiled torch version runs several kernels (the q and
-    k rotations, the two cache writes and a copy of q for attention). fp32 arithmetic, one rounding."""
+    """One decode token per row: qkv [B, (N + 2 N_kv) * D] (q, k, v heads of the fused projection), cos/sin [B, 1, D]
+    or [B, D] -> q [B, N, 1, D] with RoPE; k with RoPE and v written into rows [:B] of k_cache/v_cache
+    [B_max, N_kv, M, D] at column col [1]. One Triton launch (program per row and head) where the compiled torch
+    version runs several kernels (the q and k rotations, the two cache writes and a copy of q for attention).
+    fp32 arithmetic, one rounding."""
     b = qkv.shape[0]
+    assert cos.stride(-1) == 1 and sin.stride() == cos.stride() and k_cache.stride(-1) == 1 == v_cache.stride(-1)
     d = k_cache.shape[-1]
     q = torch.empty(b, num_heads, 1, d, dtype=qkv.dtype, device=qkv.device)
     _rope_qkv_kernel[(b, num_heads + 2 * num_kv_heads)](

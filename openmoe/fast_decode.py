@@ -251,7 +251,7 @@ class FastDecoder:
 
     def __init__(self, model, max_batch_size: int, max_seq_len: int, moe_impl: str = "auto", compile: bool = False,
                  sync_every: int = 8, fuse_weights: bool = True, gemv_tiles: GemvTiles | None = None,
-                 dense_gemv: bool = False, rope_kernel: bool = True):
+                 dense_gemv: bool = True, rope_kernel: bool = True):
         cfg = model.config
         for i, layer in enumerate(model.model.layers):
             if layer.is_moe and not isinstance(layer.mlp, OpenMoeSparseMLP):
@@ -348,7 +348,9 @@ class FastDecoder:
         k_cache, v_cache = self.k_cache[i][:b], self.v_cache[i][:b]  # [B, N_kv, M, D] views
         qkv = self.fused[i].qkv
         if self.rope_kernel and not prefill and qkv is not None:  # one token per row: one kernel after the GEMV
-            q = rope_qkv_into_cache(F.linear(x.view(b, -1), qkv), cos[:, 0], sin[:, 0], k_cache, v_cache, cols,
+            # the whole cache and cos/sin [B, 1, D] are passed, not views of them: inductor copies a view that a
+            # user Triton kernel writes (or reads) into a temporary and back, two copies of the cache per layer
+            q = rope_qkv_into_cache(F.linear(x.view(b, -1), qkv), cos, sin, self.k_cache[i], self.v_cache[i], cols,
                                     attn.num_heads, attn.num_kv_heads)  # [B, N, 1, D]
             keys, values = k_cache, v_cache
         else:

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Issue 18, batch-1 decode: the working tree's fast decoder against an earlier one in the same process, same weights
-# (benchmark/infer_fast_bench.py --baseline_decoder), after the kernel check (which also sweeps the dense GEMV tiles
-# for o_proj/down_proj, the "+dense" rows). From the project root with the wheel bundle .whl/ beside it, one H200:
+# (benchmark/infer_fast_bench.py --baseline_decoder), and without each decode kernel (+norope, +nodense), after the
+# kernel check (which also sweeps the dense GEMV tiles for o_proj/down_proj). From the project root with the wheel
+# bundle .whl/ beside it, one H200:
 #   git show REV:openmoe/fast_decode.py > benchmark/prev/fast_decode_REV.py   # the baseline (ignored by git)
 #   source scripts/offline_env.sh && BASELINE=benchmark/prev/fast_decode_REV.py bash scripts/gpu_decode_ab.sh
-# IMPLS (default "gemv:1 gemv+dense:1 gemv+baseline:1 grouped") are the compiled rows, beside transformers' generate
-# and the TTFT of a 2,048-token prompt; TILES='{GemvTiles JSON}' skips the kernel check; CDT=1 adds a row of the
+# IMPLS (default "gemv:1 gemv+norope:1 gemv+nodense:1 gemv+baseline:1 grouped") are the compiled rows, beside
+# transformers' generate and the TTFT of a 2,048-token prompt; TILES='{GemvTiles JSON}' skips the kernel check; CDT=1 adds a row of the
 # first IMPL under inductor's coordinate-descent tuning. Results in $OUT (default ./gpu_decode_ab_out):
 # decode_ab.tgz (logs, JSON, profiles).
 set -u
@@ -30,7 +31,7 @@ echo "tiles: ${tiles[*]:-defaults}"
 common=(--model 8b --prompt_len 128 --new_tokens 128 --short_tokens 16 --moe_impls --compile --warmup 1 "${tiles[@]}")
 # shellcheck disable=SC2086  # IMPLS is a list of words
 timeout "${AB_TIMEOUT:-400}" python3 benchmark/infer_fast_bench.py "${common[@]}" --batch_sizes 1 16 \
-  --compile_impls ${IMPLS:-gemv:1 gemv+dense:1 gemv+baseline:1 grouped} --baseline_decoder "${BASELINE:?set BASELINE}" \
+  --compile_impls ${IMPLS:-gemv:1 gemv+norope:1 gemv+nodense:1 gemv+baseline:1 grouped} --baseline_decoder "${BASELINE:?set BASELINE}" \
   --ttft_prompt_len 2048 --profile --out "$OUT/ab" > "$OUT/ab.log" 2>&1
 echo "A/B exit $?"; grep -E "^batch|^profile|^TTFT" "$OUT/ab.log" | cut -c1-190
 if [ "${CDT:-0}" = 1 ]; then

@@ -284,7 +284,7 @@ def test_triton_expert_gemv_equals_reference_in_the_interpreter():
             cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
             k_cache, v_cache = torch.randn(3, n_kv, 10, d), torch.randn(3, n_kv, 10, d)
             want_k, want_v = k_cache.clone(), v_cache.clone()
-            q = rope_qkv_into_cache(qkv, cos, sin, k_cache[:b], v_cache[:b], torch.tensor([7]), n, n_kv)
+            q = rope_qkv_into_cache(qkv, cos[:, None], sin[:, None], k_cache, v_cache, torch.tensor([7]), n, n_kv)
             heads = qkv.view(b, n + 2 * n_kv, 1, d)
             rot = apply_rope(heads[:, :n + n_kv], cos[:, None], sin[:, None])
             want_k[:b, :, 7] = rot[:, n:, 0]
