@@ -21,6 +21,7 @@ optimizer really partitions gradients and that starved experts train as under Ze
 from __future__ import annotations
 
 import datetime
+import math
 import os
 from dataclasses import dataclass
 from typing import Callable
@@ -326,15 +327,18 @@ def fix_grad_clipping(optimizer) -> None:
     optimizer._unscale_and_clip_grads = unscale_and_clip
 
 
-def clip_divisor(optimizer, grads: list[torch.Tensor]) -> float:
+def clip_divisor(optimizer, grads: list[torch.Tensor], finite: bool = True) -> float:
     """What the step divides this rank's gradient shards `grads` by (fp16 loss scale times the clipping factor), from
     the exact global norm: one scalar all-reduce of the squared norms (see fix_grad_clipping). Sets the optimizer's
-    _current_grad_norm (what get_grad_norm returns)."""
+    _current_grad_norm (what get_grad_norm returns), non-finite on every rank when any rank's gradient is or when
+    some rank passes finite=False (its vote, e.g. on its losses)."""
     sq = torch.zeros((), dtype=torch.float64, device=grads[0].device if grads else "cpu")
     if grads:
         # one multi-tensor kernel; the fp32 upcast happens inside it: no full-size copy of the gradient
         norms = torch._foreach_norm([g.detach() for g in grads], 2, dtype=torch.float32)
         sq += torch.stack(norms).double().square().sum()
+    if not finite:
+        sq.fill_(float("inf"))
     dist.all_reduce(sq)
     norm = float(sq.sqrt())  # still multiplied by the fp16 loss scale
     # colossalai's _unscale_and_clip_grads arithmetic, on the true norm
@@ -419,6 +423,20 @@ def lean_zero1(optimizer, bucket_elems: int = LEAN_BUCKET_ELEMS, step_bucket_ele
                          f"communication, a per-parameter inner optimizer (torch.optim's)")
     optimizer._sync_grad = lambda: _lean_reduce(optimizer, bucket_elems)
     optimizer.step = lambda closure=None: _lean_step(optimizer, bucket_elems, step_bucket_elems, closure)
+    optimizer._openmoe_lean_step = lambda finite: _lean_step(optimizer, bucket_elems, step_bucket_elems, None, finite)
+
+
+def folds_finite_check(optimizer) -> bool:
+    """Whether `optimizer` runs the lean step, which can take the step's finiteness vote itself
+    (step_unless_nonfinite)."""
+    return hasattr(optimizer, "_openmoe_lean_step")
+
+
+def step_unless_nonfinite(optimizer, losses_finite: bool) -> bool:
+    """The lean optimizer step, skipped on every rank when some rank's losses are not finite (losses_finite is this
+    rank's vote) or some gradient shard is not: the vote rides on the clipping norm's all-reduce, so the gradients
+    are read once (no separate finiteness pass, no second all-reduce and host sync). Returns whether it stepped."""
+    return optimizer._openmoe_lean_step(losses_finite)
 
 
 def _buckets(items: list, size, limit: int) -> list[list]:
@@ -501,15 +519,17 @@ def _reduce_scatter_bucket(optimizer, group_id: int, store, params: list, shards
         _keep_grad_shard(optimizer, group_id, p, piece)
 
 
-def _lean_step(optimizer, bucket_elems: int, step_bucket_elems: int, closure=None) -> None:
-    """colossalai's LowLevelZeroOptimizer.step on flat buffers (see lean_zero1)."""
+def _lean_step(optimizer, bucket_elems: int, step_bucket_elems: int, closure=None, finite: bool = True) -> bool:
+    """colossalai's LowLevelZeroOptimizer.step on flat buffers (see lean_zero1). finite: this rank's vote that its
+    losses are finite; the step is skipped on every rank (weights and optimizer state unchanged) when some rank votes
+    no or some gradient shard is not finite: the clipping norm's all-reduce carries both. Returns whether it stepped."""
     assert closure is None, "closure is not supported by step()"
     if not optimizer.require_grad_sync:
-        return
+        return False
     mixin = optimizer.mixed_precision_mixin
     if mixin is not None and mixin.should_skip_step():  # fp16 overflow: colossalai's own skip
         optimizer.zero_grad()
-        return
+        return False
     working, masters, shards = [], [], []
     for group_id in range(optimizer.num_param_groups):
         real = []
@@ -523,8 +543,9 @@ def _lean_step(optimizer, bucket_elems: int, step_bucket_elems: int, closure=Non
                 shards.append(held[0 if optimizer._partition_grads else store.local_rank])
                 real.append(m)
         optimizer.optim.param_groups[group_id]["params"] = real
-    if masters:
-        div_scale = clip_divisor(optimizer, shards)
+    div_scale = clip_divisor(optimizer, shards, finite)  # every rank joins its all-reduce
+    stepped = math.isfinite(optimizer._current_grad_norm)
+    if masters and stepped:
         # fp32 copies of the shards, one bucket at a time (one foreach copy each, the cast inside it), and the inner
         # step on that bucket's masters: the optimizer skips parameters without .grad, so each master is updated
         # exactly once, and at most one bucket of fp32 gradients exists instead of all of them (colossalai: 4 bytes
@@ -542,8 +563,10 @@ def _lean_step(optimizer, bucket_elems: int, step_bucket_elems: int, closure=Non
             del flat, fp32
     for group_id in range(optimizer.num_param_groups):
         optimizer.optim.param_groups[group_id]["params"] = optimizer._master_param_groups_of_current_rank[group_id]
-    with torch.no_grad():
-        _lean_gather(optimizer, working, masters, bucket_elems)
+    if stepped:
+        with torch.no_grad():
+            _lean_gather(optimizer, working, masters, bucket_elems)
+    return stepped
 
 
 def _lean_gather(optimizer, working: list, masters: list, bucket_elems: int) -> None:

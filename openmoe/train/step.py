@@ -10,7 +10,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from openmoe.backend.colossal import defers_reduction, is_pipeline, local_gradients
+from openmoe.backend.colossal import (
+    defers_reduction,
+    folds_finite_check,
+    is_pipeline,
+    local_gradients,
+    step_unless_nonfinite,
+)
 from openmoe.config import OpenMoeConfig
 from openmoe.parallel.load_balance import BiasBalancer, ExpertPlacement
 
@@ -102,10 +108,18 @@ def train_step(model, booster, optimizer, batches_iter, grad_accum: int, device,
 
     check_grads is for bf16: ZeRO's backward has already reduced the gradients into this rank's partitions; a
     non-finite value anywhere shows up in some rank's partition, and the flag is all-reduced. fp16 leaves gradient
-    overflow to its loss scaler, which skips such steps itself.
+    overflow to its loss scaler, which skips such steps itself. With --lean_zero the same vote is taken inside the
+    optimizer step (backend.colossal.step_unless_nonfinite).
     """
     batches = to_device([next(batches_iter) for _ in range(grad_accum)], device)
     outs = forward_backward(model, booster, optimizer, batches)
+    if check_grads and folds_finite_check(optimizer):
+        # --lean_zero: the step's clipping norm reads every gradient shard anyway; the vote rides on its all-reduce
+        with torch.profiler.record_function("openmoe.optimizer_step"):
+            losses_finite = bool(torch.isfinite(torch.stack([o.loss.detach() for o in outs])).all())
+            applied = step_unless_nonfinite(optimizer, losses_finite)
+            optimizer.zero_grad()
+        return outs, applied
     grads = local_gradients(model, optimizer)
     with torch.profiler.record_function("openmoe.grad_check"):
         ok = all(torch.isfinite(o.loss).all() for o in outs)

@@ -4,19 +4,21 @@ flat buffers) against colossalai's own ZeRO-1 reduction and step, on 2 gloo rank
 group), bf16, capacity-routed bmm experts (the grouped GEMM needs 16-byte strides: hidden 63 is refused there),
 2 micro-batches per step, AdamW with gradient clipping active, 2 steps.
 
-    .venv/bin/python -m pytest tests/parallel/test_lean_zero.py -q      # ~1 min on 2 cores
+    .venv/bin/python -m pytest tests/parallel/test_lean_zero.py -q      # ~20 s on 2 cores (one 2-rank launch)
 
 hidden_size 63 and vocab 1001 give every dense parameter an odd size (ZeRO pads its last chunk), and a bucket of
 5,000 elements cuts the reduce-scatters and all-gathers into many buckets with the embedding alone in one larger
 than the limit (and the inner optimizer step runs over buckets of 20,000). The reduced gradients must be equal (for
 2 ranks a+b is the same sum in both, and halving is exact); the clipping norm reads the bf16 shards instead of
 their fp32 copies (same values, fp32 accumulation), and the casts round as colossalai's do: on the CPU the losses,
-gradients, norms and the weights after 2 steps come out bit-equal.
+gradients, norms and the weights after 2 steps come out bit-equal. Then train_step with the bf16 finiteness check,
+through the run option: a NaN gradient on one rank's own expert skips the step on both ranks in both paths.
 """
 
 import os
 import sys
 
+import pytest
 import torch
 
 from tests.helpers import torchrun
@@ -67,6 +69,40 @@ def train(lean: bool) -> dict:
     return got
 
 
+def skip_nonfinite(lean: bool) -> dict:
+    """train_step with the bf16 finiteness check, the lean step through the run option: step 1 gets a NaN in one
+    expert weight's gradient on rank 1 only (the experts' ZeRO group has one rank, so rank 0 never sees it unless
+    the vote carries it); every rank must skip that step and leave the weights alone."""
+    import torch.distributed as dist
+
+    from openmoe.config import preset
+    from openmoe.train.builder import build
+    from openmoe.train.config import RunConfig
+    from openmoe.train.step import train_step
+
+    run = RunConfig.from_flat(model_name="tiny", plugin="ep", batch_size=B, grad_accum=2, max_length=S,
+                              precision="bf16", zero_stage=1, lr=1e-2, grad_clip=CLIP, warmup_steps=1,
+                              lr_schedule="constant", max_steps=3, seed=0, tensorboard=False, lean_zero=lean)
+    st = build(run, training=False, config=preset("tiny", hidden_size=63, vocab_size=1001))
+    st.model.train()
+    rank, model = dist.get_rank(), st.model.unwrap()
+    weights = lambda: {n: p.detach().float().clone() for n, p in model.named_parameters()}
+    expert = next(p for n, p in model.named_parameters() if "experts" in n)
+    applied, unchanged = [], None
+    for step in range(3):
+        hook = expert.register_hook(lambda g: g * float("nan")) if step == 1 and rank == 1 else None
+        before = weights()
+        _, ok = train_step(st.model, st.booster, st.optimizer, iter(batches(step, rank, st.cfg.vocab_size)), 2,
+                           st.device, check_grads=True)
+        applied.append(ok)
+        if step == 1:
+            unchanged = all(torch.equal(w, before[n]) for n, w in weights().items())
+        if hook is not None:
+            hook.remove()
+    return {"applied": applied, "unchanged": unchanged, "params": weights(), "lean": hasattr(st.optimizer,
+                                                                                             "_openmoe_lean_step")}
+
+
 def main():
     import torch.distributed as dist
 
@@ -74,15 +110,22 @@ def main():
 
     rank, _, _ = init_distributed(seed=0)
     results = {lean: train(lean) for lean in (False, True)}
+    results["skip"] = {lean: skip_nonfinite(lean) for lean in (False, True)}
     torch.save(results, os.path.join(sys.argv[1], f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
 
 
-def test_lean_zero_equals_colossalai_zero1(tmp_path):
-    torchrun(2, "tests/parallel/test_lean_zero.py", str(tmp_path), timeout=600)
-    for rank in range(2):
-        res = torch.load(tmp_path / f"rank{rank}.pt")
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """Both ranks' results of one 2-rank launch (every comparison below reads them)."""
+    out = tmp_path_factory.mktemp("lean_zero")
+    torchrun(2, "tests/parallel/test_lean_zero.py", str(out), timeout=600)
+    return [torch.load(out / f"rank{rank}.pt") for rank in range(2)]
+
+
+def test_lean_zero_equals_colossalai_zero1(results):
+    for res in results:
         ref, lean = res[False], res[True]
         assert ref["odd"] > 0  # some parameter is padded by ZeRO
         assert ref["empty_slots"] == 0 and lean["empty_slots"] > 0  # each ran its own reduction
@@ -94,6 +137,19 @@ def test_lean_zero_equals_colossalai_zero1(tmp_path):
         assert ref["norm"][0] > CLIP  # clipping active
         assert lean["norm"] == ref["norm"]
         assert ref["params"].keys() == lean["params"].keys()
+        for name, w in ref["params"].items():
+            assert torch.equal(lean["params"][name], w), name
+
+
+def test_lean_zero_skips_a_non_finite_step_on_every_rank(results):
+    """The finiteness vote inside the lean step (train_step with check_grads): a NaN gradient on one rank's own
+    expert skips the step on both ranks, as the separate vote of colossalai's path does, and the next step runs;
+    the weights after it equal the reference path's."""
+    for res in results:
+        ref, lean = res["skip"][False], res["skip"][True]
+        assert lean["lean"] and not ref["lean"]
+        assert ref["applied"] == lean["applied"] == [True, False, True]
+        assert ref["unchanged"] and lean["unchanged"]
         for name, w in ref["params"].items():
             assert torch.equal(lean["params"][name], w), name
 
