@@ -42,6 +42,16 @@ The eager `model.generate` (openmoe/generation.py) is the reference; with drople
     (model.to(dtype), a new nn.Parameter) breaks the aliasing; generate() checks it on the host each call and
     re-fuses. The views do not
     overlap, so save_pretrained (safetensors) still writes the model (tested).
+  * The loop's state (tokens, positions, finished flags, repetition-penalty presence, key mask, new tokens, the stop
+    table) is one DecodeState at fixed addresses. A greedy step is compiled whole: model, argmax (two-stage:
+    greedy_argmax), stop checks and bookkeeping update the state inside one CUDA graph, nothing runs outside it per
+    token. Sampling compiles the model only (its generator's draw stays eager).
+  * Host reads: every sync_every steps the flags (and, when streaming, the new tokens) are copied to the host without
+    waiting, and the copy of the window before is read, so the GPU always has steps queued (reading the current
+    flags would drain it). A batch that finished runs up to one more window, never reported.
+  * On CUDA bf16, at decode: a Triton GEMV for o_proj and down_proj of one row (dense_gemv: one kernel where cuBLAS
+    runs a split-K GEMV and a reduce) and one Triton kernel for RoPE and both cache writes of the fused q/k/v row
+    (rope_kernel); decode_kernels.py holds both, tested against torch references.
 Built for one device: expert-parallel layers and device maps are refused (their eager paths remain).
 """
 
