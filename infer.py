@@ -155,19 +155,12 @@ class Session:
         a, cfg = self.args, self.model.config
         decoder = inference.cached_decoder(self.model, ids.shape[0], ids.shape[1] + a.max_new_tokens,
                                            compile=self.compile)
-        on_tokens = None
-        if stream is not None:  # TextStreamer's order: the prompt (skipped), then the new tokens
-            stream.put(ids.cpu())
-            on_tokens = lambda tokens, finished: stream.put(tokens.cpu())  # noqa: E731
-        out = decoder.generate(ids, mask, max_new_tokens=a.max_new_tokens, do_sample=a.do_sample,
-                               temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
-                               repetition_penalty=a.repetition_penalty, eos_token_id=cfg.eos_token_id,
-                               stop_sequences=inference.chat_stop_sequences(self.tokenizer) if a.chat else (),
-                               on_tokens=on_tokens,
-                               vocab_limit=len(self.tokenizer) if cfg.vocab_size > len(self.tokenizer) else None)
-        if stream is not None:
-            stream.end()
-        return out
+        return inference.generate_streamed(
+            decoder, ids, stream, attention_mask=mask, max_new_tokens=a.max_new_tokens, do_sample=a.do_sample,
+            temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, repetition_penalty=a.repetition_penalty,
+            eos_token_id=cfg.eos_token_id,
+            stop_sequences=inference.chat_stop_sequences(self.tokenizer) if a.chat else (),
+            vocab_limit=len(self.tokenizer) if cfg.vocab_size > len(self.tokenizer) else None)
 
     def _eager(self, ids, mask, stream):
         """transformers' generate (fast_decode=False: the reference path); expert-parallel ranks with synced_gpus."""

@@ -157,8 +157,14 @@ def fast_generate(model, inputs, generation_config, kwargs: dict, options) -> to
     ids, streamer = request.pop("input_ids"), request.pop("streamer")
     settings = {"compile": ids.is_cuda, **(options if isinstance(options, dict) else {})}
     decoder = cached_decoder(model, ids.shape[0], ids.shape[1] + request["max_new_tokens"], **settings)
+    return generate_streamed(decoder, ids, streamer, **request)
+
+
+def generate_streamed(decoder, ids: torch.Tensor, streamer=None, **request) -> torch.Tensor:
+    """decoder.generate(ids, **request), feeding a transformers-style streamer (put/end) in transformers' order: the
+    prompt once, then each step's tokens, then end()."""
     on_tokens = None
-    if streamer is not None:  # transformers' order: the prompt once, then each step's tokens, then end()
+    if streamer is not None:
         streamer.put(ids.cpu())
         on_tokens = lambda tokens, finished: streamer.put(tokens.cpu())  # noqa: E731
     out = decoder.generate(ids, on_tokens=on_tokens, **request)
