@@ -478,8 +478,9 @@ class FastDecoder:
         vocab_limit: int | None = None,
     ) -> torch.Tensor:
         """model.generate's contract: [B, S + n] ids, finished rows padded after their stop. on_tokens(tokens [B],
-        finished [B]) is called once per step as in the reference, but in bursts at each host read (every
-        `sync_every` steps); all_done(local_done) is asked at those reads too."""
+        finished [B], host tensors) is called once per step as in the reference, but in bursts at each host read
+        (every `sync_every` steps, for the window before); all_done(local_done) is asked at those reads too, with the
+        flags of the window before."""
         cfg = self.config
         eos = cfg.eos_token_id if eos_token_id is None else eos_token_id
         b, s = input_ids.shape
