@@ -7,7 +7,7 @@
 # then the two rows with ZeRO's reduction overlapped (--overlap_communication):
 #   source scripts/offline_env.sh && BENCH_OUT=/tmp/speed2 BUDGET_S=200 bash scripts/gpu_issue19_speed.sh \
 #     8bfull-2gpu-ours-ep-compiled-b4x4-ovl,8bfull-2gpu-ours-ep-compiled-ovl
-# and the lean ZeRO-1 rows (--lean_zero) beside their references and baseline (a), as in issue19_draft_s6.md:
+# and the lean ZeRO-1 rows (--lean_zero) beside their references and baseline (a), as in benchmark/RESULTS.md ("Issue 19, session 6"):
 #   source scripts/offline_env.sh && BENCH_OUT=/tmp/s6 BUDGET_S=480 bash scripts/gpu_issue19_speed.sh \
 #     8bfull-2gpu-ours-ep-compiled-b4x4-lean,8bfull-2gpu-ours-ep-compiled-b4x4,8bL4acc-2gpu-ours-ep-compiled-lean,8bL4acc-2gpu-ours-ep-compiled,8bL4acc-2gpu-mixtral
 # Output: BENCH_OUT/NAME.json + NAME.log, summary.md, gpus.txt (the driver stops launching at BUDGET_S seconds).

@@ -379,7 +379,7 @@ def lean_zero1(optimizer, bucket_elems: int = LEAN_BUCKET_ELEMS, step_bucket_ele
     """Replace colossalai's ZeRO-1 gradient reduction (after the step's last backward) and its optimizer step with
     versions that move fewer bytes and launch fewer kernels; the arithmetic, the master-shard layout (chunk
     `local_rank` of each padded flat parameter), the gradient stores and what get_param_grad / local_gradients /
-    get_grad_norm return stay as colossalai's. Measured on 2 x H200 in benchmark/results/issue19_draft_s6.md.
+    get_grad_norm return stay as colossalai's. Measured on 2 x H200: benchmark/RESULTS.md, "Issue 19, session 6".
 
     Reduction (_sync_grad), per process group of the gradient stores:
     - colossalai 0.5.0 (low_level_optim.py _run_reduction) copies each bucket of gradients into a flat buffer,
