@@ -369,3 +369,23 @@ def test_greedy_argmax_is_torch_argmax_with_ties_and_padding():
         assert torch.equal(fast_decode.greedy_argmax(logits), logits.argmax(-1))
     ties = torch.zeros(2, 300)  # all equal: index 0
     assert fast_decode.greedy_argmax(ties).tolist() == [0, 0]
+
+
+def test_finished_batch_stops_within_two_windows_and_streams_every_step(model):
+    """The host reads the flags of the window before (no drain of the GPU): a batch whose rows have all stopped runs
+    at most one more window of steps, and on_tokens still sees exactly the reference's steps."""
+    ids, mask = padded_batch()
+    free = generate(model, ids, mask, max_new_tokens=STEPS, eos_token_id=-1)
+    eos = free[:, ids.shape[1] + 2].tolist()  # every row stops by step 2 if each row's step-2 token is an EOS
+    seen = {"ref": [], "fast": []}
+    want = generate(model, ids, mask, max_new_tokens=STEPS, eos_token_id=eos[0], stop_sequences=[[e] for e in eos],
+                    on_tokens=lambda t, f: seen["ref"].append((t.tolist(), f.tolist())))
+    assert want.shape[1] <= ids.shape[1] + 3
+    dec = FastDecoder(model, max_batch_size=3, max_seq_len=48, moe_impl="gather", sync_every=4)
+    steps = []
+    greedy = dec._greedy
+    dec._greedy = lambda b: (steps.append(b), greedy(b))
+    got = dec.generate(ids, mask, max_new_tokens=STEPS, eos_token_id=eos[0], stop_sequences=[[e] for e in eos],
+                       on_tokens=lambda t, f: seen["fast"].append((t.tolist(), f.tolist())))
+    assert torch.equal(got, want) and seen["fast"] == seen["ref"]
+    assert len(steps) + 1 == 8  # done after step 2, read at the step-8 check (the window of steps 1-4): 8 steps
