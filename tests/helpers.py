@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -59,3 +60,15 @@ def colossalai_run(nproc: int, *args: str, timeout: int = 300, env: dict | None 
 
 def metrics(path) -> list[dict]:
     return [json.loads(line) for line in open(os.path.join(path, "metrics.jsonl"))]
+
+
+def micro_batches(step: int, rank: int, vocab: int, batch: int, seq: int, count: int = 2) -> list[dict]:
+    """`count` random micro-batches [batch, seq] of one optimizer step, labels = inputs, distinct per step and rank
+    (the same on every call: two training runs compared step by step see the same data)."""
+    g = torch.Generator().manual_seed(100 * step + rank)
+    out = []
+    for _ in range(count):
+        ids = torch.randint(3, vocab, (batch, seq), generator=g)
+        out.append({"input_ids": ids, "labels": ids.clone()})
+    return out
+

@@ -14,18 +14,13 @@ import sys
 
 import torch
 
-from tests.helpers import torchrun
+from tests.helpers import micro_batches, torchrun
 
 STEPS, B, S = 2, 2, 32
 
 
 def batches(step: int, rank: int, vocab: int) -> list[dict]:
-    g = torch.Generator().manual_seed(100 * step + rank)
-    out = []
-    for _ in range(2):  # grad_accum 2
-        ids = torch.randint(3, vocab, (B, S), generator=g)
-        out.append({"input_ids": ids, "labels": ids.clone()})
-    return out
+    return micro_batches(step, rank, vocab, B, S)  # grad_accum 2
 
 
 def train(compiled: bool) -> dict:
