@@ -232,6 +232,12 @@ def graph_time_us(fn, device, iters: int = 20) -> float | None:
     return start.elapsed_time(end) * 1000 / (3 * iters)
 
 
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """max |got - want| / max |want|, in fp32: how the checks below compare a kernel with its reference."""
+    want = want.float()
+    return ((got.float() - want).abs().max() / want.abs().max()).item()
+
+
 def check_kernels(cfg, device, dtype, out_dir: str) -> bool:
     """Expert GEMV vs its references and fused vs separate projections at cfg's shapes: max error relative to the
     reference's largest magnitude (bf16: the paths round differently, a wrong expert or column is O(1)) and device
@@ -256,7 +262,7 @@ def check_kernels(cfg, device, dtype, out_dir: str) -> bool:
             row = {"check": "experts", "tokens": t, "pairs": t * k, "triton": triton_supported(experts, x),
                    "distinct_experts": int(r.expert_idx.unique().numel())}
             for name, fn in paths.items():
-                err = ((fn().float() - ref).abs().max() / ref.abs().max()).item()
+                err = rel_err(fn(), ref)
                 ok &= err <= tol
                 row[f"{name}_rel_err"] = err
                 if name == "gather" and t > 2:  # its [T, K, H, I] copies are slow to time and decide nothing
@@ -282,8 +288,7 @@ def check_kernels(cfg, device, dtype, out_dir: str) -> bool:
             one = lambda: [torch.nn.functional.linear(x, w) for w in fused]  # noqa: E731
             sep = lambda: [torch.nn.functional.linear(x, p) for ps in parts for p in ps]  # noqa: E731
             whole, split, n = one(), sep(), len(outs)
-            err = max((torch.cat(split[j * n:(j + 1) * n], -1).float() - whole[j].float()).abs().max().item()
-                      / whole[j].float().abs().max().item() for j in range(rot))
+            err = max(rel_err(torch.cat(split[j * n:(j + 1) * n], -1), whole[j]) for j in range(rot))
             ok &= err <= tol
             t_one, t_sep = graph_time_us(one, device), graph_time_us(sep, device)
             nbytes = sum(outs) * h * x.element_size()
@@ -307,8 +312,8 @@ DENSE_TILES = [(16, 256, 2, 4), (16, 512, 2, 8), (8, 512, 2, 4), (32, 256, 4, 8)
 
 def check_rope(cfg, device, dtype, batch: int = 2) -> dict:
     """decode_kernels.rope_qkv_into_cache against apply_rope and indexed cache writes at cfg's shapes (a 64-column
-    cache, column 37): max error relative to the largest magnitude of q, of the cache rows written, and whether any
-    other cell of the cache changed."""
+    cache, column 37): max error relative to the largest magnitude of q and of each whole cache (a write to any
+    other cell counts as an error)."""
     from openmoe.decode_kernels import rope_qkv_into_cache
     from openmoe.model import apply_rope, rope_cos_sin
 
@@ -323,9 +328,8 @@ def check_rope(cfg, device, dtype, batch: int = 2) -> dict:
     rot = apply_rope(heads[:, :n + n_kv].float(), cos.float(), sin.float())  # fp32 reference
     want_k[:batch, :, 37] = rot[:, n:, 0].to(dtype)
     want_v[:batch, :, 37] = heads[:, n + n_kv:, 0]
-    err = lambda got, want: ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()  # noqa: E731
-    return {"check": "rope kernel", "q_rel_err": err(q, rot[:, :n]), "k_rel_err": err(k_cache, want_k),
-            "v_rel_err": err(v_cache, want_v)}
+    return {"check": "rope kernel", "q_rel_err": rel_err(q, rot[:, :n]), "k_rel_err": rel_err(k_cache, want_k),
+            "v_rel_err": rel_err(v_cache, want_v)}
 
 
 def sweep_dense_tiles(cfg, device, dtype, tol, rows, best: GemvTiles) -> GemvTiles:
@@ -352,8 +356,7 @@ def sweep_dense_tiles(cfg, device, dtype, tol, rows, best: GemvTiles) -> GemvTil
             row = {"check": "dense gemv", "shape": name, "n": n, "k": k, "path": "triton",
                    "tiles": [bn, bk, split, warps]}
             try:
-                err = max(((linear_gemv(x, w, tiles).float() - ref).abs().max() / ref.abs().max()).item()
-                          for w, ref in zip(ws, refs))
+                err = max(rel_err(linear_gemv(x, w, tiles), ref) for w, ref in zip(ws, refs))
                 us = graph_time_us(lambda: [linear_gemv(x, w, tiles) for w in ws], device) / rot
                 row.update(rel_err=err, us=us, TBps=nbytes / us / 1e6, x_cublas=t_ref / us)
                 if name in ("o_proj", "down_proj") and err <= tol:
@@ -373,7 +376,7 @@ def sweep_tiles(experts, x, r, ref, tol, device, rows) -> GemvTiles:
     kernel with the best gate tiles); the fastest correct one is returned (--gemv_tiles of the benchmark)."""
     def timed(tiles):
         got = expert_gemv(experts, x, r, tiles).float()
-        err = ((got - ref).abs().max() / ref.abs().max()).item()
+        err = rel_err(got, ref)
         us = graph_time_us(lambda: expert_gemv(experts, x, r, tiles), device) if err <= tol else None
         rows.append({"check": "tiles", **dataclasses.asdict(tiles), "rel_err": err, "us": us})
         return float("inf") if us is None else us
