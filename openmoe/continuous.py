@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from openmoe.fast_decode import FastDecoder
+from openmoe.fast_decode import FastDecoder, decode_bias
 from openmoe.model import repeat_kv, rope_cos_sin
 
 
@@ -71,7 +71,7 @@ class SlotDecoder(FastDecoder):
         h = self.model.model.embed_tokens(tokens[:, None])  # [B, 1, H]
         cos, sin = rope_cos_sin(cols[:, None], cfg.head_dim, cfg.rope_theta, h.dtype)  # positions = columns
         columns = torch.arange(self.max_seq_len, device=tokens.device)
-        allowed = (key_mask | (columns == cols[:, None]))[:, None, None, :]  # [B, 1, 1, M]
+        allowed = decode_bias(key_mask | (columns == cols[:, None]), h.dtype)  # [B, 1, 1, M]
         where = (slice(None), torch.arange(b, device=tokens.device)[:, None], cols[:, None])
         for i, layer in enumerate(self.model.model.layers):
             h = self._layer(i, layer, h, cos, sin, allowed, where, None, prefill=False)

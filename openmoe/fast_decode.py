@@ -206,13 +206,23 @@ class DecodeState:
         state = cls(tokens=zeros(batch), positions=zeros(batch), count=zeros(batch),
                     finished=zeros(batch, dtype=torch.bool), presence=zeros(batch, vocab, dtype=torch.bool),
                     key_mask=zeros(batch, max_seq_len, dtype=torch.bool), out=zeros(batch, max_seq_len),
-                    done_after=zeros(batch, max_seq_len, dtype=torch.bool), tail=zeros(batch, stop_len),
-                    stops=zeros(n_stop, stop_len), stop_used=zeros(n_stop, dtype=torch.bool), step=zeros(1),
-                    col=zeros(1), n_steps=zeros(), eos=zeros(), penalty=zeros(dtype=torch.float32),
+                    done_after=zeros(batch, max_seq_len, dtype=torch.bool), tail=None, stops=None, stop_used=None,
+                    step=zeros(1), col=zeros(1), n_steps=zeros(), eos=zeros(), penalty=zeros(dtype=torch.float32),
                     vocab_limit=zeros())
         for t in vars(state).values():
-            torch._dynamo.mark_static_address(t)  # fixed addresses, as for the cache
+            if t is not None:
+                torch._dynamo.mark_static_address(t)  # fixed addresses, as for the cache
+        state.size_stop_table(stop_len, n_stop)
         return state
+
+    def size_stop_table(self, width: int, rows: int) -> None:
+        """(Re)allocate tail [B_max, width], stops [rows, width] and stop_used [rows] at new fixed addresses."""
+        batch, device = self.tokens.shape[0], self.tokens.device
+        self.tail = torch.zeros(batch, width, dtype=torch.long, device=device)
+        self.stops = torch.zeros(rows, width, dtype=torch.long, device=device)
+        self.stop_used = torch.zeros(rows, dtype=torch.bool, device=device)
+        for t in (self.tail, self.stops, self.stop_used):
+            torch._dynamo.mark_static_address(t)
 
 
 def limit_logits(logits: torch.Tensor, presence: torch.Tensor, penalty, vocab_limit) -> torch.Tensor:
@@ -223,6 +233,13 @@ def limit_logits(logits: torch.Tensor, presence: torch.Tensor, penalty, vocab_li
     logits = logits.masked_fill(ids >= vocab_limit, float("-inf"))
     penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(presence, penalised, logits)
+
+
+def decode_bias(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """visible [B, M] bool (the cache columns one decode query may attend) -> the additive mask [B, 1, 1, M] (0 or
+    -inf), built once per step: given a boolean mask, SDPA converts it again in every layer (one kernel each)."""
+    bias = torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill(~visible, float("-inf"))
+    return bias[:, None, None, :]
 
 
 def greedy_argmax(logits: torch.Tensor, chunks: int = 128) -> torch.Tensor:
@@ -440,9 +457,7 @@ class FastDecoder:
         h = self.model.model.embed_tokens(tokens[:, None])  # [B, 1, H]
         cos, sin = rope_cos_sin(positions[:, None], cfg.head_dim, cfg.rope_theta, h.dtype)  # [B, 1, D]
         columns = torch.arange(self.max_seq_len, device=tokens.device)
-        visible = (key_mask | (columns == col))[:, None, None, :]  # [B, 1, 1, M]: a query always sees itself
-        # additive, built once per step: SDPA would convert a boolean mask again in every layer (one kernel each)
-        allowed = torch.zeros(visible.shape, dtype=h.dtype, device=h.device).masked_fill(~visible, float("-inf"))
+        allowed = decode_bias(key_mask | (columns == col), h.dtype)  # [B, 1, 1, M]: a query always sees itself
         for i, layer in enumerate(self.model.model.layers):
             h = self._layer(i, layer, h, cos, sin, allowed, col, None, prefill=False)
         return self._logits(h)
@@ -567,11 +582,7 @@ class FastDecoder:
             # grow the table (powers of two: rare recompiles of the greedy step, whose shapes it is part of)
             width = max(width, 1 << (max(map(len, stops)) - 1).bit_length())
             rows = max(rows, 1 << (len(stops) - 1).bit_length())
-            st.tail = torch.zeros(self.max_batch_size, width, dtype=torch.long, device=self.device)
-            st.stops = torch.zeros(rows, width, dtype=torch.long, device=self.device)
-            st.stop_used = torch.zeros(rows, dtype=torch.bool, device=self.device)
-            for t in (st.tail, st.stops, st.stop_used):
-                torch._dynamo.mark_static_address(t)
+            st.size_stop_table(width, rows)
         table = torch.full((rows, width), ANY_TOKEN, dtype=torch.long)  # built on the host, copied once
         for j, stop in enumerate(stops):
             table[j, width - len(stop):] = torch.tensor(stop)
