@@ -94,6 +94,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--overlap_communication", action="store_true",
                    help="ours: ZeRO reduces the gradients of the step's last micro-batch during its backward, on a "
                         "side stream (run option of the same name)")
+    p.add_argument("--load_balance", action="store_true",
+                   help="ours, EP >= 2: the trainer's expert placement rebalancing (run option of the same name): "
+                        "router choices counted every step (one all-reduce), experts moved between EP ranks once, "
+                        "after warmup step max(warmup - 1, 1) (so the last warmup step runs on the new placement)")
     p.add_argument("--grad_accum", type=int, default=1,
                    help="micro-batches per optimizer step (each of batch_size sequences; every kind, each with its "
                         "own framework's accumulation: our trainer, booster.no_sync, DDP no_sync); tokens/s counts all")
@@ -112,9 +116,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if a.kind != "ours" and (a.use_kernel or a.activation_checkpointing or a.family != "openmoe" or a.comm_overlap
                              or a.hierarchical_alltoall or a.compile_blocks or a.overlap_communication
-                             or a.lean_zero or a.lm_head_chunk):
+                             or a.lean_zero or a.lm_head_chunk or a.load_balance):
         p.error("--use_kernel/--activation_checkpointing/--family/--comm_overlap/--hierarchical_alltoall/"
-                "--compile_blocks/--overlap_communication/--lean_zero/--lm_head_chunk are options of --kind ours")
+                "--compile_blocks/--overlap_communication/--lean_zero/--lm_head_chunk/--load_balance are options of "
+                "--kind ours")
     if a.dropless and a.kind not in ("ours", "fsdp"):
         p.error("--dropless is an option of --kind ours and fsdp (mixtral is dropless anyway; naive needs capacity)")
     if a.kind == "mixtral" and a.plugin != "ep":
@@ -234,6 +239,7 @@ def ours_layout(a, cfg: OpenMoeConfig, world: int):
                       activation_checkpointing=a.activation_checkpointing, lm_loss_impl=a.lm_loss_impl,
                       grad_accum=a.grad_accum, comm_overlap=a.comm_overlap, compile_blocks=a.compile_blocks,
                       overlap_communication=a.overlap_communication, lean_zero=a.lean_zero,
+                      load_balance=a.load_balance, load_balance_interval=10**6,
                       hierarchical_alltoall=a.hierarchical_alltoall, precision="bf16", zero_stage=1, lr=a.lr,
                       warmup_steps=1, grad_clip=1.0, seed=a.seed, tensorboard=False, max_steps=10**6,
                       lora_rank=a.lora_rank)
@@ -245,8 +251,11 @@ def ours_layout(a, cfg: OpenMoeConfig, world: int):
 
 
 def build_ours(a, cfg, world: int, device) -> Bench:
+    from openmoe.backend.colossal import shard_copies
+    from openmoe.parallel.gather import moe_layers
+    from openmoe.parallel.load_balance import LayerRebalance, rebalance
     from openmoe.train.builder import build
-    from openmoe.train.step import train_step
+    from openmoe.train.step import count_expert_load, train_step
 
     run, sizes = ours_layout(a, cfg, world)
     counted = {}
@@ -264,16 +273,29 @@ def build_ours(a, cfg, world: int, device) -> Bench:
     model.train()
     batches = synthetic_batches(cfg.vocab_size, a.batch_size, a.seq, seed=1000 * dist.get_rank(plugin.dp_group) + 7,
                                 mask=not a.no_attention_mask)
-    state = {"outs": None, "skipped": 0}
+    state = {"outs": None, "skipped": 0, "moves": None}
+    move_after = max(a.warmup - 1, 1) - 1  # 0-based index of the step after which experts move (--load_balance)
 
     def step(i):
         micro = [batches[(i * a.grad_accum + j) % len(batches)] for j in range(a.grad_accum)]
         outs, applied = train_step(model, booster, optimizer, iter(micro), a.grad_accum, device, check_grads=True)
         state["outs"], state["skipped"] = outs, state["skipped"] + (not applied)
+        if st.placement is not None:  # what the trainer does per step, and its Rebalancer hook once
+            count_expert_load(outs, device, None, st.placement)
+            if i == move_after:
+                state["moves"] = rebalance(moe_layers(model), st.placement, shard_copies(optimizer))
 
     def routing():
+        moves = {}
+        if state["moves"] is not None:  # EP-rank load of the worst MoE layer, counted before the move
+            moves = {"rebalanced_after_step": move_after + 1,
+                     "ep_rank_max_over_mean_before": max(LayerRebalance.max_over_mean(r.rank_loads_before)
+                                                         for r in state["moves"]),
+                     "ep_rank_max_over_mean_after": max(LayerRebalance.max_over_mean(r.rank_loads_after)
+                                                        for r in state["moves"]),
+                     "experts_swapped": sum(len(r.swaps) for r in state["moves"])}
         return {**_openmoe_routing(state["outs"]), "skipped_steps": state["skipped"],
-                "capacity_factor": 0.0 if a.dropless else cfg.router_capacity_factor_train}
+                "capacity_factor": 0.0 if a.dropless else cfg.router_capacity_factor_train, **moves}
 
     impl = ("grouped GEMM" if a.use_kernel else "bmm") if sizes.ep == 1 else (
         "EP all-to-all + " + ("grouped GEMM" if a.use_kernel else "bmm"))
@@ -284,7 +306,8 @@ def build_ours(a, cfg, world: int, device) -> Bench:
     lora = f", LoRA rank {a.lora_rank} (base frozen)" if a.lora_rank else ""
     compiled = (", compiled blocks" if a.compile_blocks else "") + (
         ", ZeRO reduction overlapped" if a.overlap_communication else "") + (
-        ", lean ZeRO-1" if a.lean_zero else "") + (f", LM-head chunk {a.lm_head_chunk}" if a.lm_head_chunk else "")
+        ", lean ZeRO-1" if a.lean_zero else "") + (f", LM-head chunk {a.lm_head_chunk}" if a.lm_head_chunk else "") + (
+        ", experts rebalanced" if a.load_balance else "")
     label = f"ours{family} ({impl}, {routing_mode}{comm}{lora}{compiled})"
     layout = {"plugin": a.plugin, "ep": sizes.ep, "pp": sizes.pp, "dp": sizes.dp, "moe_dp": sizes.moe_dp}
     return Bench(step, flops, layout, a.batch_size * a.seq * sizes.dp * a.grad_accum, sizes.ep > 1, routing, label)
@@ -551,7 +574,7 @@ def run(a) -> dict:
     cfg = model_config(a)
     options = ("use_kernel", "dropless", "activation_checkpointing", "no_attention_mask", "lm_loss_impl", "grad_accum",
                "comm_overlap", "hierarchical_alltoall", "compile_blocks", "overlap_communication",
-               "lean_zero", "lm_head_chunk")
+               "lean_zero", "lm_head_chunk", "load_balance")
     base.update(layers=cfg.num_hidden_layers, moe_layers=cfg.num_moe_layers, family=a.family,
                 shape=f"{a.model}-L{cfg.num_hidden_layers}", options={k: getattr(a, k) for k in options})
     bench = BUILDERS[a.kind](a, cfg, world, device)

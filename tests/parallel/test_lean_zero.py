@@ -2,7 +2,9 @@
 flat buffers) against colossalai's own ZeRO-1 reduction and step, on 2 gloo ranks through the trainer's `build` and
 `forward_backward`: plugin `ep` (EP 2, ZeRO-1; the dense parameters reduced over 2 ranks, the experts over a one-rank
 group), bf16, capacity-routed bmm experts (the grouped GEMM needs 16-byte strides: hidden 63 is refused there),
-2 micro-batches per step, AdamW with gradient clipping active, 2 steps.
+2 micro-batches per step, AdamW with gradient clipping active, 2 steps, and between them the experts move between the
+EP ranks by the first step's load (--load_balance's rebalance: weights, fp32 master shards and moments), so the second
+step shows the lean step reading what the move left.
 
     .venv/bin/python -m pytest tests/parallel/test_lean_zero.py -q      # ~20 s on 2 cores (one 2-rank launch)
 
@@ -33,21 +35,23 @@ def batches(step: int, rank: int, vocab: int) -> list[dict]:
 def train(lean: bool) -> dict:
     import torch.distributed as dist
 
-    from openmoe.backend.colossal import lean_zero1, local_gradients
+    from openmoe.backend.colossal import lean_zero1, local_gradients, shard_copies
     from openmoe.config import preset
+    from openmoe.parallel.gather import moe_layers
+    from openmoe.parallel.load_balance import rebalance
     from openmoe.train.builder import build
     from openmoe.train.config import RunConfig
-    from openmoe.train.step import forward_backward, to_device
+    from openmoe.train.step import count_expert_load, forward_backward, to_device
 
     run = RunConfig.from_flat(model_name="tiny", plugin="ep", batch_size=B, grad_accum=2, max_length=S,
-                              precision="bf16", zero_stage=1, lr=1e-2,
+                              precision="bf16", zero_stage=1, lr=1e-2, load_balance=True,
                               grad_clip=CLIP, warmup_steps=1, lr_schedule="constant", max_steps=STEPS, seed=0,
                               tensorboard=False)
     st = build(run, training=False, config=preset("tiny", hidden_size=63, vocab_size=1001))
     if lean:
         lean_zero1(st.optimizer, bucket_elems=5000, step_bucket_elems=20000)
     st.model.train()
-    got = {"loss": [], "grads": [], "norm": [], "odd": 0, "empty_slots": 0}
+    got = {"loss": [], "grads": [], "norm": [], "odd": 0, "empty_slots": 0, "swaps": 0}
     for step in range(STEPS):
         outs = forward_backward(st.model, st.booster, st.optimizer,
                                 to_device(batches(step, dist.get_rank(), st.cfg.vocab_size), st.device))
@@ -59,6 +63,10 @@ def train(lean: bool) -> dict:
         st.optimizer.step()
         got["norm"].append(float(st.optimizer.get_grad_norm()))
         st.optimizer.zero_grad()
+        count_expert_load(outs, st.device, None, st.placement)
+        if step == 0:
+            moves = rebalance(moe_layers(st.model), st.placement, shard_copies(st.optimizer))
+            got["swaps"] = sum(len(m.swaps) for m in moves)
     got["params"] = {n: p.detach().float().clone() for n, p in st.model.unwrap().named_parameters()}
     got["odd"] = sum(p.numel() % 2 for p in st.model.unwrap().parameters())
     return got
@@ -123,6 +131,7 @@ def test_lean_zero_equals_colossalai_zero1(results):
     for res in results:
         ref, lean = res[False], res[True]
         assert ref["odd"] > 0  # some parameter is padded by ZeRO
+        assert lean["swaps"] == ref["swaps"] > 0  # experts moved between the steps (the same plan in both)
         assert ref["empty_slots"] == 0 and lean["empty_slots"] > 0  # each ran its own reduction
         assert lean["loss"] == ref["loss"]  # the first step's losses, and the second's after one update
         for g_ref, g_lean in zip(ref["grads"], lean["grads"], strict=True):
