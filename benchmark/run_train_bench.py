@@ -198,6 +198,15 @@ SPEED_CONFIGS = [
            E8 + ("--layers", "4", "--batch_size", "2", "--grad_accum", "8", "--dropless", "--plugin", "ep",
                  "--use_kernel", "--lm_loss_impl", "fused_compiled", "--compile_blocks", "--lean_zero",
                  "--load_balance", "--warmup", "2", "--steps", "3", "--profile_steps", "1"), timeout_s=120, est_s=55),
+    # the 4-layer shape's step as 4 sequences x 4 micro-batches (the same 65,536 tokens), ours and baseline (a): each
+    # tool at the micro-batch layout that serves it best, compared at an equal step
+    Config("8bL4acc-b4x4-2gpu-ours-ep-compiled-lean", 2, "ours",
+           E8 + ("--layers", "4", "--batch_size", "4", "--grad_accum", "4", "--dropless", "--plugin", "ep",
+                 "--use_kernel", "--lm_loss_impl", "fused_compiled", "--compile_blocks", "--lean_zero", "--warmup",
+                 "2", "--steps", "3", "--profile_steps", "0"), timeout_s=120, est_s=50),
+    Config("8bL4acc-b4x4-2gpu-mixtral", 2, "mixtral",
+           E8 + ("--layers", "4", "--batch_size", "4", "--grad_accum", "4", "--warmup", "2", "--steps", "3",
+                 "--profile_steps", "0"), timeout_s=100, est_s=45),
     Config("8bfull-2gpu-ours-ep-compiled-ac-b8x2", 2, "ours",
            ("--model", "8b", "--seq", "2048", "--batch_size", "8", "--grad_accum", "2", "--dropless", "--plugin", "ep",
             "--use_kernel", "--lm_loss_impl", "fused_compiled", "--compile_blocks", "--activation_checkpointing",

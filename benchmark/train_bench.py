@@ -32,8 +32,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gzip
 import json
 import os
+import shutil
 import sys
 import time
 import traceback
@@ -105,6 +107,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--profile_steps", type=int, default=2, help="0: skip the communication profile")
+    p.add_argument("--trace", action="store_true",
+                   help="also write each rank's profiled steps as a gzipped Chrome trace, OUT/NAME.rankR.trace.json.gz "
+                        "(for benchmark/trace_gaps.py)")
     p.add_argument("--no_attention_mask", action="store_true",
                    help="feed no attention mask (plain causal attention) instead of the all-ones mask the trainer's "
                         "batches carry; our model turns a mask into an explicit boolean SDPA mask, HF Mixtral drops an "
@@ -507,6 +512,12 @@ def profile_comm(bench: Bench, a, device, start: int) -> dict:
                 bench.step(start + i)
             timing.sync(device)
             wall = time.perf_counter() - t0
+        if a.trace:
+            path = os.path.join(a.out, f"{a.name}.rank{dist.get_rank()}.trace.json")
+            prof.export_chrome_trace(path)
+            with open(path, "rb") as f, gzip.open(path + ".gz", "wb") as g:
+                shutil.copyfileobj(f, g)
+            os.remove(path)
         c = timing.comm_seconds(prof)
         c["breakdown"] = breakdown(prof, a.profile_steps, device.type == "cuda")
         if dist.get_rank() == 0 and device.type == "cuda":

@@ -110,12 +110,12 @@ def pick_moe_impl(impl: str, num_tokens: int, top_k: int, num_experts: int, grou
 
 def decode_route(mlp: OpenMoeSparseMLP, x: torch.Tensor) -> RouterOutput:
     """Dropless top-k of x [T, H] with the layer's router, bias and combine rule; no host sync (capacity left 0).
-    router.route's numbers (fp32 logits, softmax, biased selection, combine weights) without its slot assignment
-    and load counts (one-hot cumsums over [T, K, E]), which nothing at decode reads: fewer kernels per MoE layer."""
+    router.route's numbers (fp32 logits, softmax, biased selection, combine weights) without its load counts, which
+    nothing at decode reads: fewer kernels per MoE layer."""
     logits, probs, expert_idx = select_experts(x, mlp.gate_weight, mlp.top_k, mlp.selection_bias)
     keep = torch.ones_like(expert_idx, dtype=torch.bool)
     return RouterOutput(expert_idx=expert_idx, combine_weight=combine_weights(probs, expert_idx, mlp.router_combine),
-                        slot=torch.zeros_like(expert_idx), keep=keep, capacity=0, logits=logits, probs=probs,
+                        slot=None, keep=keep, capacity=0, logits=logits, probs=probs,
                         token_mask=keep[:, 0], tokens_per_expert=torch.zeros_like(probs[0], dtype=torch.long))
 
 

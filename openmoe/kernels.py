@@ -8,7 +8,9 @@ config calls: apex must be installed with its CUDA extensions; there is no silen
 TransformerBlock. Inductor fuses the memory-bound work between the GEMMs (RMSNorm's fp32 statistics, RoPE's
 rotate-half, SwiGLU, residual adds) into a few kernels forward and backward, and keeps fewer intermediates for
 backward. The regions never contain an MoE layer: its dropless all-to-all reads split sizes on the host and its
-expert count varies, both graph breaks; an MoE decoder layer compiles its attention, norms and dense MLPs instead.
+expert count varies, both graph breaks; an MoE decoder layer compiles its attention, norms and dense MLPs instead,
+and its experts' gated activation act(gate) * up between their GEMMs (one region with a dynamic row count, shared
+by every MoE layer of the same expert class).
 The eager modules stay the reference (tests/unit/test_fast_paths.py compares losses and gradients).
 """
 
@@ -17,12 +19,29 @@ from __future__ import annotations
 import torch
 
 from openmoe.model import OpenMoeDecoderLayer, fused_rmsnorm_kernel
+from openmoe.moe import StackedExperts
 
 __all__ = ["compile_blocks", "fused_rmsnorm_kernel"]
 
 # the dense submodules of an MoE decoder layer, each its own region (the MoE `mlp` between them stays eager)
 _MOE_LAYER_DENSE_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "shared_experts",
                           "pre_extra_mlp_layernorm", "extra_mlp")
+
+
+_COMPILED_GATED = {}  # expert class -> its compiled act(gate) * up
+
+
+def compiled_gated(experts: StackedExperts):
+    """act(gate) * up of this expert class, compiled once with a dynamic row count (dropless loads vary per call)."""
+    cls = type(experts)
+    if cls not in _COMPILED_GATED:
+        act = cls.act
+
+        def gated(gate, up):
+            return act(gate) * up
+
+        _COMPILED_GATED[cls] = torch.compile(gated, dynamic=True)
+    return _COMPILED_GATED[cls]
 
 
 def compile_blocks(model: torch.nn.Module) -> list[str]:
@@ -45,6 +64,10 @@ def compile_blocks(model: torch.nn.Module) -> list[str]:
             if sub is not None:
                 sub.compile()
                 names.append(f"{name}.{part}")
+        experts = getattr(module.mlp, "experts", None)
+        if isinstance(experts, StackedExperts):
+            experts.gated_fn = compiled_gated(experts)
+            names.append(f"{name}.mlp.experts.gated")
     norm = getattr(getattr(model, "model", None), "norm", None)
     if norm is not None:
         norm.compile()

@@ -32,6 +32,7 @@ class StackedExperts(nn.Module):
 
     gate_multiple: int
     act = None  # staticmethod: gate activations [..., gate_multiple * I] -> [..., I]
+    gated_fn = None  # instance override of `gated`: its compiled form (openmoe.kernels.compile_blocks)
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
         super().__init__()
@@ -45,8 +46,12 @@ class StackedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [E_l, C, H] -> [E_l, C, H]: expert e processes row e of the buffer (one batched matmul per weight)."""
-        h = self.act(torch.bmm(x, self.wi_gate)) * torch.bmm(x, self.wi_up)  # [E_l, C, I]
+        h = self.gated(torch.bmm(x, self.wi_gate), torch.bmm(x, self.wi_up))  # [E_l, C, I]
         return torch.bmm(h, self.wo)
+
+    def gated(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """act(gate) * up, the memory-bound step between the GEMMs (one fused kernel each way when compiled)."""
+        return self.act(gate) * up if self.gated_fn is None else self.gated_fn(gate, up)
 
     def forward_grouped(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x [N, H] rows sorted by expert, counts [E_l] rows per expert -> [N, H].
@@ -55,7 +60,7 @@ class StackedExperts(nn.Module):
         """
         offs = counts.cumsum(0).to(torch.int32)
         x = _ContiguousGrad.apply(x)
-        h = self.act(torch._grouped_mm(x, self.wi_gate, offs=offs)) * torch._grouped_mm(x, self.wi_up, offs=offs)
+        h = self.gated(torch._grouped_mm(x, self.wi_gate, offs=offs), torch._grouped_mm(x, self.wi_up, offs=offs))
         return torch._grouped_mm(h, self.wo, offs=offs)
 
     def forward_one(self, e: int, x: torch.Tensor) -> torch.Tensor:

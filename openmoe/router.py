@@ -19,7 +19,8 @@ import torch.nn.functional as F
 class RouterOutput:
     expert_idx: torch.Tensor  # [T, K] long: chosen experts, best first
     combine_weight: torch.Tensor  # [T, K] fp32: weight of each choice per `combine` (0 where dropped/masked)
-    slot: torch.Tensor  # [T, K] long: position of the token in its expert's buffer (valid where keep)
+    slot: torch.Tensor | None  # [T, K] long: position of the token in its expert's buffer (valid where keep);
+    #   None in dropless mode with size_dropless=False (those callers group tokens by sorting, not by slot)
     keep: torch.Tensor  # [T, K] bool: choice survives capacity (and token is real)
     capacity: int  # C; in dropless mode the largest per-expert load, or 0 if the caller sizes its own buffers
     logits: torch.Tensor  # [T, E] fp32
@@ -58,16 +59,34 @@ def combine_weights(probs: torch.Tensor, expert_idx: torch.Tensor, combine: str)
     return weight
 
 
+def choice_keys(expert_idx: torch.Tensor, token_mask: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[K * T] expert of each choice in priority order (every token's first choice, in token order, then every second
+    choice, ...); masked tokens get the key num_experts (no expert)."""
+    return torch.where(token_mask[:, None], expert_idx, num_experts).t().reshape(-1)
+
+
+def count_choices(keys: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[E] long: choices per expert among `keys` (masked tokens' key num_experts not counted). No host sync."""
+    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=keys.device)
+    return counts.scatter_add_(0, keys, torch.ones_like(keys))[:num_experts]
+
+
 def assign_slots(expert_idx: torch.Tensor, token_mask: torch.Tensor, num_experts: int):
     """(slot [T, K] of each choice in its expert's buffer, tokens_per_expert [E]): every first choice before any
-    second choice, in token order within a rank; masked tokens take no slot."""
-    choice = F.one_hot(expert_idx, num_experts) * token_mask[:, None, None]  # [T, K, E]
-    tokens_per_expert = choice.sum(dim=(0, 1))  # [E]
-    # slot of (t, k) in expert e = choices of e at earlier ranks (all tokens) + choices of e at rank k by earlier tokens
-    by_rank = choice.transpose(0, 1)  # [K, T, E]
-    earlier_ranks = by_rank.sum(dim=1).cumsum(dim=0) - by_rank.sum(dim=1)  # [K, E]
-    slot_all = by_rank.cumsum(dim=1) - 1 + earlier_ranks[:, None, :]  # [K, T, E]
-    return (slot_all * by_rank).sum(dim=-1).transpose(0, 1), tokens_per_expert
+    second choice, in token order within a rank; masked tokens take no slot (their slot reads 0).
+
+    Slot = the choice's position among its expert's choices in priority order: one stable sort of the [K * T]
+    priority-ordered keys, minus the position where that expert's run starts. (A cumulative sum over a one-hot
+    [K, T, E] gives the same numbers; CUDA scans that layout along its outer dimension, ~1.5 ms per call for
+    OpenMoE-8B's 8,192 tokens x 32 experts against tens of microseconds for the sort.)"""
+    t, k = expert_idx.shape
+    keys = choice_keys(expert_idx, token_mask, num_experts)  # [K * T]
+    counts = count_choices(keys, num_experts)
+    order = keys.argsort(stable=True)
+    starts = torch.cat([counts.new_zeros(1), counts.cumsum(0)])  # [E + 1]: where each expert's run begins
+    pos = torch.arange(k * t, device=keys.device) - starts[keys[order]]
+    slot = torch.empty_like(pos).scatter_(0, order, pos).view(k, t).t()  # [T, K]
+    return slot.masked_fill(~token_mask[:, None], 0), counts
 
 
 def select_experts(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int,
@@ -91,7 +110,7 @@ def route(
     token_mask: torch.Tensor | None = None,  # [T] bool
     selection_bias: torch.Tensor | None = None,  # [E]: added to scores for *selection* only (bias balancing)
     combine: str = "prob",  # "prob" | "normalized" | "ones" (config.ROUTER_COMBINE)
-    size_dropless: bool = True,  # False: leave capacity 0 in dropless mode (no host sync; grouped GEMM, EP paths)
+    size_dropless: bool = True,  # False: capacity 0, slot None in dropless mode (no host sync; grouped GEMM, EP paths)
 ) -> RouterOutput:
     """Choose top-k experts per token and assign buffer slots.
 
@@ -110,9 +129,11 @@ def route(
         token_mask = torch.ones(num_tokens, dtype=torch.bool, device=x.device)
     logits, probs, expert_idx = select_experts(x, gate_weight, top_k, selection_bias)
     weight = combine_weights(probs, expert_idx, combine)  # [T, K]
-    slot, tokens_per_expert = assign_slots(expert_idx, token_mask, num_experts)  # [T, K], [E]
-
     keep = token_mask[:, None].expand(-1, top_k)
+    if (drop_tokens and capacity_factor > 0) or size_dropless:
+        slot, tokens_per_expert = assign_slots(expert_idx, token_mask, num_experts)  # [T, K], [E]
+    else:  # dropless, the caller sizes its own buffers: nothing reads slots
+        slot, tokens_per_expert = None, count_choices(choice_keys(expert_idx, token_mask, num_experts), num_experts)
     if drop_tokens and capacity_factor > 0:
         cap = capacity(num_tokens, num_experts, top_k, capacity_factor, min_capacity)
         keep = keep & (slot < cap)

@@ -195,6 +195,9 @@ def test_compiled_blocks_equal_eager_with_and_without_checkpointing():
     dense = [i for i in range(cfg.num_hidden_layers) if not cfg.is_moe_layer(i)]
     assert {f"model.layers.{i}" for i in dense} <= set(names) and "model.norm" in names
     assert not any(n.endswith(".mlp") and not n.endswith("extra_mlp") for n in names)  # MoE layers stay eager
+    moe = [i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]
+    assert {f"model.layers.{i}.mlp.experts.gated" for i in moe} <= set(names)  # ... but for the experts' activation
+    assert all(fast.model.layers[i].mlp.experts.gated_fn is not None for i in moe)
     assert list(fast.state_dict()) == list(eager.state_dict())
     ids = torch.randint(3, 700, (2, 16))
     mask = torch.ones_like(ids).index_fill(1, torch.tensor([13, 14, 15]), 0)
@@ -208,7 +211,7 @@ def test_compiled_blocks_equal_eager_with_and_without_checkpointing():
         torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-6)
         for n in g0:
             torch.testing.assert_close(g1[n], g0[n], rtol=1e-4, atol=1e-6, msg=lambda m, n=n: f"{n} ({policy}): {m}")
-    assert counters["stats"]["unique_graphs"] >= 4  # dense layer, attention, RMSNorm, dense MLP
+    assert counters["stats"]["unique_graphs"] >= 5  # dense layer, attention, RMSNorm, dense MLP, experts' activation
     assert not counters["graph_break"], dict(counters["graph_break"])
 
 

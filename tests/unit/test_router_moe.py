@@ -179,3 +179,40 @@ def test_moe_layer_has_no_host_sync(impl, cf, monkeypatch):
     out, aux = layer(x, mask)
     out.square().sum().backward()
     assert x.grad is not None and layer.experts.wo.grad is not None
+
+
+def slots_by_loop(expert_idx, token_mask, num_experts):
+    """The priority rule written out: walk choice ranks, then tokens in order; each real choice takes its expert's
+    next free slot (T5X's batch-prioritised top-k); masked tokens take none (slot 0)."""
+    t, k = expert_idx.shape
+    used, slot = [0] * num_experts, [[0] * k for _ in range(t)]
+    for j in range(k):
+        for i in range(t):
+            if token_mask[i]:
+                e = int(expert_idx[i, j])
+                slot[i][j], used[e] = used[e], used[e] + 1
+    return slot, used
+
+
+@pytest.mark.parametrize("t,k,e", [(1, 1, 1), (7, 2, 3), (64, 2, 32), (200, 3, 5)])
+def test_slot_assignment_equals_the_priority_rule(t, k, e):
+    from openmoe.router import assign_slots
+
+    g = torch.Generator().manual_seed(t * 31 + k)
+    for skew in (False, True):
+        scores = torch.rand(t, e, generator=g) + (torch.arange(e) == 0) * skew  # skew: expert 0 first for everyone
+        expert_idx = scores.topk(k, dim=-1).indices
+        token_mask = torch.rand(t, generator=g) > 0.2
+        slot, counts = assign_slots(expert_idx, token_mask, e)
+        want_slot, want_counts = slots_by_loop(expert_idx, token_mask, e)
+        assert slot.tolist() == want_slot and counts.tolist() == want_counts
+
+
+def test_dropless_route_without_sizing_reads_no_slots():
+    logits = torch.randn(9, 4)
+    mask = torch.tensor([True] * 7 + [False] * 2)
+    r = route(logits, torch.eye(4), 2, 0.0, 1, True, mask, size_dropless=False)
+    sized = route(logits, torch.eye(4), 2, 0.0, 1, True, mask)
+    assert r.slot is None and r.capacity == 0 and sized.capacity == int(sized.tokens_per_expert.max())
+    assert torch.equal(r.tokens_per_expert, sized.tokens_per_expert) and int(r.tokens_per_expert.sum()) == 14
+    assert torch.equal(r.keep, sized.keep) and torch.equal(r.combine_weight, sized.combine_weight)
