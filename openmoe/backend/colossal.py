@@ -213,9 +213,7 @@ def build_plugin(run, sizes: ParallelSizes):
     kwargs = dict(tp_size=1, pp_size=sizes.pp, ep_size=sizes.ep, zero_stage=min(run.parallel.zero_stage, 1),
                   overlap_communication=False, precision=run.parallel.precision,
                   custom_policy=OpenMoePolicy(sizes.num_microbatches, ep_options=dict(
-                      comm_overlap=run.parallel.comm_overlap, hierarchical=run.parallel.hierarchical_alltoall,
-                      dispatch_tokens=(run.optim.batch_size * run.data.max_length if run.parallel.padded_dispatch
-                                       else 0))),
+                      comm_overlap=run.parallel.comm_overlap, hierarchical=run.parallel.hierarchical_alltoall)),
                   max_norm=run.optim.grad_clip, enable_flash_attention=False, enable_fused_normalization=False)
     if sizes.pp > 1:
         # the schedule and the policy's last stage must agree on M (see openmoe/parallel/pipeline.py)

@@ -28,7 +28,7 @@ class _EPSwap:
 
     @staticmethod
     def from_native_module(module: nn.Module, process_group=None, ep_group=None, moe_dp_group=None,
-                           comm_overlap: int = 0, hierarchical: bool = False, dispatch_tokens: int = 0, **kwargs):
+                           comm_overlap: int = 0, hierarchical: bool = False, **kwargs):
         if not isinstance(module, OpenMoeSparseMLP):  # dense layers also have an `mlp`: leave them alone
             return module
         if ep_group.size() == 1:
@@ -36,8 +36,7 @@ class _EPSwap:
             # are still tagged so the MoE ZeRO optimizer reduces them over the MoE data-parallel group
             layer = module
         else:
-            layer = ExpertParallelMoE(module, ep_group, comm_overlap=comm_overlap, hierarchical=hierarchical,
-                                      dispatch_tokens=dispatch_tokens)
+            layer = ExpertParallelMoE(module, ep_group, comm_overlap=comm_overlap, hierarchical=hierarchical)
         for p in layer.experts.parameters():
             set_moe_tensor_ep_group(p, ep_group)
         return layer
@@ -46,7 +45,7 @@ class _EPSwap:
 class OpenMoePolicy(Policy):
     def __init__(self, num_microbatches: int = 1, ep_options: dict | None = None):
         super().__init__()
-        self.ep_options = ep_options or {}  # ExpertParallelMoE options: comm_overlap, hierarchical, dispatch_tokens
+        self.ep_options = ep_options or {}  # ExpertParallelMoE options: comm_overlap, hierarchical
         self.num_microbatches = num_microbatches  # what the 1F1B schedule divides the loss by (pp > 1)
 
     def config_sanity_check(self):

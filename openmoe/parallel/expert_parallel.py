@@ -86,15 +86,10 @@ class ExpertParallelMoE(nn.Module):
     expert_impl: "bmm" or "grouped" (see the module docstring; "grouped" changes the dropless path only: capacity
         buffers are equal-sized, where a grouped GEMM would do the bmm's work). None: the single-device layer's
         `expert_impl`, which the trainer sets from --use_kernel.
-    dispatch_tokens: > 0 (--padded_dispatch): in training, the dropless grouped path exchanges fixed-size blocks of
-        dispatch_tokens * top_k rows per pair of EP ranks (valid rows first, zeros after), so no split size is read
-        on the host; every rank's micro-batch must have at most dispatch_tokens tokens (the trainer passes
-        batch_size * max_length). 0: exact split sizes, one host sync per layer call.
     """
 
     def __init__(self, layer: OpenMoeSparseMLP, ep_group, grad_scale: float | None = None, comm_overlap: int = 0,
-                 hierarchical: bool = False, local_world_size: int | None = None, expert_impl: str | None = None,
-                 dispatch_tokens: int = 0):
+                 hierarchical: bool = False, local_world_size: int | None = None, expert_impl: str | None = None):
         super().__init__()
         _check_options(layer, comm_overlap, hierarchical)
         self.expert_impl = getattr(layer, "expert_impl", "bmm") if expert_impl is None else expert_impl
@@ -124,9 +119,6 @@ class ExpertParallelMoE(nn.Module):
                 p.data = p.data[lo : lo + self.num_local_experts].clone()
         self.grad_scale = 1.0 / self.ep_size if grad_scale is None else grad_scale
         self.comm_overlap = comm_overlap
-        if dispatch_tokens < 0:
-            raise ValueError(f"dispatch_tokens must be >= 0 (0: exact split sizes), got {dispatch_tokens}")
-        self.dispatch_tokens = dispatch_tokens
         self.hier_comm = None
         if hierarchical:  # collective over the EP group: every EP rank builds its layers in the same order
             lws = local_world_size_from_env() if local_world_size is None else local_world_size
@@ -155,12 +147,7 @@ class ExpertParallelMoE(nn.Module):
         r = self.route(x, mask)
         dropless = not (self.drop_tokens and (self.capacity_factor_train if self.training
                                                else self.capacity_factor_eval) > 0)
-        if not dropless:
-            out = self._capacity(x, r)
-        elif self.dispatch_tokens and self.training and self.expert_impl == "grouped":
-            out = self._dropless_padded(x, r)
-        else:
-            out = self._dropless(x, r)
+        out = self._dropless(x, r) if dropless else self._capacity(x, r)
         return out.view(shape), moe_aux(r, self.router_aux_loss_type, shape[:-1])
 
     def _exchange(self, x):
@@ -215,51 +202,6 @@ class ExpertParallelMoE(nn.Module):
             y_recv = torch.empty_like(recv).index_copy(0, by_expert, y[flat])  # back to (source, expert) order
         y_sent = all_to_all(y_recv, self.ep_group, send_splits, recv_splits)  # [N_sent, H] in our sorted order
         w = r.combine_weight.reshape(-1)[sent].to(y_sent.dtype)
-        return x.new_zeros(x.shape[0], h).index_add(0, t_sorted, y_sent * w[:, None])
-
-
-    def _dropless_padded(self, x, r):
-        """_dropless's arithmetic with no host sync: rank pair (s, d) exchanges a block of R = dispatch_tokens *
-        top_k rows, s's choices for d's experts first (by expert), zeros after; the receiver finds each row's expert
-        from the exchanged counts on the device. The grouped GEMM computes only the routed rows (its offsets end at
-        their count); what torch._grouped_mm leaves in the rows past them, forward or backward, lands in padding rows
-        that no one reads (the weight gradients cover the routed rows only)."""
-        p, el, h, k, e = self.ep_size, self.num_local_experts, x.shape[-1], self.top_k, self.num_experts
-        rows = self.dispatch_tokens * k  # R
-        if x.shape[0] * k > rows:
-            raise ValueError(f"padded dispatch: this micro-batch has {x.shape[0]} tokens, more than dispatch_tokens "
-                             f"({self.dispatch_tokens}, batch_size x max_length); accepted: at most that many")
-        key = torch.where(r.keep, r.expert_idx, e).reshape(-1)  # [T*K]; E = not routed (padding)
-        order = key.argsort(stable=True)  # by expert, so by destination rank; unrouted last
-        send_counts = torch.zeros(e + 1, dtype=torch.long, device=x.device).scatter_add_(
-            0, key, torch.ones_like(key))[:-1]  # [E]
-        recv_counts = torch.empty_like(send_counts)
-        dist.all_to_all_single(recv_counts, send_counts, group=self.ep_group)  # [P * E_l]: per source, per expert
-        # send side: sorted choice j goes to row dest * R + (its place among the choices for dest); unrouted -> a
-        # spare row P * R that is cut off before the exchange
-        sorted_key = key[order]
-        dest = torch.div(sorted_key, el, rounding_mode="floor")  # P for unrouted
-        per_dest = send_counts.view(p, el).sum(1)  # [P]
-        first = torch.cat([per_dest.new_zeros(1), per_dest.cumsum(0)])  # [P + 1]
-        slot = torch.arange(key.numel(), device=x.device) - first[dest]
-        pos = torch.where(sorted_key < e, dest * rows + slot, p * rows)  # [T*K]
-        t_sorted = torch.div(order, k, rounding_mode="floor")
-        send = x.new_zeros(p * rows + 1, h).index_copy(0, pos, x[t_sorted])[: p * rows]
-        recv = all_to_all(send, self.ep_group)  # [P * R, H]: block s from source s
-        # receive side: row i of block s holds local expert #(cumulative counts of s <= i), or padding (= E_l)
-        recv_matrix = recv_counts.view(p, el)
-        counts = recv_matrix.sum(0)  # [E_l]
-        within = torch.arange(rows, device=x.device).expand(p, rows).contiguous()
-        row_expert = torch.searchsorted(recv_matrix.cumsum(1), within, right=True).reshape(-1)  # [P * R]
-        by_expert = row_expert.argsort(stable=True)  # valid rows grouped by expert, padding last
-        y = self._run_experts_grouped(recv[by_expert], counts)
-        y_recv = torch.empty_like(recv).index_copy(0, by_expert, y)  # back to block order
-        back = all_to_all(y_recv, self.ep_group)  # [P * R, H]: block d from destination d, our rows first
-        routed = (sorted_key < e)[:, None]
-        # [T*K, H] in our sorted order; an unrouted choice reads a clamped row that may hold padding garbage (NaN
-        # times its 0 weight would still be NaN): zeroed
-        y_sent = torch.where(routed, back[pos.clamp(max=p * rows - 1)], 0)
-        w = r.combine_weight.reshape(-1)[order].to(y_sent.dtype)
         return x.new_zeros(x.shape[0], h).index_add(0, t_sorted, y_sent * w[:, None])
 
 

@@ -106,9 +106,6 @@ def _check_moe_options(run, pp: int) -> None:
     if run.balance.balance_mode == "bias" and pp > 1:
         raise ValueError("--balance_mode bias is not supported with pipeline parallelism yet (pp_size "
                          f"{pp}); use --plugin ep or ep_zero")
-    if par.padded_dispatch and not (dropless and run.kernels.use_kernel):
-        raise ValueError(f"--padded_dispatch changes the dropless grouped-GEMM all-to-all; it needs --dropless (got "
-                         f"{dropless}) and --use_kernel (got {run.kernels.use_kernel})")
     if par.hierarchical_alltoall and dropless:
         raise ValueError("--hierarchical_alltoall needs equal splits (capacity routing): drop --dropless")
     if run.kernels.use_layernorm_kernel:

@@ -80,11 +80,6 @@ class ParallelSection:
                               "off: 0. Not ZeRO's reduction: see --overlap_communication", const=COMM_OVERLAP_CHUNKS)
     hierarchical_alltoall: bool = _f(False, "two-level all-to-all: intra-node gather, inter-node exchange among node "
                                             "leaders, intra-node scatter (node size from LOCAL_WORLD_SIZE)")
-    padded_dispatch: bool = _f(False, "dropless expert all-to-all without a host sync per MoE layer: in training "
-                                      "every pair of EP ranks exchanges a fixed batch_size x max_length x top_k rows "
-                                      "(zeros past the routed ones), ep_size times the dispatch buffers' memory; needs "
-                                      "--dropless and --use_kernel; eval keeps the exact-size exchange; off: split "
-                                      "sizes read on the host")
     dist_timeout: float | None = _f(None, "seconds a collective waits for the other ranks before the run fails "
                                           "(bounds a rank that hangs alive or a peer that died); off: None (torch's "
                                           "default: 30 min on gloo, 10 min on NCCL)")
