@@ -96,6 +96,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--overlap_communication", action="store_true",
                    help="ours: ZeRO reduces the gradients of the step's last micro-batch during its backward, on a "
                         "side stream (run option of the same name)")
+    p.add_argument("--adamw_kernel", action="store_true",
+                   help="ours, with --lean_zero: the AdamW pass that reads bf16 gradient shards (run option of the "
+                        "same name)")
     p.add_argument("--load_balance", action="store_true",
                    help="ours, EP >= 2: the trainer's expert placement rebalancing (run option of the same name): "
                         "router choices counted every step (one all-reduce), experts moved between EP ranks once, "
@@ -121,10 +124,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if a.kind != "ours" and (a.use_kernel or a.activation_checkpointing or a.family != "openmoe" or a.comm_overlap
                              or a.hierarchical_alltoall or a.compile_blocks or a.overlap_communication
-                             or a.lean_zero or a.lm_head_chunk or a.load_balance):
+                             or a.lean_zero or a.lm_head_chunk or a.load_balance or a.adamw_kernel):
         p.error("--use_kernel/--activation_checkpointing/--family/--comm_overlap/--hierarchical_alltoall/"
-                "--compile_blocks/--overlap_communication/--lean_zero/--lm_head_chunk/--load_balance are options of "
-                "--kind ours")
+                "--compile_blocks/--overlap_communication/--lean_zero/--lm_head_chunk/--load_balance/--adamw_kernel "
+                "are options of --kind ours")
     if a.dropless and a.kind not in ("ours", "fsdp"):
         p.error("--dropless is an option of --kind ours and fsdp (mixtral is dropless anyway; naive needs capacity)")
     if a.kind == "mixtral" and a.plugin != "ep":
@@ -244,7 +247,7 @@ def ours_layout(a, cfg: OpenMoeConfig, world: int):
                       activation_checkpointing=a.activation_checkpointing, lm_loss_impl=a.lm_loss_impl,
                       grad_accum=a.grad_accum, comm_overlap=a.comm_overlap, compile_blocks=a.compile_blocks,
                       overlap_communication=a.overlap_communication, lean_zero=a.lean_zero,
-                      load_balance=a.load_balance, load_balance_interval=10**6,
+                      load_balance=a.load_balance, load_balance_interval=10**6, adamw_kernel=a.adamw_kernel,
                       hierarchical_alltoall=a.hierarchical_alltoall, precision="bf16", zero_stage=1, lr=a.lr,
                       warmup_steps=1, grad_clip=1.0, seed=a.seed, tensorboard=False, max_steps=10**6,
                       lora_rank=a.lora_rank)
@@ -312,7 +315,7 @@ def build_ours(a, cfg, world: int, device) -> Bench:
     compiled = (", compiled blocks" if a.compile_blocks else "") + (
         ", ZeRO reduction overlapped" if a.overlap_communication else "") + (
         ", lean ZeRO-1" if a.lean_zero else "") + (f", LM-head chunk {a.lm_head_chunk}" if a.lm_head_chunk else "") + (
-        ", experts rebalanced" if a.load_balance else "")
+        ", experts rebalanced" if a.load_balance else "") + (", AdamW kernel" if a.adamw_kernel else "")
     label = f"ours{family} ({impl}, {routing_mode}{comm}{lora}{compiled})"
     layout = {"plugin": a.plugin, "ep": sizes.ep, "pp": sizes.pp, "dp": sizes.dp, "moe_dp": sizes.moe_dp}
     return Bench(step, flops, layout, a.batch_size * a.seq * sizes.dp * a.grad_accum, sizes.ep > 1, routing, label)
@@ -585,7 +588,7 @@ def run(a) -> dict:
     cfg = model_config(a)
     options = ("use_kernel", "dropless", "activation_checkpointing", "no_attention_mask", "lm_loss_impl", "grad_accum",
                "comm_overlap", "hierarchical_alltoall", "compile_blocks", "overlap_communication",
-               "lean_zero", "lm_head_chunk", "load_balance")
+               "lean_zero", "lm_head_chunk", "load_balance", "adamw_kernel")
     base.update(layers=cfg.num_hidden_layers, moe_layers=cfg.num_moe_layers, family=a.family,
                 shape=f"{a.model}-L{cfg.num_hidden_layers}", options={k: getattr(a, k) for k in options})
     bench = BUILDERS[a.kind](a, cfg, world, device)

@@ -74,7 +74,7 @@ class Boosted:
     scheduler: object | None
 
 
-def boost(plugin, model, optimizer, scheduler=None, lean_zero: bool = False) -> Boosted:
+def boost(plugin, model, optimizer, scheduler=None, lean_zero: bool = False, adamw_kernel: bool = False) -> Boosted:
     """Wrap model and optimizer for the plugin and always apply the clipping fix (without it, clipping under expert
     parallelism uses a wrong norm: see fix_grad_clipping); lean_zero: ZeRO's reduction and step on flat buffers
     (see lean_zero1)."""
@@ -84,7 +84,7 @@ def boost(plugin, model, optimizer, scheduler=None, lean_zero: bool = False) -> 
     model, optimizer, _, _, scheduler = booster.boost(model, optimizer, lr_scheduler=scheduler)
     fix_grad_clipping(optimizer)
     if lean_zero:
-        lean_zero1(optimizer)
+        lean_zero1(optimizer, adamw_kernel=adamw_kernel)
     return Boosted(plugin, booster, model, optimizer, scheduler)
 
 
@@ -374,8 +374,8 @@ LEAN_BUCKET_ELEMS = 256 * 1024 * 1024  # gradient / parameter elements per reduc
 LEAN_STEP_BUCKET_ELEMS = 256 * 1024 * 1024  # master elements per inner optimizer step (1 GiB of fp32 gradients)
 
 
-def lean_zero1(optimizer, bucket_elems: int = LEAN_BUCKET_ELEMS, step_bucket_elems: int = LEAN_STEP_BUCKET_ELEMS
-               ) -> None:
+def lean_zero1(optimizer, bucket_elems: int = LEAN_BUCKET_ELEMS, step_bucket_elems: int = LEAN_STEP_BUCKET_ELEMS,
+               adamw_kernel: bool = False) -> None:
     """Replace colossalai's ZeRO-1 gradient reduction (after the step's last backward) and its optimizer step with
     versions that move fewer bytes and launch fewer kernels; the arithmetic, the master-shard layout (chunk
     `local_rank` of each padded flat parameter), the gradient stores and what get_param_grad / local_gradients /
@@ -400,6 +400,9 @@ def lean_zero1(optimizer, bucket_elems: int = LEAN_BUCKET_ELEMS, step_bucket_ele
       masters into one send buffer per bucket and all-gather it asynchronously, one-rank groups cast the masters
       straight into the working parameters (one foreach copy) meanwhile, then one foreach copy per bucket puts the
       gathered values into the working parameters.
+    - adamw_kernel (run option --adamw_kernel; torch.optim.AdamW only): instead of the fp32 buffers and torch's fused
+      AdamW, openmoe/optim_kernels.py updates each master from its bf16 shard in one pass, and writes one-rank
+      groups' working weights in the same pass (no separate cast).
     Refused (ValueError): ZeRO's cpu_offload, master_weights=False, overlap_allgather, fp8 communication, a
     communication dtype, a 2-D data-parallel group, an inner colossalai DistributedOptim (its step reads state
     across parameters; here the inner step runs once per bucket), ZeRO-2 and overlap_communication (they reduce from
@@ -421,9 +424,15 @@ def lean_zero1(optimizer, bucket_elems: int = LEAN_BUCKET_ELEMS, step_bucket_ele
         raise ValueError(f"lean_zero: not supported with ZeRO's {', '.join(bad)}; accepted: ZeRO-1 reduced after "
                          f"backward, fp32 master weights on the GPU, one data-parallel group per store, bf16/fp16 "
                          f"communication, a per-parameter inner optimizer (torch.optim's)")
+    if adamw_kernel:
+        from openmoe.optim_kernels import check_adamw
+
+        check_adamw(optimizer.optim)
     optimizer._sync_grad = lambda: _lean_reduce(optimizer, bucket_elems)
-    optimizer.step = lambda closure=None: _lean_step(optimizer, bucket_elems, step_bucket_elems, closure)
-    optimizer._openmoe_lean_step = lambda finite: _lean_step(optimizer, bucket_elems, step_bucket_elems, None, finite)
+    optimizer.step = lambda closure=None: _lean_step(optimizer, bucket_elems, step_bucket_elems, closure,
+                                                     adamw_kernel=adamw_kernel)
+    optimizer._openmoe_lean_step = lambda finite: _lean_step(optimizer, bucket_elems, step_bucket_elems, None, finite,
+                                                             adamw_kernel)
 
 
 def folds_finite_check(optimizer) -> bool:
@@ -519,7 +528,8 @@ def _reduce_scatter_bucket(optimizer, group_id: int, store, params: list, shards
         _keep_grad_shard(optimizer, group_id, p, piece)
 
 
-def _lean_step(optimizer, bucket_elems: int, step_bucket_elems: int, closure=None, finite: bool = True) -> bool:
+def _lean_step(optimizer, bucket_elems: int, step_bucket_elems: int, closure=None, finite: bool = True,
+               adamw_kernel: bool = False) -> bool:
     """colossalai's LowLevelZeroOptimizer.step on flat buffers (see lean_zero1). finite: this rank's vote that its
     losses are finite; the step is skipped on every rank (weights and optimizer state unchanged) when some rank votes
     no or some gradient shard is not finite: the clipping norm's all-reduce carries both. Returns whether it stepped."""
@@ -545,7 +555,16 @@ def _lean_step(optimizer, bucket_elems: int, step_bucket_elems: int, closure=Non
         optimizer.optim.param_groups[group_id]["params"] = real
     div_scale = clip_divisor(optimizer, shards, finite)  # every rank joins its all-reduce
     stepped = math.isfinite(optimizer._current_grad_norm)
-    if masters and stepped:
+    written = set()  # ids of masters whose working weights the AdamW kernel already wrote
+    if masters and stepped and adamw_kernel:
+        from openmoe.optim_kernels import fused_adamw_
+
+        outs = {id(m): w.data.view(-1) for w, m in zip(working, masters)
+                if dist.get_world_size(optimizer.param_to_pg[w]) == 1 and w.numel() == m.numel()}
+        fused_adamw_(optimizer.optim, masters, shards, div_scale, outs)
+        optimizer.optim._opt_called = True  # what torch's step wrapper records (the LR scheduler checks it)
+        written = set(outs)
+    elif masters and stepped:
         # fp32 copies of the shards, one bucket at a time (one foreach copy each, the cast inside it), and the inner
         # step on that bucket's masters: the optimizer skips parameters without .grad, so each master is updated
         # exactly once, and at most one bucket of fp32 gradients exists instead of all of them (colossalai: 4 bytes
@@ -565,18 +584,20 @@ def _lean_step(optimizer, bucket_elems: int, step_bucket_elems: int, closure=Non
         optimizer.optim.param_groups[group_id]["params"] = optimizer._master_param_groups_of_current_rank[group_id]
     if stepped:
         with torch.no_grad():
-            _lean_gather(optimizer, working, masters, bucket_elems)
+            _lean_gather(optimizer, working, masters, bucket_elems, written)
     return stepped
 
 
-def _lean_gather(optimizer, working: list, masters: list, bucket_elems: int) -> None:
+def _lean_gather(optimizer, working: list, masters: list, bucket_elems: int, written: set = frozenset()) -> None:
     """Every rank's updated masters into the working (bf16/fp16) parameters: larger groups by an all-gather per
     bucket into [world, K] and one foreach copy back into the parameters (row r, chunk of parameter i ->
     flat_i[r * c_i: (r + 1) * c_i], ZeRO's padding dropped), one-rank groups by a direct cast while those all-gathers
     run. Written into each parameter's current .data (what colossalai's bucketed write-back does too), not a view
-    cached at construction."""
+    cached at construction. written: ids of masters already in their working parameters (the AdamW kernel's)."""
     per_pg: dict[int, tuple[object, list]] = {}
     for w, m in zip(working, masters):
+        if id(m) in written:
+            continue
         pg = optimizer.param_to_pg[w]
         per_pg.setdefault(id(pg), (pg, []))[1].append((w.data.view(-1), m))
     local, pending = [], []

@@ -44,6 +44,9 @@ def resolve_sizes(run, model: OpenMoeConfig, world: int) -> ParallelSizes:
         raise ValueError(f"--dp_size {par.dp_size} contradicts the layout: {world} ranks / (pp_size {pp} * ep_size "
                          f"{ep}) gives {moe_dp} replicas of each expert; accepted: --dp_size {moe_dp} or none")
     _check_zero(par, ep, pp)
+    if run.kernels.adamw_kernel and not par.lean_zero:
+        raise ValueError("--adamw_kernel is part of --lean_zero's optimizer step; add --lean_zero or drop "
+                         "--adamw_kernel")
     _check_moe_options(run, pp)
     sizes = ParallelSizes(world=world, ep=ep, pp=pp, moe_dp=moe_dp, dp=world // pp)
     check_load_balance(run, sizes)

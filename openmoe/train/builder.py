@@ -89,7 +89,8 @@ def build(run: RunConfig, *, training: bool = True, customize_model: Callable[[O
         optimizer, scheduler = make_optimizer(model), None
     else:
         optimizer, scheduler = build_optimizer(run, model, total_steps)
-    boosted = boost(plugin, model, optimizer, scheduler, lean_zero=run.parallel.lean_zero)
+    boosted = boost(plugin, model, optimizer, scheduler, lean_zero=run.parallel.lean_zero,
+                    adamw_kernel=run.kernels.adamw_kernel)
     if run.kernels.compile_blocks:  # after the EP swap, so that no compiled region holds an all-to-all
         from openmoe.kernels import compile_blocks
 

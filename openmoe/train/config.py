@@ -106,6 +106,9 @@ class KernelSection:
                                      "of each MoE layer, in place after the expert-parallel swap (regional compile: "
                                      "fused RMSNorm, RoPE, SwiGLU and residual adds; the MoE routing and all-to-all "
                                      "stay eager); compiles in the first step; off: eager modules")
+    adamw_kernel: bool = _f(False, "with --lean_zero: one pass per parameter updates the fp32 master from its bf16 "
+                                   "gradient shard (AdamW, Triton on CUDA) and writes the experts' bf16 weights in "
+                                   "the same pass under ep; off: fp32 gradient copies and torch's fused AdamW")
 
 
 @dataclass

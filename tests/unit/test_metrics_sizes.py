@@ -76,6 +76,9 @@ def test_zero2_and_overlap_communication_are_accepted_where_they_take_effect():
         with pytest.raises(ValueError, match=r"--lean_zero .*" + why):
             resolve_sizes(RunConfig.from_flat(lean_zero=True, **kw), preset("tiny"), world)
     assert resolve_sizes(RunConfig.from_flat(plugin="ep", lean_zero=True), preset("tiny"), 2).ep == 2
+    with pytest.raises(ValueError, match=r"^--adamw_kernel is part of --lean_zero's optimizer step; add --lean_zero"):
+        resolve_sizes(RunConfig.from_flat(plugin="ep", adamw_kernel=True), preset("tiny"), 2)
+    assert resolve_sizes(RunConfig.from_flat(plugin="ep", lean_zero=True, adamw_kernel=True), preset("tiny"), 2).ep == 2
 
 
 def test_incompatible_flags_are_never_silently_ignored():
