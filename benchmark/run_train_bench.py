@@ -249,7 +249,7 @@ TINY_CONFIGS = [
     Config("tiny-2p-naive", 2, "naive", TINY + ("--grad_accum", "2"), timeout_s=150),
     Config("tiny-2p-ours-grouped-dropless", 2, "ours",
            TINY + ("--plugin", "ep", "--use_kernel", "--dropless", "--grad_accum", "2", "--compile_blocks",
-                   "--lean_zero", "--load_balance"),
+                   "--lean_zero", "--adamw_kernel", "--load_balance"),
            timeout_s=150),
     Config("tiny-2p-ours-overlap", 2, "ours", TINY + ("--plugin", "ep", "--comm_overlap", "2", "--grad_accum", "2"),
            timeout_s=150),

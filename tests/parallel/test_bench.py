@@ -115,10 +115,11 @@ def test_every_kind_on_one_and_two_processes_gives_sane_records(tiny_run):
     assert ranges["openmoe.forward"] > ranges["openmoe.moe"]  # nested: MoE layers run inside the forward
     assert records["tiny-2p-ours"]["layout"] == {"plugin": "ep", "ep": 2, "pp": 1, "dp": 2, "moe_dp": 1}
     assert records["tiny-1p-ours"]["label"].startswith("ours (grouped GEMM")
-    # --compile_blocks --lean_zero --load_balance through the harness (ep)
+    # --compile_blocks --lean_zero --adamw_kernel --load_balance through the harness (ep)
     compiled = records["tiny-2p-ours-grouped-dropless"]
     assert compiled["options"]["compile_blocks"] and compiled["options"]["lean_zero"]
-    assert compiled["label"].endswith(", compiled blocks, lean ZeRO-1, experts rebalanced)")
+    assert compiled["options"]["adamw_kernel"] and compiled["options"]["load_balance"]
+    assert compiled["label"].endswith(", compiled blocks, lean ZeRO-1, experts rebalanced, AdamW kernel)")
     moved = compiled["routing"]  # one move after the only warmup step, planned on its counts; no step skipped
     assert moved["rebalanced_after_step"] == 1 and moved["skipped_steps"] == 0
     assert 1.0 <= moved["ep_rank_max_over_mean_after"] <= moved["ep_rank_max_over_mean_before"]
