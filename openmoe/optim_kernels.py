@@ -51,6 +51,10 @@ def check_adamw(optim) -> None:
         dtypes = sorted({str(p.dtype) for p in g["params"] if p.dtype != torch.float32})
         if dtypes:
             raise ValueError(f"adamw_kernel updates fp32 master weights; got parameters of {dtypes}")
+    devices = {p.device.type for g in optim.param_groups for p in g["params"]}
+    if not (devices <= {"cpu"} or (devices <= {"cpu", "cuda"} and HAS_TRITON)):
+        raise ValueError(f"adamw_kernel runs a Triton kernel on CUDA (torch ops on the CPU); the parameters are on "
+                         f"{sorted(devices)} and triton is {'installed' if HAS_TRITON else 'not installed'}")
 
 
 def fused_adamw_(optim, masters: list[torch.Tensor], grads: list[torch.Tensor], grad_scale: float,

@@ -76,3 +76,14 @@ def test_triton_kernel_equals_torch_adamw_in_the_interpreter():
 def test_what_the_kernel_does_not_implement_is_refused(make, message):
     with pytest.raises(ValueError, match=message):
         check_adamw(make([torch.zeros(3, requires_grad=True)]))
+
+
+def test_a_device_without_the_kernel_is_refused(monkeypatch):
+    import openmoe.optim_kernels as k
+
+    meta = torch.optim.AdamW([torch.zeros(3, device="meta", requires_grad=True)])
+    monkeypatch.setattr(k, "HAS_TRITON", False)
+    with pytest.raises(ValueError, match=r"runs a Triton kernel on CUDA \(torch ops on the CPU\); the parameters "
+                                         r"are on \['meta'\] and triton is not installed$"):
+        check_adamw(meta)
+    check_adamw(torch.optim.AdamW([torch.zeros(3, requires_grad=True)]))  # the CPU runs the torch path
