@@ -112,7 +112,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--profile_steps", type=int, default=2, help="0: skip the communication profile")
     p.add_argument("--trace", action="store_true",
                    help="also write each rank's profiled steps as a gzipped Chrome trace, OUT/NAME.rankR.trace.json.gz "
-                        "(chrome://tracing, Perfetto)")
+                        "(benchmark/trace_gaps.py summarizes one; chrome://tracing, Perfetto)")
     p.add_argument("--no_attention_mask", action="store_true",
                    help="feed no attention mask (plain causal attention) instead of the all-ones mask the trainer's "
                         "batches carry; our model turns a mask into an explicit boolean SDPA mask, HF Mixtral drops an "
