@@ -32,10 +32,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gzip
 import json
 import os
-import shutil
 import sys
 import time
 import traceback
@@ -515,12 +513,8 @@ def profile_comm(bench: Bench, a, device, start: int) -> dict:
                 bench.step(start + i)
             timing.sync(device)
             wall = time.perf_counter() - t0
-        if a.trace:
-            path = os.path.join(a.out, f"{a.name}.rank{dist.get_rank()}.trace.json")
-            prof.export_chrome_trace(path)
-            with open(path, "rb") as f, gzip.open(path + ".gz", "wb") as g:
-                shutil.copyfileobj(f, g)
-            os.remove(path)
+        if a.trace:  # torch gzips what it exports to a .gz path
+            prof.export_chrome_trace(os.path.join(a.out, f"{a.name}.rank{dist.get_rank()}.trace.json.gz"))
         c = timing.comm_seconds(prof)
         c["breakdown"] = breakdown(prof, a.profile_steps, device.type == "cuda")
         if dist.get_rank() == 0 and device.type == "cuda":
