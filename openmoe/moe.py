@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .config import OpenMoeConfig
 from .losses import router_aux_loss, router_aux_loss_seq, router_z_loss
-from .router import RouterOutput, route
+from .router import RouterOutput, count_choices, route
 
 
 def swiglu(x: torch.Tensor) -> torch.Tensor:
@@ -142,7 +142,7 @@ def grouped_experts(experts: StackedExperts, x: torch.Tensor, r: RouterOutput) -
     e = experts.num_local_experts
     key = torch.where(r.keep, r.expert_idx, e).reshape(-1)  # [T*K]; e = dropped
     order = key.argsort(stable=True)
-    counts = torch.zeros(e + 1, dtype=torch.long, device=x.device).scatter_add_(0, key, torch.ones_like(key))[:e]
+    counts = count_choices(key, e)  # kept choices per expert
     valid = (key[order] < e)[:, None]  # [T*K, 1]
     xs = torch.where(valid, x[order // k], 0)  # [T*K, H]
     y = torch.where(valid, experts.forward_grouped(xs, counts), 0)

@@ -172,8 +172,7 @@ class ExpertParallelMoE(nn.Module):
         p, el, h, k = self.ep_size, self.num_local_experts, x.shape[-1], self.top_k
         key = torch.where(r.keep, r.expert_idx, self.num_experts).reshape(-1)  # [T*K]; E = not routed (padding)
         order = key.argsort(stable=True)  # kept choices grouped by expert (so by destination rank), unrouted last
-        send_counts = torch.zeros(self.num_experts + 1, dtype=torch.long, device=x.device).scatter_add_(
-            0, key, torch.ones_like(key))[:-1]  # [E]
+        send_counts = r.tokens_per_expert  # [E]: dropless, so every choice of a real token is kept (route counted)
         recv_counts = torch.empty_like(send_counts)
         dist.all_to_all_single(recv_counts, send_counts, group=self.ep_group)  # [P * E_l]: per source, per expert
         recv_matrix = recv_counts.view(p, el)
