@@ -28,20 +28,13 @@ _MOE_LAYER_DENSE_PARTS = ("input_layernorm", "self_attn", "post_attention_layern
                           "pre_extra_mlp_layernorm", "extra_mlp")
 
 
-_COMPILED_GATED = {}  # expert class -> its compiled act(gate) * up
+def compiled_gated(act):
+    """act(gate) * up compiled with a dynamic row count (dropless loads vary per call)."""
 
+    def gated(gate, up):
+        return act(gate) * up
 
-def compiled_gated(experts: StackedExperts):
-    """act(gate) * up of this expert class, compiled once with a dynamic row count (dropless loads vary per call)."""
-    cls = type(experts)
-    if cls not in _COMPILED_GATED:
-        act = cls.act
-
-        def gated(gate, up):
-            return act(gate) * up
-
-        _COMPILED_GATED[cls] = torch.compile(gated, dynamic=True)
-    return _COMPILED_GATED[cls]
+    return torch.compile(gated, dynamic=True)
 
 
 def compile_blocks(model: torch.nn.Module) -> list[str]:
@@ -51,7 +44,7 @@ def compile_blocks(model: torch.nn.Module) -> list[str]:
     blocks, paid in the first forward and backward. `model` is an OpenMoeForCausalLM, possibly with its MoE layers
     already swapped for expert-parallel ones (a pipeline stage's model works too: layers it does not hold are never
     called, so never compiled)."""
-    names = []
+    names, gated = [], {}  # gated: expert class -> its compiled activation, shared by its layers
     for name, module in model.named_modules():
         if not isinstance(module, OpenMoeDecoderLayer):
             continue
@@ -66,7 +59,9 @@ def compile_blocks(model: torch.nn.Module) -> list[str]:
                 names.append(f"{name}.{part}")
         experts = getattr(module.mlp, "experts", None)
         if isinstance(experts, StackedExperts):
-            experts.gated_fn = compiled_gated(experts)
+            if type(experts) not in gated:
+                gated[type(experts)] = compiled_gated(type(experts).act)
+            experts.gated_fn = gated[type(experts)]
             names.append(f"{name}.mlp.experts.gated")
     norm = getattr(getattr(model, "model", None), "norm", None)
     if norm is not None:
