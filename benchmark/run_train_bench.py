@@ -147,28 +147,34 @@ FULL_CONFIGS = [
 # per-GPU gradients per step, from the memory the compiled blocks save), the eager row again as the same-run
 # reference, the 4-layer shape against baseline (a)'s recorded row, baseline (c), and one memory row (full
 # activation checkpointing, 8 x 2: the memory floor). scripts/gpu_issue19_speed.sh runs them in this order.
+# the rows below run our compiled blocks with grouped dropless experts over EP 2: the full 8B at 4 sequences x 4
+# micro-batches, and the 4-layer shape (every layer MoE) at `batch` sequences x `accum` micro-batches
+F8_B4X4 = ("--model", "8b", "--seq", "2048", "--batch_size", "4", "--grad_accum", "4", "--dropless", "--plugin", "ep",
+           "--use_kernel", "--lm_loss_impl", "fused_compiled", "--compile_blocks")
+
+
+def l4_compiled(batch: int, accum: int) -> tuple[str, ...]:
+    return E8 + ("--layers", "4", "--batch_size", str(batch), "--grad_accum", str(accum), "--dropless", "--plugin",
+                 "ep", "--use_kernel", "--lm_loss_impl", "fused_compiled", "--compile_blocks")
+
+
 SPEED_CONFIGS = [
     Config("8bfull-2gpu-ours-ep-compiled", 2, "ours",
            F8 + F8_STEPS + ("--plugin", "ep", "--use_kernel", "--lm_loss_impl", "fused_compiled", "--compile_blocks"),
            timeout_s=240, est_s=120),
     Config("8bfull-2gpu-ours-ep-compiled-b4x4", 2, "ours",
-           ("--model", "8b", "--seq", "2048", "--batch_size", "4", "--grad_accum", "4", "--dropless", "--plugin", "ep",
-            "--use_kernel", "--lm_loss_impl", "fused_compiled", "--compile_blocks", "--warmup", "2", "--steps", "3",
-            "--profile_steps", "0"), timeout_s=200, est_s=80),
+           F8_B4X4 + ("--warmup", "2", "--steps", "3", "--profile_steps", "0"), timeout_s=200, est_s=80),
     Config("8bfull-2gpu-ours-ep-eager", 2, "ours",
            F8 + ("--warmup", "2", "--steps", "3", "--profile_steps", "0", "--plugin", "ep", "--use_kernel",
                  "--lm_loss_impl", "fused_compiled"), timeout_s=200, est_s=80),
     Config("8bL4acc-2gpu-ours-ep-compiled", 2, "ours",
-           E8 + ("--layers", "4", "--batch_size", "2", "--grad_accum", "8", "--dropless", "--plugin", "ep",
-                 "--use_kernel", "--lm_loss_impl", "fused_compiled", "--compile_blocks", "--warmup", "2", "--steps",
-                 "3", "--profile_steps", "0"), timeout_s=120, est_s=50),
+           l4_compiled(2, 8) + ("--warmup", "2", "--steps", "3", "--profile_steps", "0"), timeout_s=120, est_s=50),
     Config("8bfull-2gpu-fsdp-loop-again", 2, "fsdp", F8 + ("--warmup", "1", "--steps", "2", "--profile_steps", "0"),
            timeout_s=200, est_s=80),
     # the same two shapes with ZeRO's reduction of the last micro-batch overlapped with its backward
     Config("8bfull-2gpu-ours-ep-compiled-b4x4-ovl", 2, "ours",
-           ("--model", "8b", "--seq", "2048", "--batch_size", "4", "--grad_accum", "4", "--dropless", "--plugin", "ep",
-            "--use_kernel", "--lm_loss_impl", "fused_compiled", "--compile_blocks", "--overlap_communication",
-            "--warmup", "2", "--steps", "3", "--profile_steps", "1"), timeout_s=200, est_s=90),
+           F8_B4X4 + ("--overlap_communication", "--warmup", "2", "--steps", "3", "--profile_steps", "1"),
+           timeout_s=200, est_s=90),
     Config("8bfull-2gpu-ours-ep-compiled-ovl", 2, "ours",
            F8 + ("--warmup", "2", "--steps", "3", "--profile_steps", "0", "--plugin", "ep", "--use_kernel",
                  "--lm_loss_impl", "fused_compiled", "--compile_blocks", "--overlap_communication"),
@@ -177,43 +183,33 @@ SPEED_CONFIGS = [
     # the best full-depth row (also with 4,096-token LM-head chunks instead of 1,024) and on the 4-layer row; run
     # beside their references and baseline (a) again
     Config("8bfull-2gpu-ours-ep-compiled-b4x4-lean", 2, "ours",
-           ("--model", "8b", "--seq", "2048", "--batch_size", "4", "--grad_accum", "4", "--dropless", "--plugin", "ep",
-            "--use_kernel", "--lm_loss_impl", "fused_compiled", "--compile_blocks", "--lean_zero", "--warmup", "2",
-            "--steps", "3", "--profile_steps", "1"), timeout_s=200, est_s=90),
+           F8_B4X4 + ("--lean_zero", "--warmup", "2", "--steps", "3", "--profile_steps", "1"), timeout_s=200, est_s=90),
     Config("8bfull-2gpu-ours-ep-compiled-b4x4-lean-head4k", 2, "ours",
-           ("--model", "8b", "--seq", "2048", "--batch_size", "4", "--grad_accum", "4", "--dropless", "--plugin", "ep",
-            "--use_kernel", "--lm_loss_impl", "fused_compiled", "--compile_blocks", "--lean_zero", "--lm_head_chunk",
-            "4096", "--warmup", "2", "--steps", "3", "--profile_steps", "0"), timeout_s=200, est_s=80),
+           F8_B4X4 + ("--lean_zero", "--lm_head_chunk", "4096", "--warmup", "2", "--steps", "3", "--profile_steps",
+                      "0"), timeout_s=200, est_s=80),
     Config("8bL4acc-2gpu-ours-ep-compiled-lean", 2, "ours",
-           E8 + ("--layers", "4", "--batch_size", "2", "--grad_accum", "8", "--dropless", "--plugin", "ep",
-                 "--use_kernel", "--lm_loss_impl", "fused_compiled", "--compile_blocks", "--lean_zero", "--warmup",
-                 "2", "--steps", "3", "--profile_steps", "1"), timeout_s=120, est_s=55),
+           l4_compiled(2, 8) + ("--lean_zero", "--warmup", "2", "--steps", "3", "--profile_steps", "1"),
+           timeout_s=120, est_s=55),
     # the same two lean rows with --load_balance: experts moved between the EP ranks once, after the first warmup
     # step, by its router counts (the random routers load one EP rank more; the other waits in the all-to-all)
     Config("8bfull-2gpu-ours-ep-compiled-b4x4-lean-lb", 2, "ours",
-           ("--model", "8b", "--seq", "2048", "--batch_size", "4", "--grad_accum", "4", "--dropless", "--plugin", "ep",
-            "--use_kernel", "--lm_loss_impl", "fused_compiled", "--compile_blocks", "--lean_zero", "--load_balance",
-            "--warmup", "2", "--steps", "3", "--profile_steps", "1"), timeout_s=200, est_s=90),
+           F8_B4X4 + ("--lean_zero", "--load_balance", "--warmup", "2", "--steps", "3", "--profile_steps", "1"),
+           timeout_s=200, est_s=90),
     Config("8bL4acc-2gpu-ours-ep-compiled-lean-lb", 2, "ours",
-           E8 + ("--layers", "4", "--batch_size", "2", "--grad_accum", "8", "--dropless", "--plugin", "ep",
-                 "--use_kernel", "--lm_loss_impl", "fused_compiled", "--compile_blocks", "--lean_zero",
-                 "--load_balance", "--warmup", "2", "--steps", "3", "--profile_steps", "1"), timeout_s=120, est_s=55),
+           l4_compiled(2, 8) + ("--lean_zero", "--load_balance", "--warmup", "2", "--steps", "3", "--profile_steps",
+                                "1"), timeout_s=120, est_s=55),
     # the 4-layer shape's step as 4 sequences x 4 micro-batches (the same 65,536 tokens), ours and baseline (a): each
     # tool at the micro-batch layout that serves it best, compared at an equal step
     Config("8bL4acc-b4x4-2gpu-ours-ep-compiled-lean", 2, "ours",
-           E8 + ("--layers", "4", "--batch_size", "4", "--grad_accum", "4", "--dropless", "--plugin", "ep",
-                 "--use_kernel", "--lm_loss_impl", "fused_compiled", "--compile_blocks", "--lean_zero", "--warmup",
-                 "2", "--steps", "3", "--profile_steps", "0"), timeout_s=120, est_s=50),
+           l4_compiled(4, 4) + ("--lean_zero", "--warmup", "2", "--steps", "3", "--profile_steps", "0"),
+           timeout_s=120, est_s=50),
     # --adamw_kernel on the best full-depth rows (the AdamW pass reading bf16 gradient shards)
     Config("8bfull-2gpu-ours-ep-compiled-b4x4-lean-adamk", 2, "ours",
-           ("--model", "8b", "--seq", "2048", "--batch_size", "4", "--grad_accum", "4", "--dropless", "--plugin", "ep",
-            "--use_kernel", "--lm_loss_impl", "fused_compiled", "--compile_blocks", "--lean_zero", "--adamw_kernel",
-            "--warmup", "2", "--steps", "3", "--profile_steps", "1"), timeout_s=200, est_s=85),
+           F8_B4X4 + ("--lean_zero", "--adamw_kernel", "--warmup", "2", "--steps", "3", "--profile_steps", "1"),
+           timeout_s=200, est_s=85),
     Config("8bfull-2gpu-ours-ep-compiled-b4x4-lean-head4k-adamk", 2, "ours",
-           ("--model", "8b", "--seq", "2048", "--batch_size", "4", "--grad_accum", "4", "--dropless", "--plugin", "ep",
-            "--use_kernel", "--lm_loss_impl", "fused_compiled", "--compile_blocks", "--lean_zero", "--lm_head_chunk",
-            "4096", "--adamw_kernel", "--warmup", "2", "--steps", "3", "--profile_steps", "0"), timeout_s=200,
-           est_s=75),
+           F8_B4X4 + ("--lean_zero", "--lm_head_chunk", "4096", "--adamw_kernel", "--warmup", "2", "--steps", "3",
+                      "--profile_steps", "0"), timeout_s=200, est_s=75),
     Config("8bL4acc-b4x4-2gpu-mixtral", 2, "mixtral",
            E8 + ("--layers", "4", "--batch_size", "4", "--grad_accum", "4", "--warmup", "2", "--steps", "3",
                  "--profile_steps", "0"), timeout_s=100, est_s=45),
