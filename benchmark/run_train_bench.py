@@ -213,14 +213,20 @@ SPEED_CONFIGS = [
     Config("8bL4acc-b4x4-2gpu-mixtral", 2, "mixtral",
            E8 + ("--layers", "4", "--batch_size", "4", "--grad_accum", "4", "--warmup", "2", "--steps", "3",
                  "--profile_steps", "0"), timeout_s=100, est_s=45),
-    # the 4-layer shape with --adamw_kernel, and at 8 sequences x 2 micro-batches for both tools (each tool's step is
-    # the same 65,536 tokens; a layout that does not fit is recorded as such)
+    # the 4-layer shape with --adamw_kernel, and at 8 x 2 and 16 x 1 (sequences x micro-batches; each tool's step is
+    # the same 65,536 tokens; a layout that does not fit is recorded as such: baseline (a) runs out of memory at 8 x 2)
     Config("8bL4acc-b4x4-2gpu-ours-ep-compiled-lean-adamk", 2, "ours",
            l4_compiled(4, 4) + ("--lean_zero", "--adamw_kernel", "--warmup", "2", "--steps", "3", "--profile_steps",
                                 "0"), timeout_s=120, est_s=50),
     Config("8bL4acc-b8x2-2gpu-ours-ep-compiled-lean-adamk", 2, "ours",
            l4_compiled(8, 2) + ("--lean_zero", "--adamw_kernel", "--warmup", "2", "--steps", "3", "--profile_steps",
                                 "0"), timeout_s=120, est_s=50),
+    Config("8bL4acc-b16x1-2gpu-ours-ep-compiled-lean-adamk", 2, "ours",
+           l4_compiled(16, 1) + ("--lean_zero", "--adamw_kernel", "--warmup", "2", "--steps", "3", "--profile_steps",
+                                 "0"), timeout_s=120, est_s=50),
+    Config("8bL4acc-b16x1-2gpu-ours-ep-compiled-lean-head4k-adamk", 2, "ours",
+           l4_compiled(16, 1) + ("--lean_zero", "--lm_head_chunk", "4096", "--adamw_kernel", "--warmup", "2", "--steps",
+                                 "3", "--profile_steps", "0"), timeout_s=120, est_s=50),
     Config("8bL4acc-b8x2-2gpu-mixtral", 2, "mixtral",
            E8 + ("--layers", "4", "--batch_size", "8", "--grad_accum", "2", "--warmup", "2", "--steps", "3",
                  "--profile_steps", "0"), timeout_s=100, est_s=45),

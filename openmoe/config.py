@@ -128,6 +128,8 @@ class OpenMoeConfig(PretrainedConfig):
             (self.tie_word_embeddings is False,
              f"tie_word_embeddings={self.tie_word_embeddings} is not supported; the lm_head is untied (a converter "
              "unties a tied checkpoint by copying embed_tokens into lm_head)"),
+            (1 <= self.num_experts <= MAX_EXPERTS,
+             f"num_experts ({self.num_experts}) must be in [1, {MAX_EXPERTS}] (expert ids are sorted as int16)"),
             (1 <= self.router_topk <= self.num_experts,
              f"router_topk ({self.router_topk}) must be in [1, num_experts={self.num_experts}]"),
             (self.moe_layer_interval >= 1, f"moe_layer_interval ({self.moe_layer_interval}) must be >= 1"),
@@ -347,6 +349,7 @@ _OLD_SPELLINGS = {  # hpcai-tech/openmoe-* example configs -> hub spelling
 }
 _LLAMA_LEFTOVERS = ("rope_scaling", "pretraining_tp")  # written by our older exports (model_type "llama"); unused
 
+MAX_EXPERTS = 32766  # expert ids and the "no expert" key (num_experts) are sorted as int16 (openmoe/router.py)
 _VOCAB = 256384  # umT5 sentencepiece vocabulary of the published models
 PRESETS: dict[str, dict] = {
     # A few MB: unit tests and the CPU default run. Vocabulary sized for the tokenizer shipped in tests/assets.

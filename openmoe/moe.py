@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .config import OpenMoeConfig
 from .losses import router_aux_loss, router_aux_loss_seq, router_z_loss
-from .router import RouterOutput, count_choices, route
+from .router import RouterOutput, count_choices, route, sort_by_expert
 
 
 def swiglu(x: torch.Tensor) -> torch.Tensor:
@@ -141,7 +141,7 @@ def grouped_experts(experts: StackedExperts, x: torch.Tensor, r: RouterOutput) -
     t, k = r.keep.shape
     e = experts.num_local_experts
     key = torch.where(r.keep, r.expert_idx, e).reshape(-1)  # [T*K]; e = dropped
-    order = key.argsort(stable=True)
+    order = sort_by_expert(key)
     counts = count_choices(key, e)  # kept choices per expert
     valid = (key[order] < e)[:, None]  # [T*K, 1]
     xs = torch.where(valid, x[order // k], 0)  # [T*K, H]

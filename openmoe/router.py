@@ -71,6 +71,13 @@ def count_choices(keys: torch.Tensor, num_experts: int) -> torch.Tensor:
     return counts.scatter_add_(0, keys, torch.ones_like(keys))[:num_experts]
 
 
+def sort_by_expert(keys: torch.Tensor) -> torch.Tensor:
+    """Stable argsort of expert keys (0 <= key <= 32767: an expert id, or num_experts for "none"). The keys are sorted
+    as int16: a GPU radix sort passes over every bit of its key type, so 2 passes instead of int64's 8 (on an H200,
+    ~22 kernels per call at int64 for OpenMoE-8B's 16k choices); the order is the same."""
+    return keys.to(torch.int16).argsort(stable=True)
+
+
 def assign_slots(expert_idx: torch.Tensor, token_mask: torch.Tensor, num_experts: int):
     """(slot [T, K] of each choice in its expert's buffer, tokens_per_expert [E]): every first choice before any
     second choice, in token order within a rank; masked tokens take no slot (their slot reads 0).
@@ -82,7 +89,7 @@ def assign_slots(expert_idx: torch.Tensor, token_mask: torch.Tensor, num_experts
     t, k = expert_idx.shape
     keys = choice_keys(expert_idx, token_mask, num_experts)  # [K * T]
     counts = count_choices(keys, num_experts)
-    order = keys.argsort(stable=True)
+    order = sort_by_expert(keys)
     starts = torch.cat([counts.new_zeros(1), counts.cumsum(0)])  # [E + 1]: where each expert's run begins
     pos = torch.arange(k * t, device=keys.device) - starts[keys[order]]
     slot = torch.empty_like(pos).scatter_(0, order, pos).view(k, t).t()  # [T, K]

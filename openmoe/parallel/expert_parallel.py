@@ -38,6 +38,7 @@ import torch.nn as nn
 from openmoe.moe import HAS_GROUPED_MM, MoeAux, OpenMoeExperts, OpenMoeSparseMLP, combine, dispatch, moe_aux
 from openmoe.parallel.hierarchical import hierarchical_all_to_all, hierarchical_comm, local_world_size_from_env
 from openmoe.parallel.overlap import overlapped_experts
+from openmoe.router import sort_by_expert
 
 
 class _AllToAll(torch.autograd.Function):
@@ -171,7 +172,7 @@ class ExpertParallelMoE(nn.Module):
     def _dropless(self, x, r):
         p, el, h, k = self.ep_size, self.num_local_experts, x.shape[-1], self.top_k
         key = torch.where(r.keep, r.expert_idx, self.num_experts).reshape(-1)  # [T*K]; E = not routed (padding)
-        order = key.argsort(stable=True)  # kept choices grouped by expert (so by destination rank), unrouted last
+        order = sort_by_expert(key)  # kept choices grouped by expert (so by destination rank), unrouted last
         send_counts = r.tokens_per_expert  # [E]: dropless, so every choice of a real token is kept (route counted)
         recv_counts = torch.empty_like(send_counts)
         dist.all_to_all_single(recv_counts, send_counts, group=self.ep_group)  # [P * E_l]: per source, per expert
@@ -188,7 +189,7 @@ class ExpertParallelMoE(nn.Module):
         # regroup by local expert: rows from (source s, expert e) -> expert-major order, padded to the max load
         src_expert = torch.arange(p * el, device=x.device).remainder(el).repeat_interleave(
             recv_counts, output_size=n_recv)
-        by_expert = src_expert.argsort(stable=True)
+        by_expert = sort_by_expert(src_expert)
         if self.expert_impl == "grouped" and n_recv > 0:  # (a rank that receives nothing runs the 1-row bmm)
             y = self._run_experts_grouped(recv[by_expert], counts)  # [N_recv, H], expert-major, no padding
             y_recv = torch.empty_like(recv).index_copy(0, by_expert, y)  # back to (source, expert) order

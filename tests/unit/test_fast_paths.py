@@ -215,6 +215,40 @@ def test_compiled_blocks_equal_eager_with_and_without_checkpointing():
     assert not counters["graph_break"], dict(counters["graph_break"])
 
 
+def test_compiled_expert_activation_has_dynamic_rows_and_a_static_width():
+    """The experts' compiled act(gate) * up: one graph for every dropless row count, its width a constant (a symbolic
+    width cost ~3x in the GPU kernels, benchmark/RESULTS.md session 8), values and gradients equal to eager."""
+    import torch._dynamo
+
+    from openmoe.kernels import compiled_gated
+    from openmoe.moe import swiglu
+
+    torch._dynamo.reset()
+    graphs = []
+
+    def capture(gm, example_inputs):  # records each compiled graph's input shapes, runs it eagerly
+        values = [n.meta["example_value"] for n in gm.graph.nodes if n.op == "placeholder"]
+        graphs.append([tuple(v.shape) for v in values if isinstance(v, torch.Tensor)])
+        return gm.forward
+
+    fn = compiled_gated(swiglu, backend=capture)
+    for rows in (5, 9, 17):
+        gate, up = torch.randn(rows, 8, requires_grad=True), torch.randn(rows, 4, requires_grad=True)
+        out = fn(gate, up)
+        (out * torch.arange(4.0)).sum().backward()
+        ref_gate, ref_up = gate.detach().requires_grad_(), up.detach().requires_grad_()
+        ref = swiglu(ref_gate) * ref_up
+        (ref * torch.arange(4.0)).sum().backward()
+        torch.testing.assert_close(out, ref)
+        torch.testing.assert_close(gate.grad, ref_gate.grad)
+        torch.testing.assert_close(up.grad, ref_up.grad)
+    assert len(graphs) == 1, graphs  # no recompile per row count
+    (gate_shape, up_shape), = graphs
+    assert isinstance(gate_shape[0], torch.SymInt) and isinstance(up_shape[0], torch.SymInt), graphs  # rows dynamic
+    assert [type(d) for d in gate_shape[1:] + up_shape[1:]] == [int, int], graphs  # widths static (Python ints)
+    assert gate_shape[1:] + up_shape[1:] == (8, 4)
+
+
 @pytest.mark.parametrize("flags, message", [
     (dict(use_layernorm_kernel=True), r"--compile_blocks fuses the RMSNorms itself .* accepted: one of them"),
     (dict(plugin="hybrid", pp_size=2, ep_size=1), r"--compile_blocks is not supported with a pipeline \(--pp_size 2\)"),

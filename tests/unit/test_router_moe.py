@@ -216,3 +216,19 @@ def test_dropless_route_without_sizing_reads_no_slots():
     assert r.slot is None and r.capacity == 0 and sized.capacity == int(sized.tokens_per_expert.max())
     assert torch.equal(r.tokens_per_expert, sized.tokens_per_expert) and int(r.tokens_per_expert.sum()) == 14
     assert torch.equal(r.keep, sized.keep) and torch.equal(r.combine_weight, sized.combine_weight)
+
+
+def test_sort_by_expert_is_a_stable_sort_up_to_the_largest_expert_count():
+    """The int16 sort keeps equal keys in their order and handles the largest key a config allows (num_experts, the
+    "no expert" key, at MAX_EXPERTS); a config with more experts is refused."""
+    from openmoe.config import MAX_EXPERTS
+    from openmoe.router import sort_by_expert
+
+    g = torch.Generator().manual_seed(0)
+    for top in (3, MAX_EXPERTS):
+        keys = torch.randint(0, top + 1, (500,), generator=g)
+        keys[::7] = top  # many ties at the largest key
+        want = sorted(range(len(keys)), key=lambda i: (int(keys[i]), i))  # stable by construction
+        assert sort_by_expert(keys).tolist() == want
+    with pytest.raises(ValueError, match=rf"^num_experts \({MAX_EXPERTS + 1}\) must be in \[1, {MAX_EXPERTS}\] "):
+        preset("tiny", num_experts=MAX_EXPERTS + 1, router_topk=2)
