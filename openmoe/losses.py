@@ -143,8 +143,17 @@ def _ce_chunk(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float
     grad = (lf - log_z[:, None]).exp_().mul_((1.0 + 2.0 * z_loss_factor * log_z)[:, None])
     if low:
         grad.sub_(low)
-    grad.scatter_add_(1, safe, torch.full_like(nll, -hit)[:, None])
-    grad.mul_(valid[:, None])
+    if torch.compiler.is_compiling():
+        # The target's -hit as a select on a column comparison: Inductor fuses it with the exp above and the cast
+        # below into one pass over [t, V]. A scatter_add_ into the gradient made it write the fp32 gradient, scatter,
+        # then read it again to mask and cast (on an H200: 1.08 ms per 1,024 x 256k chunk, benchmark/RESULTS.md
+        # "Issue 19, session 8"). In eager mode the in-place scatter allocates nothing more.
+        cols = torch.arange(v, device=lf.device)
+        grad = torch.where((cols[None, :] == safe) & valid[:, None], grad - hit, grad)
+        grad = torch.where(valid[:, None], grad, 0.0)
+    else:
+        grad.scatter_add_(1, safe, torch.full_like(nll, -hit)[:, None])
+        grad.mul_(valid[:, None])
     zero = torch.zeros((), dtype=ce.dtype, device=ce.device)
     grad = grad if grad_dtype is None else grad.to(grad_dtype)
     return torch.where(valid, ce, zero).sum(), torch.where(valid, log_z.square(), zero).sum(), grad

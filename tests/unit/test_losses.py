@@ -131,6 +131,7 @@ def test_fused_head_loss_compiled_chunk_matches(dtype, tol):
     h = torch.randn(1, 7, 16, dtype=dtype, requires_grad=True)
     w = torch.randn(40, 16, dtype=dtype, requires_grad=True)
     labels = torch.randint(0, 40, (1, 7))
+    labels[0, 5] = -100  # an ignored position inside the second chunk
     plain = fused_lm_loss(h, w, labels, 0.1, 0.01, chunk_size=4)
     try:
         compiled = fused_lm_loss(h, w, labels, 0.1, 0.01, chunk_size=4, compile_chunk=True)
