@@ -227,6 +227,17 @@ SPEED_CONFIGS = [
     Config("8bL4acc-b16x1-2gpu-ours-ep-compiled-lean-head4k-adamk", 2, "ours",
            l4_compiled(16, 1) + ("--lean_zero", "--lm_head_chunk", "4096", "--adamw_kernel", "--warmup", "2", "--steps",
                                  "3", "--profile_steps", "0"), timeout_s=120, est_s=50),
+    # steady state: baseline (a)'s step time still falls over its first timed steps (e.g. 1.51, 1.38, 1.28 s after 2
+    # warmup steps), so the comparison rows run 6 warmup and 5 timed steps, both tools
+    Config("8bL4acc-b4x4-2gpu-mixtral-steady", 2, "mixtral",
+           E8 + ("--layers", "4", "--batch_size", "4", "--grad_accum", "4", "--warmup", "6", "--steps", "5",
+                 "--profile_steps", "0"), timeout_s=120, est_s=55),
+    Config("8bL4acc-b4x4-2gpu-ours-ep-compiled-lean-adamk-steady", 2, "ours",
+           l4_compiled(4, 4) + ("--lean_zero", "--adamw_kernel", "--warmup", "6", "--steps", "5", "--profile_steps",
+                                "0"), timeout_s=120, est_s=55),
+    Config("8bL4acc-b16x1-2gpu-ours-ep-compiled-lean-head4k-adamk-steady", 2, "ours",
+           l4_compiled(16, 1) + ("--lean_zero", "--lm_head_chunk", "4096", "--adamw_kernel", "--warmup", "6", "--steps",
+                                 "5", "--profile_steps", "0"), timeout_s=120, est_s=55),
     Config("8bL4acc-b8x2-2gpu-mixtral", 2, "mixtral",
            E8 + ("--layers", "4", "--batch_size", "8", "--grad_accum", "2", "--warmup", "2", "--steps", "3",
                  "--profile_steps", "0"), timeout_s=100, est_s=45),
