@@ -259,6 +259,14 @@ SLOW_CONFIGS = [
     Config("slow-base-2gpu-ours-ep-overlap4", 2, "ours", SB + ("--comm_overlap", "4"), timeout_s=120, est_s=40),
     Config("slow-8bfull-2gpu-ours-ep", 2, "ours", S8, timeout_s=170, est_s=90),
     Config("slow-8bfull-2gpu-ours-ep-overlap4", 2, "ours", S8 + ("--comm_overlap", "4"), timeout_s=170, est_s=90),
+    # the fastest NVLink configuration (dropless, compiled blocks, 4 x 4) over the slow link, with ColossalAI's ZeRO-1
+    # step (gradient all-reduce, then a parameter all-gather) and with --lean_zero (reduce-scatter + all-gather: 2
+    # passes of the dense parameters over the link instead of 3) and its AdamW kernel
+    Config("slow-8bfull-2gpu-ours-ep-b4x4", 2, "ours",
+           F8_B4X4 + ("--warmup", "1", "--steps", "2", "--profile_steps", "1"), timeout_s=240, est_s=100),
+    Config("slow-8bfull-2gpu-ours-ep-b4x4-lean-adamk", 2, "ours",
+           F8_B4X4 + ("--lean_zero", "--adamw_kernel", "--warmup", "1", "--steps", "2", "--profile_steps", "1"),
+           timeout_s=240, est_s=100),
 ]
 
 TINY = ("--model", "tiny", "--seq", "64", "--batch_size", "2", "--warmup", "1", "--steps", "2", "--profile_steps", "1")
