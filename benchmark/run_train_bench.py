@@ -267,6 +267,15 @@ SLOW_CONFIGS = [
     Config("slow-8bfull-2gpu-ours-ep-b4x4-lean-adamk", 2, "ours",
            F8_B4X4 + ("--lean_zero", "--adamw_kernel", "--warmup", "1", "--steps", "2", "--profile_steps", "1"),
            timeout_s=240, est_s=100),
+    # item 3's load balancing at full depth: the same step with every router tilted to EP rank 0's experts
+    # (--skew_router 2, benchmark/skewed_router.py's rule), without and with --load_balance (one move of experts and
+    # their optimizer state after the first warmup step, not timed)
+    Config("slow-8bfull-2gpu-ours-ep-b4x4-lean-adamk-skew", 2, "ours",
+           F8_B4X4 + ("--lean_zero", "--adamw_kernel", "--skew_router", "2", "--warmup", "2", "--steps", "2",
+                      "--profile_steps", "0"), timeout_s=200, est_s=90),
+    Config("slow-8bfull-2gpu-ours-ep-b4x4-lean-adamk-skew-lb", 2, "ours",
+           F8_B4X4 + ("--lean_zero", "--adamw_kernel", "--skew_router", "2", "--load_balance", "--warmup", "2",
+                      "--steps", "2", "--profile_steps", "0"), timeout_s=200, est_s=90),
 ]
 
 TINY = ("--model", "tiny", "--seq", "64", "--batch_size", "2", "--warmup", "1", "--steps", "2", "--profile_steps", "1")
@@ -281,7 +290,7 @@ TINY_CONFIGS = [
     Config("tiny-2p-naive", 2, "naive", TINY + ("--grad_accum", "2"), timeout_s=150),
     Config("tiny-2p-ours-grouped-dropless", 2, "ours",
            TINY + ("--plugin", "ep", "--use_kernel", "--dropless", "--grad_accum", "2", "--compile_blocks",
-                   "--lean_zero", "--adamw_kernel", "--load_balance"),
+                   "--lean_zero", "--adamw_kernel", "--load_balance", "--skew_router", "3"),
            timeout_s=150),
     Config("tiny-2p-ours-overlap", 2, "ours", TINY + ("--plugin", "ep", "--comm_overlap", "2", "--grad_accum", "2"),
            timeout_s=150),

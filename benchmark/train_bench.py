@@ -101,6 +101,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="ours, EP >= 2: the trainer's expert placement rebalancing (run option of the same name): "
                         "router choices counted every step (one all-reduce), experts moved between EP ranks once, "
                         "after warmup step max(warmup - 1, 1) (so the last warmup step runs on the new placement)")
+    p.add_argument("--skew_router", type=float, default=0.0,
+                   help="ours: tilt every MoE layer's router towards the first half of the experts (EP rank 0's at EP "
+                        "2) by this much, benchmark/skewed_router.py's rule on one of the benchmark's own sequences, "
+                        "before training; off: 0")
     p.add_argument("--grad_accum", type=int, default=1,
                    help="micro-batches per optimizer step (each of batch_size sequences; every kind, each with its "
                         "own framework's accumulation: our trainer, booster.no_sync, DDP no_sync); tokens/s counts all")
@@ -122,10 +126,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if a.kind != "ours" and (a.use_kernel or a.activation_checkpointing or a.family != "openmoe" or a.comm_overlap
                              or a.hierarchical_alltoall or a.compile_blocks or a.overlap_communication
-                             or a.lean_zero or a.lm_head_chunk or a.load_balance or a.adamw_kernel):
+                             or a.lean_zero or a.lm_head_chunk or a.load_balance or a.adamw_kernel or a.skew_router):
         p.error("--use_kernel/--activation_checkpointing/--family/--comm_overlap/--hierarchical_alltoall/"
-                "--compile_blocks/--overlap_communication/--lean_zero/--lm_head_chunk/--load_balance/--adamw_kernel "
-                "are options of --kind ours")
+                "--compile_blocks/--overlap_communication/--lean_zero/--lm_head_chunk/--load_balance/--adamw_kernel/"
+                "--skew_router are options of --kind ours")
     if a.dropless and a.kind not in ("ours", "fsdp"):
         p.error("--dropless is an option of --kind ours and fsdp (mixtral is dropless anyway; naive needs capacity)")
     if a.kind == "mixtral" and a.plugin != "ep":
@@ -256,6 +260,21 @@ def ours_layout(a, cfg: OpenMoeConfig, world: int):
     return run, sizes
 
 
+def skew_routers(model, cfg: OpenMoeConfig, seq: int, tilt: float, device) -> list[float]:
+    """benchmark/skewed_router.py's tilt of every router towards experts 0..E/2-1, measured on one synthetic sequence,
+    then rank 0's router weights on every rank (the ranks must route alike). Returns the share of router choices on
+    those experts per MoE layer, on that sequence."""
+    from benchmark.skewed_router import tilt_routers
+    from openmoe.moe import OpenMoeSparseMLP
+
+    batch = {k: v.to(device) for k, v in synthetic_batches(cfg.vocab_size, 1, seq, seed=3, n=1)[0].items()}
+    share = tilt_routers(model, batch, cfg.num_experts // 2, tilt)
+    for m in model.modules():
+        if isinstance(m, OpenMoeSparseMLP):
+            dist.broadcast(m.gate_weight.data, 0)
+    return [round(float(x), 3) for x in share]
+
+
 def build_ours(a, cfg, world: int, device) -> Bench:
     from openmoe.backend.colossal import shard_copies
     from openmoe.parallel.gather import moe_layers
@@ -270,6 +289,8 @@ def build_ours(a, cfg, world: int, device) -> Bench:
         counted["flops"] = F.openmoe_flops(model, a.seq)
         if a.lm_head_chunk:
             model.apply_options(model.options.replace(lm_head_chunk_size=a.lm_head_chunk))
+        if a.skew_router:
+            counted["skew"] = skew_routers(model, cfg, a.seq, a.skew_router, device)
 
     # the trainer's setup sequence, without data or output directory, the model created on the GPU in bf16
     st = build(run, training=False, customize_model=count_flops, init_context=lambda: build_on(device, torch.bfloat16),
@@ -300,8 +321,9 @@ def build_ours(a, cfg, world: int, device) -> Bench:
                      "ep_rank_max_over_mean_after": max(LayerRebalance.max_over_mean(r.rank_loads_after)
                                                         for r in state["moves"]),
                      "experts_swapped": sum(len(r.swaps) for r in state["moves"])}
+        skew = {"skewed_router_share_first_half": counted["skew"]} if "skew" in counted else {}
         return {**_openmoe_routing(state["outs"]), "skipped_steps": state["skipped"],
-                "capacity_factor": 0.0 if a.dropless else cfg.router_capacity_factor_train, **moves}
+                "capacity_factor": 0.0 if a.dropless else cfg.router_capacity_factor_train, **moves, **skew}
 
     impl = ("grouped GEMM" if a.use_kernel else "bmm") if sizes.ep == 1 else (
         "EP all-to-all + " + ("grouped GEMM" if a.use_kernel else "bmm"))
@@ -313,7 +335,8 @@ def build_ours(a, cfg, world: int, device) -> Bench:
     compiled = (", compiled blocks" if a.compile_blocks else "") + (
         ", ZeRO reduction overlapped" if a.overlap_communication else "") + (
         ", lean ZeRO-1" if a.lean_zero else "") + (f", LM-head chunk {a.lm_head_chunk}" if a.lm_head_chunk else "") + (
-        ", experts rebalanced" if a.load_balance else "") + (", AdamW kernel" if a.adamw_kernel else "")
+        ", experts rebalanced" if a.load_balance else "") + (", AdamW kernel" if a.adamw_kernel else "") + (
+        f", router tilted to the first half of the experts ({a.skew_router:g})" if a.skew_router else "")
     label = f"ours{family} ({impl}, {routing_mode}{comm}{lora}{compiled})"
     layout = {"plugin": a.plugin, "ep": sizes.ep, "pp": sizes.pp, "dp": sizes.dp, "moe_dp": sizes.moe_dp}
     return Bench(step, flops, layout, a.batch_size * a.seq * sizes.dp * a.grad_accum, sizes.ep > 1, routing, label)
@@ -582,7 +605,7 @@ def run(a) -> dict:
     cfg = model_config(a)
     options = ("use_kernel", "dropless", "activation_checkpointing", "no_attention_mask", "lm_loss_impl", "grad_accum",
                "comm_overlap", "hierarchical_alltoall", "compile_blocks", "overlap_communication",
-               "lean_zero", "lm_head_chunk", "load_balance", "adamw_kernel")
+               "lean_zero", "lm_head_chunk", "load_balance", "adamw_kernel", "skew_router")
     base.update(layers=cfg.num_hidden_layers, moe_layers=cfg.num_moe_layers, family=a.family,
                 shape=f"{a.model}-L{cfg.num_hidden_layers}", options={k: getattr(a, k) for k in options})
     bench = BUILDERS[a.kind](a, cfg, world, device)

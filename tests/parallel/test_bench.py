@@ -115,14 +115,20 @@ def test_every_kind_on_one_and_two_processes_gives_sane_records(tiny_run):
     assert ranges["openmoe.forward"] > ranges["openmoe.moe"]  # nested: MoE layers run inside the forward
     assert records["tiny-2p-ours"]["layout"] == {"plugin": "ep", "ep": 2, "pp": 1, "dp": 2, "moe_dp": 1}
     assert records["tiny-1p-ours"]["label"].startswith("ours (grouped GEMM")
-    # --compile_blocks --lean_zero --adamw_kernel --load_balance through the harness (ep)
+    # --compile_blocks --lean_zero --adamw_kernel --load_balance --skew_router through the harness (ep)
     compiled = records["tiny-2p-ours-grouped-dropless"]
     assert compiled["options"]["compile_blocks"] and compiled["options"]["lean_zero"]
     assert compiled["options"]["adamw_kernel"] and compiled["options"]["load_balance"]
-    assert compiled["label"].endswith(", compiled blocks, lean ZeRO-1, experts rebalanced, AdamW kernel)")
+    assert compiled["options"]["skew_router"] == 3.0
+    assert compiled["label"].endswith(", compiled blocks, lean ZeRO-1, experts rebalanced, AdamW kernel, router tilted "
+                                      "to the first half of the experts (3))")
     moved = compiled["routing"]  # one move after the only warmup step, planned on its counts; no step skipped
     assert moved["rebalanced_after_step"] == 1 and moved["skipped_steps"] == 0
-    assert 1.0 <= moved["ep_rank_max_over_mean_after"] <= moved["ep_rank_max_over_mean_before"]
+    # the tilted routers send most choices to EP rank 0's experts (untilted random routers: about half), the move
+    # swaps some of them to rank 1 and evens the ranks' load
+    assert all(share > 0.75 for share in moved["skewed_router_share_first_half"]), moved
+    assert moved["experts_swapped"] >= 1 and moved["ep_rank_max_over_mean_before"] > 1.1, moved
+    assert 1.0 <= moved["ep_rank_max_over_mean_after"] < moved["ep_rank_max_over_mean_before"]
     micro = records["tiny-micro"]
     assert [row["impl"] for row in micro["rows"]] == ["dense-equivalent", "bmm", "grouped", "grouped-dropless",
                                                       "naive"]
