@@ -149,7 +149,7 @@ def _ce_chunk(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float
         # then read it again to mask and cast (on an H200: 1.08 ms per 1,024 x 256k chunk, benchmark/RESULTS.md
         # "Issue 19, session 8"). In eager mode the in-place scatter allocates nothing more.
         cols = torch.arange(v, device=lf.device)
-        grad = torch.where((cols[None, :] == safe) & valid[:, None], grad - hit, grad)
+        grad = torch.where(cols[None, :] == safe, grad - hit, grad)
         grad = torch.where(valid[:, None], grad, 0.0)
     else:
         grad.scatter_add_(1, safe, torch.full_like(nll, -hit)[:, None])
