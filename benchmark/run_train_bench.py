@@ -158,6 +158,18 @@ def l4_compiled(batch: int, accum: int) -> tuple[str, ...]:
                  "ep", "--use_kernel", "--lm_loss_impl", "fused_compiled", "--compile_blocks")
 
 
+def l4_lean_adamk(batch: int, accum: int, *extra: str, warmup: int = 2, steps: int = 3) -> tuple[str, ...]:
+    """l4_compiled with --lean_zero, `extra`, --adamw_kernel and the measurement (no profile)."""
+    return l4_compiled(batch, accum) + ("--lean_zero", *extra, "--adamw_kernel", "--warmup", str(warmup), "--steps",
+                                        str(steps), "--profile_steps", "0")
+
+
+def l4_mixtral(batch: int, accum: int, warmup: int = 2, steps: int = 3) -> tuple[str, ...]:
+    """Baseline (a) at the 4-layer shape, `batch` sequences x `accum` micro-batches."""
+    return E8 + ("--layers", "4", "--batch_size", str(batch), "--grad_accum", str(accum), "--warmup", str(warmup),
+                 "--steps", str(steps), "--profile_steps", "0")
+
+
 SPEED_CONFIGS = [
     Config("8bfull-2gpu-ours-ep-compiled", 2, "ours",
            F8 + F8_STEPS + ("--plugin", "ep", "--use_kernel", "--lm_loss_impl", "fused_compiled", "--compile_blocks"),
@@ -210,37 +222,24 @@ SPEED_CONFIGS = [
     Config("8bfull-2gpu-ours-ep-compiled-b4x4-lean-head4k-adamk", 2, "ours",
            F8_B4X4 + ("--lean_zero", "--lm_head_chunk", "4096", "--adamw_kernel", "--warmup", "2", "--steps", "3",
                       "--profile_steps", "0"), timeout_s=200, est_s=75),
-    Config("8bL4acc-b4x4-2gpu-mixtral", 2, "mixtral",
-           E8 + ("--layers", "4", "--batch_size", "4", "--grad_accum", "4", "--warmup", "2", "--steps", "3",
-                 "--profile_steps", "0"), timeout_s=100, est_s=45),
+    Config("8bL4acc-b4x4-2gpu-mixtral", 2, "mixtral", l4_mixtral(4, 4), timeout_s=100, est_s=45),
     # the 4-layer shape with --adamw_kernel, and at 8 x 2 and 16 x 1 (sequences x micro-batches; each tool's step is
     # the same 65,536 tokens; a layout that does not fit is recorded as such: baseline (a) runs out of memory at 8 x 2)
-    Config("8bL4acc-b4x4-2gpu-ours-ep-compiled-lean-adamk", 2, "ours",
-           l4_compiled(4, 4) + ("--lean_zero", "--adamw_kernel", "--warmup", "2", "--steps", "3", "--profile_steps",
-                                "0"), timeout_s=120, est_s=50),
-    Config("8bL4acc-b8x2-2gpu-ours-ep-compiled-lean-adamk", 2, "ours",
-           l4_compiled(8, 2) + ("--lean_zero", "--adamw_kernel", "--warmup", "2", "--steps", "3", "--profile_steps",
-                                "0"), timeout_s=120, est_s=50),
-    Config("8bL4acc-b16x1-2gpu-ours-ep-compiled-lean-adamk", 2, "ours",
-           l4_compiled(16, 1) + ("--lean_zero", "--adamw_kernel", "--warmup", "2", "--steps", "3", "--profile_steps",
-                                 "0"), timeout_s=120, est_s=50),
+    Config("8bL4acc-b4x4-2gpu-ours-ep-compiled-lean-adamk", 2, "ours", l4_lean_adamk(4, 4), timeout_s=120, est_s=50),
+    Config("8bL4acc-b8x2-2gpu-ours-ep-compiled-lean-adamk", 2, "ours", l4_lean_adamk(8, 2), timeout_s=120, est_s=50),
+    Config("8bL4acc-b16x1-2gpu-ours-ep-compiled-lean-adamk", 2, "ours", l4_lean_adamk(16, 1), timeout_s=120,
+           est_s=50),
     Config("8bL4acc-b16x1-2gpu-ours-ep-compiled-lean-head4k-adamk", 2, "ours",
-           l4_compiled(16, 1) + ("--lean_zero", "--lm_head_chunk", "4096", "--adamw_kernel", "--warmup", "2", "--steps",
-                                 "3", "--profile_steps", "0"), timeout_s=120, est_s=50),
+           l4_lean_adamk(16, 1, "--lm_head_chunk", "4096"), timeout_s=120, est_s=50),
     # steady state: baseline (a)'s step time still falls over its first timed steps (e.g. 1.51, 1.38, 1.28 s after 2
     # warmup steps), so the comparison rows run 6 warmup and 5 timed steps, both tools
-    Config("8bL4acc-b4x4-2gpu-mixtral-steady", 2, "mixtral",
-           E8 + ("--layers", "4", "--batch_size", "4", "--grad_accum", "4", "--warmup", "6", "--steps", "5",
-                 "--profile_steps", "0"), timeout_s=120, est_s=55),
-    Config("8bL4acc-b4x4-2gpu-ours-ep-compiled-lean-adamk-steady", 2, "ours",
-           l4_compiled(4, 4) + ("--lean_zero", "--adamw_kernel", "--warmup", "6", "--steps", "5", "--profile_steps",
-                                "0"), timeout_s=120, est_s=55),
+    Config("8bL4acc-b4x4-2gpu-mixtral-steady", 2, "mixtral", l4_mixtral(4, 4, warmup=6, steps=5), timeout_s=120,
+           est_s=55),
+    Config("8bL4acc-b4x4-2gpu-ours-ep-compiled-lean-adamk-steady", 2, "ours", l4_lean_adamk(4, 4, warmup=6, steps=5),
+           timeout_s=120, est_s=55),
     Config("8bL4acc-b16x1-2gpu-ours-ep-compiled-lean-head4k-adamk-steady", 2, "ours",
-           l4_compiled(16, 1) + ("--lean_zero", "--lm_head_chunk", "4096", "--adamw_kernel", "--warmup", "6", "--steps",
-                                 "5", "--profile_steps", "0"), timeout_s=120, est_s=55),
-    Config("8bL4acc-b8x2-2gpu-mixtral", 2, "mixtral",
-           E8 + ("--layers", "4", "--batch_size", "8", "--grad_accum", "2", "--warmup", "2", "--steps", "3",
-                 "--profile_steps", "0"), timeout_s=100, est_s=45),
+           l4_lean_adamk(16, 1, "--lm_head_chunk", "4096", warmup=6, steps=5), timeout_s=120, est_s=55),
+    Config("8bL4acc-b8x2-2gpu-mixtral", 2, "mixtral", l4_mixtral(8, 2), timeout_s=100, est_s=45),
     Config("8bfull-2gpu-ours-ep-compiled-ac-b8x2", 2, "ours",
            ("--model", "8b", "--seq", "2048", "--batch_size", "8", "--grad_accum", "2", "--dropless", "--plugin", "ep",
             "--use_kernel", "--lm_loss_impl", "fused_compiled", "--compile_blocks", "--activation_checkpointing",
