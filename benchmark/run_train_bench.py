@@ -158,10 +158,10 @@ def l4_compiled(batch: int, accum: int) -> tuple[str, ...]:
                  "ep", "--use_kernel", "--lm_loss_impl", "fused_compiled", "--compile_blocks")
 
 
-def l4_lean_adamk(batch: int, accum: int, *extra: str, warmup: int = 2, steps: int = 3) -> tuple[str, ...]:
-    """l4_compiled with --lean_zero, `extra`, --adamw_kernel and the measurement (no profile)."""
-    return l4_compiled(batch, accum) + ("--lean_zero", *extra, "--adamw_kernel", "--warmup", str(warmup), "--steps",
-                                        str(steps), "--profile_steps", "0")
+def lean(prefix: tuple[str, ...], *extra: str, warmup: int = 2, steps: int = 3, profile: int = 0) -> tuple[str, ...]:
+    """A row of ours with --lean_zero: `prefix` (F8_B4X4 or l4_compiled(...)), --lean_zero, `extra`, the measurement."""
+    return prefix + ("--lean_zero", *extra, "--warmup", str(warmup), "--steps", str(steps), "--profile_steps",
+                     str(profile))
 
 
 def l4_mixtral(batch: int, accum: int, warmup: int = 2, steps: int = 3) -> tuple[str, ...]:
@@ -195,50 +195,46 @@ SPEED_CONFIGS = [
     # the best full-depth row (also with 4,096-token LM-head chunks instead of 1,024) and on the 4-layer row; run
     # beside their references and baseline (a) again
     Config("8bfull-2gpu-ours-ep-compiled-b4x4-lean", 2, "ours",
-           F8_B4X4 + ("--lean_zero", "--warmup", "2", "--steps", "3", "--profile_steps", "1"), timeout_s=200, est_s=90),
+           lean(F8_B4X4, profile=1), timeout_s=200, est_s=90),
     Config("8bfull-2gpu-ours-ep-compiled-b4x4-lean-head4k", 2, "ours",
-           F8_B4X4 + ("--lean_zero", "--lm_head_chunk", "4096", "--warmup", "2", "--steps", "3", "--profile_steps",
-                      "0"), timeout_s=200, est_s=80),
+           lean(F8_B4X4, "--lm_head_chunk", "4096"), timeout_s=200, est_s=80),
     Config("8bL4acc-2gpu-ours-ep-compiled-lean", 2, "ours",
-           l4_compiled(2, 8) + ("--lean_zero", "--warmup", "2", "--steps", "3", "--profile_steps", "1"),
-           timeout_s=120, est_s=55),
+           lean(l4_compiled(2, 8), profile=1), timeout_s=120, est_s=55),
     # the same two lean rows with --load_balance: experts moved between the EP ranks once, after the first warmup
     # step, by its router counts (the random routers load one EP rank more; the other waits in the all-to-all)
     Config("8bfull-2gpu-ours-ep-compiled-b4x4-lean-lb", 2, "ours",
-           F8_B4X4 + ("--lean_zero", "--load_balance", "--warmup", "2", "--steps", "3", "--profile_steps", "1"),
-           timeout_s=200, est_s=90),
+           lean(F8_B4X4, "--load_balance", profile=1), timeout_s=200, est_s=90),
     Config("8bL4acc-2gpu-ours-ep-compiled-lean-lb", 2, "ours",
-           l4_compiled(2, 8) + ("--lean_zero", "--load_balance", "--warmup", "2", "--steps", "3", "--profile_steps",
-                                "1"), timeout_s=120, est_s=55),
+           lean(l4_compiled(2, 8), "--load_balance", profile=1), timeout_s=120, est_s=55),
     # the 4-layer shape's step as 4 sequences x 4 micro-batches (the same 65,536 tokens), ours and baseline (a): each
     # tool at the micro-batch layout that serves it best, compared at an equal step
     Config("8bL4acc-b4x4-2gpu-ours-ep-compiled-lean", 2, "ours",
-           l4_compiled(4, 4) + ("--lean_zero", "--warmup", "2", "--steps", "3", "--profile_steps", "0"),
-           timeout_s=120, est_s=50),
+           lean(l4_compiled(4, 4)), timeout_s=120, est_s=50),
     # --adamw_kernel on the best full-depth rows (the AdamW pass reading bf16 gradient shards)
     Config("8bfull-2gpu-ours-ep-compiled-b4x4-lean-adamk", 2, "ours",
-           F8_B4X4 + ("--lean_zero", "--adamw_kernel", "--warmup", "2", "--steps", "3", "--profile_steps", "1"),
-           timeout_s=200, est_s=85),
+           lean(F8_B4X4, "--adamw_kernel", profile=1), timeout_s=200, est_s=85),
     Config("8bfull-2gpu-ours-ep-compiled-b4x4-lean-head4k-adamk", 2, "ours",
-           F8_B4X4 + ("--lean_zero", "--lm_head_chunk", "4096", "--adamw_kernel", "--warmup", "2", "--steps", "3",
-                      "--profile_steps", "0"), timeout_s=200, est_s=75),
+           lean(F8_B4X4, "--lm_head_chunk", "4096", "--adamw_kernel"), timeout_s=200, est_s=75),
     Config("8bL4acc-b4x4-2gpu-mixtral", 2, "mixtral", l4_mixtral(4, 4), timeout_s=100, est_s=45),
     # the 4-layer shape with --adamw_kernel, and at 8 x 2 and 16 x 1 (sequences x micro-batches; each tool's step is
     # the same 65,536 tokens; a layout that does not fit is recorded as such: baseline (a) runs out of memory at 8 x 2)
-    Config("8bL4acc-b4x4-2gpu-ours-ep-compiled-lean-adamk", 2, "ours", l4_lean_adamk(4, 4), timeout_s=120, est_s=50),
-    Config("8bL4acc-b8x2-2gpu-ours-ep-compiled-lean-adamk", 2, "ours", l4_lean_adamk(8, 2), timeout_s=120, est_s=50),
-    Config("8bL4acc-b16x1-2gpu-ours-ep-compiled-lean-adamk", 2, "ours", l4_lean_adamk(16, 1), timeout_s=120,
-           est_s=50),
+    Config("8bL4acc-b4x4-2gpu-ours-ep-compiled-lean-adamk", 2, "ours",
+           lean(l4_compiled(4, 4), "--adamw_kernel"), timeout_s=120, est_s=50),
+    Config("8bL4acc-b8x2-2gpu-ours-ep-compiled-lean-adamk", 2, "ours",
+           lean(l4_compiled(8, 2), "--adamw_kernel"), timeout_s=120, est_s=50),
+    Config("8bL4acc-b16x1-2gpu-ours-ep-compiled-lean-adamk", 2, "ours",
+           lean(l4_compiled(16, 1), "--adamw_kernel"), timeout_s=120, est_s=50),
     Config("8bL4acc-b16x1-2gpu-ours-ep-compiled-lean-head4k-adamk", 2, "ours",
-           l4_lean_adamk(16, 1, "--lm_head_chunk", "4096"), timeout_s=120, est_s=50),
+           lean(l4_compiled(16, 1), "--lm_head_chunk", "4096", "--adamw_kernel"), timeout_s=120, est_s=50),
     # steady state: baseline (a)'s step time still falls over its first timed steps (e.g. 1.51, 1.38, 1.28 s after 2
     # warmup steps), so the comparison rows run 6 warmup and 5 timed steps, both tools
     Config("8bL4acc-b4x4-2gpu-mixtral-steady", 2, "mixtral", l4_mixtral(4, 4, warmup=6, steps=5), timeout_s=120,
            est_s=55),
-    Config("8bL4acc-b4x4-2gpu-ours-ep-compiled-lean-adamk-steady", 2, "ours", l4_lean_adamk(4, 4, warmup=6, steps=5),
-           timeout_s=120, est_s=55),
+    Config("8bL4acc-b4x4-2gpu-ours-ep-compiled-lean-adamk-steady", 2, "ours",
+           lean(l4_compiled(4, 4), "--adamw_kernel", warmup=6, steps=5), timeout_s=120, est_s=55),
     Config("8bL4acc-b16x1-2gpu-ours-ep-compiled-lean-head4k-adamk-steady", 2, "ours",
-           l4_lean_adamk(16, 1, "--lm_head_chunk", "4096", warmup=6, steps=5), timeout_s=120, est_s=55),
+           lean(l4_compiled(16, 1), "--lm_head_chunk", "4096", "--adamw_kernel", warmup=6, steps=5), timeout_s=120,
+           est_s=55),
     Config("8bL4acc-b8x2-2gpu-mixtral", 2, "mixtral", l4_mixtral(8, 2), timeout_s=100, est_s=45),
     Config("8bfull-2gpu-ours-ep-compiled-ac-b8x2", 2, "ours",
            ("--model", "8b", "--seq", "2048", "--batch_size", "8", "--grad_accum", "2", "--dropless", "--plugin", "ep",
@@ -264,17 +260,15 @@ SLOW_CONFIGS = [
     Config("slow-8bfull-2gpu-ours-ep-b4x4", 2, "ours",
            F8_B4X4 + ("--warmup", "1", "--steps", "2", "--profile_steps", "1"), timeout_s=240, est_s=100),
     Config("slow-8bfull-2gpu-ours-ep-b4x4-lean-adamk", 2, "ours",
-           F8_B4X4 + ("--lean_zero", "--adamw_kernel", "--warmup", "1", "--steps", "2", "--profile_steps", "1"),
+           lean(F8_B4X4, "--adamw_kernel", warmup=1, steps=2, profile=1),
            timeout_s=240, est_s=100),
     # item 3's load balancing at full depth: the same step with every router tilted to EP rank 0's experts
     # (--skew_router 2, benchmark/skewed_router.py's rule), without and with --load_balance (one move of experts and
     # their optimizer state after the first warmup step, not timed)
     Config("slow-8bfull-2gpu-ours-ep-b4x4-lean-adamk-skew", 2, "ours",
-           F8_B4X4 + ("--lean_zero", "--adamw_kernel", "--skew_router", "2", "--warmup", "2", "--steps", "2",
-                      "--profile_steps", "0"), timeout_s=200, est_s=90),
+           lean(F8_B4X4, "--adamw_kernel", "--skew_router", "2", steps=2), timeout_s=200, est_s=90),
     Config("slow-8bfull-2gpu-ours-ep-b4x4-lean-adamk-skew-lb", 2, "ours",
-           F8_B4X4 + ("--lean_zero", "--adamw_kernel", "--skew_router", "2", "--load_balance", "--warmup", "2",
-                      "--steps", "2", "--profile_steps", "0"), timeout_s=200, est_s=90),
+           lean(F8_B4X4, "--adamw_kernel", "--skew_router", "2", "--load_balance", steps=2), timeout_s=200, est_s=90),
 ]
 
 TINY = ("--model", "tiny", "--seq", "64", "--batch_size", "2", "--warmup", "1", "--steps", "2", "--profile_steps", "1")
