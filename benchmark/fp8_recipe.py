@@ -28,18 +28,100 @@ _TINY = 1e-12  # floor of a row's maximum: an all-zero row gets a finite scale (
 
 def quantize(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """x -> (q in e4m3, scale in fp32) with x ~= q * scale; one scale per slice along `dim` (its max |x| maps to
-    448), kept as a size-1 dimension. q is contiguous in x's dimension order."""
+    448), kept as a size-1 dimension. q is contiguous in x's dimension order. The reference of the kernels below."""
     amax = x.abs().amax(dim=dim, keepdim=True).float().clamp(min=_TINY)
     scale = amax / E4M3_MAX
     q = (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
     return q.contiguous(), scale
 
 
-def _mm(a: torch.Tensor, b_t: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """a [M, K] @ b_t [N, K].T -> [M, N], both quantized along K. _scaled_mm takes its second operand K-major
-    (a transposed row-major tensor) and row scales [M, 1] x [1, N]."""
-    qa, sa = quantize(a, -1)  # [M, K], [M, 1]
-    qb, sb = quantize(b_t, -1)  # [N, K], [N, 1]
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Contiguous x [R, C] -> (q [R, C], scale [R, 1]): `quantize(x, -1)`, one Triton pass per row on CUDA."""
+    if x.is_cuda and HAS_TRITON:
+        return _rows_triton(x)
+    return quantize(x, -1)
+
+
+def quantize_cols_t(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Contiguous x [..., R, C] -> (q [..., C, R] contiguous, scale [..., C, 1]): x's columns quantized and written
+    transposed, i.e. `quantize(x.transpose(-2, -1), -1)`; two Triton passes on CUDA (column maxima, then cast and
+    transpose in tiles)."""
+    if x.is_cuda and HAS_TRITON:
+        return _cols_t_triton(x)
+    return quantize(x.transpose(-2, -1), -1)
+
+
+def _rows_triton(x):
+    r, c = x.shape
+    q = torch.empty(r, c, dtype=E4M3, device=x.device)
+    scale = torch.empty(r, 1, dtype=torch.float32, device=x.device)
+    _rows_kernel[(r,)](x, q, scale, c, BLOCK=min(4096, triton.next_power_of_2(c)), num_warps=8)
+    return q, scale
+
+
+def _cols_t_triton(x):
+    *lead, r, c = x.shape
+    b = x.numel() // (r * c)
+    q = torch.empty(*lead, c, r, dtype=E4M3, device=x.device)
+    scale = torch.empty(*lead, c, 1, dtype=torch.float32, device=x.device)
+    _col_max_kernel[(b, triton.cdiv(c, 128))](x, scale, r, c, BR=32, BC=128, num_warps=4)
+    _cast_t_kernel[(b, triton.cdiv(r, 64), triton.cdiv(c, 64))](x, q, scale, r, c, BR=64, BC=64, num_warps=4)
+    return q, scale
+
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # CPU hosts: torch's quantize
+    HAS_TRITON = False
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _rows_kernel(x_ptr, q_ptr, s_ptr, c, BLOCK: tl.constexpr):
+        base = tl.program_id(0).to(tl.int64) * c
+        amax = tl.zeros([BLOCK], dtype=tl.float32)
+        for c0 in range(0, c, BLOCK):
+            offs = c0 + tl.arange(0, BLOCK)
+            amax = tl.maximum(amax, tl.abs(tl.load(x_ptr + base + offs, mask=offs < c, other=0.0).to(tl.float32)))
+        scale = tl.math.div_rn(tl.maximum(tl.max(amax, 0), 1e-12), 448.0)  # IEEE division, as torch's
+        tl.store(s_ptr + tl.program_id(0), scale)
+        for c0 in range(0, c, BLOCK):  # the row again, from L2
+            offs = c0 + tl.arange(0, BLOCK)
+            v = tl.math.div_rn(tl.load(x_ptr + base + offs, mask=offs < c, other=0.0).to(tl.float32), scale)
+            v = tl.minimum(tl.maximum(v, -448.0), 448.0)
+            tl.store(q_ptr + base + offs, v.to(tl.float8e4nv), mask=offs < c)
+
+    @triton.jit
+    def _col_max_kernel(x_ptr, s_ptr, r, c, BR: tl.constexpr, BC: tl.constexpr):
+        b = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BC + tl.arange(0, BC)
+        amax = tl.zeros([BR, BC], dtype=tl.float32)
+        for r0 in range(0, r, BR):
+            rows = r0 + tl.arange(0, BR)
+            mask = (rows[:, None] < r) & (cols[None, :] < c)
+            v = tl.load(x_ptr + b * r * c + rows[:, None] * c + cols[None, :], mask=mask, other=0.0)
+            amax = tl.maximum(amax, tl.abs(v.to(tl.float32)))
+        scale = tl.math.div_rn(tl.maximum(tl.max(amax, 0), 1e-12), 448.0)  # IEEE division, as torch's
+        tl.store(s_ptr + b * c + cols, scale, mask=cols < c)
+
+    @triton.jit
+    def _cast_t_kernel(x_ptr, q_ptr, s_ptr, r, c, BR: tl.constexpr, BC: tl.constexpr):
+        b = tl.program_id(0).to(tl.int64)
+        rows = tl.program_id(1) * BR + tl.arange(0, BR)
+        cols = tl.program_id(2) * BC + tl.arange(0, BC)
+        mask = (rows[:, None] < r) & (cols[None, :] < c)
+        v = tl.load(x_ptr + b * r * c + rows[:, None] * c + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        scale = tl.load(s_ptr + b * c + cols, mask=cols < c, other=1.0)
+        v = tl.minimum(tl.maximum(tl.math.div_rn(v, scale[None, :]), -448.0), 448.0).to(tl.float8e4nv)
+        tl.store(q_ptr + b * c * r + cols[None, :] * r + rows[:, None], v, mask=mask)
+
+
+def _mm(qa, sa, qb, sb, out_dtype: torch.dtype) -> torch.Tensor:
+    """qa [M, K] (scales sa [M, 1]) @ qb [N, K].T (scales sb [N, 1]) -> [M, N]. _scaled_mm takes its second operand
+    K-major (a transposed row-major tensor) and row scales [M, 1] x [1, N]."""
     return torch._scaled_mm(qa, qb.t(), scale_a=sa, scale_b=sb.t(), out_dtype=out_dtype)
 
 
@@ -50,39 +132,38 @@ class _Fp8Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight):  # x [M, K], weight [N, K]
         ctx.save_for_backward(x, weight)
-        return _mm(x, weight, x.dtype)  # [M, N]
+        return _mm(*quantize_rows(x), *quantize_rows(weight), x.dtype)  # [M, N]
 
     @staticmethod
     def backward(ctx, grad):  # grad [M, N]
         x, weight = ctx.saved_tensors
-        grad_x = _mm(grad, weight.t(), x.dtype) if ctx.needs_input_grad[0] else None  # [M, N] @ [N, K]
-        grad_w = _mm(grad.t(), x.t(), weight.dtype) if ctx.needs_input_grad[1] else None  # [N, M] @ [M, K]
+        grad = grad.contiguous()
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:  # [M, N] @ [N, K]: w's columns quantized, written [K, N]
+            grad_x = _mm(*quantize_rows(grad), *quantize_cols_t(weight), x.dtype)
+        if ctx.needs_input_grad[1]:  # [N, M] @ [M, K]: both along the tokens
+            grad_w = _mm(*quantize_cols_t(grad), *quantize_cols_t(x), weight.dtype)
         return grad_x, grad_w
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """F.linear(x, weight) (no bias) with fp8 GEMMs. x [..., K], weight [N, K] -> [..., N]."""
-    y = _Fp8Linear.apply(x.reshape(-1, x.shape[-1]), weight)
+    y = _Fp8Linear.apply(x.reshape(-1, x.shape[-1]).contiguous(), weight)
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
-def _grouped(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, out_dtype: torch.dtype, quant=quantize,
-             kernel: bool | None = None) -> torch.Tensor:
-    """a [M, K] @ b [G, K, N] per row group (rows offs[g-1]:offs[g], from 0) -> [M, N], in fp8: a quantized along K
-    per row, b along K per (group, column). Rows past offs[-1] are not computed (left unwritten by the kernel, zero
-    in the loop). quant: `quantize` or its compiled form; kernel: torch._scaled_grouped_mm (default on CUDA, the only
-    device it runs on) or the loop."""
-    qa, sa = quant(a, -1)  # [M, K], [M, 1]
-    qb, sb = quant(b.transpose(-2, -1), -1)  # [G, N, K] (K-major, the layout both kernels take), [G, N, 1]
-    if a.is_cuda if kernel is None else kernel:
+def _grouped(qa, sa, qb, sb, offs: torch.Tensor, out_dtype: torch.dtype, kernel: bool | None = None) -> torch.Tensor:
+    """Rows offs[g-1]:offs[g] (from 0) of qa [M, K] (scales sa [M, 1]) times qb[g].T, qb [G, N, K] K-major (scales sb
+    [G, N, 1]) -> [M, N]. Rows past offs[-1] are not computed (left unwritten by the kernel, zero in the loop).
+    kernel: torch._scaled_grouped_mm (default on CUDA, the only device it runs on) or a loop of torch._scaled_mm."""
+    if qa.is_cuda if kernel is None else kernel:
         return torch._scaled_grouped_mm(qa, qb.transpose(-2, -1), sa.squeeze(-1), sb.squeeze(-1), offs=offs,
                                         out_dtype=out_dtype)
-    out = torch.zeros(a.shape[0], b.shape[-1], dtype=out_dtype, device=a.device)
+    out = torch.zeros(qa.shape[0], qb.shape[1], dtype=out_dtype, device=qa.device)
     start = 0
     for g, end in enumerate(offs.tolist()):  # host loop: the reference form of the grouped kernel
         if end > start:
-            out[start:end] = torch._scaled_mm(qa[start:end], qb[g].t(), scale_a=sa[start:end], scale_b=sb[g].t(),
-                                              out_dtype=out_dtype)
+            out[start:end] = _mm(qa[start:end], sa[start:end], qb[g], sb[g], out_dtype)
         start = end
     return out
 
@@ -91,34 +172,21 @@ class _Fp8GroupedMm(torch.autograd.Function):
     """Grouped x @ w[g]: forward and input gradient in fp8, weight gradient in the input dtype (torch._grouped_mm)."""
 
     @staticmethod
-    def forward(ctx, x, weight, offs, quant):  # x [M, K], weight [G, K, N], offs [G] int32
+    def forward(ctx, x, weight, offs):  # x [M, K], weight [G, K, N] contiguous, offs [G] int32
         ctx.save_for_backward(x, weight, offs)
-        ctx.quant = quant
-        return _grouped(x, weight, offs, x.dtype, quant)  # [M, N]
+        return _grouped(*quantize_rows(x), *quantize_cols_t(weight), offs, x.dtype)  # w -> [G, N, K]: [M, N]
 
     @staticmethod
     def backward(ctx, grad):  # grad [M, N]
         x, weight, offs = ctx.saved_tensors
         grad = grad.contiguous()
-        grad_x = _grouped(grad, weight.transpose(-2, -1), offs, x.dtype, ctx.quant)  # [M, N] @ [G, N, K]
+        g, k, n = weight.shape
+        qw, sw = quantize_rows(weight.view(g * k, n))  # along N, already N-major: [G, K, N] is the K-output layout
+        grad_x = _grouped(*quantize_rows(grad), qw.view(g, k, n), sw.view(g, k, 1), offs, x.dtype)  # [M, K]
         grad_w = torch._grouped_mm(x.t(), grad, offs=offs).to(weight.dtype)  # [K, M] @ [M, N] per group: [G, K, N]
-        return grad_x, grad_w, None, None
+        return grad_x, grad_w, None
 
 
-def fp8_grouped_mm(x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor, quant=quantize) -> torch.Tensor:
-    """torch._grouped_mm(x, weight, offs=offs) with the forward and input-gradient GEMMs in fp8. quant: `quantize`
-    or `compiled_quantize()` (the MoE layer runs eager, and eager quantization is ~5 memory passes per operand)."""
-    return _Fp8GroupedMm.apply(x, weight, offs, quant)
-
-
-def compiled_quantize(backend: str = "inductor"):
-    """`quantize` through torch.compile: one reduction and one cast kernel per operand. The row count of a 2-D
-    operand (tokens, which vary per dropless call) is dynamic; everything else is static."""
-    compiled = torch.compile(quantize, backend=backend)
-
-    def call(x: torch.Tensor, dim: int):
-        if x.dim() == 2:
-            torch._dynamo.maybe_mark_dynamic(x, 0)
-        return compiled(x, dim)
-
-    return call
+def fp8_grouped_mm(x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """torch._grouped_mm(x, weight, offs=offs) with the forward and input-gradient GEMMs in fp8."""
+    return _Fp8GroupedMm.apply(x.contiguous(), weight.contiguous(), offs)
