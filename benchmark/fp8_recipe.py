@@ -30,7 +30,7 @@ def quantize(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """x -> (q in e4m3, scale in fp32) with x ~= q * scale; one scale per slice along `dim` (its max |x| maps to
     448), kept as a size-1 dimension. q is contiguous in x's dimension order. The reference of the kernels below."""
     amax = x.abs().amax(dim=dim, keepdim=True).float().clamp(min=_TINY)
-    scale = amax / E4M3_MAX
+    scale = amax * (1.0 / E4M3_MAX)  # a multiply, as the kernels do (torch's CUDA division by a scalar is one too)
     q = (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
     return q.contiguous(), scale
 
@@ -63,9 +63,11 @@ def _cols_t_triton(x):
     *lead, r, c = x.shape
     b = x.numel() // (r * c)
     q = torch.empty(*lead, c, r, dtype=E4M3, device=x.device)
+    amax = torch.zeros(*lead, c, dtype=torch.float32, device=x.device)
     scale = torch.empty(*lead, c, 1, dtype=torch.float32, device=x.device)
-    _col_max_kernel[(b, triton.cdiv(c, 128))](x, scale, r, c, BR=32, BC=128, num_warps=4)
-    _cast_t_kernel[(b, triton.cdiv(r, 64), triton.cdiv(c, 64))](x, q, scale, r, c, BR=64, BC=64, num_warps=4)
+    _col_max_kernel[(b, triton.cdiv(c, 128), triton.cdiv(r, 256))](x, amax, r, c, BR=32, BC=128, CHUNK=256,
+                                                                   num_warps=4)
+    _cast_t_kernel[(b, triton.cdiv(r, 64), triton.cdiv(c, 64))](x, q, amax, scale, r, c, BR=64, BC=64, num_warps=4)
     return q, scale
 
 
@@ -86,7 +88,7 @@ if HAS_TRITON:
         for c0 in range(0, c, BLOCK):
             offs = c0 + tl.arange(0, BLOCK)
             amax = tl.maximum(amax, tl.abs(tl.load(x_ptr + base + offs, mask=offs < c, other=0.0).to(tl.float32)))
-        scale = tl.math.div_rn(tl.maximum(tl.max(amax, 0), 1e-12), 448.0)  # IEEE division, as torch's
+        scale = tl.maximum(tl.max(amax, 0), 1e-12) * (1.0 / 448.0)
         tl.store(s_ptr + tl.program_id(0), scale)
         for c0 in range(0, c, BLOCK):  # the row again, from L2
             offs = c0 + tl.arange(0, BLOCK)
@@ -95,26 +97,28 @@ if HAS_TRITON:
             tl.store(q_ptr + base + offs, v.to(tl.float8e4nv), mask=offs < c)
 
     @triton.jit
-    def _col_max_kernel(x_ptr, s_ptr, r, c, BR: tl.constexpr, BC: tl.constexpr):
+    def _col_max_kernel(x_ptr, amax_ptr, r, c, BR: tl.constexpr, BC: tl.constexpr, CHUNK: tl.constexpr):
+        """amax[b, col] = max |x[b, :, col]| over this program's CHUNK rows (atomic max into a zeroed buffer)."""
         b = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BC + tl.arange(0, BC)
         amax = tl.zeros([BR, BC], dtype=tl.float32)
-        for r0 in range(0, r, BR):
+        for r0 in range(tl.program_id(2) * CHUNK, tl.program_id(2) * CHUNK + CHUNK, BR):
             rows = r0 + tl.arange(0, BR)
             mask = (rows[:, None] < r) & (cols[None, :] < c)
             v = tl.load(x_ptr + b * r * c + rows[:, None] * c + cols[None, :], mask=mask, other=0.0)
             amax = tl.maximum(amax, tl.abs(v.to(tl.float32)))
-        scale = tl.math.div_rn(tl.maximum(tl.max(amax, 0), 1e-12), 448.0)  # IEEE division, as torch's
-        tl.store(s_ptr + b * c + cols, scale, mask=cols < c)
+        tl.atomic_max(amax_ptr + b * c + cols, tl.max(amax, 0), mask=cols < c)  # values >= 0: float max is exact
 
     @triton.jit
-    def _cast_t_kernel(x_ptr, q_ptr, s_ptr, r, c, BR: tl.constexpr, BC: tl.constexpr):
+    def _cast_t_kernel(x_ptr, q_ptr, amax_ptr, s_ptr, r, c, BR: tl.constexpr, BC: tl.constexpr):
         b = tl.program_id(0).to(tl.int64)
         rows = tl.program_id(1) * BR + tl.arange(0, BR)
         cols = tl.program_id(2) * BC + tl.arange(0, BC)
         mask = (rows[:, None] < r) & (cols[None, :] < c)
         v = tl.load(x_ptr + b * r * c + rows[:, None] * c + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        scale = tl.load(s_ptr + b * c + cols, mask=cols < c, other=1.0)
+        scale = tl.maximum(tl.load(amax_ptr + b * c + cols, mask=cols < c, other=1.0), 1e-12) * (1.0 / 448.0)
+        if tl.program_id(1) == 0:  # one row of tiles writes the scales
+            tl.store(s_ptr + b * c + cols, scale, mask=cols < c)
         v = tl.minimum(tl.maximum(tl.math.div_rn(v, scale[None, :]), -448.0), 448.0).to(tl.float8e4nv)
         tl.store(q_ptr + b * c * r + cols[None, :] * r + rows[:, None], v, mask=mask)
 
