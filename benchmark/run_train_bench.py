@@ -235,6 +235,16 @@ SPEED_CONFIGS = [
     Config("8bL4acc-b16x1-2gpu-ours-ep-compiled-lean-head4k-adamk-steady", 2, "ours",
            lean(l4_compiled(16, 1), "--lm_head_chunk", "4096", "--adamw_kernel", warmup=6, steps=5), timeout_s=120,
            est_s=55),
+    # session 9: does baseline (a) settle after 12 warmup steps; ours with 8k head chunks; ours with the experts
+    # moved once by the first step's load (the random routers load one EP rank ~10% more: the other waits)
+    Config("8bL4acc-b4x4-2gpu-mixtral-steady12", 2, "mixtral", l4_mixtral(4, 4, warmup=12, steps=5), timeout_s=150,
+           est_s=65),
+    Config("8bL4acc-b16x1-2gpu-ours-ep-compiled-lean-head8k-adamk-steady", 2, "ours",
+           lean(l4_compiled(16, 1), "--lm_head_chunk", "8192", "--adamw_kernel", warmup=6, steps=5), timeout_s=120,
+           est_s=55),
+    Config("8bL4acc-b16x1-2gpu-ours-ep-compiled-lean-head4k-adamk-lb-steady", 2, "ours",
+           lean(l4_compiled(16, 1), "--lm_head_chunk", "4096", "--adamw_kernel", "--load_balance", warmup=6, steps=5),
+           timeout_s=120, est_s=55),
     Config("8bL4acc-b8x2-2gpu-mixtral", 2, "mixtral", l4_mixtral(8, 2), timeout_s=100, est_s=45),
     Config("8bfull-2gpu-ours-ep-compiled-ac-b8x2", 2, "ours",
            ("--model", "8b", "--seq", "2048", "--batch_size", "8", "--grad_accum", "2", "--dropless", "--plugin", "ep",
