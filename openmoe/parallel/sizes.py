@@ -44,9 +44,7 @@ def resolve_sizes(run, model: OpenMoeConfig, world: int) -> ParallelSizes:
         raise ValueError(f"--dp_size {par.dp_size} contradicts the layout: {world} ranks / (pp_size {pp} * ep_size "
                          f"{ep}) gives {moe_dp} replicas of each expert; accepted: --dp_size {moe_dp} or none")
     _check_zero(par, ep, pp)
-    if run.kernels.adamw_kernel and not par.lean_zero:
-        raise ValueError("--adamw_kernel is part of --lean_zero's optimizer step; add --lean_zero or drop "
-                         "--adamw_kernel")
+    zero_step_options(run, pp)  # an explicit --lean_zero / --adamw_kernel that cannot run fails here, with the rest
     _check_moe_options(run, pp)
     sizes = ParallelSizes(world=world, ep=ep, pp=pp, moe_dp=moe_dp, dp=world // pp)
     check_load_balance(run, sizes)
@@ -93,10 +91,39 @@ def _check_zero(par, ep: int, pp: int) -> None:
         raise ValueError(f"--overlap_communication overlaps ZeRO's gradient reduction with backward: it needs "
                          f"zero_stage >= 1 (got {par.zero_stage}) and no pipeline (pp_size {pp}; with a pipeline "
                          f"ColossalAI reduces once after the schedule, so there is nothing to overlap)")
-    if par.lean_zero and (par.zero_stage != 1 or par.overlap_communication or pp > 1):
+
+
+def zero_step_options(run, pp: int, own_optimizer: bool = True) -> dict[str, bool]:
+    """{"lean_zero": ..., "adamw_kernel": ...}: the run's --lean_zero and --adamw_kernel decided for a layout of pp
+    pipeline stages. Unset (None, auto): on exactly where supported; an explicit True that cannot run raises; an
+    explicit False stays off. own_optimizer: the run's AdamW (build_optimizer); a caller's optimizer (build's
+    make_optimizer) gets --adamw_kernel only when asked for, and then openmoe/optim_kernels.py check_adamw judges it."""
+    par, asked_lean, asked_kernel = run.parallel, run.parallel.lean_zero, run.kernels.adamw_kernel
+    # lean_zero1 also refuses ZeRO options that build_plugin never sets (cpu_offload, overlap_allgather, fp8 or a
+    # communication dtype, no fp32 masters, a 2-D data-parallel group): these three are what a run can ask for
+    needs = (f"zero_stage 1 (got {par.zero_stage}), no --overlap_communication (got {par.overlap_communication}) "
+             f"and no pipeline (pp_size {pp})")
+    lean_ok = par.zero_stage == 1 and not par.overlap_communication and pp == 1
+    if asked_lean and not lean_ok:
         raise ValueError(f"--lean_zero replaces ZeRO-1's gradient reduction after backward and its optimizer step: it "
-                         f"needs zero_stage 1 (got {par.zero_stage}), no --overlap_communication (got "
-                         f"{par.overlap_communication}) and no pipeline (pp_size {pp})")
+                         f"needs {needs}")
+    lean = lean_ok if asked_lean is None else asked_lean
+    if asked_kernel and not lean:
+        why = "drop --no-lean_zero" if asked_lean is False else f"that needs {needs}"
+        raise ValueError(f"--adamw_kernel is part of --lean_zero's optimizer step; {why}, or drop --adamw_kernel")
+    if asked_kernel is not None:
+        return {"lean_zero": lean, "adamw_kernel": asked_kernel}
+    return {"lean_zero": lean, "adamw_kernel": lean and own_optimizer and _adamw_kernel_runs_here()}
+
+
+def _adamw_kernel_runs_here() -> bool:
+    """The AdamW pass runs in torch ops on the CPU and as a Triton kernel on CUDA (the run's device when one is
+    visible, as colossalai's accelerator picks it)."""
+    import torch
+
+    from openmoe.optim_kernels import HAS_TRITON
+
+    return HAS_TRITON or not torch.cuda.is_available()
 
 
 def _check_moe_options(run, pp: int) -> None:

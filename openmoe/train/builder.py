@@ -1,5 +1,6 @@
-"""The one setup sequence: distributed init -> model config -> parallel layout -> plugin -> data -> model ->
-optimizer -> boost (with the clipping fix) -> regional compile (--compile_blocks) -> balancing state -> resume.
+"""The one setup sequence: distributed init -> model config -> parallel layout (and the automatic options it
+decides) -> plugin -> data -> model -> optimizer -> boost (with the clipping fix; lean ZeRO-1 where the run uses it)
+-> regional compile (--compile_blocks) -> balancing state -> resume.
 Used by train.py, the tests and the benchmarks (`build(run)`), so no caller can forget a step.
 """
 
@@ -21,7 +22,7 @@ from openmoe.model import OpenMoeForCausalLM
 from openmoe.moe import OpenMoeSparseMLP
 from openmoe.parallel.expert_parallel import ExpertParallelMoE
 from openmoe.parallel.load_balance import BiasBalancer, ExpertPlacement
-from openmoe.parallel.sizes import ParallelSizes, resolve_sizes
+from openmoe.parallel.sizes import ParallelSizes, resolve_sizes, zero_step_options
 from openmoe.train.config import RunConfig
 
 
@@ -68,12 +69,16 @@ def build(run: RunConfig, *, training: bool = True, customize_model: Callable[[O
           config: OpenMoeConfig | None = None) -> TrainState:
     """Set up a run on this rank. training=False skips the data, the output directory and resume (tests and
     benchmarks that feed their own batches); customize_model runs on the single-device model before boosting;
-    make_optimizer replaces AdamW + the LR schedule (then there is no scheduler); the model is created inside
+    make_optimizer replaces AdamW + the LR schedule (then there is no scheduler, and --adamw_kernel is on only when
+    the run asks for it); the model is created inside
     init_context() (e.g. directly on the GPU in bf16: an 8B model initialises in seconds there, minutes on the CPU);
     config replaces the architecture the run names (benchmarks truncate a preset's depth)."""
     rank, world, device = init_distributed(run.optim.seed)
     cfg = config if config is not None else model_config(run)
     sizes = resolve_sizes(run, cfg, world)
+    # --lean_zero / --adamw_kernel unset (auto) become True/False here, so that the logs, the checkpoints' run record
+    # and the --resume report show what ran
+    run = run.replace(**zero_step_options(run, sizes.pp, own_optimizer=make_optimizer is None))
     plugin = build_plugin(run, sizes)
     tokenizer = batches = eval_examples = None
     total_steps = run.optim.max_steps or 0

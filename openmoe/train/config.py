@@ -4,7 +4,9 @@ kernels, balance, data, optim, checkpoint, logging). Every field documents its m
 The command line uses flat names (`--zero_stage 2`, grouped by section in `--help`); a `--config` file (JSON or YAML)
 takes the same flat keys or the sections as nested mappings; the command line wins. `RunConfig.validate()` is the one
 place where values and value combinations that need no world size are checked (the parallel layout is checked by
-`openmoe.parallel.sizes.resolve_sizes`, which needs it).
+`openmoe.parallel.sizes.resolve_sizes`, which needs it). Options whose default is "auto" (None: --lean_zero,
+--adamw_kernel) are decided for the layout by `openmoe.parallel.sizes.zero_step_options` when the run is built
+(openmoe.train.builder.build), which records the True/False it chose in the run it returns.
 """
 
 from __future__ import annotations
@@ -71,10 +73,12 @@ class ParallelSection:
                                             "side stream (ColossalAI's overlap_communication); needs zero_stage >= 1 "
                                             "and no pipeline; off: reduced after backward. Not the expert "
                                             "all-to-all: see --comm_overlap")
-    lean_zero: bool = _f(False, "ZeRO: reduce-scatter the gradients after the step's last backward and run the "
-                                "optimizer step on flat buffers with foreach casts, skipping the copies and "
-                                "collectives colossalai spends on one-rank groups (openmoe/backend/colossal.py "
-                                "lean_zero1); same arithmetic; off: colossalai's all-reduce and per-parameter step")
+    lean_zero: bool | None = _f(None, "ZeRO: reduce-scatter the gradients after the step's last backward and run the "
+                                      "optimizer step on flat buffers with foreach casts, skipping the copies and "
+                                      "collectives colossalai spends on one-rank groups (openmoe/backend/colossal.py "
+                                      "lean_zero1); same arithmetic. Default (auto): on where supported: zero_stage 1, "
+                                      "no --overlap_communication, no pipeline (pp_size 1); off: --no-lean_zero "
+                                      "(colossalai's all-reduce and per-parameter step)")
     comm_overlap: int = _f(0, "expert all-to-all: overlap it with expert compute in N chunks, forward and backward "
                               f"(capacity routing); given alone (upstream's switch): {COMM_OVERLAP_CHUNKS} chunks; "
                               "off: 0. Not ZeRO's reduction: see --overlap_communication", const=COMM_OVERLAP_CHUNKS)
@@ -106,10 +110,11 @@ class KernelSection:
                                      "of each MoE layer, in place after the expert-parallel swap (regional compile: "
                                      "fused RMSNorm, RoPE, SwiGLU and residual adds; the MoE routing and all-to-all "
                                      "stay eager); compiles in the first step; off: eager modules")
-    adamw_kernel: bool = _f(False, "with --lean_zero: one pass per parameter updates the fp32 master from its bf16 "
-                                   "gradient shard (AdamW, Triton on CUDA) and writes the experts' bf16 weights in "
-                                   "the same pass under ep; off: fp32 gradient copies and torch's fused AdamW")
-
+    adamw_kernel: bool | None = _f(None, "part of --lean_zero's step: one pass per parameter updates the fp32 master "
+                                         "from its bf16 gradient shard (AdamW; Triton on CUDA, torch ops on the CPU) "
+                                         "and writes the experts' bf16 weights in the same pass under ep. Default "
+                                         "(auto): on wherever --lean_zero is, except on CUDA without triton; off: "
+                                         "--no-adamw_kernel (fp32 gradient copies and torch's fused AdamW)")
 
 @dataclass
 class BalanceSection:

@@ -296,7 +296,7 @@ class MetricsLogger(StepHook):
             pipeline = f" in {s.num_microbatches} micro-batches" if s.pp > 1 else ""
             print(f"plugin {run.parallel.plugin}: world {s.world}, ep {s.ep}, pp {s.pp}, moe_dp {s.moe_dp}, "
                   f"dp {s.dp}; {state.total_steps} steps of {run.optim.batch_size}x{run.optim.grad_accum}x{s.dp} "
-                  f"examples{pipeline}", flush=True)
+                  f"examples{pipeline}; optimizer step: {optimizer_step_name(run)}", flush=True)
 
     def after_step(self, trainer: Trainer, result: StepResult) -> None:
         if self.rank0:
@@ -337,6 +337,14 @@ class MetricsLogger(StepHook):
         self.bar.close()
         if self.rank0:
             self.writer.close()
+
+
+def optimizer_step_name(run) -> str:
+    """Which optimizer step the run uses (the resolved --lean_zero / --adamw_kernel), for the setup log line."""
+    zero = run.parallel.zero_stage
+    if run.parallel.lean_zero:
+        return "lean ZeRO-1" + (" with the AdamW kernel" if run.kernels.adamw_kernel else "")
+    return f"colossalai's ZeRO-{zero}" if zero else "colossalai's (no ZeRO)"
 
 
 def keep_metrics_until(path: str, step: int) -> None:

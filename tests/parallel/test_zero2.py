@@ -6,8 +6,9 @@ them. One launch of 2 processes (this file is also the worker):
 
     torchrun --nproc_per_node 2 tests/parallel/test_zero2.py OUT_DIR
 
-trains the tiny model STEPS (4) steps from the same init on the same data with zero_stage 1 and with zero_stage 2 +
-overlap_communication, under a router forced (a selection bias of -10 on the scores) to starve experts:
+trains the tiny model STEPS (4) steps from the same init on the same data with zero_stage 1 (colossalai's own step:
+--no-lean_zero) and with zero_stage 2 + overlap_communication, under a router forced (a selection bias of -10 on the
+scores) to starve experts:
   first MoE layer   rank r sends tokens only to experts r and r + 2: each expert has tokens on one rank only;
   second MoE layer  experts 2 and 3 get no tokens on any rank: with ep 2, rank 1 holds no expert with work.
 Cases: `ep` (EP 2, capacity), the same with the EP layer's chunked all-to-all overlap and activation recompute,
@@ -163,8 +164,10 @@ def train(argv: list[str], zero: int, unused_probe: bool = False) -> dict:
     from openmoe.train.config import parse_args
     from openmoe.train.step import forward_backward, reduce_stats
 
+    # --no-lean_zero: zero_stage 1 is colossalai's own ZeRO-1, the reduction ZeRO-2 is compared with
     run = parse_args(["--batch_size", str(B), "--zero_stage", str(zero), "--precision", "bf16", "--lr", "1e-3",
-                      "--warmup_steps", "1", "--lr_schedule", "constant", "--max_steps", str(STEPS), *argv])
+                      "--warmup_steps", "1", "--lr_schedule", "constant", "--max_steps", str(STEPS), "--no-lean_zero",
+                      *argv])
     run.parallel.overlap_communication = zero == 2
     rank = dist.get_rank()
 

@@ -4,7 +4,7 @@ import pytest
 
 from openmoe.config import preset
 from openmoe.metrics import MetricsWriter, main, read_metrics
-from openmoe.parallel.sizes import resolve_sizes
+from openmoe.parallel.sizes import resolve_sizes, zero_step_options
 from openmoe.train.config import RunConfig, parse_args
 
 
@@ -69,16 +69,74 @@ def test_zero2_and_overlap_communication_are_accepted_where_they_take_effect():
         with_overlap(2, plugin="ep_zero", extra_dp_size=2, zero_stage=0)
     with pytest.raises(ValueError, match=r"--overlap_communication .* no pipeline \(pp_size 2"):
         with_overlap(4, plugin="hybrid", pp_size=2, ep_size=2)
-    for world, kw, why in ((2, dict(plugin="ep_zero", extra_dp_size=2, zero_stage=0), r"zero_stage 1 \(got 0\)"),
-                           (2, dict(plugin="ep", zero_stage=2), r"zero_stage 1 \(got 2\)"),
-                           (2, dict(plugin="ep", overlap_communication=True), r"overlap_communication \(got True\)"),
-                           (4, dict(plugin="hybrid", pp_size=2, ep_size=2), r"no pipeline \(pp_size 2\)")):
-        with pytest.raises(ValueError, match=r"--lean_zero .*" + why):
-            resolve_sizes(RunConfig.from_flat(lean_zero=True, **kw), preset("tiny"), world)
-    assert resolve_sizes(RunConfig.from_flat(plugin="ep", lean_zero=True), preset("tiny"), 2).ep == 2
-    with pytest.raises(ValueError, match=r"^--adamw_kernel is part of --lean_zero's optimizer step; add --lean_zero"):
-        resolve_sizes(RunConfig.from_flat(plugin="ep", adamw_kernel=True), preset("tiny"), 2)
-    assert resolve_sizes(RunConfig.from_flat(plugin="ep", lean_zero=True, adamw_kernel=True), preset("tiny"), 2).ep == 2
+
+
+def zero_step(world: int, *argv: str, own_optimizer: bool = True) -> tuple[bool, bool]:
+    """(lean_zero, adamw_kernel) as build decides them for this command line on `world` ranks."""
+    run = parse_args(list(argv))
+    pp = resolve_sizes(run, preset("tiny"), world).pp  # validates an explicit flag too
+    options = zero_step_options(run, pp, own_optimizer)
+    return options["lean_zero"], options["adamw_kernel"]
+
+
+SUPPORTED = [(2, ["--plugin", "ep"]), (4, ["--plugin", "ep_zero", "--extra_dp_size", "2"]),
+             (4, ["--plugin", "hybrid", "--ep_size", "2"])]
+UNSUPPORTED = [(2, ["--plugin", "ep", "--zero_stage", "2"], r"zero_stage 1 \(got 2\)"),
+               (2, ["--plugin", "ep_zero", "--extra_dp_size", "2", "--zero_stage", "0"], r"zero_stage 1 \(got 0\)"),
+               (2, ["--plugin", "ep", "--overlap_communication"], r"no --overlap_communication \(got True\)"),
+               (4, ["--plugin", "hybrid", "--ep_size", "2", "--pp_size", "2"], r"no pipeline \(pp_size 2\)")]
+
+
+def test_lean_zero_and_adamw_kernel_are_on_by_default_where_supported():
+    assert RunConfig().parallel.lean_zero is None and RunConfig().kernels.adamw_kernel is None  # auto
+    for world, argv in SUPPORTED:
+        assert zero_step(world, *argv) == (True, True), argv
+        # explicit flags: the same; explicit off wins over auto
+        assert zero_step(world, *argv, "--lean_zero", "--adamw_kernel") == (True, True), argv
+        assert zero_step(world, *argv, "--no-adamw_kernel") == (True, False), argv
+        assert zero_step(world, *argv, "--lean_zero", "--no-adamw_kernel") == (True, False), argv
+        assert zero_step(world, *argv, "--no-lean_zero") == (False, False), argv
+        with pytest.raises(ValueError, match=r"^--adamw_kernel is part of --lean_zero's optimizer step; drop "
+                                             r"--no-lean_zero, or drop --adamw_kernel$"):
+            zero_step(world, *argv, "--no-lean_zero", "--adamw_kernel")
+        # a caller's optimizer (build's make_optimizer): the AdamW pass only when asked for
+        assert zero_step(world, *argv, own_optimizer=False) == (True, False), argv
+        assert zero_step(world, *argv, "--adamw_kernel", own_optimizer=False) == (True, True), argv
+    for world, argv, why in UNSUPPORTED:
+        assert zero_step(world, *argv) == (False, False), argv
+        assert zero_step(world, *argv, "--no-lean_zero", "--no-adamw_kernel") == (False, False), argv
+        with pytest.raises(ValueError, match=r"^--lean_zero replaces ZeRO-1's .* needs .*" + why):
+            zero_step(world, *argv, "--lean_zero")
+        with pytest.raises(ValueError, match=r"^--adamw_kernel is part of --lean_zero's optimizer step; that needs "
+                                             r".*" + why + r".*, or drop --adamw_kernel$"):
+            zero_step(world, *argv, "--adamw_kernel")
+    # programmatic runs (benchmark/train_bench.py's baseline rows): False is off, not auto
+    run = RunConfig.from_flat(plugin="ep", lean_zero=False, adamw_kernel=False)
+    assert zero_step_options(run, 1) == {"lean_zero": False, "adamw_kernel": False}
+    assert zero_step_options(RunConfig.from_flat(plugin="ep", lean_zero=True), 1)["adamw_kernel"]
+
+
+def test_adamw_kernel_default_is_off_on_cuda_without_triton(monkeypatch):
+    """On CUDA the AdamW pass is a Triton kernel: without triton auto means off (torch's fused AdamW), not an error.
+    The torch path runs on the CPU, with or without triton."""
+    import torch
+
+    from openmoe import optim_kernels
+
+    for cuda, triton, kernel in ((True, False, False), (True, True, True), (False, False, True)):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        monkeypatch.setattr(optim_kernels, "HAS_TRITON", triton)
+        assert zero_step(2, "--plugin", "ep") == (True, kernel), (cuda, triton)
+
+
+def test_resume_reports_the_resolved_zero_step_options():
+    """A checkpoint saved before the default changed (False) and resumed with the default (resolved True): a listed
+    change, not a refused one (the optimizer state is colossalai's layout either way)."""
+    from openmoe.train.checkpointing import changed_options
+
+    saved = RunConfig.from_flat(lean_zero=False, adamw_kernel=False).to_dict()
+    now = RunConfig.from_flat(**zero_step_options(RunConfig(), 1))
+    assert changed_options(saved, now, "ck") == ["--lean_zero False -> True", "--adamw_kernel False -> True"]
 
 
 def test_incompatible_flags_are_never_silently_ignored():
