@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from openmoe import OpenMoeForCausalLM, preset
+from openmoe.io.resumable import CheckpointManager
 from tests.helpers import colossalai_run, metrics, torchrun
 from tests.parallel.roundtrip_worker import probe_batch
 
@@ -36,6 +37,12 @@ def check_trained(out, log: str, plugin: str, nproc: int, steps: int = 24) -> No
     OpenMoeForCausalLM.from_pretrained(str(out / "hf"))
 
 
+def zero_step_record(out, step: int) -> tuple[bool, bool]:
+    """(lean_zero, adamw_kernel) in the run record of checkpoint `step`: what the run decided for the defaults."""
+    run = CheckpointManager.read_trainer_state(str(out / "checkpoints" / f"step-{step:08d}"))["run"]
+    return run["parallel"]["lean_zero"], run["kernels"]["adamw_kernel"]
+
+
 def interrupted_copy(full, part, step: int) -> None:
     """`part` = the run `full` as if killed right after its step-`step` checkpoint: later checkpoints, the final
     export and later metrics removed."""
@@ -60,6 +67,10 @@ def check_resumed(full, part, log: str, step: int, steps: int) -> None:
 def test_train_via_colossalai_run_loss_decreases(plugin, nproc, extra, tmp_path):
     log = train(nproc, tmp_path / "run", "--plugin", plugin, *extra, "--max_steps", "24")
     check_trained(tmp_path / "run", log, plugin, nproc)
+    # no --lean_zero / --adamw_kernel given: ZeRO-1 without a pipeline runs the lean step (the AdamW pass in torch
+    # ops on the CPU), and the run records what it decided
+    assert "optimizer step: lean ZeRO-1 with the AdamW kernel" in log, log[-3000:]
+    assert zero_step_record(tmp_path / "run", 24) == (True, True)
 
 
 HYBRID_RUN = ["--plugin", "hybrid", *HYBRID, "--max_steps", "12", "--save_interval", "6", "--keep_last", "5"]
@@ -76,6 +87,8 @@ def test_hybrid_pipeline_trains(hybrid_run):
     out, log = hybrid_run
     check_trained(out, log, "hybrid", 4, steps=12)
     assert "in 2 micro-batches" in log
+    assert "optimizer step: colossalai's ZeRO-1" in log  # the lean step's default is off with a pipeline
+    assert zero_step_record(out, 12) == (False, False)
 
 
 def test_hybrid_resume_continues_like_an_uninterrupted_run(hybrid_run, tmp_path):
