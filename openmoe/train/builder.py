@@ -70,9 +70,9 @@ def build(run: RunConfig, *, training: bool = True, customize_model: Callable[[O
     """Set up a run on this rank. training=False skips the data, the output directory and resume (tests and
     benchmarks that feed their own batches); customize_model runs on the single-device model before boosting;
     make_optimizer replaces AdamW + the LR schedule (then there is no scheduler, and --adamw_kernel is on only when
-    the run asks for it); the model is created inside
-    init_context() (e.g. directly on the GPU in bf16: an 8B model initialises in seconds there, minutes on the CPU);
-    config replaces the architecture the run names (benchmarks truncate a preset's depth)."""
+    the run asks for it); the model is created inside init_context() (e.g. directly on the GPU in bf16: an 8B model
+    initialises in seconds there, minutes on the CPU); config replaces the architecture the run names (benchmarks
+    truncate a preset's depth). The returned state's run has --lean_zero / --adamw_kernel decided (True/False)."""
     rank, world, device = init_distributed(run.optim.seed)
     cfg = config if config is not None else model_config(run)
     sizes = resolve_sizes(run, cfg, world)
