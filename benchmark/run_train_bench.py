@@ -164,6 +164,15 @@ def lean(prefix: tuple[str, ...], *extra: str, warmup: int = 2, steps: int = 3, 
                      str(profile))
 
 
+def offload_80g(accum: int, warmup: int, steps: int) -> tuple[str, ...]:
+    """The full 8B at 4 sequences x `accum` micro-batches with --offload_optimizer, each GPU's allocator capped at 78
+    GiB (what an 80 GB GPU leaves after the CUDA context and NCCL)."""
+    return ("--model", "8b", "--seq", "2048", "--batch_size", "4", "--grad_accum", str(accum), "--dropless",
+            "--plugin", "ep", "--use_kernel", "--lm_loss_impl", "fused_compiled", "--compile_blocks",
+            "--offload_optimizer", "--gpu_memory_gib", "78", "--warmup", str(warmup), "--steps", str(steps),
+            "--profile_steps", "0")
+
+
 def l4_mixtral(batch: int, accum: int, warmup: int = 2, steps: int = 3) -> tuple[str, ...]:
     """Baseline (a) at the 4-layer shape, `batch` sequences x `accum` micro-batches."""
     return E8 + ("--layers", "4", "--batch_size", str(batch), "--grad_accum", str(accum), "--warmup", str(warmup),
@@ -246,6 +255,13 @@ SPEED_CONFIGS = [
            lean(l4_compiled(16, 1), "--lm_head_chunk", "4096", "--adamw_kernel", "--load_balance", warmup=6, steps=5),
            timeout_s=120, est_s=55),
     Config("8bL4acc-b8x2-2gpu-mixtral", 2, "mixtral", l4_mixtral(8, 2), timeout_s=100, est_s=45),
+    # session 10: the full 8B on GPUs of 80 GB (the allocator capped at 78 GiB of each H200) with --offload_optimizer
+    # (fp32 masters and Adam moments in host memory, AdamW on the CPU; colossalai's ZeRO-1 step), at the 65,536-token
+    # step and at 4 x 16 (262,144 tokens: the host step amortized over 4x the tokens)
+    Config("8bfull-2gpu-ours-ep-compiled-b4x4-offload-80g", 2, "ours", offload_80g(4, warmup=2, steps=3),
+           timeout_s=330, est_s=150),
+    Config("8bfull-2gpu-ours-ep-compiled-b4x16-offload-80g", 2, "ours", offload_80g(16, warmup=1, steps=2),
+           timeout_s=330, est_s=150),
     Config("8bfull-2gpu-ours-ep-compiled-ac-b8x2", 2, "ours",
            ("--model", "8b", "--seq", "2048", "--batch_size", "8", "--grad_accum", "2", "--dropless", "--plugin", "ep",
             "--use_kernel", "--lm_loss_impl", "fused_compiled", "--compile_blocks", "--activation_checkpointing",

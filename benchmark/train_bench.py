@@ -97,6 +97,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--adamw_kernel", action="store_true",
                    help="ours, with --lean_zero: the AdamW pass that reads bf16 gradient shards (run option of the "
                         "same name)")
+    p.add_argument("--offload_optimizer", action="store_true",
+                   help="ours: fp32 masters and Adam moments in host memory, AdamW on the CPU (run option of the same "
+                        "name; colossalai's ZeRO-1 step)")
     p.add_argument("--load_balance", action="store_true",
                    help="ours, EP >= 2: the trainer's expert placement rebalancing (run option of the same name): "
                         "router choices counted every step (one all-reduce), experts moved between EP ranks once, "
@@ -119,6 +122,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="feed no attention mask (plain causal attention) instead of the all-ones mask the trainer's "
                         "batches carry; our model turns a mask into an explicit boolean SDPA mask, HF Mixtral drops an "
                         "all-ones one")
+    p.add_argument("--gpu_memory_gib", type=float, default=0.0,
+                   help="cap what PyTorch's allocator may take on each GPU at this many GiB "
+                        "(torch.cuda.set_per_process_memory_fraction), e.g. 78 to run as an 80 GB GPU would; an "
+                        "allocation past it fails as out of memory; off: 0")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--lora_rank", type=int, default=0, help="ours: LoRA adapters of this rank on the attention and "
                                                              "dense projections, the rest frozen; off: 0")
@@ -126,10 +133,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if a.kind != "ours" and (a.use_kernel or a.activation_checkpointing or a.family != "openmoe" or a.comm_overlap
                              or a.hierarchical_alltoall or a.compile_blocks or a.overlap_communication
-                             or a.lean_zero or a.lm_head_chunk or a.load_balance or a.adamw_kernel or a.skew_router):
+                             or a.lean_zero or a.lm_head_chunk or a.load_balance or a.adamw_kernel or a.skew_router
+                             or a.offload_optimizer):
         p.error("--use_kernel/--activation_checkpointing/--family/--comm_overlap/--hierarchical_alltoall/"
                 "--compile_blocks/--overlap_communication/--lean_zero/--lm_head_chunk/--load_balance/--adamw_kernel/"
-                "--skew_router are options of --kind ours")
+                "--skew_router/--offload_optimizer are options of --kind ours")
     if a.dropless and a.kind not in ("ours", "fsdp"):
         p.error("--dropless is an option of --kind ours and fsdp (mixtral is dropless anyway; naive needs capacity)")
     if a.kind == "mixtral" and a.plugin != "ep":
@@ -250,6 +258,7 @@ def ours_layout(a, cfg: OpenMoeConfig, world: int):
                       grad_accum=a.grad_accum, comm_overlap=a.comm_overlap, compile_blocks=a.compile_blocks,
                       overlap_communication=a.overlap_communication, lean_zero=a.lean_zero,
                       load_balance=a.load_balance, load_balance_interval=10**6, adamw_kernel=a.adamw_kernel,
+                      offload_optimizer=a.offload_optimizer,
                       hierarchical_alltoall=a.hierarchical_alltoall, precision="bf16", zero_stage=1, lr=a.lr,
                       warmup_steps=1, grad_clip=1.0, seed=a.seed, tensorboard=False, max_steps=10**6,
                       lora_rank=a.lora_rank)
@@ -336,6 +345,7 @@ def build_ours(a, cfg, world: int, device) -> Bench:
         ", ZeRO reduction overlapped" if a.overlap_communication else "") + (
         ", lean ZeRO-1" if a.lean_zero else "") + (f", LM-head chunk {a.lm_head_chunk}" if a.lm_head_chunk else "") + (
         ", experts rebalanced" if a.load_balance else "") + (", AdamW kernel" if a.adamw_kernel else "") + (
+        ", optimizer state in host memory" if a.offload_optimizer else "") + (
         f", router tilted to the first half of the experts ({a.skew_router:g})" if a.skew_router else "")
     label = f"ours{family} ({impl}, {routing_mode}{comm}{lora}{compiled})"
     layout = {"plugin": a.plugin, "ep": sizes.ep, "pp": sizes.pp, "dp": sizes.dp, "moe_dp": sizes.moe_dp}
@@ -598,6 +608,9 @@ def write_record(out_dir: str, name: str, record: dict) -> None:
 
 def run(a) -> dict:
     rank, world, device = init(a.kind, a.seed)
+    if a.gpu_memory_gib and device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, a.gpu_memory_gib * 2**30 / total), device)
     base = {"name": a.name, "kind": a.kind, "model": a.model, "gpus": world, "seq": a.seq, "batch_size": a.batch_size,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", **versions()}
     t_init = time.time()
@@ -605,7 +618,8 @@ def run(a) -> dict:
     cfg = model_config(a)
     options = ("use_kernel", "dropless", "activation_checkpointing", "no_attention_mask", "lm_loss_impl", "grad_accum",
                "comm_overlap", "hierarchical_alltoall", "compile_blocks", "overlap_communication",
-               "lean_zero", "lm_head_chunk", "load_balance", "adamw_kernel", "skew_router")
+               "lean_zero", "lm_head_chunk", "load_balance", "adamw_kernel", "skew_router", "offload_optimizer",
+               "gpu_memory_gib")
     base.update(layers=cfg.num_hidden_layers, moe_layers=cfg.num_moe_layers, family=a.family,
                 shape=f"{a.model}-L{cfg.num_hidden_layers}", options={k: getattr(a, k) for k in options})
     bench = BUILDERS[a.kind](a, cfg, world, device)

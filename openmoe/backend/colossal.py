@@ -214,7 +214,8 @@ def build_plugin(run, sizes: ParallelSizes):
                   overlap_communication=False, precision=run.parallel.precision,
                   custom_policy=OpenMoePolicy(sizes.num_microbatches, ep_options=dict(
                       comm_overlap=run.parallel.comm_overlap, hierarchical=run.parallel.hierarchical_alltoall)),
-                  max_norm=run.optim.grad_clip, enable_flash_attention=False, enable_fused_normalization=False)
+                  max_norm=run.optim.grad_clip, enable_flash_attention=False, enable_fused_normalization=False,
+                  cpu_offload=run.parallel.offload_optimizer)
     if sizes.pp > 1:
         # the schedule and the policy's last stage must agree on M (see openmoe/parallel/pipeline.py)
         kwargs.update(num_microbatches=sizes.num_microbatches, num_layers_per_stage=list(sizes.layers_per_stage))
@@ -331,12 +332,15 @@ def clip_divisor(optimizer, grads: list[torch.Tensor], finite: bool = True) -> f
     """What the step divides this rank's gradient shards `grads` by (fp16 loss scale times the clipping factor), from
     the exact global norm: one scalar all-reduce of the squared norms (see fix_grad_clipping). Sets the optimizer's
     _current_grad_norm (what get_grad_norm returns), non-finite on every rank when any rank's gradient is or when
-    some rank passes finite=False (its vote, e.g. on its losses)."""
-    sq = torch.zeros((), dtype=torch.float64, device=grads[0].device if grads else "cpu")
+    some rank passes finite=False (its vote, e.g. on its losses). The gradients may be in host memory
+    (--offload_optimizer: colossalai's step copies them there before this); the all-reduce runs on the device."""
+    from colossalai.accelerator import get_accelerator
+
+    sq = torch.zeros((), dtype=torch.float64, device=get_accelerator().get_current_device())
     if grads:
         # one multi-tensor kernel; the fp32 upcast happens inside it: no full-size copy of the gradient
         norms = torch._foreach_norm([g.detach() for g in grads], 2, dtype=torch.float32)
-        sq += torch.stack(norms).double().square().sum()
+        sq += torch.stack(norms).double().square().sum().to(sq.device)
     if not finite:
         sq.fill_(float("inf"))
     dist.all_reduce(sq)

@@ -348,6 +348,9 @@ def check_load_balance(run, sizes) -> None:
         raise ValueError(f"--load_balance moves experts between expert-parallel ranks, but ep_size is {sizes.ep}; "
                          "accepted: ep_size >= 2 (--plugin ep on >= 2 ranks, ep_zero with world / extra_dp_size "
                          ">= 2, hybrid --ep_size >= 2)")
+    if run.parallel.offload_optimizer:
+        raise ValueError("--load_balance moves experts' fp32 masters and Adam moments between GPUs, but "
+                         "--offload_optimizer keeps them in host memory; accepted: one of the two")
     if sizes.pp > 1:
         raise ValueError(f"--load_balance is not supported with pipeline parallelism yet (pp_size {sizes.pp}); "
                          "accepted: pp_size 1 (--plugin ep, ep_zero, or hybrid --pp_size 1)")

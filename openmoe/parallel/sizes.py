@@ -91,6 +91,9 @@ def _check_zero(par, ep: int, pp: int) -> None:
         raise ValueError(f"--overlap_communication overlaps ZeRO's gradient reduction with backward: it needs "
                          f"zero_stage >= 1 (got {par.zero_stage}) and no pipeline (pp_size {pp}; with a pipeline "
                          f"ColossalAI reduces once after the schedule, so there is nothing to overlap)")
+    if par.offload_optimizer and (par.zero_stage < 1 or pp > 1):
+        raise ValueError(f"--offload_optimizer keeps ZeRO's optimizer state in host memory: it needs zero_stage >= 1 "
+                         f"(got {par.zero_stage}) and no pipeline (pp_size {pp}; not supported with a pipeline)")
 
 
 def zero_step_options(run, pp: int, own_optimizer: bool = True) -> dict[str, bool]:
@@ -99,11 +102,11 @@ def zero_step_options(run, pp: int, own_optimizer: bool = True) -> dict[str, boo
     explicit False stays off. own_optimizer: the run's AdamW (build_optimizer); a caller's optimizer (build's
     make_optimizer) gets --adamw_kernel only when asked for, and then openmoe/optim_kernels.py check_adamw judges it."""
     par, asked_lean, asked_kernel = run.parallel, run.parallel.lean_zero, run.kernels.adamw_kernel
-    # lean_zero1 also refuses ZeRO options that build_plugin never sets (cpu_offload, overlap_allgather, fp8 or a
-    # communication dtype, no fp32 masters, a 2-D data-parallel group): these three are what a run can ask for
-    needs = (f"zero_stage 1 (got {par.zero_stage}), no --overlap_communication (got {par.overlap_communication}) "
-             f"and no pipeline (pp_size {pp})")
-    lean_ok = par.zero_stage == 1 and not par.overlap_communication and pp == 1
+    # lean_zero1 also refuses ZeRO options that build_plugin never sets (overlap_allgather, fp8 or a communication
+    # dtype, no fp32 masters, a 2-D data-parallel group): these four are what a run can ask for
+    needs = (f"zero_stage 1 (got {par.zero_stage}), no --overlap_communication (got {par.overlap_communication}), "
+             f"no --offload_optimizer (got {par.offload_optimizer}) and no pipeline (pp_size {pp})")
+    lean_ok = par.zero_stage == 1 and not par.overlap_communication and not par.offload_optimizer and pp == 1
     if asked_lean and not lean_ok:
         raise ValueError(f"--lean_zero replaces ZeRO-1's gradient reduction after backward and its optimizer step: it "
                          f"needs {needs}")

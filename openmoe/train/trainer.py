@@ -344,7 +344,10 @@ def optimizer_step_name(run) -> str:
     zero = run.parallel.zero_stage
     if run.parallel.lean_zero:
         return "lean ZeRO-1" + (" with the AdamW kernel" if run.kernels.adamw_kernel else "")
-    return f"colossalai's ZeRO-{zero}" if zero else "colossalai's (no ZeRO)"
+    if not zero:
+        return "colossalai's (no ZeRO)"
+    offload = ", optimizer state in host memory (AdamW on the CPU)" if run.parallel.offload_optimizer else ""
+    return f"colossalai's ZeRO-{zero}{offload}"
 
 
 def keep_metrics_until(path: str, step: int) -> None:

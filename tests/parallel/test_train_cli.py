@@ -161,6 +161,22 @@ def test_resume_continues_like_an_uninterrupted_run(tmp_path):
     check_resumed(full, part, train(2, part, *args, "--resume"), 4, 8)
 
 
+def test_offload_optimizer_trains_like_the_gpu_resident_step_and_resumes(tmp_path):
+    """--offload_optimizer (ColossalAI's ZeRO cpu_offload: fp32 masters and Adam moments in host memory, AdamW on the
+    CPU). On the CPU the host is also the device, so this checks the plumbing and the arithmetic: the same losses as
+    colossalai's ZeRO-1 step with the state on the device (--no-lean_zero), bit for bit, and a resume from its
+    checkpoint that continues like the uninterrupted run. The GPU measurement: benchmark/RESULTS.md."""
+    args = ["--plugin", "ep", "--max_steps", "8", "--save_interval", "4", "--keep_last", "5"]
+    full, part, ref = tmp_path / "full", tmp_path / "part", tmp_path / "ref"
+    log = train(2, full, *args, "--offload_optimizer")
+    assert "optimizer step: colossalai's ZeRO-1, optimizer state in host memory (AdamW on the CPU)" in log, log[-3000:]
+    assert zero_step_record(full, 8) == (False, False)
+    train(2, ref, *args, "--no-lean_zero")
+    assert [r["loss"] for r in metrics(full)] == [r["loss"] for r in metrics(ref)]
+    interrupted_copy(full, part, 4)
+    check_resumed(full, part, train(2, part, *args, "--offload_optimizer", "--resume"), 4, 8)
+
+
 def test_bad_inputs_give_one_line_errors(tmp_path):
     res = colossalai_run(2, "--plugin", "ep_zero", "--extra_dp_size", "3", "--output_path", str(tmp_path / "a"))
     assert "error: world size (2) must be divisible by extra_dp_size (3)" in res.stderr, res.stderr[-3000:]

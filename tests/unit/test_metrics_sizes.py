@@ -84,6 +84,7 @@ SUPPORTED = [(2, ["--plugin", "ep"]), (4, ["--plugin", "ep_zero", "--extra_dp_si
 UNSUPPORTED = [(2, ["--plugin", "ep", "--zero_stage", "2"], r"zero_stage 1 \(got 2\)"),
                (2, ["--plugin", "ep_zero", "--extra_dp_size", "2", "--zero_stage", "0"], r"zero_stage 1 \(got 0\)"),
                (2, ["--plugin", "ep", "--overlap_communication"], r"no --overlap_communication \(got True\)"),
+               (2, ["--plugin", "ep", "--offload_optimizer"], r"no --offload_optimizer \(got True\)"),
                (4, ["--plugin", "hybrid", "--ep_size", "2", "--pp_size", "2"], r"no pipeline \(pp_size 2\)")]
 
 
@@ -230,3 +231,20 @@ def test_png_with_eval_and_rebalance_only_records(tmp_path):
     finally:
         matplotlib.axes.Axes.plot = plot
     assert ("eval_loss", [2, 4], [2.7, 2.2]) in lines and ("loss", [1, 4], [3.0, 2.0]) in lines
+
+
+def test_offload_optimizer_is_checked_with_the_layout():
+    """--offload_optimizer is ColossalAI's ZeRO cpu_offload: it needs ZeRO, no pipeline, and no expert moves (those
+    exchange masters and moments over the GPUs' collectives)."""
+    assert zero_step(2, "--plugin", "ep", "--offload_optimizer") == (False, False)
+    assert zero_step(4, "--plugin", "ep_zero", "--extra_dp_size", "2", "--offload_optimizer", "--zero_stage",
+                     "2") == (False, False)
+    with pytest.raises(ValueError, match=r"^--offload_optimizer keeps ZeRO's optimizer state in host memory: it "
+                                         r"needs zero_stage >= 1 \(got 0\) and no pipeline \(pp_size 1;"):
+        zero_step(1, "--plugin", "ep", "--zero_stage", "0", "--offload_optimizer")
+    with pytest.raises(ValueError, match=r"needs zero_stage >= 1 \(got 1\) and no pipeline \(pp_size 2;"):
+        zero_step(4, "--plugin", "hybrid", "--ep_size", "2", "--pp_size", "2", "--offload_optimizer")
+    with pytest.raises(ValueError, match=r"^--load_balance moves experts' fp32 masters and Adam moments between "
+                                         r"GPUs, but --offload_optimizer keeps them in host memory; accepted: one of "
+                                         r"the two$"):
+        zero_step(2, "--plugin", "ep", "--offload_optimizer", "--load_balance")
