@@ -164,13 +164,14 @@ def lean(prefix: tuple[str, ...], *extra: str, warmup: int = 2, steps: int = 3, 
                      str(profile))
 
 
-def offload_80g(accum: int, warmup: int, steps: int) -> tuple[str, ...]:
+def offload_80g(accum: int, warmup: int, steps: int, lean_step: bool = True) -> tuple[str, ...]:
     """The full 8B at 4 sequences x `accum` micro-batches with --offload_optimizer, each GPU's allocator capped at 78
-    GiB (what an 80 GB GPU leaves after the CUDA context and NCCL)."""
+    GiB (what an 80 GB GPU leaves after the CUDA context and NCCL); the lean step (the trainer's default) or
+    colossalai's."""
     return ("--model", "8b", "--seq", "2048", "--batch_size", "4", "--grad_accum", str(accum), "--dropless",
             "--plugin", "ep", "--use_kernel", "--lm_loss_impl", "fused_compiled", "--compile_blocks",
             "--offload_optimizer", "--gpu_memory_gib", "78", "--warmup", str(warmup), "--steps", str(steps),
-            "--profile_steps", "0")
+            "--profile_steps", "0") + (("--lean_zero",) if lean_step else ())
 
 
 def l4_mixtral(batch: int, accum: int, warmup: int = 2, steps: int = 3) -> tuple[str, ...]:
@@ -256,12 +257,15 @@ SPEED_CONFIGS = [
            timeout_s=120, est_s=55),
     Config("8bL4acc-b8x2-2gpu-mixtral", 2, "mixtral", l4_mixtral(8, 2), timeout_s=100, est_s=45),
     # session 10: the full 8B on GPUs of 80 GB (the allocator capped at 78 GiB of each H200) with --offload_optimizer
-    # (fp32 masters and Adam moments in host memory, AdamW on the CPU; colossalai's ZeRO-1 step), at the 65,536-token
-    # step and at 4 x 16 (262,144 tokens: the host step amortized over 4x the tokens)
-    Config("8bfull-2gpu-ours-ep-compiled-b4x4-offload-80g", 2, "ours", offload_80g(4, warmup=2, steps=3),
+    # (fp32 masters and Adam moments in host memory, AdamW on the host): colossalai's ZeRO-1 step (fp32 copies per
+    # parameter), and the lean step (bf16 copies per bucket through pinned memory) at the 65,536-token step and at
+    # 4 x 16 (262,144 tokens: the host step amortized over 4x the tokens)
+    Config("8bfull-2gpu-ours-ep-compiled-b4x4-offload-80g", 2, "ours", offload_80g(4, 2, 3, lean_step=False),
            timeout_s=330, est_s=150),
-    Config("8bfull-2gpu-ours-ep-compiled-b4x16-offload-80g", 2, "ours", offload_80g(16, warmup=1, steps=2),
-           timeout_s=330, est_s=150),
+    Config("8bfull-2gpu-ours-ep-compiled-b4x4-lean-offload-80g", 2, "ours", offload_80g(4, 2, 3),
+           timeout_s=240, est_s=110),
+    Config("8bfull-2gpu-ours-ep-compiled-b4x16-lean-offload-80g", 2, "ours", offload_80g(16, 1, 2),
+           timeout_s=300, est_s=140),
     Config("8bfull-2gpu-ours-ep-compiled-ac-b8x2", 2, "ours",
            ("--model", "8b", "--seq", "2048", "--batch_size", "8", "--grad_accum", "2", "--dropless", "--plugin", "ep",
             "--use_kernel", "--lm_loss_impl", "fused_compiled", "--compile_blocks", "--activation_checkpointing",

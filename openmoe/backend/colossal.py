@@ -407,7 +407,14 @@ def lean_zero1(optimizer, bucket_elems: int = LEAN_BUCKET_ELEMS, step_bucket_ele
     - adamw_kernel (run option --adamw_kernel; torch.optim.AdamW only): instead of the fp32 buffers and torch's fused
       AdamW, openmoe/optim_kernels.py updates each master from its bf16 shard in one pass, and writes one-rank
       groups' working weights in the same pass (no separate cast).
-    Refused (ValueError): ZeRO's cpu_offload, master_weights=False, overlap_allgather, fp8 communication, a
+    - ZeRO's cpu_offload (run option --offload_optimizer: the masters and the optimizer state in host memory):
+      colossalai casts each gradient shard to fp32 on the GPU, copies it to pageable host memory, steps, and copies
+      each fp32 master back (4 bytes per element each way, one synchronous copy per parameter). Here, per bucket,
+      the bf16 shards cross in one copy into pinned memory and are cast on the host, and after the inner step the
+      masters are cast to bf16 on the host and cross back in one copy (2 bytes per element each way); those device
+      copies then go to the working parameters as above. Same values: the casts round to nearest-even on either
+      side. Not with adamw_kernel (a device kernel).
+    Refused (ValueError): master_weights=False, overlap_allgather, fp8 communication, a
     communication dtype, a 2-D data-parallel group, an inner colossalai DistributedOptim (its step reads state
     across parameters; here the inner step runs once per bucket), ZeRO-2 and overlap_communication (they reduce from
     gradient hooks during backward; not covered here). A pipeline (reduced by colossalai's sync_dp_grads) is refused
@@ -416,8 +423,8 @@ def lean_zero1(optimizer, bucket_elems: int = LEAN_BUCKET_ELEMS, step_bucket_ele
 
     bad = [name for name, on in (("partition_grad (ZeRO-2)", optimizer._partition_grads),
                                  ("overlap_communication", optimizer._overlap_communication),
-                                 ("cpu_offload", optimizer._cpu_offload), ("master_weights=False",
-                                 not optimizer._master_weights), ("overlap_allgather", optimizer._overlap_allgather),
+                                 ("master_weights=False", not optimizer._master_weights),
+                                 ("overlap_allgather", optimizer._overlap_allgather),
                                  ("fp8_communication", optimizer._fp8_communication),
                                  ("communication_dtype", optimizer._communication_dtype is not None),
                                  ("a 2-D data-parallel group", any(isinstance(pg, tuple)
@@ -426,8 +433,11 @@ def lean_zero1(optimizer, bucket_elems: int = LEAN_BUCKET_ELEMS, step_bucket_ele
         bad.append(f"inner optimizer {type(optimizer.optim).__name__} (a DistributedOptim)")
     if bad:
         raise ValueError(f"lean_zero: not supported with ZeRO's {', '.join(bad)}; accepted: ZeRO-1 reduced after "
-                         f"backward, fp32 master weights on the GPU, one data-parallel group per store, bf16/fp16 "
+                         f"backward, fp32 master weights, one data-parallel group per store, bf16/fp16 "
                          f"communication, a per-parameter inner optimizer (torch.optim's)")
+    if adamw_kernel and optimizer._cpu_offload:
+        raise ValueError("adamw_kernel runs on the device; with ZeRO's cpu_offload (--offload_optimizer) the step runs "
+                         "torch's fused AdamW on the host: drop --adamw_kernel")
     if adamw_kernel:
         from openmoe.optim_kernels import check_adamw
 
@@ -569,21 +579,7 @@ def _lean_step(optimizer, bucket_elems: int, step_bucket_elems: int, closure=Non
         optimizer.optim._opt_called = True  # what torch's step wrapper records (the LR scheduler checks it)
         written = set(outs)
     elif masters and stepped:
-        # fp32 copies of the shards, one bucket at a time (one foreach copy each, the cast inside it), and the inner
-        # step on that bucket's masters: the optimizer skips parameters without .grad, so each master is updated
-        # exactly once, and at most one bucket of fp32 gradients exists instead of all of them (colossalai: 4 bytes
-        # per parameter of this rank's shard, 22 GiB for OpenMoE-8B at EP 2)
-        for bucket in _buckets(list(zip(masters, shards)), lambda ms: ms[0].numel(), step_bucket_elems):
-            flat = torch.empty(sum(m.numel() for m, _ in bucket), dtype=masters[0].dtype, device=masters[0].device)
-            fp32 = [v.view_as(m) for v, (m, _) in zip(flat.split([m.numel() for m, _ in bucket]), bucket)]
-            torch._foreach_copy_(fp32, [g.view_as(m) for m, g in bucket])
-            for (m, _), g in zip(bucket, fp32):
-                m.grad = g
-            divide_gradients(optimizer.optim, fp32, div_scale)
-            optimizer.optim.step()
-            for m, _ in bucket:
-                m.grad = None
-            del flat, fp32
+        masters = _inner_step(optimizer, masters, shards, div_scale, step_bucket_elems)
     for group_id in range(optimizer.num_param_groups):
         optimizer.optim.param_groups[group_id]["params"] = optimizer._master_param_groups_of_current_rank[group_id]
     if stepped:
@@ -592,12 +588,79 @@ def _lean_step(optimizer, bucket_elems: int, step_bucket_elems: int, closure=Non
     return stepped
 
 
+def _inner_step(optimizer, masters: list, shards: list, div_scale: float, step_bucket_elems: int) -> list:
+    """The inner optimizer's step over fp32 copies of the shards, one bucket at a time (one foreach copy each, the
+    cast inside it): the optimizer skips parameters without .grad, so each master is updated exactly once, and at
+    most one bucket of fp32 gradients exists instead of all of them (colossalai: 4 bytes per parameter of this
+    rank's shard, 22 GiB for OpenMoE-8B at EP 2). Returns what the working parameters are written from: the masters,
+    or with cpu_offload their bf16 copies on the device."""
+    offload, updated = optimizer._cpu_offload, []
+    for bucket in _buckets(list(zip(masters, shards)), lambda ms: ms[0].numel(), step_bucket_elems):
+        sizes = [m.numel() for m, _ in bucket]
+        flat = torch.empty(sum(sizes), dtype=masters[0].dtype, device=masters[0].device)
+        fp32 = [v.view_as(m) for v, (m, _) in zip(flat.split(sizes), bucket)]
+        if offload:
+            _shards_to_host(optimizer, [g for _, g in bucket], flat)
+        else:
+            torch._foreach_copy_(fp32, [g.view_as(m) for m, g in bucket])
+        for (m, _), g in zip(bucket, fp32):
+            m.grad = g
+        divide_gradients(optimizer.optim, fp32, div_scale)
+        optimizer.optim.step()
+        for m, _ in bucket:
+            m.grad = None
+        del flat, fp32
+        if offload:
+            updated += _masters_to_device(optimizer, [m for m, _ in bucket], shards[0].device)
+    return updated if offload else masters
+
+
+def _pinned(optimizer, key: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host buffer of at least numel elements for copies to and from `device`, kept on the optimizer between steps
+    (page-locked where the device is a GPU: one DMA copy at full PCIe speed, and the allocation is slow to repeat)."""
+    cache = optimizer.__dict__.setdefault("_openmoe_host_buffers", {})
+    buf = cache.get(key)
+    if buf is None or buf.numel() < numel or buf.dtype != dtype:
+        buf = cache[key] = torch.empty(numel, dtype=dtype, pin_memory=device.type == "cuda")
+    return buf[:numel]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()  # the host reads (or reuses) what the copy moved
+
+
+def _shards_to_host(optimizer, shards: list[torch.Tensor], out: torch.Tensor) -> None:
+    """offload: bf16 gradient shards (device) -> `out`, the fp32 flat buffer of their masters (host): one foreach
+    copy into a device buffer, one copy into pinned memory, the cast on the host."""
+    device, sizes = shards[0].device, [g.numel() for g in shards]
+    staged = torch.empty(out.numel(), dtype=shards[0].dtype, device=device)
+    torch._foreach_copy_(list(staged.split(sizes)), [g.view(-1) for g in shards])
+    host = _pinned(optimizer, "grads", out.numel(), staged.dtype, device)
+    host.copy_(staged, non_blocking=True)
+    _sync(device)
+    out.copy_(host)
+
+
+def _masters_to_device(optimizer, masters: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """offload: fp32 masters (host) -> bf16 copies on `device`, one per master (the cast on the host into pinned
+    memory, one copy over). The pinned buffer is reused by the next bucket, so the copy is waited for."""
+    sizes = [m.numel() for m in masters]
+    host = _pinned(optimizer, "masters", sum(sizes), optimizer._dtype, device)
+    torch._foreach_copy_(list(host.split(sizes)), [m.view(-1) for m in masters])  # fp32 -> bf16, nearest-even
+    out = torch.empty(sum(sizes), dtype=optimizer._dtype, device=device)
+    out.copy_(host, non_blocking=True)
+    _sync(device)
+    return [v.view_as(m) for v, m in zip(out.split(sizes), masters)]
+
+
 def _lean_gather(optimizer, working: list, masters: list, bucket_elems: int, written: set = frozenset()) -> None:
     """Every rank's updated masters into the working (bf16/fp16) parameters: larger groups by an all-gather per
     bucket into [world, K] and one foreach copy back into the parameters (row r, chunk of parameter i ->
     flat_i[r * c_i: (r + 1) * c_i], ZeRO's padding dropped), one-rank groups by a direct cast while those all-gathers
     run. Written into each parameter's current .data (what colossalai's bucketed write-back does too), not a view
-    cached at construction. written: ids of masters already in their working parameters (the AdamW kernel's)."""
+    cached at construction. masters: the fp32 masters, or with cpu_offload their bf16 copies on the device.
+    written: ids of masters already in their working parameters (the AdamW kernel's)."""
     per_pg: dict[int, tuple[object, list]] = {}
     for w, m in zip(working, masters):
         if id(m) in written:

@@ -103,10 +103,10 @@ def zero_step_options(run, pp: int, own_optimizer: bool = True) -> dict[str, boo
     make_optimizer) gets --adamw_kernel only when asked for, and then openmoe/optim_kernels.py check_adamw judges it."""
     par, asked_lean, asked_kernel = run.parallel, run.parallel.lean_zero, run.kernels.adamw_kernel
     # lean_zero1 also refuses ZeRO options that build_plugin never sets (overlap_allgather, fp8 or a communication
-    # dtype, no fp32 masters, a 2-D data-parallel group): these four are what a run can ask for
-    needs = (f"zero_stage 1 (got {par.zero_stage}), no --overlap_communication (got {par.overlap_communication}), "
-             f"no --offload_optimizer (got {par.offload_optimizer}) and no pipeline (pp_size {pp})")
-    lean_ok = par.zero_stage == 1 and not par.overlap_communication and not par.offload_optimizer and pp == 1
+    # dtype, no fp32 masters, a 2-D data-parallel group): these three are what a run can ask for
+    needs = (f"zero_stage 1 (got {par.zero_stage}), no --overlap_communication (got {par.overlap_communication}) "
+             f"and no pipeline (pp_size {pp})")
+    lean_ok = par.zero_stage == 1 and not par.overlap_communication and pp == 1
     if asked_lean and not lean_ok:
         raise ValueError(f"--lean_zero replaces ZeRO-1's gradient reduction after backward and its optimizer step: it "
                          f"needs {needs}")
@@ -114,9 +114,13 @@ def zero_step_options(run, pp: int, own_optimizer: bool = True) -> dict[str, boo
     if asked_kernel and not lean:
         why = "drop --no-lean_zero" if asked_lean is False else f"that needs {needs}"
         raise ValueError(f"--adamw_kernel is part of --lean_zero's optimizer step; {why}, or drop --adamw_kernel")
+    if asked_kernel and par.offload_optimizer:
+        raise ValueError("--adamw_kernel runs on the device; with --offload_optimizer the optimizer step runs on the "
+                         "host (torch's fused AdamW): drop one of the two")
     if asked_kernel is not None:
         return {"lean_zero": lean, "adamw_kernel": asked_kernel}
-    return {"lean_zero": lean, "adamw_kernel": lean and own_optimizer and _adamw_kernel_runs_here()}
+    return {"lean_zero": lean, "adamw_kernel": lean and own_optimizer and not par.offload_optimizer
+            and _adamw_kernel_runs_here()}
 
 
 def _adamw_kernel_runs_here() -> bool:

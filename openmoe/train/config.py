@@ -83,8 +83,9 @@ class ParallelSection:
                                         "and run the optimizer step on the CPU (ColossalAI's ZeRO cpu_offload): the "
                                         "GPUs hold only the bf16 weights, gradients and activations, at the cost of "
                                         "a slower step (gradient and weight copies over PCIe, AdamW on the host). "
-                                        "Needs zero_stage >= 1 and no pipeline; uses ColossalAI's optimizer step "
-                                        "(not --lean_zero); off: optimizer state on the GPU")
+                                        "The host runs torch's fused AdamW on as many threads as it has cores per "
+                                        "local rank. Needs zero_stage >= 1 and no pipeline; not with "
+                                        "--adamw_kernel or --load_balance; off: optimizer state on the GPU")
     comm_overlap: int = _f(0, "expert all-to-all: overlap it with expert compute in N chunks, forward and backward "
                               f"(capacity routing); given alone (upstream's switch): {COMM_OVERLAP_CHUNKS} chunks; "
                               "off: 0. Not ZeRO's reduction: see --overlap_communication", const=COMM_OVERLAP_CHUNKS)

@@ -342,12 +342,11 @@ class MetricsLogger(StepHook):
 def optimizer_step_name(run) -> str:
     """Which optimizer step the run uses (the resolved --lean_zero / --adamw_kernel), for the setup log line."""
     zero = run.parallel.zero_stage
+    offload = (f", optimizer state in host memory (AdamW on the CPU, {torch.get_num_threads()} threads)"
+               if run.parallel.offload_optimizer else "")
     if run.parallel.lean_zero:
-        return "lean ZeRO-1" + (" with the AdamW kernel" if run.kernels.adamw_kernel else "")
-    if not zero:
-        return "colossalai's (no ZeRO)"
-    offload = ", optimizer state in host memory (AdamW on the CPU)" if run.parallel.offload_optimizer else ""
-    return f"colossalai's ZeRO-{zero}{offload}"
+        return "lean ZeRO-1" + (" with the AdamW kernel" if run.kernels.adamw_kernel else "") + offload
+    return f"colossalai's ZeRO-{zero}{offload}" if zero else "colossalai's (no ZeRO)"
 
 
 def keep_metrics_until(path: str, step: int) -> None:

@@ -84,7 +84,6 @@ SUPPORTED = [(2, ["--plugin", "ep"]), (4, ["--plugin", "ep_zero", "--extra_dp_si
 UNSUPPORTED = [(2, ["--plugin", "ep", "--zero_stage", "2"], r"zero_stage 1 \(got 2\)"),
                (2, ["--plugin", "ep_zero", "--extra_dp_size", "2", "--zero_stage", "0"], r"zero_stage 1 \(got 0\)"),
                (2, ["--plugin", "ep", "--overlap_communication"], r"no --overlap_communication \(got True\)"),
-               (2, ["--plugin", "ep", "--offload_optimizer"], r"no --offload_optimizer \(got True\)"),
                (4, ["--plugin", "hybrid", "--ep_size", "2", "--pp_size", "2"], r"no pipeline \(pp_size 2\)")]
 
 
@@ -235,10 +234,16 @@ def test_png_with_eval_and_rebalance_only_records(tmp_path):
 
 def test_offload_optimizer_is_checked_with_the_layout():
     """--offload_optimizer is ColossalAI's ZeRO cpu_offload: it needs ZeRO, no pipeline, and no expert moves (those
-    exchange masters and moments over the GPUs' collectives)."""
-    assert zero_step(2, "--plugin", "ep", "--offload_optimizer") == (False, False)
+    exchange masters and moments over the GPUs' collectives); the lean step runs with it (auto), the AdamW kernel
+    (a device kernel) does not."""
+    assert zero_step(2, "--plugin", "ep", "--offload_optimizer") == (True, False)
+    assert zero_step(2, "--plugin", "ep", "--offload_optimizer", "--no-lean_zero") == (False, False)
     assert zero_step(4, "--plugin", "ep_zero", "--extra_dp_size", "2", "--offload_optimizer", "--zero_stage",
                      "2") == (False, False)
+    with pytest.raises(ValueError, match=r"^--adamw_kernel runs on the device; with --offload_optimizer the "
+                                         r"optimizer step runs on the host \(torch's fused AdamW\): drop one of the "
+                                         r"two$"):
+        zero_step(2, "--plugin", "ep", "--offload_optimizer", "--adamw_kernel")
     with pytest.raises(ValueError, match=r"^--offload_optimizer keeps ZeRO's optimizer state in host memory: it "
                                          r"needs zero_stage >= 1 \(got 0\) and no pipeline \(pp_size 1;"):
         zero_step(1, "--plugin", "ep", "--zero_stage", "0", "--offload_optimizer")
