@@ -174,6 +174,13 @@ def offload_80g(accum: int, warmup: int, steps: int, lean_step: bool = True) -> 
             "--profile_steps", "0") + (("--lean_zero",) if lean_step else ())
 
 
+def l8_1gpu(*extra: str) -> tuple[str, ...]:
+    """OpenMoE-8B truncated to 8 layers on one GPU, 4 sequences x 4 micro-batches, grouped dropless experts."""
+    return ("--model", "8b", "--layers", "8", "--seq", "2048", "--batch_size", "4", "--grad_accum", "4",
+            "--dropless", "--plugin", "ep", "--use_kernel", "--lm_loss_impl", "fused_compiled", "--compile_blocks",
+            *extra, "--warmup", "2", "--steps", "3", "--profile_steps", "0")
+
+
 def l4_mixtral(batch: int, accum: int, warmup: int = 2, steps: int = 3) -> tuple[str, ...]:
     """Baseline (a) at the 4-layer shape, `batch` sequences x `accum` micro-batches."""
     return E8 + ("--layers", "4", "--batch_size", str(batch), "--grad_accum", str(accum), "--warmup", str(warmup),
@@ -266,6 +273,12 @@ SPEED_CONFIGS = [
            timeout_s=240, est_s=110),
     Config("8bfull-2gpu-ours-ep-compiled-b4x16-lean-offload-80g", 2, "ours", offload_80g(16, 1, 2),
            timeout_s=300, est_s=140),
+    # the same three steps on one GPU at 8 layers (one MoE layer, 3.3B parameters: what a 128 GiB host holds the
+    # state of), beside the lean step with the state on the GPU: what the host step costs
+    Config("8bL8-1gpu-ours-compiled-b4x4-offload", 1, "ours", l8_1gpu("--offload_optimizer"), timeout_s=200, est_s=90),
+    Config("8bL8-1gpu-ours-compiled-b4x4-lean-offload", 1, "ours", l8_1gpu("--offload_optimizer", "--lean_zero"),
+           timeout_s=200, est_s=80),
+    Config("8bL8-1gpu-ours-compiled-b4x4-lean", 1, "ours", l8_1gpu("--lean_zero"), timeout_s=200, est_s=70),
     Config("8bfull-2gpu-ours-ep-compiled-ac-b8x2", 2, "ours",
            ("--model", "8b", "--seq", "2048", "--batch_size", "8", "--grad_accum", "2", "--dropless", "--plugin", "ep",
             "--use_kernel", "--lm_loss_impl", "fused_compiled", "--compile_blocks", "--activation_checkpointing",
