@@ -342,7 +342,8 @@ class MetricsLogger(StepHook):
 def optimizer_step_name(run) -> str:
     """Which optimizer step the run uses (the resolved --lean_zero / --adamw_kernel), for the setup log line."""
     zero = run.parallel.zero_stage
-    offload = (f", optimizer state in host memory (AdamW on the CPU, {torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    offload = (f", optimizer state in host memory (AdamW on {threads} CPU thread{'s' * (threads != 1)})"
                if run.parallel.offload_optimizer else "")
     if run.parallel.lean_zero:
         return "lean ZeRO-1" + (" with the AdamW kernel" if run.kernels.adamw_kernel else "") + offload

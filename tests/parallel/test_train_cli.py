@@ -171,7 +171,7 @@ def test_offload_optimizer_trains_like_the_gpu_resident_step_and_resumes(tmp_pat
     full, part, ref = tmp_path / "full", tmp_path / "part", tmp_path / "ref"
     log = train(2, full, *args, "--offload_optimizer")
     # the lean step by default (its offloaded copies and the host's fused AdamW), not the AdamW kernel
-    assert "optimizer step: lean ZeRO-1, optimizer state in host memory (AdamW on the CPU, 1 threads)" in log, \
+    assert "optimizer step: lean ZeRO-1, optimizer state in host memory (AdamW on 1 CPU thread)" in log, \
         log[-3000:]
     assert zero_step_record(full, 8) == (True, False)
     train(2, ref, *args, "--no-lean_zero")
