@@ -92,6 +92,8 @@ def build(run: RunConfig, *, training: bool = True, customize_model: Callable[[O
         model = build_model(run, cfg)
     if customize_model is not None:
         customize_model(model)
+    if run.parallel.offload_optimizer:
+        check_host_memory(model, sizes)
     if make_optimizer is not None:
         optimizer, scheduler = make_optimizer(model), None
     else:
@@ -234,6 +236,44 @@ def host_step_threads() -> int:
     if share > torch.get_num_threads():
         torch.set_num_threads(share)
     return torch.get_num_threads()
+
+
+OFFLOAD_BYTES_PER_PARAM = 12  # fp32 master, exp_avg, exp_avg_sq in host memory
+
+
+def check_host_memory(model: torch.nn.Module, sizes: ParallelSizes, available: int | None = None) -> int:
+    """--offload_optimizer, before ZeRO allocates the host state: the bytes this node's ranks need for it (12 per
+    trainable parameter of each rank's ZeRO shard: dense ones over dp ranks, experts over ep x moe_dp), refused in
+    one line when the node's available memory (MemAvailable, and the cgroup's limit where there is one) is smaller;
+    otherwise the kernel's OOM killer would end the run at the first step without a word. Returns the bytes."""
+    experts = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and ".experts." in n)
+    dense = sum(p.numel() for p in model.parameters() if p.requires_grad) - experts
+    per_rank = (dense / sizes.dp + experts / (sizes.ep * sizes.moe_dp)) * OFFLOAD_BYTES_PER_PARAM
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    need = int(per_rank * local)
+    available = host_memory_available() if available is None else available
+    if need > available:
+        raise ValueError(f"--offload_optimizer needs about {need / 2**30:.1f} GiB of host memory on this node for the "
+                         f"optimizer state ({local} ranks x {per_rank / 2**30:.1f} GiB: {OFFLOAD_BYTES_PER_PARAM} "
+                         f"bytes per parameter of each rank's ZeRO shard); {available / 2**30:.1f} GiB is available: "
+                         f"spread the run over more GPUs or nodes, or drop --offload_optimizer")
+    return need
+
+
+def host_memory_available() -> int:
+    """Bytes this process's node can still allocate: /proc/meminfo's MemAvailable, capped by a cgroup v2 limit."""
+    with open("/proc/meminfo") as f:
+        avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        with open("/sys/fs/cgroup/memory.current") as f:
+            used = int(f.read())
+        if limit != "max":
+            avail = min(avail, int(limit) - used)
+    except OSError:
+        pass
+    return avail
 
 
 def lr_lambda(run: RunConfig, total_steps: int):

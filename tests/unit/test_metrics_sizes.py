@@ -253,3 +253,33 @@ def test_offload_optimizer_is_checked_with_the_layout():
                                          r"GPUs, but --offload_optimizer keeps them in host memory; accepted: one of "
                                          r"the two$"):
         zero_step(2, "--plugin", "ep", "--offload_optimizer", "--load_balance")
+
+
+def test_offload_optimizer_checks_the_host_memory_it_will_need(monkeypatch):
+    """ZeRO shards every trainable parameter once over the world, so a node of L of the world's W ranks holds L/W
+    of 12 bytes (fp32 master and two moments) per trainable parameter; frozen parameters hold nothing. Too little
+    available memory is refused in one line before ZeRO allocates anything."""
+    from openmoe import OpenMoeForCausalLM
+    from openmoe.finetune import trainable_parameters
+    from openmoe.train.builder import check_host_memory
+
+    cfg = preset("tiny")
+    model = OpenMoeForCausalLM(cfg)
+    total = sum(p.numel() for p in model.parameters())
+    big = 1 << 50
+    for world, local, argv in ((2, 2, ["--plugin", "ep"]), (4, 4, ["--plugin", "ep_zero", "--extra_dp_size", "2"]),
+                               (4, 2, ["--plugin", "ep"]), (4, 1, ["--plugin", "ep_zero", "--extra_dp_size", "2"])):
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local))
+        sizes = resolve_sizes(parse_args(argv + ["--offload_optimizer"]), cfg, world)
+        assert check_host_memory(model, sizes, available=big) == pytest.approx(12 * total * local / world, abs=24)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    sizes = resolve_sizes(parse_args(["--plugin", "ep", "--offload_optimizer"]), cfg, 2)
+    trainable_parameters(model, "experts")  # only the experts train: only they get optimizer state
+    experts = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert 0 < experts < total
+    assert check_host_memory(model, sizes, available=big) == pytest.approx(12 * experts, abs=24)
+    with pytest.raises(ValueError, match=r"^--offload_optimizer needs about \d+\.\d GiB of host memory on this node "
+                                         r"for the optimizer state \(2 ranks x \d+\.\d GiB: 12 bytes per parameter "
+                                         r"of each rank's ZeRO shard\); 0\.0 GiB is available: spread the run over "
+                                         r"more GPUs or nodes, or drop --offload_optimizer$"):
+        check_host_memory(model, sizes, available=1000)
