@@ -23,7 +23,7 @@ from openmoe.train.builder import build
 from openmoe.train.checkpointing import checkpoint_root, export_hf
 from openmoe.train.config import parse_args
 from openmoe.train.evaluate import evaluate
-from openmoe.train.lock import claim_output_dir
+from openmoe.train.lock import claim_output_dir, remove_earlier_run
 from openmoe.train.lora import export_lora
 from openmoe.train.trainer import Preempted, Trainer, TrainingStopped, tolerate_closed_output
 
@@ -34,9 +34,12 @@ def run_training(argv) -> None:
         return run_evaluation(run)
     init_distributed(run.optim.seed, run.parallel.dist_timeout)
     out = run.checkpoint.output_path
-    lock = claim_output_dir(out, resume=run.checkpoint.resume, overwrite=run.checkpoint.overwrite)
+    ck = run.checkpoint
+    lock = claim_output_dir(out, resume=ck.resume, overwrite=ck.overwrite, inputs={
+        "--pretrained": run.model.pretrained, "--tokenizer": run.model.tokenizer, "--model_name": run.model.model_name})
     try:
         state = build(run)
+        remove_earlier_run(out, resume=ck.resume, overwrite=ck.overwrite)  # only now: every input has been checked
         Trainer(state).train()
         if run.lora.lora_rank:
             export_lora(state, out)  # adapter/ (PEFT), and hf/ merged with --merge_lora

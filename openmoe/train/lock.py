@@ -7,9 +7,12 @@
      emulates flock with POSIX locks on NFS, which NFSv4 servers honour across hosts;
   2. finish or undo interrupted checkpoint replacements (io/resumable.recover_interrupted_saves);
   3. refuse a new run (no --resume) in a directory that holds checkpoints, unless --overwrite, which removes the old
-     run's checkpoints, export and metrics first (otherwise rotation, which keeps the highest step numbers, would
-     delete the new run's checkpoints and a later --resume would continue the old run).
-Every rank raises the same one-line error.
+     run's checkpoints, export and metrics (otherwise rotation, which keeps the highest step numbers, would delete
+     the new run's checkpoints and a later --resume would continue the old run); also refuse --overwrite when an
+     input of the new run (--pretrained, --tokenizer, --model_name) lies inside what it would remove.
+Every rank raises the same one-line error. The removal itself is `remove_earlier_run` (collective), which train.py
+calls only once the new run is built: data, tokenizer, model and layout all checked, so a mistyped option never
+costs the old run.
 """
 
 from __future__ import annotations
@@ -88,13 +91,15 @@ def _describe(holder: dict) -> str:
     return f"host {holder.get('host')}, pid {holder.get('pid')}, started {holder.get('started')}"
 
 
-def claim_output_dir(output_path: str, *, resume: bool, overwrite: bool) -> OutputLock | None:
+def claim_output_dir(output_path: str, *, resume: bool, overwrite: bool,
+                     inputs: dict[str, str | None] | None = None) -> OutputLock | None:
     """Collective. Rank 0 locks the directory, recovers interrupted saves and checks that a new run does not land on
-    an old one; returns the lock on rank 0 (release it at the end), None elsewhere. Same ValueError on every rank."""
+    an old one (inputs: option -> path the new run reads, refused inside what --overwrite removes); returns the lock
+    on rank 0 (release it at the end), None elsewhere. Same ValueError on every rank. Nothing is removed here."""
     lock, error = None, None
     if dist.get_rank() == 0:
         try:
-            lock = _claim(output_path, resume, overwrite)
+            lock = _claim(output_path, resume, overwrite, inputs or {})
         except ValueError as e:
             error = str(e)
     box = [error]
@@ -104,17 +109,17 @@ def claim_output_dir(output_path: str, *, resume: bool, overwrite: bool) -> Outp
     return lock
 
 
-def _claim(output_path: str, resume: bool, overwrite: bool) -> OutputLock:
+def _claim(output_path: str, resume: bool, overwrite: bool, inputs: dict[str, str | None]) -> OutputLock:
     try:
         os.makedirs(output_path, exist_ok=True)
     except OSError as e:
         raise ValueError(f"--output_path {output_path} is not writable: {e.strerror}") from None
     lock = OutputLock(output_path)
     try:
-        for note in [lock.acquire(), *recover_interrupted_saves(output_path), *_check_new_run(output_path, resume,
-                                                                                              overwrite)]:
+        for note in [lock.acquire(), *recover_interrupted_saves(output_path)]:
             if note:
                 print(note, flush=True)
+        _check_new_run(output_path, resume, overwrite, inputs)
     except BaseException:
         lock.release()
         raise
@@ -122,29 +127,49 @@ def _claim(output_path: str, resume: bool, overwrite: bool) -> OutputLock:
 
 
 # what a run leaves in its output directory (besides the lock): removed by --overwrite
-RUN_OUTPUTS = ("checkpoints", "hf", "adapter", "metrics.jsonl", "tensorboard")  # adapter: --lora_rank
+RUN_OUTPUTS = ("checkpoints", "hf", "adapter", "adapters", "metrics.jsonl", "tensorboard")  # adapter(s): --lora_rank
 
 
-def _check_new_run(output_path: str, resume: bool, overwrite: bool) -> list[str]:
-    if resume:
-        return []
-    root = os.path.join(output_path, "checkpoints")
-    saved = CheckpointManager(root, 1).complete()
+def _check_new_run(output_path: str, resume: bool, overwrite: bool, inputs: dict[str, str | None]) -> None:
+    saved = _earlier_run(output_path, resume)
     if not saved:
-        return []
+        return
     if not overwrite:
         raise ValueError(f"--output_path {output_path} holds {len(saved)} checkpoint(s) of an earlier run (newest "
                          f"{os.path.basename(saved[-1])}); continue it with --resume, replace it with --overwrite, or "
                          "choose another --output_path")
-    removed = []
-    for name in RUN_OUTPUTS:
-        path = os.path.join(output_path, name)
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-        elif os.path.exists(path):
-            os.remove(path)
-        else:
-            continue
-        removed.append(name)
-    return [f"--overwrite: removed the earlier run's {', '.join(removed)} under {output_path} ({len(saved)} "
-            f"checkpoint(s), newest {os.path.basename(saved[-1])})"]
+    doomed = [os.path.realpath(os.path.join(output_path, name)) for name in RUN_OUTPUTS]
+    for option, path in inputs.items():
+        if path and os.path.exists(path):
+            real = os.path.realpath(path)
+            if any(real == d or real.startswith(d + os.sep) for d in doomed):
+                raise ValueError(f"{option} {path} lies inside the earlier run under --output_path {output_path}, "
+                                 f"which --overwrite would remove; copy it elsewhere first, or choose another "
+                                 f"--output_path")
+
+
+def _earlier_run(output_path: str, resume: bool) -> list[str]:
+    """The complete checkpoints of an earlier run that a new run (no --resume) would land on."""
+    return [] if resume else CheckpointManager(os.path.join(output_path, "checkpoints"), 1).complete()
+
+
+def remove_earlier_run(output_path: str, *, resume: bool, overwrite: bool) -> None:
+    """Collective, after the new run is built (every input checked): with --overwrite, rank 0 removes the earlier
+    run's checkpoints, export and metrics (claim_output_dir checked that nothing the new run reads is among them),
+    and says what it removed."""
+    if overwrite and dist.get_rank() == 0:
+        saved = _earlier_run(output_path, resume)
+        removed = []
+        for name in RUN_OUTPUTS if saved else ():
+            path = os.path.join(output_path, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
+            else:
+                continue
+            removed.append(name)
+        if removed:
+            print(f"--overwrite: removed the earlier run's {', '.join(removed)} under {output_path} ({len(saved)} "
+                  f"checkpoint(s), newest {os.path.basename(saved[-1])})", flush=True)
+    dist.barrier()  # no rank writes into the directory before the removal is done

@@ -173,6 +173,11 @@ def test_output_directory_belongs_to_one_run_and_resume_is_honest(tmp_path):
     assert (f"[rank 0] error: --output_path {out} holds 1 checkpoint(s) of an earlier run (newest step-00000002); "
             "continue it with --resume, replace it with --overwrite, or choose another --output_path") in res.stderr
     assert "127.0.0.1: failure" in res.stdout and sorted(os.listdir(out / "checkpoints")) == ["step-00000002"]
+    # --overwrite with a mistyped dataset: the new run fails its checks before the old run is removed
+    res = colossalai_run(2, *args, "--max_steps", "4", "--overwrite", "--dataset", str(tmp_path / "trian.jsonl"))
+    assert f"error: dataset file {tmp_path}/trian.jsonl does not exist" in res.stderr, res.stderr[-3000:]
+    assert "--overwrite: removed" not in res.stdout + res.stderr
+    assert sorted(os.listdir(out / "checkpoints")) == ["step-00000002"] and (out / "metrics.jsonl").exists()
     # a live run holds the directory (here: this test process holds its lock)
     lock = OutputLock(str(out))
     lock.acquire()

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from openmoe import OpenMoeForCausalLM, preset
 from openmoe.io.resumable import CheckpointError, CheckpointManager, recover_interrupted_saves, verify_checkpoint
 from openmoe.train.config import RunConfig
-from openmoe.train.lock import OutputLock, claim_output_dir
+from openmoe.train.lock import OutputLock, claim_output_dir, remove_earlier_run
 from tests.helpers import free_port
 
 
@@ -67,7 +67,17 @@ def test_lock_note_and_new_run_over_old_checkpoints(tmp_path, world1, model_stat
         claim_output_dir(str(tmp_path), resume=False, overwrite=False)
     assert not (tmp_path / ".lock").exists()  # a refused claim leaves no lock behind
     claim_output_dir(str(tmp_path), resume=True, overwrite=False).release()
-    claim_output_dir(str(tmp_path), resume=False, overwrite=True).release()
+    # --overwrite: the claim removes nothing (the new run's inputs are checked first); remove_earlier_run does
+    model_dir = tmp_path / "checkpoints" / "step-00000120" / "model"
+    with pytest.raises(ValueError, match=rf"^--pretrained {model_dir} lies inside the earlier run under --output_path "
+                                         rf"{tmp_path}, which --overwrite would remove; copy it elsewhere first, or "
+                                         r"choose another --output_path$"):
+        claim_output_dir(str(tmp_path), resume=False, overwrite=True, inputs={"--pretrained": str(model_dir)})
+    lock = claim_output_dir(str(tmp_path), resume=False, overwrite=True,
+                            inputs={"--pretrained": None, "--tokenizer": str(tmp_path.parent)})
+    assert (tmp_path / "checkpoints").exists() and (tmp_path / "metrics.jsonl").exists()
+    remove_earlier_run(str(tmp_path), resume=False, overwrite=True)
+    lock.release()
     assert "--overwrite: removed the earlier run's checkpoints, metrics.jsonl" in capsys.readouterr().out
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "metrics.jsonl").exists()
 
