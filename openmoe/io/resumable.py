@@ -87,8 +87,7 @@ class CheckpointManager:
         """Committed checkpoint directories (holding a manifest), oldest first."""
         if not os.path.isdir(self.root):
             return []
-        dirs = [os.path.join(self.root, d) for d in sorted(os.listdir(self.root))
-                if d.startswith("step-") and not d.endswith(".tmp")]
+        dirs = [os.path.join(self.root, d) for d in sorted(os.listdir(self.root)) if re.fullmatch(r"step-\d+", d)]
         return [d for d in dirs if os.path.isfile(os.path.join(d, MANIFEST))]
 
     def save(self, step: int, *, config: OpenMoeConfig, model_state: dict[str, torch.Tensor] | None,
@@ -180,17 +179,28 @@ class CheckpointManager:
 
     def newest(self) -> str | None:
         """Collective. Rank 0 checks the complete checkpoints newest first and falls back past corrupt ones with a
-        warning; the choice is broadcast so that every rank loads the same one."""
+        warning; once a usable one is found, each corrupt one is set aside as STEP.unusable (kept for inspection;
+        complete() and so rotation no longer count it: it can neither outlive the good checkpoints it would otherwise
+        displace nor collide with the resumed run's own save of that step). The choice is broadcast so that every
+        rank loads the same one."""
         candidates = self.complete()[::-1]
         choice = [None]
         if dist.get_rank() == 0:
+            bad = []
             for path in candidates:
                 problem = verify_checkpoint(path)
                 if problem is None:
                     choice[0] = path
                     break
+                bad.append(path)
                 print(f"warning: checkpoint {path} is unusable: {problem}; trying the previous one", file=sys.stderr,
                       flush=True)
+            for path in bad if choice[0] else ():
+                aside = _free_name(path + ".unusable")
+                os.replace(path, aside)
+                fsync_dir(self.root)
+                print(f"warning: set {path} aside as {aside} (kept for inspection; neither resumed from nor rotated)",
+                      file=sys.stderr, flush=True)
         dist.broadcast_object_list(choice, src=0)
         if choice[0] is None and candidates:
             raise ValueError(f"none of the {len(candidates)} checkpoints under {self.root} is usable (see the "
@@ -215,6 +225,15 @@ class CheckpointManager:
     @staticmethod
     def model_dir(path: str) -> str:
         return os.path.join(path, MODEL_DIR)
+
+
+def _free_name(path: str) -> str:
+    """path, or path.2, path.3, ... : the first that does not exist."""
+    n, out = 1, path
+    while os.path.exists(out):
+        n += 1
+        out = f"{path}.{n}"
+    return out
 
 
 def recover_interrupted_saves(output_path: str) -> list[str]:

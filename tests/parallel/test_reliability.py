@@ -65,6 +65,10 @@ def test_corrupt_checkpoint_is_detected_and_resume_falls_back(tmp_path):
     assert "checkpoint" in log and "step-00000004 is unusable" in log and "CRC-32" in log, log[-3000:]
     assert "step-00000002 at step 2" in log and "done: 4 steps" in log
     assert [r["loss"] for r in metrics(out)[2:]] == [r["loss"] for r in full[2:]]
+    # the corrupt checkpoint is kept aside, out of rotation: the resumed run's own step 4 and the good step 2 remain
+    assert f"warning: set {newest} aside as {newest}.unusable" in log
+    assert sorted(os.listdir(out / "checkpoints")) == ["step-00000002", "step-00000004", "step-00000004.unusable"]
+    assert verify_checkpoint(str(newest)) is None
 
 
 def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path):
