@@ -50,7 +50,15 @@ import datasets
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, T5Tokenizer
 
-from openmoe.data_formats import CHAT_FORMATS, FORMATS, RecordError, detect_format, format_fields, record_segments
+from openmoe.data_formats import (
+    CHAT_FORMATS,
+    CHAT_SYSTEM,
+    FORMATS,
+    RecordError,
+    detect_format,
+    format_fields,
+    record_segments,
+)
 from openmoe.data_sources import load_records, source_splits, split_name  # noqa: F401 (load_records: public API)
 
 IGNORE_INDEX = -100  # label value F.cross_entropy(ignore_index=-100) skips
@@ -209,10 +217,11 @@ def build_eval_examples(spec: DataSpec, tokenizer) -> datasets.Dataset | None:
     if source == spec.source:
         if split_name(split) == split_name(spec.split):
             raise ValueError(f"eval_split '{split}' is the training split of {source}; choose another split or "
-                             "an eval_source")
+                             "another evaluation dataset (eval_source; --eval_dataset on the command line)")
         if Path(source).expanduser().exists() and source_splits(source, spec.task_name, spec.cache_dir) is None:
             raise ValueError(f"{source} holds a single split, so eval_split '{split}' would evaluate on the "
-                             "training data; pass eval_source (a separate file) or a directory with split files")
+                             "training data; pass a separate file as eval_source (--eval_dataset on the command line) "
+                             "or a directory with split files")
     records = load_records(source, spec.task_name, split, cache_dir=spec.cache_dir, streaming=spec.streaming)
     if spec.streaming:  # an eval set is small: materialise its first records
         records = datasets.Dataset.from_list(list(records.take(spec.eval_samples or _EVAL_STREAM_LIMIT)))
@@ -263,9 +272,15 @@ def _build(records, spec: DataSpec, tokenizer, where: str):
         logger.warning(f"{len(records) - len(examples)} of {len(records)} records of {where} have no token to train "
                        f"on within max_length={spec.max_length} (mask_prompt={mask_prompt}) and were dropped")
     if len(examples) == 0:
+        system = ""
+        if data_format in CHAT_FORMATS:  # every prompt starts with the system prompt (unless a record has its own)
+            n = len(tokenizer(CHAT_SYSTEM if spec.system_prompt is None else spec.system_prompt,
+                              add_special_tokens=False)["input_ids"])
+            system = (f"; each prompt starts with the {'default ' if spec.system_prompt is None else ''}system prompt "
+                      f"({n} tokens): shorten it with --system_prompt")
         raise ValueError(f"no examples left after tokenization of {where}: all {len(records)} records have no token "
-                         f"to train on within max_length={spec.max_length} (mask_prompt={mask_prompt}); raise "
-                         "max_length or check the dataset")
+                         f"to train on within max_length={spec.max_length} (mask_prompt={mask_prompt}){system}; "
+                         "raise max_length or check the dataset")
     return examples
 
 
@@ -473,7 +488,9 @@ class _RankBatches:
         for key in self._resume_keys:
             if state[key] != getattr(self, key):
                 raise ValueError(f"cannot resume data position: saved {key}={state[key]} but this run has "
-                                 f"{getattr(self, key)}")
+                                 f"{getattr(self, key)}" + (" (--batch_size x data-parallel ranks: keep --batch_size "
+                                                            "x ranks as the checkpoint had it)"
+                                                            if key == "global_batch_size" else ""))
         self._check_position(state["batch_index"])
         self.epoch, self.batch_index = state["epoch"], state["batch_index"]
 

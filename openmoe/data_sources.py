@@ -86,9 +86,21 @@ def _load_file(path: Path, split: str, cache_dir, streaming):
     if builder_name is None:
         raise ValueError(f"unsupported dataset file {path}; expected one of {', '.join(BUILDER_BY_SUFFIX)}")
     data_files = {split_name(split): [str(path)]}
-    builder = datasets.load_dataset_builder(builder_name, data_files=data_files, cache_dir=cache_dir)
+    # CSV cells are text as written (" 1" stays " 1", an empty cell ""), not numbers or NaN guessed by pandas
+    options = _csv_as_text(path) if builder_name == "csv" else {}
+    builder = datasets.load_dataset_builder(builder_name, data_files=data_files, cache_dir=cache_dir, **options)
     return _load_checked(builder, [path], streaming, lambda: datasets.load_dataset(
-        builder_name, data_files=data_files, split=split, cache_dir=cache_dir, streaming=streaming))
+        builder_name, data_files=data_files, split=split, cache_dir=cache_dir, streaming=streaming, **options))
+
+
+def _csv_as_text(path: Path) -> dict:
+    """datasets' CSV options that read every column as a string (pandas' dtype from string features; no NaN)."""
+    import csv
+
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:  # check_text_file reports bad bytes
+        header = next(csv.reader(f), [])
+    return dict(features=datasets.Features({name: datasets.Value("string") for name in header}),
+                keep_default_na=False)
 
 
 def _load_directory(path: Path, dataset_config, split: str, cache_dir, streaming):

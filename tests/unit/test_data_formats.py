@@ -53,6 +53,17 @@ def test_detect_format_precedence():
     assert detect_format(["question", "answer"]) is None
 
 
+def test_no_examples_left_names_the_system_prompt_that_filled_the_window(tok, tmp_path):
+    """OpenMoE-8B-Chat's default system prompt alone fills a short window: the error says so, with its length."""
+    n = len(tok(CHAT_SYSTEM, add_special_tokens=False)["input_ids"])
+    assert n > 64
+    with pytest.raises(ValueError, match=rf"records have no token to train on within max_length=64 "
+                                         rf"\(mask_prompt=True\); each prompt starts with the default system prompt "
+                                         rf"\({n} tokens\): shorten it with --system_prompt; raise max_length"):
+        build(tok, tmp_path, "alpaca.jsonl", max_length=64)
+    assert len(build(tok, tmp_path, "alpaca.jsonl", max_length=64, system_prompt="Be brief.")) == 2
+
+
 def test_alpaca_keeps_input_and_trains_on_output(tok, tmp_path):
     with_input, without_input = load_records(str(ASSETS / "alpaca.jsonl"), cache_dir=str(tmp_path / "c"))
     segments = record_segments(with_input, "alpaca", system="Be brief.")

@@ -110,6 +110,11 @@ def test_csv_and_txt_files(tok, tmp_path):
     csv = tmp_path / "d.csv"
     csv.write_text('prompt,completion\n"Say, hi:", hi\nCount:, 1 2\n')
     assert load_records(str(csv), cache_dir=str(tmp_path / "c"))[0] == {"prompt": "Say, hi:", "completion": " hi"}
+    # cells are text as written: pandas would read " 1" as the int 1 and an empty cell as NaN
+    numbers = tmp_path / "n.csv"
+    numbers.write_text('prompt,completion\nOne:, 1\nNone:,\n')
+    assert list(load_records(str(numbers), cache_dir=str(tmp_path / "c"))) == [
+        {"prompt": "One:", "completion": " 1"}, {"prompt": "None:", "completion": ""}]
     txt = tmp_path / "corpus.txt"
     txt.write_text("first line of text\nsecond line\n")
     examples = build_examples(DataSpec(source=str(txt), max_length=8, cache_dir=str(tmp_path / "c")), tok)
@@ -152,7 +157,8 @@ def test_eval_examples_from_a_split_or_a_file(tok, snapshot, tmp_path):
     train_file = tmp_path / "train.jsonl"
     datasets.Dataset.from_list(pc_rows(4, "f")).to_json(str(train_file))
     with pytest.raises(ValueError, match=r"train\.jsonl holds a single split, so eval_split 'validation' would "
-                                         r"evaluate on the training data; pass eval_source"):
+                                         r"evaluate on the training data; pass a separate file as eval_source "
+                                         r"\(--eval_dataset on the command line\)"):
         build_eval_examples(DataSpec(source=str(train_file), eval_split="validation", cache_dir=cache), tok)
     with pytest.raises(ValueError, match=r"eval_split 'train\[:2\]' is the training split of"):
         build_eval_examples(DataSpec(source=str(snapshot), eval_split="train[:2]", cache_dir=cache), tok)
