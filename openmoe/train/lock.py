@@ -110,6 +110,8 @@ def claim_output_dir(output_path: str, *, resume: bool, overwrite: bool,
 
 
 def _claim(output_path: str, resume: bool, overwrite: bool, inputs: dict[str, str | None]) -> OutputLock:
+    if os.path.exists(output_path) and not os.path.isdir(output_path):
+        raise ValueError(f"--output_path {output_path} is a file; expected a directory (new or of an earlier run)")
     try:
         os.makedirs(output_path, exist_ok=True)
     except OSError as e:

@@ -110,6 +110,8 @@ def export_lora(state, output_path: str) -> list[str]:
                              tokenizer=state.tokenizer)
     if state.run.lora.merge_lora:
         written.append(os.path.join(output_path, "hf"))
+    if full is not None:  # the rank that wrote: the final checkpoint's rotation may have left an adapter orphaned
+        prune_adapters(output_path)
     dist.barrier()
     return written
 
@@ -124,5 +126,28 @@ class AdapterSaver(StepHook):
         if result.applied and interval and result.step % interval == 0 and result.step != state.total_steps:
             tensors = lora_tensors(state.model)
             if tensors is not None:
-                save_adapter(os.path.join(state.run.checkpoint.output_path, "adapters", f"step-{result.step:08d}"),
+                out = state.run.checkpoint.output_path
+                save_adapter(os.path.join(out, "adapters", f"step-{result.step:08d}"),
                              tensors, lora_config(state.run, base=state.run.model.pretrained))
+                prune_adapters(out, keep=result.step)
+
+
+def prune_adapters(output_path: str, keep: int | None = None) -> list[str]:
+    """Rotate `adapters/step-N/` with the checkpoints: remove each whose `checkpoints/step-N` no longer exists
+    (--keep_last rotated it away), except step `keep` (just written; its checkpoint may be saved after it). Returns
+    the directories removed."""
+    import os
+    import shutil
+
+    from openmoe.io.resumable import CheckpointManager
+
+    root = os.path.join(output_path, "adapters")
+    if not os.path.isdir(root):
+        return []
+    kept = {os.path.basename(d) for d in CheckpointManager(os.path.join(output_path, "checkpoints"), 1).complete()}
+    if keep is not None:
+        kept.add(f"step-{keep:08d}")
+    removed = [os.path.join(root, d) for d in sorted(os.listdir(root)) if d.startswith("step-") and d not in kept]
+    for d in removed:
+        shutil.rmtree(d, ignore_errors=True)
+    return removed

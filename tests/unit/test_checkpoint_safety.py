@@ -82,6 +82,13 @@ def test_lock_note_and_new_run_over_old_checkpoints(tmp_path, world1, model_stat
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "metrics.jsonl").exists()
 
 
+def test_output_path_that_is_a_file_is_refused(tmp_path, world1):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ValueError, match=rf"^--output_path {tmp_path}/afile is a file; expected a directory \(new or "
+                                         r"of an earlier run\)$"):
+        claim_output_dir(str(tmp_path / "afile"), resume=False, overwrite=False)
+
+
 def test_keep_last_and_overwrite_options_are_validated():
     for bad in (0, -1):
         with pytest.raises(ValueError, match=rf"^--keep_last \({bad}\) must be >= 1$"):
@@ -246,3 +253,21 @@ def test_metrics_reader_skips_a_torn_last_line_and_names_a_corrupt_one(tmp_path,
     assert capsys.readouterr().err == f"error: {path} line 2 is not a JSON record: 'not json'\n"
     assert main([str(tmp_path / "missing.jsonl")]) == 2
     assert "error: metrics file" in capsys.readouterr().err
+
+
+def test_lora_adapters_rotate_with_their_checkpoints(tmp_path):
+    """adapters/step-N/ (a PEFT copy beside each checkpoint) goes when --keep_last rotates checkpoints/step-N away;
+    the adapter just written stays even before its checkpoint exists."""
+    from openmoe.io.resumable import MANIFEST
+    from openmoe.train.lora import prune_adapters
+
+    for step in (4, 6):
+        (tmp_path / "checkpoints" / f"step-{step:08d}").mkdir(parents=True)
+        (tmp_path / "checkpoints" / f"step-{step:08d}" / MANIFEST).write_text("{}")
+    for step in (2, 4, 6, 8):
+        (tmp_path / "adapters" / f"step-{step:08d}").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step-00000002.unusable").mkdir()  # set aside by resume: not a kept checkpoint
+    assert prune_adapters(str(tmp_path), keep=8) == [str(tmp_path / "adapters" / "step-00000002")]
+    assert sorted(os.listdir(tmp_path / "adapters")) == ["step-00000004", "step-00000006", "step-00000008"]
+    assert prune_adapters(str(tmp_path)) == [str(tmp_path / "adapters" / "step-00000008")]
+    assert prune_adapters(str(tmp_path / "nothing")) == []
