@@ -42,6 +42,16 @@ def load_records(dataset: str, dataset_config: str | None = None, split: str = "
         a README `configs:` name of a local directory. data_files: passed to load_dataset for Hub datasets only.
     cache_dir: where datasets writes its Arrow cache (default ~/.cache/huggingface/datasets).
     """
+    try:
+        return _load_records(dataset, dataset_config, split, data_files, cache_dir, streaming)
+    except ValueError as e:
+        if "Unrecognized instruction format" not in str(e):
+            raise
+        raise ValueError(f"split {split!r} of {dataset} is not a split name or slice ({e}); accepted: NAME, "
+                         "NAME[:N], NAME[A:B] or NAME[A%:B%], e.g. train[:1000] or train[90%:]") from None
+
+
+def _load_records(dataset: str, dataset_config, split: str, data_files, cache_dir, streaming: bool):
     path = Path(dataset).expanduser()
     if path.exists():
         if data_files is not None:

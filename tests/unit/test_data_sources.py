@@ -110,6 +110,10 @@ def test_csv_and_txt_files(tok, tmp_path):
     csv = tmp_path / "d.csv"
     csv.write_text('prompt,completion\n"Say, hi:", hi\nCount:, 1 2\n')
     assert load_records(str(csv), cache_dir=str(tmp_path / "c"))[0] == {"prompt": "Say, hi:", "completion": " hi"}
+    with pytest.raises(ValueError, match=r"^split 'train\[:abc\]' of \S+d\.csv is not a split name or slice \(.*\); "
+                                         r"accepted: NAME, NAME\[:N\], NAME\[A:B\] or NAME\[A%:B%\], e\.g\. "
+                                         r"train\[:1000\] or train\[90%:\]$"):
+        load_records(str(csv), split="train[:abc]", cache_dir=str(tmp_path / "c"))
     # cells are text as written: pandas would read " 1" as the int 1 and an empty cell as NaN
     numbers = tmp_path / "n.csv"
     numbers.write_text('prompt,completion\nOne:, 1\nNone:,\n')
