@@ -644,7 +644,9 @@ def _shards_to_host(optimizer, shards: list[torch.Tensor], out: torch.Tensor) ->
 
 def _masters_to_device(optimizer, masters: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
     """offload: fp32 masters (host) -> bf16 copies on `device`, one per master (the cast on the host into pinned
-    memory, one copy over). The pinned buffer is reused by the next bucket, so the copy is waited for."""
+    memory, one copy over). The pinned buffer is reused by the next bucket, so the copy is waited for. Every bucket's
+    copies live until _lean_gather writes the working parameters: 2 bytes per element of this rank's shard on the
+    device (11.8 GB for the full OpenMoE-8B at EP 2), at the step, when no activations are held."""
     sizes = [m.numel() for m in masters]
     host = _pinned(optimizer, "masters", sum(sizes), optimizer._dtype, device)
     torch._foreach_copy_(list(host.split(sizes)), [m.view(-1) for m in masters])  # fp32 -> bf16, nearest-even
