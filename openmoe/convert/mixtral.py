@@ -11,6 +11,9 @@ equals ours when ours routes without dropping (router_capacity_factor_eval <= 0,
 printed otherwise. Names: our gate_weight [E, H] is `block_sparse_moe.gate.weight`; expert e's w1 / w3 / w2 are
 wi_gate[e].T [I, H] / wi_up[e].T [I, H] / wo[e].T [H, I]; everything else keeps its name. The router's losses are not
 part of the function: router_aux_loss_factor becomes router_aux_loss_coef, the z-loss factor is dropped.
+
+The --moe directory's tokenizer (or --tokenizer) is written into the export with its generation_config.json; an
+existing non-empty --output needs --overwrite (convert/output.py).
 """
 
 from __future__ import annotations
@@ -20,9 +23,15 @@ import os
 import torch
 
 from openmoe.config import OpenMoeConfig
+from openmoe.convert.output import (
+    add_output_arguments,
+    add_tokenizer_argument,
+    check_output,
+    no_tokenizer_note,
+    source_tokenizer,
+)
 from openmoe.convert.t5x import parse_size
-from openmoe.convert.upcycle import check_output
-from openmoe.io.hf import ShardWriter, atomic_directory, parse_dtype, read_tensors
+from openmoe.io.hf import ShardWriter, atomic_directory, parse_dtype, read_tensors, write_tokenizer
 
 
 def check_exportable(config: OpenMoeConfig) -> None:
@@ -72,13 +81,16 @@ def mixtral_tensors(sd: dict[str, torch.Tensor], config: OpenMoeConfig):
                 yield f"{layer_prefix}.block_sparse_moe.experts.{e}.{name}.weight", t[e].t().contiguous()
 
 
-def export_mixtral(moe: str, output: str, dtype: str | None = None, max_shard_bytes: int = 2 * 10**9) -> None:
+def export_mixtral(moe: str, output: str, dtype: str | None = None, max_shard_bytes: int = 2 * 10**9,
+                   overwrite: bool = False, tokenizer: str | None = None) -> None:
+    """overwrite: replace an existing non-empty `output`; tokenizer: the export's tokenizer (default: `moe`'s)."""
     from openmoe.io.hf import check_state_dict
     from openmoe.model import OpenMoeForCausalLM
 
+    check_output(output, overwrite, (moe, tokenizer))
     config = OpenMoeConfig.load(moe)
     check_exportable(config)
-    check_output(output)
+    tok = source_tokenizer(config, moe, tokenizer)
     sd = read_tensors(moe)
     with torch.device("meta"):
         expected = {k: v.shape for k, v in OpenMoeForCausalLM(config, init=False).state_dict().items()}
@@ -87,6 +99,9 @@ def export_mixtral(moe: str, output: str, dtype: str | None = None, max_shard_by
     sd = {k: sd[k].to(out_dtype) for k in expected}
     with atomic_directory(output) as tmp:
         mixtral_config(config, out_dtype).save_pretrained(tmp)
+        if tok is not None:
+            # the returned tokenizer_class is for our config.json: transformers maps MixtralConfig to a tokenizer
+            write_tokenizer(tmp, config, tok)
         writer = ShardWriter(tmp, max_shard_bytes)
         for name, t in mixtral_tensors(sd, config):
             writer.add(name, t)
@@ -95,13 +110,16 @@ def export_mixtral(moe: str, output: str, dtype: str | None = None, max_shard_by
         print(f"note: this checkpoint drops tokens over capacity at eval (router_capacity_factor_eval="
               f"{config.router_capacity_factor_eval}); Mixtral is dropless, so outputs match ours run dropless")
     print(f"exported {moe} as MixtralForCausalLM into {output} ({len(files)} shard(s))")
+    if tok is None:
+        print(no_tokenizer_note(output, moe, "--moe"))
 
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("mixtral", help="llama_moe checkpoint (MoE in every layer) -> HF MixtralForCausalLM",
                               description=__doc__.split("\n\n")[0])
     p.add_argument("--moe", required=True, help="our llama_moe checkpoint directory")
-    p.add_argument("--output", required=True, help="HF Mixtral output directory (written atomically)")
+    add_output_arguments(p, "HF Mixtral")
+    add_tokenizer_argument(p, "--moe")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="output dtype; default: as stored")
     p.add_argument("--max_shard_size", default="2GB", help="largest safetensors shard (default 2GB)")
     p.set_defaults(func=_run)
@@ -110,4 +128,4 @@ def add_parser(subparsers) -> None:
 def _run(args) -> None:
     if not os.path.isdir(args.moe):
         raise FileNotFoundError(f"--moe {args.moe} is not a directory")
-    export_mixtral(args.moe, args.output, args.dtype, parse_size(args.max_shard_size))
+    export_mixtral(args.moe, args.output, args.dtype, parse_size(args.max_shard_size), args.overwrite, args.tokenizer)

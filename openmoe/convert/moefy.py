@@ -26,6 +26,9 @@ unplaced neuron proposes to its most similar cluster that still has room, each c
 proposers up to its room, repeat (at most E rounds: each round places everyone or fills a cluster). Neurons that fire
 together then sit in the same expert, so a few experts carry most of a token's FFN output. Weight-row clustering
 (MoEfication's "parameter split") needs no data but reconstructs worse when the data is at hand.
+
+The export carries --tokenizer when that is a directory, else the dense directory's tokenizer; an existing non-empty
+--output needs --overwrite (convert/output.py).
 """
 
 from __future__ import annotations
@@ -36,11 +39,11 @@ import os
 import torch
 import torch.nn.functional as F
 
+from openmoe.convert.output import check_output, no_tokenizer_note, source_tokenizer
 from openmoe.convert.t5x import parse_size
 from openmoe.convert.upcycle import (
     add_moe_arguments,
     build_moe_state_dict,
-    check_output,
     dense_ffn,
     llama_moe_config,
     moe_fields,
@@ -233,11 +236,12 @@ def moefy(dense: str, output: str, num_experts: int, top_k: int, data: str, toke
           moe_start_layer: int = 0, moe_layer_interval: int = 1, split: str = "balanced_kmeans", seq_len: int = 128,
           max_tokens: int = 65536, heldout: float = 0.1, router_steps: int = 300, router_lr: float = 1e-2,
           seed: int = 0, dtype: str | None = None, device: str = "cpu", max_shard_bytes: int = 2 * 10**9,
-          **fields) -> dict:
-    """Convert; returns {"layers": {i: {heldout_error, oracle_error, router_accuracy}}, "mean_heldout_error"}."""
+          overwrite: bool = False, **fields) -> dict:
+    """Convert; returns {"layers": {i: {heldout_error, oracle_error, router_accuracy}}, "mean_heldout_error"}.
+    overwrite: replace an existing non-empty `output`."""
     if split not in SPLITS:
         raise ValueError(f"--split '{split}' is not supported; accepted: {list(SPLITS)}")
-    check_output(output)
+    check_output(output, overwrite, (dense, data, tokenizer))
     hf = read_llama_config(dense)
     if hf.intermediate_size % num_experts:
         raise ValueError(f"intermediate_size ({hf.intermediate_size}) must be divisible by num_experts "
@@ -247,6 +251,8 @@ def moefy(dense: str, output: str, num_experts: int, top_k: int, data: str, toke
                               moe_layer_interval=moe_layer_interval,
                               moe_intermediate_size=hf.intermediate_size // num_experts, **fields)
     layers = [i for i in range(config.num_hidden_layers) if config.is_moe_layer(i)]
+    # a sentencepiece .model file tokenizes the data only: a llama_moe export needs a tokenizer directory
+    tok = source_tokenizer(config, dense, tokenizer if tokenizer and os.path.isdir(tokenizer) else None)
     blocks = token_blocks(read_texts(data), load_any_tokenizer(tokenizer) if tokenizer else None, seq_len,
                           max_tokens, config.vocab_size)
     n_held = max(1, round(heldout * blocks.shape[0]))
@@ -266,11 +272,13 @@ def moefy(dense: str, output: str, num_experts: int, top_k: int, data: str, toke
               f"{report[i]['oracle_error']:.4f}, router picks {report[i]['router_accuracy']:.1%} of the oracle's)")
     sd = {k: v.to(out_dtype) for k, v in sd.items()}
     sd = build_moe_state_dict(sd, config, lambda i, *ffn: built[i][0], lambda i: built[i][1], dense)
-    write_streamed(output, config, sd, max_shard_bytes)
+    write_streamed(output, config, sd, max_shard_bytes, tok)
     mean = sum(r["heldout_error"] for r in report.values()) / len(report)
     print(f"moefied {dense} -> {output}: MoE layers {layers}, {num_experts} experts of "
           f"{config.expert_intermediate_size} neurons, top-{top_k}, split '{split}', "
           f"{n_train_tokens} train / {n_held * seq_len} held-out tokens, mean held-out error {mean:.4f}")
+    if tok is None:
+        print(no_tokenizer_note(output, dense, "--dense"))
     return {"layers": report, "mean_heldout_error": mean}
 
 
@@ -282,7 +290,9 @@ def add_parser(subparsers) -> None:
     add_moe_arguments(p, default_combine="ones")
     p.add_argument("--data", required=True, help=".txt (a text per line) or .json/.jsonl records with 'text', "
                                                  "'prompt'[+'completion'] or 'input_ids'")
-    p.add_argument("--tokenizer", default=None, help="tokenizer directory or sentencepiece .model (for text data)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory or sentencepiece .model for text data; a "
+                                                     "directory is also written into the export (default there: the "
+                                                     "--dense directory's own)")
     p.add_argument("--split", choices=SPLITS, default="balanced_kmeans",
                    help="how neurons are grouped into experts (random: the baseline)")
     p.add_argument("--seq_len", type=int, default=128, help="tokens per captured block")
@@ -297,4 +307,5 @@ def add_parser(subparsers) -> None:
 def _run(args) -> None:
     moefy(args.dense, args.output, args.num_experts, args.top_k, args.data, args.tokenizer, args.moe_start_layer,
           args.moe_layer_interval, args.split, args.seq_len, args.max_tokens, args.heldout, args.router_steps,
-          args.router_lr, args.seed, args.dtype, args.device, parse_size(args.max_shard_size), **moe_fields(args))
+          args.router_lr, args.seed, args.dtype, args.device, parse_size(args.max_shard_size), args.overwrite,
+          **moe_fields(args))

@@ -25,6 +25,10 @@ then streamed in our state-dict order: each is read from zarr in blocks of whole
 is larger; T5X writes 64 MiB chunks) straight into its output tensor, and a safetensors shard is written out before
 the next tensor would push it past --max_shard_size. Peak RAM is about max(shard size, largest tensor) plus ~3 chunks
 in flight (compressed bytes, decoded chunk, block copy), never the whole model.
+
+A T5X checkpoint holds no tokenizer: --tokenizer (the umT5 sentencepiece model or a tokenizer directory) is written
+into the export with OpenMoE's conventions, as the trainer's export does. An existing non-empty --output needs
+--overwrite (convert/output.py).
 """
 
 from __future__ import annotations
@@ -37,7 +41,14 @@ import numpy as np
 import torch
 
 from openmoe.config import CONFIG_NAME, PRESETS, OpenMoeConfig, preset
-from openmoe.io.hf import ShardWriter, atomic_directory, parse_dtype
+from openmoe.convert.output import (
+    add_output_arguments,
+    add_tokenizer_argument,
+    check_output,
+    no_tokenizer_note,
+    source_tokenizer,
+)
+from openmoe.io.hf import ShardWriter, atomic_directory, parse_dtype, write_tokenizer
 
 COPY, TRANSPOSE = "copy", "transpose"
 
@@ -313,18 +324,21 @@ def load_config(spec: str) -> OpenMoeConfig:
 
 
 def convert(checkpoint: str, config: OpenMoeConfig, output: str, dtype: str | None = None,
-            max_shard_bytes: int = 2 * 10**9) -> list[str]:
-    """Convert; returns the shard file names written under `output`."""
+            max_shard_bytes: int = 2 * 10**9, overwrite: bool = False, tokenizer: str | None = None) -> list[str]:
+    """Convert; returns the shard file names written under `output`. overwrite: replace an existing non-empty
+    `output`; tokenizer: the export's tokenizer (a path or hub id; default: one in the checkpoint directory, if any)."""
     checkpoint = os.path.abspath(checkpoint)
     if os.path.basename(checkpoint) == "checkpoint" and os.path.isfile(checkpoint):
         checkpoint = os.path.dirname(checkpoint)
     out_dtype = parse_dtype(dtype)
     if out_dtype not in (None, torch.float32, torch.bfloat16):
         raise ValueError(f"--dtype '{dtype}' is not supported; accepted: bf16, fp32 (default: as stored)")
-    if os.path.isdir(output) and os.listdir(output) and not os.path.isfile(os.path.join(output, CONFIG_NAME)):
-        raise ValueError(f"refusing to replace {output}: it exists, is not empty and holds no {CONFIG_NAME}")
+    check_output(output, overwrite, (checkpoint, tokenizer))
+    tok = source_tokenizer(config, checkpoint, tokenizer)
     tensors = plan(target_params(read_msgpack_tree(checkpoint)), config, checkpoint)
     with atomic_directory(output) as tmp:
+        if tok is not None:
+            config = write_tokenizer(tmp, config, tok)
         config.save(tmp)
         writer = ShardWriter(tmp, max_shard_bytes)
         for key, transform, src in tensors:
@@ -334,6 +348,8 @@ def convert(checkpoint: str, config: OpenMoeConfig, output: str, dtype: str | No
         files = writer.finish()
     print(f"converted {len(tensors)} tensors ({writer.total_bytes / 1e9:.2f} GB) from {checkpoint} into "
           f"{len(files)} shard(s) under {output}")
+    if tok is None:
+        print(no_tokenizer_note(output, checkpoint, "--checkpoint"))
     return files
 
 
@@ -344,7 +360,8 @@ def add_parser(subparsers) -> None:
                                                        "`checkpoint` file and the zarr array folders)")
     p.add_argument("--config", required=True, help=f"architecture: a preset {sorted(PRESETS)} or a config.json "
                                                     "(file or directory), e.g. the published model's")
-    p.add_argument("--output", required=True, help="HF-format output directory (written atomically)")
+    add_output_arguments(p, "HF-format")
+    add_tokenizer_argument(p, "--checkpoint")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
                    help="output dtype; default: as stored in the checkpoint")
     p.add_argument("--max_shard_size", default="2GB", help="largest safetensors shard, e.g. 2GB, 500MB (default 2GB)")
@@ -352,4 +369,5 @@ def add_parser(subparsers) -> None:
 
 
 def _run(args) -> None:
-    convert(args.checkpoint, load_config(args.config), args.output, args.dtype, parse_size(args.max_shard_size))
+    convert(args.checkpoint, load_config(args.config), args.output, args.dtype, parse_size(args.max_shard_size),
+            args.overwrite, args.tokenizer)

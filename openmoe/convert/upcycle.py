@@ -22,6 +22,9 @@ checkpoint's routers (ours: `mlp.gate_weight`, or Mixtral's `block_sparse_moe.ga
 
 A tied LLaMA (tie_word_embeddings) is untied: lm_head gets a copy of embed_tokens (same function; the two train
 apart afterwards). Unsupported LLaMA features raise: rope_scaling, attention/MLP biases, other activations.
+
+The dense directory's tokenizer (or --tokenizer) is written into the export; an existing non-empty --output needs
+--overwrite (convert/output.py).
 """
 
 from __future__ import annotations
@@ -32,8 +35,22 @@ import os
 import torch
 
 from openmoe.config import CONFIG_NAME, ROUTER_COMBINE, OpenMoeConfig
+from openmoe.convert.output import (
+    add_output_arguments,
+    add_tokenizer_argument,
+    check_output,
+    no_tokenizer_note,
+    source_tokenizer,
+)
 from openmoe.convert.t5x import parse_size
-from openmoe.io.hf import ShardWriter, atomic_directory, check_state_dict, parse_dtype, read_tensors
+from openmoe.io.hf import (
+    ShardWriter,
+    atomic_directory,
+    check_state_dict,
+    parse_dtype,
+    read_tensors,
+    write_tokenizer,
+)
 
 FFN = ("gate_proj", "up_proj", "down_proj")
 
@@ -162,10 +179,14 @@ def routers_from_checkpoint(path: str, config: OpenMoeConfig, dtype: torch.dtype
     return lambda i: routers[i].clone()
 
 
-def write_streamed(output: str, config: OpenMoeConfig, sd: dict[str, torch.Tensor], max_shard_bytes: int) -> None:
-    """Like openmoe.io.hf.write_checkpoint (atomic directory, safetensors shards + index), but each tensor is
-    made contiguous only as it joins its shard: RAM stays near the dense model plus one shard, not the E-fold MoE."""
+def write_streamed(output: str, config: OpenMoeConfig, sd: dict[str, torch.Tensor], max_shard_bytes: int,
+                   tokenizer=None) -> None:
+    """Like openmoe.io.hf.write_checkpoint (atomic directory, safetensors shards + index, the tokenizer's files), but
+    each tensor is made contiguous only as it joins its shard: RAM stays near the dense model plus one shard, not
+    the E-fold MoE."""
     with atomic_directory(output) as tmp:
+        if tokenizer is not None:
+            config = write_tokenizer(tmp, config, tokenizer)
         config.save(tmp)
         writer = ShardWriter(tmp, max_shard_bytes)
         for name, t in sd.items():
@@ -174,20 +195,18 @@ def write_streamed(output: str, config: OpenMoeConfig, sd: dict[str, torch.Tenso
         writer.finish()
 
 
-def check_output(output: str) -> None:
-    if os.path.isdir(output) and os.listdir(output) and not os.path.isfile(os.path.join(output, CONFIG_NAME)):
-        raise ValueError(f"refusing to replace {output}: it exists, is not empty and holds no {CONFIG_NAME}")
-
-
 def upcycle(dense: str, output: str, num_experts: int, top_k: int, moe_start_layer: int = 0,
             moe_layer_interval: int = 1, router_init: str = "random", router_init_std: float | None = None,
-            seed: int = 0, dtype: str | None = None, max_shard_bytes: int = 2 * 10**9, **fields) -> OpenMoeConfig:
-    """Convert; returns the written config. `fields`: further OpenMoeConfig fields (router_combine, capacity...)."""
-    check_output(output)
+            seed: int = 0, dtype: str | None = None, max_shard_bytes: int = 2 * 10**9, overwrite: bool = False,
+            tokenizer: str | None = None, **fields) -> OpenMoeConfig:
+    """Convert; returns the written config. `fields`: further OpenMoeConfig fields (router_combine, capacity...).
+    overwrite: replace an existing non-empty `output`; tokenizer: the export's tokenizer (default: the dense one)."""
+    check_output(output, overwrite, (dense, None if router_init == "random" else router_init, tokenizer))
     hf = read_llama_config(dense)
     fields = {"router_combine": "normalized", "router_capacity_factor_eval": 0.0, **fields}
     config = llama_moe_config(hf, num_experts=num_experts, top_k=top_k, moe_start_layer=moe_start_layer,
                               moe_layer_interval=moe_layer_interval, **fields)
+    tok = source_tokenizer(config, dense, tokenizer)
     sd = read_llama_weights(dense, hf)
     out_dtype = parse_dtype(dtype) or sd["model.embed_tokens.weight"].dtype
     sd = {k: v.to(out_dtype) for k, v in sd.items()}
@@ -197,10 +216,12 @@ def upcycle(dense: str, output: str, num_experts: int, top_k: int, moe_start_lay
     else:
         router_of = routers_from_checkpoint(router_init, config, out_dtype)
     sd = build_moe_state_dict(sd, config, copy_experts(num_experts), router_of, dense)
-    write_streamed(output, config, sd, max_shard_bytes)
+    write_streamed(output, config, sd, max_shard_bytes, tok)
     moe_layers = [i for i in range(config.num_hidden_layers) if config.is_moe_layer(i)]
     print(f"upcycled {dense} -> {output}: MoE layers {moe_layers}, {num_experts} experts, top-{top_k}, "
           f"router {router_init}, combine '{config.router_combine}'")
+    if tok is None:
+        print(no_tokenizer_note(output, dense, "--dense"))
     return config
 
 
@@ -208,7 +229,7 @@ def upcycle(dense: str, output: str, num_experts: int, top_k: int, moe_start_lay
 def add_moe_arguments(p, default_combine: str) -> None:
     """Flags shared by the converters that turn a dense LLaMA into an MoE."""
     p.add_argument("--dense", required=True, help="HF LlamaForCausalLM checkpoint directory")
-    p.add_argument("--output", required=True, help="output directory (our HF format, written atomically)")
+    add_output_arguments(p, "our HF-format")
     p.add_argument("--num_experts", type=int, required=True)
     p.add_argument("--top_k", type=int, required=True)
     p.add_argument("--moe_start_layer", type=int, default=0, help="first MoE layer (default 0)")
@@ -238,10 +259,11 @@ def add_parser(subparsers) -> None:
                    help="'random' (N(0, --router_init_std)) or an MoE checkpoint directory (ours or Mixtral) whose "
                         "routers for the same layers are copied")
     p.add_argument("--router_init_std", type=float, default=None, help="default: the LLaMA initializer_range")
+    add_tokenizer_argument(p, "--dense")
     p.set_defaults(func=_run)
 
 
 def _run(args) -> None:
     upcycle(args.dense, args.output, args.num_experts, args.top_k, args.moe_start_layer, args.moe_layer_interval,
             args.router_init, args.router_init_std, args.seed, args.dtype, parse_size(args.max_shard_size),
-            **moe_fields(args))
+            args.overwrite, args.tokenizer, **moe_fields(args))

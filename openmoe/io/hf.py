@@ -158,25 +158,36 @@ def write_checkpoint(directory: str, config: OpenMoeConfig, state_dict: dict[str
                      max_shard_bytes: int = 2 * 1024**3, tokenizer=None) -> None:
     """Write config.json (auto_map) + the model code + safetensors (sharded with an index when larger than
     max_shard_bytes) atomically: the directory loads with AutoModelForCausalLM.from_pretrained(dir,
-    trust_remote_code=True) where openmoe is not installed. With `tokenizer`, its export (openmoe.tokenizer: what
-    AutoTokenizer needs to encode as training did) is written into the same atomic directory, with a
-    generation_config.json that keeps generate() off the ids past the tokenizer (the embedding is padded: 256384
-    rows for umT5's 256300 pieces), as infer.py does."""
+    trust_remote_code=True) where openmoe is not installed. With `tokenizer`, its files are written into the same
+    atomic directory (write_tokenizer). An existing `directory` is replaced, as the trainer's OUT/hf re-export needs
+    (the converters refuse an occupied --output themselves: convert/output.py)."""
     with atomic_directory(directory) as tmp:
+        if tokenizer is not None:
+            config = write_tokenizer(tmp, config, tokenizer)
         config.save(tmp)
         writer = ShardWriter(tmp, max_shard_bytes)
         for name, t in state_dict.items():
             writer.add(name, t.detach().contiguous().cpu())
         writer.finish(single_file=True)
-        if tokenizer is not None:
-            from transformers import GenerationConfig
 
-            from openmoe.tokenizer import save_tokenizer
 
-            save_tokenizer(tokenizer, tmp)
-            unused = list(range(len(tokenizer), config.vocab_size))
-            GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
-                             pad_token_id=config.pad_token_id, suppress_tokens=unused or None).save_pretrained(tmp)
+def write_tokenizer(directory: str, config: OpenMoeConfig, tokenizer) -> OpenMoeConfig:
+    """Write the tokenizer's export (openmoe.tokenizer.save_tokenizer: what AutoTokenizer needs to encode as training
+    did) and a generation_config.json that keeps generate() off the ids past the tokenizer (the embedding is padded:
+    256384 rows for umT5's 256300 pieces), as infer.py does. Returns `config` naming the tokenizer class written:
+    pipeline("text-generation", model=dir) loads a tokenizer for a remote-code model only when config.json names
+    one, so the caller saves the returned config."""
+    from transformers import GenerationConfig
+
+    from openmoe.tokenizer import save_tokenizer
+
+    save_tokenizer(tokenizer, directory)
+    unused = list(range(len(tokenizer), config.vocab_size))
+    GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
+                     pad_token_id=config.pad_token_id, suppress_tokens=unused or None).save_pretrained(directory)
+    with open(os.path.join(directory, "tokenizer_config.json")) as f:
+        tokenizer_class = json.load(f).get("tokenizer_class") or type(tokenizer).__name__  # what AutoTokenizer reads
+    return config.replace(tokenizer_class=tokenizer_class)
 
 
 def save_pretrained(model, directory: str, max_shard_bytes: int | None = None, max_shard_size: int | str = "2GB",
