@@ -80,7 +80,9 @@ def load_tokenizer(path) -> PreTrainedTokenizerBase:
         directory has spiece.model / tokenizer.model (the fast conversion drops umT5's byte fallback), else fast;
       - only spiece.model or tokenizer.model: T5Tokenizer with extra_ids=0 (no <extra_id_*> sentinels are appended,
         so len(tokenizer) is the sentencepiece vocabulary).
-    The tokenizer must define pad and eos tokens (OpenMoE's BOS and EOS).
+    The tokenizer must define eos and a sequence start: OpenMoE's umT5 tokenizer has no BOS and starts with <pad>;
+    a LLaMA-family tokenizer (an upcycled model's) starts with its own BOS and often has no pad token: then eos pads
+    (only ever under attention mask 0 and label IGNORE_INDEX).
     """
     path = Path(path).expanduser()
     looked_for = ("a sentencepiece .model file, or a directory with "
@@ -99,22 +101,28 @@ def load_tokenizer(path) -> PreTrainedTokenizerBase:
             tokenizer = T5Tokenizer(vocab_file=str(sp_files[0]), extra_ids=0, legacy=False)
         else:
             raise FileNotFoundError(f"no tokenizer in directory {path}; expected {looked_for}")
-    if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
+    if tokenizer.eos_token_id is None or (tokenizer.pad_token_id is None and tokenizer.bos_token_id is None):
         raise ValueError(
-            f"tokenizer at {path} has pad_token_id={tokenizer.pad_token_id}, eos_token_id={tokenizer.eos_token_id}; "
-            "OpenMoE needs both (<pad> is its BOS): use a umT5-style tokenizer (pad=0, eos=1)"
+            f"tokenizer at {path} has eos_token_id={tokenizer.eos_token_id}, pad_token_id={tokenizer.pad_token_id}, "
+            f"bos_token_id={tokenizer.bos_token_id}; accepted: an eos token and a sequence start (umT5's <pad>, or a "
+            "bos token as LLaMA's)"
         )
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
 def encode(tokenizer, text: str, add_bos: bool = True, add_eos: bool = False) -> list[int]:
-    """Token ids of `text` with OpenMoE's conventions: [pad_id (as BOS)] + ids (+ [eos_id]).
+    """Token ids of `text` with OpenMoE's conventions: [start] + ids (+ [eos_id]), where start is the tokenizer's
+    BOS when it has one (LLaMA-family tokenizers; our exported OpenMoE tokenizer names <pad> as its BOS) and <pad>
+    otherwise (umT5's sentencepiece tokenizer, which has no BOS: OpenMoE was trained with <pad> in that place).
 
-    The one place the <pad>-as-BOS convention lives; training (tokenize_examples) and inference both call it.
+    The one place this convention lives; training (tokenize_examples) and inference both call it.
     add_special_tokens=False because T5Tokenizer would otherwise append </s> itself; EOS is added here, explicitly.
     """
     ids = tokenizer.encode(text, add_special_tokens=False)
-    return ([tokenizer.pad_token_id] if add_bos else []) + ids + ([tokenizer.eos_token_id] if add_eos else [])
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.pad_token_id
+    return ([start] if add_bos else []) + ids + ([tokenizer.eos_token_id] if add_eos else [])
 
 
 def decode(tokenizer, ids) -> str:

@@ -95,6 +95,30 @@ def test_byte_fallback_and_decode_round_trip(tok):
     assert decode(tok, torch.tensor(ids)) == text
 
 
+def test_llama_style_tokenizer_starts_with_its_bos_and_pads_with_eos(tmp_path):
+    """An upcycled LLaMA's tokenizer: <s> BOS, </s> EOS, no pad token. encode starts with its BOS (what LLaMA was
+    trained with), padding falls back to EOS; one without eos, or without any start token, is refused."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "hello": 3, "world": 4}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(tmp_path / "llama")
+    llama = load_tokenizer(tmp_path / "llama")
+    assert (llama.bos_token_id, llama.eos_token_id, llama.pad_token_id) == (1, 2, 2)
+    assert encode(llama, "hello world", add_eos=True) == [1, 3, 4, 2]
+    assert collate([{"input_ids": [1, 3], "labels": [-100, 3]}, {"input_ids": [1, 3, 4], "labels": [-100, 3, 4]}],
+                   pad_id=llama.pad_token_id)["input_ids"].tolist() == [[1, 3, 2], [1, 3, 4]]
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>",
+                            eos_token="</s>").save_pretrained(tmp_path / "nostart")
+    with pytest.raises(ValueError, match=r"has eos_token_id=2, pad_token_id=None, bos_token_id=None; accepted: "
+                                         r"an eos token and a sequence start \(umT5's <pad>, or a bos token as "
+                                         r"LLaMA's\)$"):
+        load_tokenizer(tmp_path / "nostart")
+
+
 def test_load_tokenizer_missing_path(tmp_path):
     missing = tmp_path / "no_such_tokenizer"
     with pytest.raises(FileNotFoundError, match="no_such_tokenizer.*spiece.model"):
