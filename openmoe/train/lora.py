@@ -20,8 +20,14 @@ ADAPTER = "default"  # PEFT's adapter name inside the model
 
 
 def lora_config(run, base: str | None = None):
+    """PEFT's config for the run's adapters. base: the model they adapt (--pretrained); a local directory is recorded
+    as an absolute path, so that AutoPeftModel finds it from any working directory (a hub id stays as given)."""
+    import os
+
     from peft import LoraConfig
 
+    if base is not None and os.path.isdir(base):
+        base = os.path.abspath(base)
     lo = run.lora
     targets = list(lo.lora_targets.split(",")) if lo.lora_targets else list(DEFAULT_TARGETS)
     return LoraConfig(r=lo.lora_rank, lora_alpha=lo.lora_alpha if lo.lora_alpha is not None else 2 * lo.lora_rank,

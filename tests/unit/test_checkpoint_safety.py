@@ -271,3 +271,14 @@ def test_lora_adapters_rotate_with_their_checkpoints(tmp_path):
     assert sorted(os.listdir(tmp_path / "adapters")) == ["step-00000004", "step-00000006", "step-00000008"]
     assert prune_adapters(str(tmp_path)) == [str(tmp_path / "adapters" / "step-00000008")]
     assert prune_adapters(str(tmp_path / "nothing")) == []
+
+
+def test_lora_adapter_config_records_a_local_base_as_an_absolute_path(tmp_path, monkeypatch):
+    from openmoe.train.lora import lora_config
+
+    (tmp_path / "base").mkdir()
+    monkeypatch.chdir(tmp_path)
+    run = RunConfig.from_flat(lora_rank=4)
+    assert lora_config(run, base="base").base_model_name_or_path == str(tmp_path / "base")
+    assert lora_config(run, base="org/model").base_model_name_or_path == "org/model"  # a hub id, as given
+    assert lora_config(run).base_model_name_or_path is None
