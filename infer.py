@@ -38,7 +38,9 @@ def resolve_decode(args, cuda: bool) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Generate text with an OpenMoE checkpoint")
+    from openmoe.launch import OneLineErrorParser
+
+    p = OneLineErrorParser(prog="infer.py", description="Generate text with an OpenMoE checkpoint")
     p.add_argument("--model", required=True, help="HF-format checkpoint directory (ours or the published layout), a "
                                                   "hub id (read through the HF cache; HF_HUB_OFFLINE=1 works), or "
                                                   "a preset (tiny/base/8b/34b) with random weights for benchmarking")
@@ -79,6 +81,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interactive", action="store_true", help="chat on stdin, keeping the conversation")
     p.add_argument("--no_stream", action="store_true", help="print whole answers instead of streaming tokens")
     return p
+
+
+def check_args(args) -> None:
+    """Values argparse's types let through but generation cannot use (checked before any model is loaded)."""
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max_new_tokens ({args.max_new_tokens}) must be >= 1")
+    if not 0 < args.top_p <= 1:
+        raise ValueError(f"--top_p ({args.top_p}) must be in (0, 1]; 1.0 is off")
+    if not args.temperature >= 0:  # NaN too
+        raise ValueError(f"--temperature ({args.temperature}) must be >= 0")
+    if args.top_k < 0:
+        raise ValueError(f"--top_k ({args.top_k}) must be >= 0; 0 is off")
 
 
 class Session:
@@ -256,8 +270,7 @@ def main(argv=None) -> int:
         return serve([a for a in argv if a != "--serve"])
     args = build_parser().parse_args(argv)
     try:
-        if args.max_new_tokens < 1:
-            raise ValueError(f"--max_new_tokens ({args.max_new_tokens}) must be >= 1")
+        check_args(args)
         return run(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)

@@ -14,22 +14,29 @@
 - No secrets: when a node fails, colossalai run prints its command with `export K="V"` for every environment
   variable. Every line of its output passes a filter that replaces the values of variables with a name part such as
   TOKEN, KEY, SECRET, PASSWORD or CREDENTIALS (HF_TOKEN, WANDB_API_KEY, AWS_SECRET_ACCESS_KEY, ...) by *** wherever
-  they appear, and shortens that export list to a count.
+  they appear, and shortens that export list to a count. Paths are not secrets: PWD/OLDPWD (whose name part PWD
+  otherwise marks a password, as in MYSQL_PWD) and any value that is an existing absolute directory stay visible.
+- Arguments arrive as typed: colossalai run joins the script's arguments with spaces into one shell command line,
+  so each is shell-quoted here (a --system_prompt "Be brief.", an empty value, quotes or $ reach train.py intact).
 - Failing fast: a node that cannot be started (ssh refused, host down) is named in one line as soon as colossalai
   run reports it, and the nodes that did start stop waiting for it after the rendezvous timeout: PET_RDZV_CONF
   (torchrun's --rdzv_conf from the environment, exported to every node) defaults to timeout=60 here instead of
   torchrun's 600 s (plus its other waits: a hostfile run with one dead host used to hang about 15 minutes).
 - One line instead of a wall: torchrun's own traceback (ChildFailedError) with its failure report, and colossalai
   run's failure block (the command, "Stdout: already printed", ...), are each summarised in one line; the ranks'
-  own messages and tracebacks pass unchanged. OPENMOE_DEBUG=1 shows everything (still redacted).
+  own messages and tracebacks pass unchanged. OPENMOE_DEBUG=1 shows everything (still redacted). The scripts' own
+  command-line mistakes are one line per rank too (OneLineErrorParser, which train.py and infer.py parse with).
 Exit code: colossalai run's, or 128 + the signal number when stopped by a signal.
 """
 
 from __future__ import annotations
 
+import argparse
 import ctypes
+import difflib
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -43,6 +50,9 @@ import psutil
 # DB_PASSWORD; not TOKENIZERS_PARALLELISM (whose value "false" would otherwise be masked everywhere)
 SECRET_PART = re.compile(r"TOKEN|KEY|APIKEY|SECRET|PASSWORD|PASSWD|PASS|PWD|CREDENTIALS?|AUTH", re.IGNORECASE)
 NOT_SECRET_VALUES = {"true", "false", "none", "null", "yes", "no", "0", "1"}
+# the shell's working directories: PWD as a name part marks a password (MYSQL_PWD), but these hold the path that
+# prefixes every absolute path in the log
+NOT_SECRET_NAMES = {"PWD", "OLDPWD"}
 EXPORTS = re.compile(r'export (?:[A-Za-z_][A-Za-z0-9_]*="[^"\n]*"\s*)+')
 DEFAULT_GRACE_S = 120.0  # train.py's --preempt_grace_s default (openmoe/train/config.py)
 DEFAULT_RDZV_CONF = "timeout=60"
@@ -53,14 +63,21 @@ PR_SET_CHILD_SUBREAPER = 36
 
 
 def is_secret_name(name: str) -> bool:
-    return any(SECRET_PART.fullmatch(part) for part in name.split("_"))
+    return name not in NOT_SECRET_NAMES and any(SECRET_PART.fullmatch(part) for part in name.split("_"))
+
+
+def is_directory_path(value: str) -> bool:
+    """An existing absolute directory (HF_TOKEN_PATH's parent, a KEY_DIR): no credential, and masking it would
+    mask every path beneath it."""
+    return os.path.isabs(value) and os.path.isdir(value)
 
 
 def secret_values(env: dict[str, str]) -> list[str]:
     """Values to hide: those of variables named like secrets (4+ characters and not a boolean word: shorter ones
-    would mask ordinary text), longest first so that a value containing another is hidden whole."""
-    values = {v for k, v in env.items()
-              if is_secret_name(k) and len(v) >= 4 and v.lower() not in NOT_SECRET_VALUES}
+    would mask ordinary text; not a directory path), longest first so that a value containing another is hidden
+    whole."""
+    values = {v for k, v in env.items() if is_secret_name(k) and len(v) >= 4
+              and v.lower() not in NOT_SECRET_VALUES and not is_directory_path(v)}
     return sorted(values, key=len, reverse=True)
 
 
@@ -144,6 +161,32 @@ def _pump(src, dst, secrets: list[str]) -> None:
     src.close()
 
 
+# colossalai run's options that take a value (colossalai/cli/launcher/__init__.py); its first other argument is the
+# script, and everything from there on goes into the shell command line
+VALUE_OPTIONS = {"-H", "-host", "--host", "--hostfile", "--include", "--exclude", "--num_nodes", "--nproc_per_node",
+                 "--master_port", "--master_addr", "--extra_launch_args", "--ssh-port", "-m"}
+
+
+def quote_script_args(args: list[str]) -> list[str]:
+    """colossalai run's arguments with the script (or -m's module) and its arguments shell-quoted: colossalai run
+    parses its own options itself, then runs `torchrun ... SCRIPT ARGS` joined by spaces through a shell (locally
+    and over ssh), which would split "Be brief." in two and drop an empty value."""
+    out, i = list(args), 0
+    while i < len(out):
+        arg = out[i]
+        if arg == "-m" and i + 1 < len(out):
+            out[i + 1:] = [shlex.quote(a) for a in out[i + 1:]]
+            break
+        if arg in VALUE_OPTIONS:
+            i += 2
+        elif arg.startswith("-"):  # --option=value, or a flag such as --help
+            i += 1
+        else:
+            out[i:] = [shlex.quote(a) for a in out[i:]]
+            break
+    return out
+
+
 def _grace_s(args: list[str]) -> float:
     for i, arg in enumerate(args):
         if arg == "--preempt_grace_s" and i + 1 < len(args):
@@ -188,8 +231,8 @@ class Launcher:
         secrets = secret_values(dict(os.environ))
         os.environ.setdefault("PET_RDZV_CONF", DEFAULT_RDZV_CONF)
         # its own session: a terminal's Ctrl-C reaches only this process, which forwards it to the ranks alone
-        child = subprocess.Popen([exe, "run", *self.args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                 errors="replace", start_new_session=True)
+        child = subprocess.Popen([exe, "run", *quote_script_args(self.args)], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True, errors="replace", start_new_session=True)
         pumps = [threading.Thread(target=_pump, args=(child.stdout, sys.stdout, secrets), daemon=True),
                  threading.Thread(target=_pump, args=(child.stderr, sys.stderr, secrets), daemon=True)]
         for t in pumps:
@@ -251,6 +294,40 @@ class Launcher:
                 proc.kill()
             except psutil.Error:
                 pass
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (its own message, which names the value and the choices, plus the closest
+    option for an unknown one) instead of the whole usage text: under the launcher every rank prints it, and a typo
+    cost ~120 lines per rank. Exit code 2, as argparse's. `synonyms`: other tools' names for our options
+    (--learning_rate -> --lr), suggested where spelling alone would not find them."""
+
+    def __init__(self, *args, synonyms: dict[str, str] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.synonyms = synonyms or {}
+
+    def error(self, message: str):
+        if message.startswith("unrecognized arguments: "):
+            message += self._closest(message.split(": ", 1)[1].split())
+        self.exit(2, f"{self.prog}: error: {message}; see python {self.prog} --help\n")
+
+    def _closest(self, unknown: list[str]) -> str:
+        options = [o for action in self._actions for o in action.option_strings]
+        found = []
+        for arg in unknown:
+            name = arg.split("=", 1)[0]
+            if not re.match(r"--?[A-Za-z]", name):
+                continue  # a value, not an option
+            # cutoff 0.75: close enough for a typo (--batchsize, --max_step) without far guesses (--lean_zero)
+            close = [self.synonyms[name]] if name in self.synonyms else difflib.get_close_matches(name, options, 1,
+                                                                                                  0.75)
+            if close:
+                found.append((name, close[0]))
+        if not found:
+            return ""
+        if len(found) == 1:
+            return f" (did you mean {found[0][1]}?)"
+        return " (did you mean " + ", ".join(f"{ours} for {theirs}" for theirs, ours in found) + "?)"
 
 
 def main(argv: list[str] | None = None) -> int:

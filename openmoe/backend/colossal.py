@@ -44,7 +44,9 @@ def init_distributed(seed: int, timeout_s: float | None = None) -> tuple[int, in
     returns (rank, world size, this rank's device). Idempotent: a second call returns the same. timeout_s: how long
     a collective (and the process-group rendezvous) waits for the other ranks; None: torch's default. It has to be
     torch's module default: colossalai.launch takes no timeout, and every group ColossalAI and we create later
-    (dist.new_group with timeout=None: the EP, MoE-DP and pipeline groups) reads that default, not the world's."""
+    (dist.new_group with timeout=None: the EP, MoE-DP and pipeline groups) reads that default, not the world's.
+    Started without a launcher (`python train.py`, no RANK/WORLD_SIZE), it runs as a one-process world, as HF
+    scripts do."""
     import colossalai
     from colossalai.accelerator import get_accelerator
 
@@ -58,6 +60,17 @@ def init_distributed(seed: int, timeout_s: float | None = None) -> tuple[int, in
             import torch.distributed.distributed_c10d as c10d
 
             c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = datetime.timedelta(seconds=timeout_s)
+        if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
+            import socket
+            import sys
+
+            with socket.socket() as s:  # a port no other job on this host holds
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=str(port))
+            print(f"info: no RANK/WORLD_SIZE in the environment (not started by torchrun or colossalai run): running "
+                  f"as a single process (MASTER_ADDR 127.0.0.1, MASTER_PORT {port})", file=sys.stderr, flush=True)
         colossalai.launch_from_torch(seed=seed, verbose=False)
     return dist.get_rank(), dist.get_world_size(), get_accelerator().get_current_device()
 

@@ -21,6 +21,15 @@ PLUGINS = ("ep", "ep_zero", "hybrid")
 PRECISIONS = ("bf16", "fp16", "fp32")
 SCHEDULES = ("cosine", "linear", "constant")
 FORMATS = ("auto", "chat", "sharegpt", "alpaca", "prompt_completion", "text")  # openmoe.data_formats.FORMATS
+# HF Trainer's names for our options: an unknown --learning_rate suggests --lr (spelling alone would not find it)
+HF_TRAINER_NAMES = {"--learning_rate": "--lr", "--output_dir": "--output_path", "--model_name_or_path": "--pretrained",
+                    "--per_device_train_batch_size": "--batch_size", "--gradient_accumulation_steps": "--grad_accum",
+                    "--num_train_epochs": "--num_epochs", "--max_seq_length": "--max_length",
+                    "--dataset_name": "--dataset", "--max_grad_norm": "--grad_clip",
+                    "--lr_scheduler_type": "--lr_schedule", "--save_steps": "--save_interval",
+                    "--logging_steps": "--log_interval", "--eval_steps": "--eval_interval",
+                    "--save_total_limit": "--keep_last", "--resume_from_checkpoint": "--resume",
+                    "--gradient_checkpointing": "--activation_checkpointing"}
 COMM_OVERLAP_CHUNKS = 4  # --comm_overlap given without a value, as upstream's switch
 
 
@@ -345,8 +354,12 @@ def _checked(f: dataclasses.Field, value):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Train OpenMoE with expert parallelism on ColossalAI. Launch: "
-                                     "colossalai run --nproc_per_node N train.py [options]")
+    from openmoe.launch import OneLineErrorParser
+
+    # prog: under torchrun sys.argv[0] may be any path to train.py; errors say how to get the help
+    parser = OneLineErrorParser(prog="train.py", synonyms=HF_TRAINER_NAMES,
+                                description="Train OpenMoE with expert parallelism on ColossalAI. Launch: "
+                                            "colossalai run --nproc_per_node N train.py [options]")
     parser.add_argument("--config", default=None, help="JSON or YAML file with any of these keys, flat or under "
                                                        "their section names (command line wins)")
     for name, cls in SECTIONS.items():
