@@ -41,5 +41,6 @@ if [ -n "${HOSTFILE:-}" ]; then
   first=$(head -n 1 "$clean")
   hosts=(--hostfile "$clean" --master_addr "${MASTER_ADDR:-$first}" --ssh-port "${SSH_PORT:-22}")
 fi
-# shellcheck disable=SC2086
-exec python -m openmoe.launch --nproc_per_node "$NPROC" --master_port "$MASTER_PORT" "${hosts[@]}" train.py "${args[@]}" ${EXTRA_ARGS:-}
+# EXTRA_ARGS is read as shell words: EXTRA_ARGS="--system_prompt 'Be brief.'" passes one value with a space
+eval "extra=(${EXTRA_ARGS:-})"
+exec python -m openmoe.launch --nproc_per_node "$NPROC" --master_port "$MASTER_PORT" "${hosts[@]}" train.py "${args[@]}" "${extra[@]}"
