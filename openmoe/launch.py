@@ -143,10 +143,24 @@ class Summarizer:
         return self._release()
 
 
-def _pump(src, dst, secrets: list[str]) -> None:
-    summary = None if os.environ.get("OPENMOE_DEBUG") else Summarizer()
+# After Ctrl-C or a preemption signal, what the interrupted processes print on their way out: Python tracebacks (every
+# rank at once, interleaved, e.g. a KeyboardInterrupt inside an import during startup), torchrun's worker logging and
+# failure report. The ranks' own lines ("[rank R] preempted (SIGINT): saved ...") and colossalai run's summary pass.
+INTERRUPT_NOISE = re.compile(r"(Traceback \(most recent call last\):|[ \t]|During handling of the above exception|"
+                             r"The above exception was the direct cause|[A-Za-z_][\w.]*(Error|Exception|Interrupt|"
+                             r"NotAvailable)\b|[WEI]\d{4} \d\d:\d\d:\d\d|=+$|-+$|train\.py FAILED|Failures:|"
+                             r"Root Cause|\[\d+\]:|<NO_OTHER_FAILURES>|$)")
+
+
+def _pump(src, dst, secrets: list[str], interrupted: threading.Event | None = None) -> None:
+    """Copy src to dst line by line, redacted and summarised; once `interrupted` is set, INTERRUPT_NOISE is dropped
+    (the launcher then ends with one line naming the signal). OPENMOE_DEBUG=1: every line, redacted."""
+    debug = bool(os.environ.get("OPENMOE_DEBUG"))
+    summary = None if debug else Summarizer()
     for raw in iter(src.readline, ""):
         line = redact(raw, secrets)
+        if interrupted is not None and interrupted.is_set() and not debug and INTERRUPT_NOISE.match(line):
+            continue
         for out in summary.feed(line) if summary is not None else [line]:
             dst.write(out)
         failed = NODE_FAILED.search(line)
@@ -220,6 +234,7 @@ class Launcher:
     def __init__(self, args: list[str]):
         self.args, self.grace_s = args, _grace_s(args)
         self.signum = 0
+        self.interrupted = threading.Event()  # set by the first signal: the pumps drop INTERRUPT_NOISE from then on
         self.deadline: float | None = None
 
     def run(self) -> int:
@@ -233,8 +248,8 @@ class Launcher:
         # its own session: a terminal's Ctrl-C reaches only this process, which forwards it to the ranks alone
         child = subprocess.Popen([exe, "run", *quote_script_args(self.args)], stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True, errors="replace", start_new_session=True)
-        pumps = [threading.Thread(target=_pump, args=(child.stdout, sys.stdout, secrets), daemon=True),
-                 threading.Thread(target=_pump, args=(child.stderr, sys.stderr, secrets), daemon=True)]
+        pumps = [threading.Thread(target=_pump, args=(src, dst, secrets, self.interrupted), daemon=True)
+                 for src, dst in ((child.stdout, sys.stdout), (child.stderr, sys.stderr))]
         for t in pumps:
             t.start()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -253,6 +268,7 @@ class Launcher:
         if not self.signum:
             self.signum = signum
             self.deadline = time.monotonic() + self.grace_s + AFTER_GRACE_S
+            self.interrupted.set()
         forward = signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM
         for proc in training_ranks():
             try:

@@ -241,6 +241,37 @@ def test_launcher_summarises_torchrun_and_colossalai_failure_blocks_in_one_line_
         "Traceback (most recent call last):", '  File "train.py", line 3, in <module>', "KeyError: 'x'"]
 
 
+def test_launcher_drops_the_tracebacks_of_an_interrupted_startup(monkeypatch):
+    """Ctrl-C while the ranks import torch: every rank's KeyboardInterrupt traceback (interleaved) and torchrun's
+    report are dropped once the launcher has the signal; the ranks' own lines pass; before the signal, nothing is."""
+    import io
+    import threading
+
+    from openmoe.launch import _pump
+
+    monkeypatch.delenv("OPENMOE_DEBUG", raising=False)
+    lines = ["[rank 0] preempted (SIGINT): saved /o/checkpoints/step-00000004 at step 4; resume with --resume",
+             "Traceback (most recent call last):", "Traceback (most recent call last):",
+             '  File "/v/transformers/utils/import_utils.py", line 1967, in _get_module', "KeyboardInterrupt    ",
+             "    raise OptionalDependencyNotAvailable()", "transformers.utils.import_utils."
+             "OptionalDependencyNotAvailable", "",
+             "During handling of the above exception, another exception occurred:",
+             "KeyboardInterrupt", "W1201 03:29:45.607000 16340 torch/distributed/elastic/multiprocessing/api.py:1028] "
+             "Sending process 16347 closing signal SIGTERM", "=" * 55, "train.py FAILED", "-" * 55, "Failures:",
+             "[1]:", "  rank      : 1 (local_rank: 1)", "Root Cause (first observed failure):", "127.0.0.1: failure"]
+    text = "".join(line + "\n" for line in lines)
+
+    def pumped(interrupted: bool) -> list[str]:
+        event, out = threading.Event(), io.StringIO()
+        if interrupted:
+            event.set()
+        _pump(io.StringIO(text), out, [], event)
+        return out.getvalue().splitlines()
+
+    assert pumped(True) == [lines[0], "127.0.0.1: failure"]
+    assert "KeyboardInterrupt" in pumped(False) and len(pumped(False)) > 15
+
+
 def test_metrics_reader_skips_a_torn_last_line_and_names_a_corrupt_one(tmp_path, capsys):
     from openmoe.metrics import main, read_metrics
 
