@@ -14,6 +14,7 @@ import os
 
 from openmoe.config import OpenMoeConfig
 from openmoe.hub import TOKENIZER_FILES
+from openmoe.io.hf import path_within
 
 
 def add_output_arguments(p, what: str) -> None:
@@ -30,11 +31,6 @@ def add_tokenizer_argument(p, source_flag: str) -> None:
                         f"the openmoe family, or a hub id); default: the {source_flag} directory's own, if any")
 
 
-def _inside(path: str, directory: str) -> bool:
-    path, directory = os.path.realpath(path), os.path.realpath(directory)
-    return path == directory or path.startswith(directory.rstrip(os.sep) + os.sep)
-
-
 def check_output(output: str, overwrite: bool, sources: tuple[str | None, ...] = ()) -> None:
     """Refuse an occupied `output` unless `overwrite`; refuse to overwrite a directory that holds one of `sources`
     (the atomic replace would delete an input the user still has nowhere else)."""
@@ -43,7 +39,7 @@ def check_output(output: str, overwrite: bool, sources: tuple[str | None, ...] =
     if not overwrite:
         what = "is not empty" if os.path.isdir(output) else "is not a directory"
         raise ValueError(f"refusing to write into {output}: it exists and {what}; pass --overwrite to replace it")
-    held = [s for s in sources if s and os.path.exists(s) and _inside(s, output)]
+    held = [s for s in sources if s and os.path.exists(s) and path_within(s, output)]
     if held:
         raise ValueError(f"refusing to overwrite {output}: it holds the input {held[0]}; write to another --output")
 

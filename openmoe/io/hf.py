@@ -55,6 +55,13 @@ def fsync_tree(path: str) -> None:
         fsync_dir(dirpath)
 
 
+def path_within(path: str, directory: str) -> bool:
+    """Whether `path` is `directory` or lies below it, symbolic links resolved (what replacing or removing
+    `directory` would take with it)."""
+    path, directory = os.path.realpath(path), os.path.realpath(directory)
+    return path == directory or path.startswith(directory.rstrip(os.sep) + os.sep)
+
+
 def replace_directory(tmp: str, path: str) -> None:
     """The one commit step of every checkpoint write: move a complete, fsynced `tmp` into place as `path`.
 

@@ -26,6 +26,7 @@ import socket
 
 import torch.distributed as dist
 
+from openmoe.io.hf import path_within
 from openmoe.io.resumable import CheckpointManager, recover_interrupted_saves
 
 LOCK_FILE = ".lock"
@@ -140,14 +141,11 @@ def _check_new_run(output_path: str, resume: bool, overwrite: bool, inputs: dict
         raise ValueError(f"--output_path {output_path} holds {len(saved)} checkpoint(s) of an earlier run (newest "
                          f"{os.path.basename(saved[-1])}); continue it with --resume, replace it with --overwrite, or "
                          "choose another --output_path")
-    doomed = [os.path.realpath(os.path.join(output_path, name)) for name in RUN_OUTPUTS]
     for option, path in inputs.items():
-        if path and os.path.exists(path):
-            real = os.path.realpath(path)
-            if any(real == d or real.startswith(d + os.sep) for d in doomed):
-                raise ValueError(f"{option} {path} lies inside the earlier run under --output_path {output_path}, "
-                                 f"which --overwrite would remove; copy it elsewhere first, or choose another "
-                                 f"--output_path")
+        if path and os.path.exists(path) and any(path_within(path, os.path.join(output_path, name))
+                                                 for name in RUN_OUTPUTS):
+            raise ValueError(f"{option} {path} lies inside the earlier run under --output_path {output_path}, which "
+                             f"--overwrite would remove; copy it elsewhere first, or choose another --output_path")
 
 
 def _earlier_run(output_path: str, resume: bool) -> list[str]:
